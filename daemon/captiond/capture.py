@@ -1,0 +1,376 @@
+"""Audio sources behind one interface (PyAudio microphone, file, raw PCM on stdin) and the capture driver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Protocol
+
+import numpy as np
+
+from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
+
+log = logging.getLogger(__name__)
+
+_FILE_CHUNK = SAMPLE_RATE // 2  # samples handed over per step when reading a file
+
+
+class CaptureError(RuntimeError):
+    """An audio source cannot deliver audio; the message says why and what to do."""
+
+
+class Capture:
+    """Async driver of capture: cuts a source's chunks into frames and stores them in the ring.
+
+    Live sources (microphones) call put_nowait() and never wait: if the gate falls a whole
+    ring behind, frames are overwritten and counted. Other sources await put(), which waits
+    for room, so a file or a pipe is never dropped, only slowed down.
+    """
+
+    def __init__(self, ring: FrameRing) -> None:
+        self.ring = ring
+        self._assembler = FrameAssembler()
+        self.frames_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self.last_chunk = time.monotonic()
+        """monotonic time of the last chunk received (to notice a device that went quiet)."""
+
+    def put_nowait(self, pcm: np.ndarray, captured: float) -> None:
+        """Store a live chunk of 16 kHz int16 samples at once (called on the event loop)."""
+        self.last_chunk = captured
+        for frame in self._assembler.insert(pcm, captured):
+            self.ring.push(frame)
+        self.frames_ready.set()
+
+    async def put(self, pcm: np.ndarray) -> None:
+        """Store a chunk from a source that can wait, waiting for room in the ring."""
+        now = time.monotonic()
+        self.last_chunk = now
+        for frame in self._assembler.insert(pcm, now):
+            await self._wait_for_room()
+            self.ring.push(frame)
+            self.frames_ready.set()
+
+    async def finish(self) -> None:
+        """Flush the last partial frame (padded with silence) at the end of the stream."""
+        for frame in self._assembler.finish(time.monotonic()):
+            await self._wait_for_room()
+            self.ring.push(frame)
+        self.frames_ready.set()
+
+    def made_room(self) -> None:
+        """Called by the reader after it took frames out of the ring."""
+        self._room.set()
+
+    async def _wait_for_room(self) -> None:
+        while self.ring.full:
+            self._room.clear()
+            await self._room.wait()
+
+
+class Source(Protocol):
+    """Anything that can feed audio to a Capture."""
+
+    description: str
+    live: bool
+
+    def check(self) -> None:
+        """Fail fast, with a CaptureError that says what to do, if the source cannot be opened."""
+
+    async def run(self, capture: Capture) -> None:
+        """Deliver audio until the stream ends (return) or the task is cancelled."""
+
+
+# --- PyAudio ---------------------------------------------------------------------------------
+
+_ALSA_HANDLER = None
+
+
+def _silence_alsa() -> None:
+    """Route ALSA's library messages ("cannot find card 0", …) to nowhere; our errors say it plainly."""
+    global _ALSA_HANDLER
+    if _ALSA_HANDLER is not None:
+        return
+    name = ctypes.util.find_library("asound")
+    if not name:
+        return
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p)
+    _ALSA_HANDLER = handler_type(lambda *args: None)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.cdll.LoadLibrary(name).snd_lib_error_set_handler(_ALSA_HANDLER)
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    # JACK prints straight to fd 2 while PortAudio probes host APIs; nothing else is running yet.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def open_pyaudio() -> Any:
+    """A PyAudio instance, created without the wall of ALSA/JACK noise on stderr."""
+    import pyaudio
+
+    _silence_alsa()
+    with _stderr_muted():
+        return pyaudio.PyAudio()
+
+
+@dataclass(frozen=True)
+class InputDevice:
+    """An input device as PortAudio lists it."""
+
+    index: int
+    name: str
+    channels: int
+    default_rate: int
+    default: bool
+
+
+def list_input_devices(pa: Any) -> list[InputDevice]:
+    """Every device with input channels."""
+    try:
+        default = pa.get_default_input_device_info()["index"]
+    except OSError:
+        default = -1
+    found = []
+    for i in range(pa.get_device_count()):
+        info = pa.get_device_info_by_index(i)
+        if info.get("maxInputChannels", 0) > 0:
+            found.append(InputDevice(i, info["name"], int(info["maxInputChannels"]),
+                                     int(info["defaultSampleRate"]), i == default))
+    return found
+
+
+def pick_device(devices: list[InputDevice], wanted: str) -> InputDevice:
+    """The device `wanted` names (index or name substring), or the default device for ''."""
+    hint = "list input devices with `captiond devices`, or use --source file:PATH"
+    if not devices:
+        raise CaptureError(f"no audio input device found (PortAudio lists none; no sound card or audio server?); {hint}")
+    if not wanted:
+        for dev in devices:
+            if dev.default:
+                return dev
+        raise CaptureError(f"no default audio input device; name one with --source mic:NAME ({hint})")
+    if wanted.isdigit():
+        for dev in devices:
+            if dev.index == int(wanted):
+                return dev
+        raise CaptureError(f"no input device with index {wanted}; {hint}")
+    matches = [d for d in devices if wanted.lower() in d.name.lower()]
+    if not matches:
+        raise CaptureError(f"no input device whose name contains {wanted!r}; {hint}")
+    return matches[0]
+
+
+class MicSource:
+    """A PyAudio input stream; its callback hands chunks to the event loop with call_soon_threadsafe."""
+
+    live = True
+
+    def __init__(self, device: str = "", read_timeout_s: float = 5.0, pyaudio_factory: Any = open_pyaudio) -> None:
+        self._wanted = device
+        self._timeout = read_timeout_s
+        self._factory = pyaudio_factory
+        self.description = f"microphone {device!r}" if device else "default microphone"
+
+    def check(self) -> None:
+        """Make sure the device exists (opening it is left to run())."""
+        pa = self._factory()
+        try:
+            dev = pick_device(list_input_devices(pa), self._wanted)
+        finally:
+            pa.terminate()
+        self.description = f"microphone #{dev.index} {dev.name!r}"
+
+    def _open(self, pa: Any, dev: InputDevice, callback: Any) -> tuple[Any, int]:
+        import pyaudio
+
+        for rate in dict.fromkeys((SAMPLE_RATE, dev.default_rate, 48000, 44100)):
+            try:
+                stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True,
+                                 input_device_index=dev.index, frames_per_buffer=rate * FRAME_SAMPLES // SAMPLE_RATE,
+                                 stream_callback=callback, start=False)
+            except (OSError, ValueError) as exc:
+                # -9997 (invalid sample rate) is common on real hardware: try the device's own rate.
+                log.debug("device %r refused %d Hz: %s", dev.name, rate, exc)
+                continue
+            return stream, rate
+        raise CaptureError(f"{self.description} refused to open for recording at any sample rate; "
+                           "is another program holding it? check with `captiond devices`")
+
+    async def run(self, capture: Capture) -> None:
+        """Record until cancelled; raise CaptureError if the device stops delivering audio."""
+        import pyaudio
+        import soxr
+
+        loop = asyncio.get_running_loop()
+        pa = await loop.run_in_executor(None, self._factory)
+        stream = None
+        try:
+            dev = pick_device(list_input_devices(pa), self._wanted)
+            resampler: list[Any] = []
+
+            def callback(data: bytes, count: int, time_info: Any, status: int) -> tuple[None, int]:
+                pcm = np.frombuffer(data, dtype=np.int16)
+                if resampler:
+                    pcm = resampler[0].resample_chunk(pcm)
+                try:
+                    loop.call_soon_threadsafe(capture.put_nowait, pcm, time.monotonic())
+                except RuntimeError:  # the loop is closed: we are shutting down
+                    return None, pyaudio.paComplete
+                return None, pyaudio.paContinue
+
+            stream, rate = await loop.run_in_executor(None, self._open, pa, dev, callback)
+            if rate != SAMPLE_RATE:
+                resampler.append(soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16"))
+            self.description = f"microphone #{dev.index} {dev.name!r} at {rate} Hz"
+            log.info("recording from %s", self.description)
+            capture.last_chunk = time.monotonic()
+            await loop.run_in_executor(None, stream.start_stream)
+            while True:
+                await asyncio.sleep(min(1.0, self._timeout / 2))
+                silent_for = time.monotonic() - capture.last_chunk
+                if silent_for > self._timeout or not stream.is_active():
+                    raise CaptureError(f"{self.description} stopped delivering audio "
+                                       f"({silent_for:.1f} s without a frame); was it unplugged?")
+        finally:
+            await loop.run_in_executor(None, self._close, pa, stream)
+
+    @staticmethod
+    def _close(pa: Any, stream: Any) -> None:
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.stop_stream()
+            with contextlib.suppress(OSError):
+                stream.close()
+        pa.terminate()
+
+
+# --- files and pipes ---------------------------------------------------------------------------
+
+def decode_file(path: Path) -> Iterator[np.ndarray]:
+    """Decode any audio PyAV can read to 16 kHz mono int16 chunks, raising CaptureError on bad data."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except FileNotFoundError:
+        raise CaptureError(f"{path}: no such file") from None
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise CaptureError(f"{path}: not an audio file PyAV can read ({exc})") from None
+    with container:
+        streams = [s for s in container.streams if s.type == "audio"]
+        if not streams:
+            raise CaptureError(f"{path}: has no audio stream")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        try:
+            for frame in container.decode(streams[0]):
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().reshape(-1)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1)
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise CaptureError(f"{path}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
+
+
+def _rechunk(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    pending: list[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield np.concatenate(pending)
+            pending, held = [], 0
+    if pending:
+        yield np.concatenate(pending)
+
+
+class FileSource:
+    """An audio or video file, decoded with PyAV; paced like a microphone when realtime is set."""
+
+    live = False
+
+    def __init__(self, path: Path, realtime: bool = False) -> None:
+        self.path = path
+        self.realtime = realtime
+        self.description = f"file {path}" + (" (real time)" if realtime else "")
+
+    def check(self) -> None:
+        """Open the file and decode its first chunk, so a bad file fails before the model loads."""
+        gen = decode_file(self.path)
+        try:
+            next(gen, None)
+        finally:
+            gen.close()
+
+    async def run(self, capture: Capture) -> None:
+        """Decode in a worker thread and feed the capture, pacing in real time when asked."""
+        loop = asyncio.get_running_loop()
+        chunks = _rechunk(decode_file(self.path), _FILE_CHUNK)
+        started = time.monotonic()
+        fed = 0
+        try:
+            while (chunk := await loop.run_in_executor(None, next, chunks, None)) is not None:
+                if self.realtime:
+                    ahead = fed / SAMPLE_RATE - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                await capture.put(chunk)
+                fed += len(chunk)
+        finally:
+            chunks.close()
+        await capture.finish()
+
+
+class StdinSource:
+    """Raw s16le 16 kHz mono PCM on a pipe or file (standard input by default)."""
+
+    live = False
+    description = "raw PCM on standard input"
+
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        self._stream = stream
+
+    def check(self) -> None:
+        """Standard input needs no check."""
+
+    async def run(self, capture: Capture) -> None:
+        """Read until end of file; an odd trailing byte is dropped (it cannot be a sample)."""
+        loop = asyncio.get_running_loop()
+        fd = (self._stream or sys.stdin.buffer).fileno()
+        carry = b""
+        while data := await loop.run_in_executor(None, os.read, fd, 2 * _FILE_CHUNK):
+            data = carry + data
+            cut = len(data) - len(data) % 2
+            carry = data[cut:]
+            await capture.put(np.frombuffer(data[:cut], dtype="<i2").astype(np.int16))
+        await capture.finish()
+
+
+def make_source(spec: str, realtime: bool = False, read_timeout_s: float = 5.0) -> Source:
+    """The source for an audio.source / --source value: mic, mic:NAME, file:PATH or -."""
+    if spec == "-":
+        return StdinSource()
+    if spec.startswith("file:"):
+        return FileSource(Path(spec[5:]).expanduser(), realtime)
+    if spec == "mic" or spec.startswith("mic:"):
+        return MicSource(spec[4:], read_timeout_s)
+    raise CaptureError(f"--source {spec!r}: expected mic, mic:NAME, file:PATH or -")

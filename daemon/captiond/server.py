@@ -1,0 +1,250 @@
+"""Unix socket publisher: protocol v1 events to any number of subscribers, each with a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The socket cannot be set up; the message says why and what to do."""
+
+
+@dataclass
+class _Item:
+    seq: int
+    type: str
+    line: bytes
+
+
+@dataclass
+class Client:
+    """One connected subscriber."""
+
+    ident: int
+    writer: asyncio.StreamWriter
+    capacity: int
+    peer: str = ""
+    types: frozenset[str] | None = None
+    lost: int = 0
+    queue: deque[_Item] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+
+    def offer(self, item: _Item) -> None:
+        """Queue an event; when full, drop a partial (or the oldest) before ever dropping a final."""
+        if self.types is not None and item.type not in self.types:
+            return
+        if len(self.queue) >= self.capacity:
+            self.lost += 1
+            if item.type != "final":
+                return
+            victim = next((i for i in self.queue if i.type != "final"), self.queue[0])
+            self.queue.remove(victim)
+        self.queue.append(item)
+        self.wake.set()
+
+
+def _peer_credentials(writer: asyncio.StreamWriter) -> str:
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return "peer unknown"
+    return f"pid={pid} uid={uid} gid={gid}"
+
+
+def _check_existing(path: Path) -> None:
+    """Refuse a socket a live daemon answers on; remove one a dead daemon left behind."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"{path} exists and is not a socket; remove it or set server.socket to another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s left by a daemon that is gone", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as exc:
+        raise ServerError(f"cannot check existing socket {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise ServerError(f"another captiond is already listening on {path}; stop it first "
+                      "(systemctl --user stop captiond) or set server.socket to another path")
+
+
+class Server:
+    """Listens on a Unix socket; publish() fans events out without ever waiting for a reader."""
+
+    def __init__(self, path: Path, *, mode: int = 0o600, group: str = "", client_queue: int = 256,
+                 keep_finals: int = 200, hello: Callable[[], Event],
+                 on_command: Callable[[Command], Event | None]) -> None:
+        self.path = path
+        self._mode = mode
+        self._group = group
+        self._capacity = client_queue
+        self._hello = hello
+        self._on_command = on_command
+        self._finals: deque[_Item] = deque(maxlen=keep_finals)
+        self._clients: dict[int, Client] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._next_client = 0
+        self.seq = 0
+        """Seq of the last broadcast event; per-client replies carry it without advancing it."""
+
+    @property
+    def clients(self) -> int:
+        """Connected subscribers."""
+        return len(self._clients)
+
+    async def start(self) -> None:
+        """Check for a live or stale socket, then bind with the configured mode."""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServerError(f"cannot create socket folder {self.path.parent}: {exc.strerror}; "
+                              "set server.socket to a writable path") from None
+        _check_existing(self.path)
+        old = os.umask(0o177)  # never let the socket exist, even briefly, with wider permissions
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1)
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {self.path}: {exc.strerror}; set server.socket to a writable path") from None
+        finally:
+            os.umask(old)
+        if self._group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(self._group).gr_gid)
+            except KeyError:
+                raise ServerError(f"server.group: no such group {self._group!r}") from None
+        os.chmod(self.path, self._mode)
+        log.info("listening on %s (mode %04o)", self.path, self._mode)
+
+    def publish(self, event: Event) -> int:
+        """Stamp an event with the next seq and queue it for every subscriber; returns the seq."""
+        self.seq += 1
+        item = _Item(self.seq, event.type, encode(event, self.seq, time.time()))
+        if isinstance(event, Final):
+            self._finals.append(item)
+        for client in self._clients.values():
+            client.offer(item)
+        return self.seq
+
+    def _reply(self, client: Client, event: Event) -> None:
+        # Replies (hello, errors, answers) reach only this client and do not advance seq,
+        # so every client sees the broadcast seq gap-free.
+        client.queue.append(_Item(self.seq, event.type, encode(event, self.seq, time.time())))
+        client.wake.set()
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed: %r", task.get_name(), task.exception())
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._next_client += 1
+        client = Client(self._next_client, writer, self._capacity, _peer_credentials(writer))
+        self._clients[client.ident] = client
+        log.info("client %d connected (%s); %d connected", client.ident, client.peer, len(self._clients))
+        self._reply(client, self._hello())
+        self._spawn(self._write_loop(client), f"client-{client.ident}-writer")
+        try:
+            await self._read_loop(client, reader)
+        finally:
+            client.closing = True
+            client.wake.set()
+
+    async def _read_loop(self, client: Client, reader: asyncio.StreamReader) -> None:
+        while not client.closing:
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than MAX_LINE; asyncio has dropped what it buffered
+                self._reply(client, Error("line_too_long", f"line longer than {MAX_LINE} bytes"))
+                continue
+            except ConnectionError:
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                cmd = parse_command(line)
+            except ProtocolError as exc:
+                self._reply(client, Error(exc.code, str(exc)))
+                continue
+            if cmd.cmd == "subscribe":
+                client.types = cmd.types
+                if cmd.since is not None:
+                    for item in self._finals:
+                        if item.seq > cmd.since and (cmd.types is None or "final" in cmd.types):
+                            client.queue.append(item)
+                    client.wake.set()
+                continue
+            answer = self._on_command(cmd)
+            if answer is not None:
+                self._reply(client, answer)
+
+    async def _write_loop(self, client: Client) -> None:
+        writer = client.writer
+        try:
+            while True:
+                await client.wake.wait()
+                client.wake.clear()
+                while client.queue or client.lost:
+                    if client.lost:
+                        lost, client.lost = client.lost, 0
+                        writer.write(encode(Lost(lost), self.seq, time.time()))
+                    if client.queue:
+                        writer.write(client.queue.popleft().line)
+                    await writer.drain()
+                if client.closing:
+                    return
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            self._clients.pop(client.ident, None)
+            writer.close()
+            log.info("client %d disconnected; %d connected", client.ident, len(self._clients))
+
+    async def close(self, flush_timeout: float = 2.0) -> None:
+        """Stop accepting, give subscribers up to flush_timeout to receive what is queued, remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        for client in self._clients.values():
+            client.closing = True
+            client.wake.set()
+        writers = [t for t in self._tasks if t.get_name().endswith("-writer")]
+        if writers:
+            _, stuck = await asyncio.wait(writers, timeout=flush_timeout)
+            for task in stuck:
+                log.warning("subscriber %s did not read its last events in %.1f s; dropping it",
+                            task.get_name().removesuffix("-writer"), flush_timeout)
+                task.cancel()
+        for client in list(self._clients.values()):
+            client.writer.transport.abort()
+        self.path.unlink(missing_ok=True)

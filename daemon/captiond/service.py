@@ -1,0 +1,254 @@
+"""The daemon: wires capture → gate → ASR worker → socket and transcript log; owns tasks, signals, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any, Coroutine
+
+from . import __version__
+from .capture import Capture, CaptureError, Source
+from .config import Config
+from .engine import Engine
+from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
+from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
+from .gate import Gate, GateEvent, UtteranceAudio
+from .server import Server
+from .streaming import AsrWorker
+from .translog import TranscriptLog
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 4.0
+"""How long shutdown waits for the open utterance's final before giving up on it."""
+_OVERLOADED_LAG_S = 5.0
+_RECOVERED_LAG_S = 1.0
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd when run under Type=notify (NOTIFY_SOCKET set); no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
+
+
+class Service:
+    """One running daemon. Dependencies come in through the constructor so tests can swap them."""
+
+    def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
+                 translog: TranscriptLog | None = None, gate: Gate | None = None) -> None:
+        self.config = config
+        self.source = source
+        self.engine = engine
+        self.server = server
+        self.translog = translog
+        self.gate = gate or Gate(config.gate)
+        self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
+        self.capture = Capture(self.ring)
+        queue_items = max(16, round(config.asr.queue_seconds * 1000 / FRAME_MS))
+        self.queue: asyncio.Queue[GateEvent | None] = asyncio.Queue(maxsize=queue_items)
+        self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
+        self.state = "starting"
+        self.detail = ""
+        self.paused = False
+        self.exit_code = 0
+        self.started = time.monotonic()
+        self._gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-gate")
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._stopping = asyncio.Event()
+        self._source_done = False
+
+    # --- events out -----------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """Send an event to every subscriber, and finals with words to the transcript log."""
+        if self.server is not None:
+            self.server.publish(event)
+        if isinstance(event, Final) and event.text and self.translog is not None:
+            had_error = self.translog.error
+            if not self.translog.write(event, time.time()):
+                if had_error != self.translog.error:
+                    log.error("%s; %d line(s) held in memory until it works again",
+                              self.translog.error, self.translog.backlog)
+                    self.publish(Error("log_write_failed", self.translog.error or ""))
+            elif had_error:
+                log.info("transcript log %s is writable again", self.translog.path)
+
+    def set_state(self, state: str, detail: str = "") -> None:
+        """Change the published state (status event, systemd STATUS line)."""
+        if (state, detail) == (self.state, self.detail):
+            return
+        self.state, self.detail = state, detail
+        self.publish(Status(state, detail))
+        sd_notify(f"STATUS={state}{': ' + detail if detail else ''}")
+
+    def hello(self) -> Hello:
+        """The first event every subscriber gets."""
+        return Hello(__version__, self.engine.name, SAMPLE_RATE, self.state)
+
+    def status_line(self) -> str:
+        """A one-line human summary of the daemon's health."""
+        clients = self.server.clients if self.server else 0
+        uptime = time.monotonic() - self.started
+        return (f"{self.source.description}; model {self.engine.name}; up {uptime:.0f} s; {clients} subscriber(s); "
+                f"lag {self.worker.lag:.1f} s; dropped {self.ring.overruns} frame(s)")
+
+    def on_command(self, cmd: Command) -> Event | None:
+        """Answer a client command (subscribe is handled by the server itself)."""
+        if cmd.cmd == "ping":
+            return Pong()
+        if cmd.cmd == "pause" and not self.paused:
+            self.paused = True
+            self.set_state("paused", "paused by a client; send resume to listen again")
+        elif cmd.cmd == "resume" and self.paused:
+            self.paused = False
+            self.set_state("listening")
+        return Status(self.state, self.status_line())
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, CaptureError):
+            log.error("%s", exc)
+            self.set_state("device_lost", str(exc))
+        else:
+            log.error("task %s failed", task.get_name(), exc_info=exc)
+            self.publish(Error("internal", f"{task.get_name()} failed: {exc!r}"))
+        self.exit_code = 1
+        self.stop()
+
+    def stop(self) -> None:
+        """Begin a clean shutdown: stop capturing, finish the open utterance, then exit."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            capture = self._tasks.get("capture")
+            if capture is not None and not capture.done():
+                capture.cancel()
+
+    async def _capture_loop(self) -> None:
+        try:
+            await self.source.run(self.capture)
+        finally:
+            self._source_done = True
+            self.capture.frames_ready.set()
+
+    def _feed_gate(self, frames: list[Frame], last: bool) -> list[GateEvent]:
+        for frame in frames:
+            self.gate.insert(frame)
+        return self.gate.finish() if last else self.gate.process()
+
+    async def _gate_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.capture.frames_ready.wait()
+            self.capture.frames_ready.clear()
+            last = self._source_done
+            frames = []
+            while (frame := self.ring.pop()) is not None:
+                frames.append(frame)
+            self.capture.made_room()
+            if self.paused:
+                frames = []
+            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, last)
+            for event in events:
+                if isinstance(event, UtteranceAudio):
+                    self.worker.queued_samples += len(event.pcm)
+                await self.queue.put(event)
+            if last:
+                await self.queue.put(None)
+                return
+
+    async def _stats_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            lag = self.worker.lag
+            self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize()))
+            if self.state == "listening" and lag > _OVERLOADED_LAG_S:
+                self.set_state("overloaded", f"{lag:.1f} s of speech waiting for the decoder")
+            elif self.state == "overloaded" and lag < _RECOVERED_LAG_S:
+                self.set_state("listening")
+
+    # --- lifetime -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            if self.server is not None:
+                await self.server.start()
+            log.info("loading model %s and warming up", self.config.asr.model)
+            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.gate.warm_up))
+            if self._stopping.is_set():
+                return self.exit_code
+            self._spawn(self._capture_loop(), "capture")
+            asr = self._spawn(self.worker.run(), "asr-worker")
+            gate = self._spawn(self._gate_loop(), "gate")
+            if self.config.server.stats_interval_s:
+                self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
+            self.set_state("listening", self.source.description)
+            log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
+                     self.source.description)
+            sd_notify("READY=1")
+            await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],
+                               return_when=asyncio.FIRST_COMPLETED)
+            await self._drain([gate, asr])
+            return self.exit_code
+        finally:
+            await self._shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("%s: finishing the open utterance, then stopping", sig.name)
+        self.stop()
+
+    async def _drain(self, tasks: list[asyncio.Task]) -> None:
+        """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""
+        _, stuck = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+        for task in stuck:
+            log.error("shutdown: %s still busy after %.0f s; abandoning it", task.get_name(), DRAIN_TIMEOUT_S)
+            task.cancel()
+            self.exit_code = self.exit_code or 1
+
+    async def _shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        if self.state != "device_lost":
+            self.set_state("stopping")
+        for task in self._tasks.values():
+            if not task.done():
+                task.cancel()
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=2.0)
+            for task in stuck:
+                log.error("shutdown: task %s did not stop", task.get_name())
+        if self.server is not None:
+            await self.server.close()
+        self.engine.close()
+        self._gate_thread.shutdown(wait=False, cancel_futures=True)

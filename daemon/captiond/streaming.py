@@ -1,0 +1,148 @@
+"""Per-utterance streaming policy (partials while speech goes on, one final at its end) and the ASR worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from .config import AsrConfig
+from .engine import Engine, Transcript
+from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
+from .frames import SAMPLE_RATE, int16_to_float
+from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
+
+log = logging.getLogger(__name__)
+
+# Whisper's own thresholds for "this segment is probably not what was said".
+_MAX_COMPRESSION = 2.4
+_MIN_LOGPROB = -1.0
+_MAX_NO_SPEECH = 0.6
+
+
+class UtteranceStream:
+    """The open utterance: its audio so far and the partials published for it."""
+
+    def __init__(self, utt: int, start: int, partial_interval_s: float) -> None:
+        self.utt = utt
+        self.start = start
+        self._chunks: list[np.ndarray] = []
+        self._samples = 0
+        self._interval = round(partial_interval_s * SAMPLE_RATE)
+        self._decoded_at = 0  # samples of audio the last partial covered
+        self.rev = 0
+
+    @property
+    def samples(self) -> int:
+        """Samples of audio received so far."""
+        return self._samples
+
+    def insert(self, audio: UtteranceAudio) -> None:
+        """Append the next piece of the utterance's audio."""
+        self._chunks.append(audio.pcm)
+        self._samples += len(audio.pcm)
+
+    def partial_due(self) -> bool:
+        """True when enough new audio has come since the last partial to decode again."""
+        return self._samples - self._decoded_at >= self._interval
+
+    def audio(self, until: int | None = None) -> np.ndarray:
+        """The utterance's audio as float32, up to stream sample `until` when given."""
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        pcm = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.int16)
+        if until is not None:
+            pcm = pcm[:max(0, until - self.start)]
+        return int16_to_float(pcm)
+
+    def partial(self, t: Transcript, covered: int) -> Partial:
+        """The partial event for a decode of the first `covered` samples."""
+        self._decoded_at = covered
+        self.rev += 1
+        return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
+                       stable="", unstable=t.text, text=t.text)
+
+    def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
+        """The final event for the decode of the whole utterance."""
+        offset = self.start / SAMPLE_RATE
+        words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3)) for w in t.words)
+        flags = []
+        if not t.text:
+            flags.append("empty")
+        elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
+              or t.no_speech_prob > _MAX_NO_SPEECH):
+            flags.append("possible_hallucination")
+        if end.reason != "silence":
+            flags.append(end.reason)
+        return Final(self.utt, offset, end.end / SAMPLE_RATE, t.text, words, t.language, latency, tuple(flags))
+
+
+class AsrWorker:
+    """Async driver: takes gate events off a bounded queue, decodes on the engine thread, publishes events.
+
+    Finals come first: a partial is decoded only when the queue is empty, so a worker that
+    falls behind skips partials (counted) and never a final.
+    """
+
+    def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
+                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._cfg = cfg
+        self.queue = queue
+        self._publish = publish
+        self._clock = clock
+        self._stream: UtteranceStream | None = None
+        self.queued_samples = 0
+        """Audio waiting in the queue, in samples (the gate driver adds, the worker subtracts)."""
+        self.partials_skipped = 0
+        self.finals = 0
+        self.rtf = 0.0
+        """Decode seconds per audio second of recent finals (exponential average)."""
+
+    @property
+    def lag(self) -> float:
+        """Seconds of speech audio waiting for the decoder."""
+        return self.queued_samples / SAMPLE_RATE
+
+    async def run(self) -> None:
+        """Consume gate events until the None that marks the end of the stream."""
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for item in batch:
+                if item is None:
+                    return
+                await self._handle(item)
+            stream = self._stream
+            if stream is not None and stream.partial_due():
+                if self.queue.empty():
+                    covered = stream.samples
+                    t = await self._engine.decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False)
+                    if t.text:
+                        self._publish(stream.partial(t, covered))
+                else:
+                    self.partials_skipped += 1
+
+    async def _handle(self, item: GateEvent) -> None:
+        if isinstance(item, UtteranceStart):
+            self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s)
+            self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
+        elif isinstance(item, UtteranceAudio):
+            self.queued_samples -= len(item.pcm)
+            if self._stream is not None and self._stream.utt == item.utt:
+                self._stream.insert(item)
+        elif isinstance(item, UtteranceEnd):
+            stream, self._stream = self._stream, None
+            if stream is None or stream.utt != item.utt:
+                return
+            self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
+            t = await self._engine.decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size, words=True)
+            if t.audio_seconds > 0:
+                self.rtf = t.decode_seconds / t.audio_seconds if not self.finals else 0.8 * self.rtf + 0.2 * (
+                    t.decode_seconds / t.audio_seconds)
+            self.finals += 1
+            self._publish(stream.final(t, item, max(0.0, self._clock() - item.voiced_captured)))

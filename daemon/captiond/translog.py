@@ -1,0 +1,82 @@
+"""Rotating transcript log: one line per final, flushed as written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections import deque
+from pathlib import Path
+
+from .events import Final
+
+_PENDING_MAX = 10000  # lines held in memory while the disk refuses them
+
+
+class TranscriptLog:
+    """Appends `wall-time<TAB>utt<TAB>text` lines; rotates by size to path.1 … path.N.
+
+    A write that fails (disk full, unwritable) keeps the line in a bounded backlog that is
+    retried before the next line, so a passing disk problem loses nothing.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._backlog: deque[str] = deque(maxlen=_PENDING_MAX)
+        self.error: str | None = None
+        """Why the last write failed, or None when the log is healthy."""
+        self.dropped = 0
+        """Lines lost because the backlog overflowed while the disk refused writes."""
+
+    def check(self) -> None:
+        """Make the log's folder and open the file once, raising OSError with the cause if that fails."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8"):
+            pass
+
+    @staticmethod
+    def format(final: Final, ts: float) -> str:
+        """The log line for a final emitted at wall-clock ts."""
+        when = dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
+        return f"{when}\t{final.utt}\t{' '.join(final.text.split())}\n"
+
+    def write(self, final: Final, ts: float) -> bool:
+        """Log one final; False when the disk refused it (it stays in the backlog)."""
+        if len(self._backlog) == self._backlog.maxlen:
+            self.dropped += 1
+        self._backlog.append(self.format(final, ts))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                while self._backlog:
+                    fh.write(self._backlog[0])
+                    fh.flush()
+                    self._backlog.popleft()
+                size = fh.tell()
+        except OSError as exc:
+            self.error = f"cannot write transcript log {self.path}: {exc.strerror or exc}"
+            return False
+        self.error = None
+        if size >= self._max_bytes:
+            self._rotate()
+        return True
+
+    @property
+    def backlog(self) -> int:
+        """Lines waiting for the disk."""
+        return len(self._backlog)
+
+    def _rotate(self) -> None:
+        # Rename, never copy: `tail -F` and log shippers follow the name and see the new file.
+        try:
+            if self._backups == 0:
+                os.unlink(self.path)
+                return
+            for i in range(self._backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        except OSError as exc:
+            self.error = f"cannot rotate transcript log {self.path}: {exc.strerror or exc}"
