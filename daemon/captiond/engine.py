@@ -87,7 +87,7 @@ class WhisperDecoder:
         self._cfg = cfg
         self._loader = loader
         self._model: Any = None
-        self.name = cfg.model
+        self.name = resolve_model(cfg.model)[1]
 
     def load(self) -> None:
         """Load the model and run one decode so the first real one is not slow."""

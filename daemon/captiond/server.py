@@ -19,6 +19,8 @@ from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError,
 
 log = logging.getLogger(__name__)
 
+_WRITE_BUFFER = 16 * 1024
+
 
 class ServerError(RuntimeError):
     """The socket cannot be set up; the message says why and what to do."""
@@ -168,6 +170,8 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._next_client += 1
+        # A small transport buffer keeps a stalled reader's backlog in our queue, where it is counted.
+        writer.transport.set_write_buffer_limits(high=_WRITE_BUFFER)
         client = Client(self._next_client, writer, self._capacity, _peer_credentials(writer))
         self._clients[client.ident] = client
         log.info("client %d connected (%s); %d connected", client.ident, client.peer, len(self._clients))

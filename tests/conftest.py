@@ -1,0 +1,179 @@
+"""Shared test helpers: the corpus copy, WAV loading, a virtual microphone, a daemon in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from captiond.client import Client  # noqa: E402
+from vmic import VirtualMic  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+CORPUS = DATA / "corpus"
+
+# Without it OpenMP threads spin while the machine is busy and decodes slow down tenfold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def manifest() -> list[dict]:
+    """The dev corpus clips copied into tests/data/corpus, with their references."""
+    return [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def clip(name: str) -> dict:
+    """One manifest entry by file name."""
+    return next(item for item in manifest() if item["file"] == name)
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """A 16 kHz mono 16-bit WAV file as int16 samples."""
+    with wave.open(str(path), "rb") as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2), path
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+
+def write_wav(path: Path, pcm: np.ndarray) -> Path:
+    """Write int16 samples as a 16 kHz mono WAV file."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.astype(np.int16).tobytes())
+    return path
+
+
+def silence(seconds: float) -> np.ndarray:
+    """Digital silence."""
+    return np.zeros(int(seconds * 16000), dtype=np.int16)
+
+
+class EventLog:
+    """Reads a daemon's events on a background thread so tests can wait for them with a timeout."""
+
+    def __init__(self, path: Path, subscribe: dict | None = None) -> None:
+        self.client = Client(path)
+        if subscribe:
+            self.client.send(subscribe)
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        self.closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.client:
+                with self._cond:
+                    self.events.append(event)
+                    self._cond.notify_all()
+        except OSError:
+            pass
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 60.0) -> dict:
+        """The first event matching pred, waiting for it up to timeout seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if pred(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    raise AssertionError(f"no matching event within {timeout} s; got {[e['type'] for e in self.events]}")
+                self._cond.wait(left)
+
+    def wait_closed(self, timeout: float = 30.0) -> None:
+        """Wait until the daemon closes the connection."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self.closed:
+                left = deadline - time.monotonic()
+                assert left > 0, "daemon did not close the connection"
+                self._cond.wait(left)
+
+    def of(self, kind: str) -> list[dict]:
+        """Events of one type received so far."""
+        with self._cond:
+            return [e for e in self.events if e["type"] == kind]
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.close()
+
+
+class Daemon:
+    """`captiond run` in a subprocess with its socket and transcript log in a temp folder."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None, stdin=None) -> None:
+        self.socket = tmp / "captiond.sock"
+        self.log = tmp / "transcript.log"
+        self.stderr_path = tmp / "daemon.stderr"
+        cmd = [sys.executable, "-m", "captiond", "run", "--set", f"server.socket={self.socket}",
+               "--set", f"log.path={self.log}", *args]
+        self.proc = subprocess.Popen(cmd, env=env or os.environ.copy(), stdin=stdin,
+                                     stderr=open(self.stderr_path, "wb"), cwd=ROOT)
+
+    @property
+    def stderr(self) -> str:
+        """What the daemon logged so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def connect(self, timeout: float = 60.0, subscribe: dict | None = None) -> EventLog:
+        """Connect once the socket exists and wait until the daemon says it is listening."""
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            assert self.proc.poll() is None, f"daemon exited early ({self.proc.returncode}):\n{self.stderr}"
+            assert time.monotonic() < deadline, f"no socket after {timeout} s:\n{self.stderr}"
+            time.sleep(0.05)
+        events = EventLog(self.socket, subscribe)
+        events.wait_for(lambda e: e.get("state") == "listening", timeout)
+        return events
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Make sure the process is gone."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vmic():
+    """A PulseAudio virtual microphone for the whole session."""
+    with VirtualMic() as mic:
+        yield mic
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """Start daemons that are killed at the end of the test whatever happens."""
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict | None = None, stdin=None) -> Daemon:
+        daemon = Daemon(tmp_path, *args, env=env, stdin=stdin)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()

@@ -1,0 +1,97 @@
+import sys
+from dataclasses import fields
+
+import pytest
+
+from captiond import config as cfgmod
+from captiond.config import Config, ConfigError, load, parse_override
+from conftest import ROOT
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    config, path = load(None, [])
+    assert config == Config() and path is None
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[gate]\nhangover = 3\n", "gate.hangover"),
+    ("[nosuch]\nx = 1\n", "nosuch"),
+    ("[gate]\nhangover_ms = 'long'\n", "gate.hangover_ms"),
+    ("[gate]\nvad_aggressiveness = 7\n", "gate.vad_aggressiveness"),
+    ("[asr]\nbeam_size = 0\n", "asr.beam_size"),
+    ("[server]\nmode = '0644x'\n", "server.mode"),
+    ("[server]\nmode = '0400'\n", "server.mode"),
+    ("[audio]\nsource = 'speaker'\n", "audio.source"),
+    ("[log]\nenabled = 'yes'\n", "log.enabled"),
+    ("gate = 3\n", "gate"),
+])
+def test_bad_keys_and_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert f"{key}:" in str(err.value)
+
+
+def test_invalid_toml_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[gate\n"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_set_overrides_file_values_and_reads_toml_types(tmp_path):
+    path = write(tmp_path, "[gate]\nhangover_ms = 900\n")
+    config, _ = load(path, ["gate.hangover_ms=600", "server.socket=./x.sock", "asr.partial_interval_s=0.5",
+                            "gate.feature_check=false"])
+    assert config.gate.hangover_ms == 600
+    assert config.server.socket == "./x.sock"
+    assert config.asr.partial_interval_s == 0.5
+    assert config.gate.feature_check is False
+
+
+def test_set_needs_section_key_value():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("hangover_ms=3")
+    with pytest.raises(ConfigError, match="gate.nope"):
+        load(None, ["gate.nope=1"])
+
+
+def test_group_widens_default_mode():
+    assert cfgmod.ServerConfig().file_mode == 0o600
+    assert cfgmod.ServerConfig(group="audio").file_mode == 0o660
+
+
+def test_shipped_config_file_lists_every_key_with_its_default():
+    shipped = tomllib.loads((ROOT / "config" / "captiond.toml").read_text())
+    defaults = Config()
+    for section in fields(Config):
+        table = shipped.get(section.name)
+        assert table is not None, f"config/captiond.toml lacks [{section.name}]"
+        for field in fields(getattr(defaults, section.name)):
+            assert field.name in table, f"config/captiond.toml lacks {section.name}.{field.name}"
+            assert table[field.name] == getattr(getattr(defaults, section.name), field.name), \
+                f"{section.name}.{field.name}: file and code disagree on the default"
+    assert load(ROOT / "config" / "captiond.toml")[0] == defaults
+
+
+def test_default_paths_follow_systemd_and_xdg(monkeypatch):
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/captiond")
+    assert str(cfgmod.socket_path(cfgmod.ServerConfig())) == "/run/captiond/captiond.sock"
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert str(cfgmod.socket_path(cfgmod.ServerConfig())) == "/run/user/1000/captiond/captiond.sock"
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.local/state")
+    monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
+    assert str(cfgmod.log_path(cfgmod.LogConfig())) == "/home/u/.local/state/captiond/transcript.log"
+    assert str(cfgmod.socket_path(cfgmod.ServerConfig(socket="/tmp/a.sock"))) == "/tmp/a.sock"

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+
+from captiond.config import GateConfig
+from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler
+from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart, features
+from conftest import CORPUS, manifest, read_wav, silence
+
+rng = np.random.default_rng(7)
+t = np.arange(5 * SAMPLE_RATE) / SAMPLE_RATE
+
+
+def _pcm(x):
+    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+def _clicks(period_s, length):
+    x = np.zeros(len(t))
+    for i in range(0, len(t), int(period_s * SAMPLE_RATE)):
+        x[i:i + length] = rng.standard_normal(min(length, len(t) - i)) * 0.8
+    return x
+
+
+NON_SPEECH = {
+    "white noise (fan)": 0.1 * rng.standard_normal(len(t)),
+    "mains hum 50 Hz with harmonics": sum(0.3 / k * np.sin(2 * np.pi * 50 * k * t) for k in range(1, 12)),
+    "buzz 120 Hz square": 0.2 * np.sign(np.sin(2 * np.pi * 120 * t)),
+    "tone 440 Hz": 0.3 * np.sin(2 * np.pi * 440 * t),
+    "click train 10 Hz": _clicks(0.1, 40),
+    "fan: filtered noise with motor whine": 0.05 * np.convolve(rng.standard_normal(len(t)), np.hanning(30), "same") / 3
+    + 0.02 * np.sin(2 * np.pi * 100 * t),
+}
+
+
+def run(gate, pcm, finish=True):
+    asm = FrameAssembler()
+    for frame in asm.insert(pcm, 0.0):
+        gate.insert(frame)
+    events = gate.process()
+    if finish:
+        for frame in asm.finish(0.0):
+            gate.insert(frame)
+        events += gate.finish()
+    return events
+
+
+def starts(events):
+    return [e for e in events if isinstance(e, UtteranceStart)]
+
+
+@pytest.mark.parametrize("name", NON_SPEECH)
+def test_feature_check_rejects_noise_that_webrtcvad_lets_through(name):
+    pcm = _pcm(NON_SPEECH[name])
+    vad_only = Gate(GateConfig(feature_check=False))
+    assert starts(run(vad_only, pcm)), f"webrtcvad alone should trigger on {name} for this test to mean anything"
+    gate = Gate(GateConfig())
+    assert starts(run(gate, pcm)) == []
+    assert gate.rejected > 0
+
+
+@pytest.mark.parametrize("item", manifest(), ids=lambda m: m["file"])
+def test_every_corpus_clip_opens_an_utterance(item):
+    pcm = np.concatenate([silence(0.5), read_wav(CORPUS / item["file"]), silence(1.0)])
+    events = run(Gate(GateConfig()), pcm)
+    assert starts(events), item["file"]
+    assert sum(isinstance(e, UtteranceEnd) for e in events) == len(starts(events))
+
+
+def test_speech_over_steady_hum_still_opens():
+    speech = read_wav(CORPUS / "jfk_inaugural.wav")[:3 * SAMPLE_RATE].astype(np.float64) / 32768
+    hum = 0.05 * np.sin(2 * np.pi * 50 * np.arange(len(speech)) / SAMPLE_RATE)
+    assert starts(run(Gate(GateConfig()), _pcm(speech + hum)))
+
+
+def _collect(events):
+    """Audio of each utterance as the worker would see it: from start, trimmed at audio_end."""
+    out, audio, start = [], {}, {}
+    for e in events:
+        if isinstance(e, UtteranceStart):
+            start[e.utt], audio[e.utt] = e.start, []
+        elif isinstance(e, UtteranceAudio):
+            audio[e.utt].append(e.pcm)
+        elif isinstance(e, UtteranceEnd):
+            pcm = np.concatenate(audio[e.utt])[:e.audio_end - start[e.utt]]
+            out.append((start[e.utt], e, pcm))
+    return out
+
+
+def test_preroll_and_hangover():
+    speech = read_wav(CORPUS / "mfa_thoughts.wav")
+    pcm = np.concatenate([silence(1.0), speech, silence(2.0)])
+    cfg = GateConfig()
+    (start, end, audio), = _collect(run(Gate(cfg), pcm))
+    first_voiced = SAMPLE_RATE + np.argmax(np.abs(speech) > 1000)
+    assert start <= first_voiced - cfg.preroll_ms * SAMPLE_RATE // 1000 + FRAME_SAMPLES
+    assert end.reason == "silence"
+    assert np.array_equal(audio, pcm[start:end.audio_end])
+    assert end.end <= SAMPLE_RATE + len(speech) + FRAME_SAMPLES
+
+
+def test_long_speech_is_split_without_losing_or_repeating_audio():
+    pcm = np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_acoustic_corpus.wav")])
+    utts = _collect(run(Gate(GateConfig(max_utterance_s=4.0)), pcm))
+    splits = [(s, e, a) for s, e, a in utts if e.reason == "max_length"]
+    assert len(splits) >= 3
+    for (s1, e1, a1), (s2, _, _) in zip(utts, utts[1:]):
+        if e1.reason == "max_length":
+            assert s2 == e1.audio_end, "the next utterance must begin exactly where the split one ends"
+    for start, end, audio in utts:
+        assert np.array_equal(audio, pcm[start:start + len(audio)])
+        assert len(audio) <= 4.0 * SAMPLE_RATE + FRAME_SAMPLES
+
+
+def test_silence_never_opens_and_stays_cheap():
+    gate = Gate(GateConfig())
+    assert run(gate, silence(10.0)) == [] and gate.rejected == 0
+
+
+def test_features_tell_speech_from_steady_noise():
+    speech = features(read_wav(CORPUS / "jfk_inaugural.wav")[SAMPLE_RATE:2 * SAMPLE_RATE])
+    hum = features(_pcm(NON_SPEECH["mains hum 50 Hz with harmonics"])[:SAMPLE_RATE])
+    assert speech.modulation_db > 3.0 > hum.modulation_db
+    assert speech.sustain_ms >= 60

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+from captiond.events import Final
+from captiond.translog import TranscriptLog
+
+
+def final(utt, text="hello world"):
+    return Final(utt, 0.0, 1.0, text, (), "en", 0.2)
+
+
+def test_one_flushed_line_per_final(tmp_path):
+    log = TranscriptLog(tmp_path / "sub" / "t.log", 10_000, 2)
+    assert log.write(final(1, "hello\n  world"), 1_700_000_000.0)
+    lines = (tmp_path / "sub" / "t.log").read_text().splitlines()
+    when, utt, text = lines[0].split("\t")
+    assert utt == "1" and text == "hello world" and when.startswith("2023-11-1")
+
+
+def test_rotation_keeps_the_configured_number_of_backups(tmp_path):
+    path = tmp_path / "t.log"
+    log = TranscriptLog(path, 1024, 2)
+    for i in range(200):
+        assert log.write(final(i, "x" * 40), 1_700_000_000.0)
+    assert path.with_name("t.log.1").exists() and path.with_name("t.log.2").exists()
+    assert not path.with_name("t.log.3").exists()
+    assert path.with_name("t.log.1").stat().st_size >= 1024
+    last = path.read_text().splitlines() or path.with_name("t.log.1").read_text().splitlines()
+    assert last[-1].split("\t")[1] == "199"
+
+
+def test_full_disk_is_reported_and_nothing_is_lost_once_it_recovers(tmp_path):
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log folder should be")
+    log = TranscriptLog(blocker / "t.log", 10_000, 1)
+    assert not log.write(final(1), 1.0)
+    assert log.error and "cannot write transcript log" in log.error
+    assert not log.write(final(2), 2.0) and log.backlog == 2
+    blocker.unlink()
+    assert log.write(final(3), 3.0)
+    assert log.error is None and log.backlog == 0
+    assert [line.split("\t")[1] for line in (blocker / "t.log").read_text().splitlines()] == ["1", "2", "3"]
+
+
+def test_dev_full_gives_enospc(tmp_path):
+    log = TranscriptLog(Path("/dev/full"), 10_000, 1)
+    assert not log.write(final(1), 1.0)
+    assert "No space left on device" in log.error
