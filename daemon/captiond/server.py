@@ -111,6 +111,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
         self._next_client = 0
+        self._inode: int | None = None  # of the socket file we bound; only that one is ours to remove
         self.seq = 0
         """Seq of the last broadcast event; per-client replies carry it without advancing it."""
 
@@ -140,6 +141,7 @@ class Server:
             except KeyError:
                 raise ServerError(f"server.group: no such group {self._group!r}") from None
         os.chmod(self.path, self._mode)
+        self._inode = self.path.stat().st_ino
         log.info("listening on %s (mode %04o)", self.path, self._mode)
 
     def publish(self, event: Event) -> int:
@@ -251,4 +253,8 @@ class Server:
                 task.cancel()
         for client in list(self._clients.values()):
             client.writer.transport.abort()
-        self.path.unlink(missing_ok=True)
+        try:
+            if self._inode is not None and self.path.stat().st_ino == self._inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass

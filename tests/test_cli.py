@@ -1,0 +1,115 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, ROOT, clip
+
+NO_AUDIO_SERVER = {"PULSE_SERVER": "unix:/nonexistent/pulse", "JACK_NO_START_SERVER": "1"}
+
+
+def captiond(*args, env=None, input=None, tmp=None):
+    full_env = {**os.environ, **(env or {})}
+    if tmp is not None:
+        args = (*args, "--set", f"server.socket={tmp}/c.sock", "--set", f"log.path={tmp}/t.log")
+    return subprocess.run([sys.executable, "-m", "captiond", *args], env=full_env, input=input,
+                          capture_output=True, timeout=120, cwd=ROOT)
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.decode().splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("captiond: error: "), result.stderr.decode()
+    for word in words:
+        assert word in errors[0]
+    assert b"ALSA lib" not in result.stderr and b"Jack" not in result.stderr
+
+
+def test_help_lists_every_command():
+    out = captiond("--help").stdout.decode()
+    for command in ("run", "listen", "captions", "devices", "check-config"):
+        assert command in out
+
+
+def test_no_input_device_is_one_clear_line_and_exit_2(tmp_path):
+    result = captiond("run", env={**NO_AUDIO_SERVER, "XDG_RUNTIME_DIR": str(tmp_path)}, tmp=tmp_path)
+    one_line_error(result, "no audio input device", "captiond devices")
+    assert not (tmp_path / "c.sock").exists()
+    result = captiond("run", "--source", "mic:Blue Yeti", env={**NO_AUDIO_SERVER, "XDG_RUNTIME_DIR": str(tmp_path)},
+                      tmp=tmp_path)
+    one_line_error(result, "captiond devices")
+
+
+def test_devices_lists_the_virtual_microphone(vmic):
+    result = captiond("devices", env=vmic.env)
+    assert result.returncode == 0, result.stderr
+    assert "(default)" in result.stdout.decode() and "mic:NAME" in result.stdout.decode()
+    assert b"ALSA lib" not in result.stderr
+
+
+def test_bad_config_key_and_value_are_named(tmp_path):
+    one_line_error(captiond("run", "--set", "gate.hangover=3", tmp=tmp_path), "gate.hangover", "unknown key")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[asr]\nbeam_size = 99\n")
+    one_line_error(captiond("check-config", "--config", str(cfg)), "asr.beam_size", str(cfg))
+
+
+def test_check_config_prints_the_values_in_effect():
+    result = captiond("check-config", "--config", str(ROOT / "config" / "captiond.toml"), "--set", "gate.start_ms=90")
+    assert result.returncode == 0
+    assert "config OK" in result.stdout.decode() and "start_ms = 90" in result.stdout.decode()
+
+
+def test_missing_model_folder(tmp_path):
+    one_line_error(captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set",
+                            f"asr.model={tmp_path}/no-model", tmp=tmp_path), "no such model folder")
+
+
+def test_model_name_that_cannot_be_fetched_offline(tmp_path):
+    result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", "asr.model=base.en",
+                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, tmp=tmp_path)
+    one_line_error(result, "base.en", "cannot fetch")
+    assert not (tmp_path / "c.sock").exists()
+
+
+def test_corrupt_audio_file(tmp_path):
+    bad = tmp_path / "bad.mp3"
+    bad.write_bytes(b"ID3" + os.urandom(5000))
+    one_line_error(captiond("run", "--source", f"file:{bad}", tmp=tmp_path), "bad.mp3")
+
+
+def test_socket_held_by_a_live_daemon_is_refused(tmp_path):
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "c.sock"))
+    live.listen()
+    try:
+        one_line_error(captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", tmp=tmp_path),
+                       "already listening")
+        assert (tmp_path / "c.sock").exists()
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_stale_socket_is_replaced_and_stdin_source_transcribes(tmp_path):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "c.sock"))
+    stale.close()
+    from conftest import read_wav, silence
+    import numpy as np
+
+    pcm = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), silence(1.0)])
+    result = captiond("run", "--source", "-", input=pcm.tobytes(), tmp=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"removing stale socket" in result.stderr
+    line = (tmp_path / "t.log").read_text().strip().split("\t")
+    assert line[1] == "1" and "forever" in line[2].lower()
+    assert not (tmp_path / "c.sock").exists()
+
+
+def test_listen_without_a_daemon_fails_clearly(tmp_path):
+    result = captiond("listen", "--set", f"server.socket={tmp_path}/none.sock")
+    assert result.returncode == 1
+    assert b"captiond is not running" in result.stderr and b"none.sock" in result.stderr
