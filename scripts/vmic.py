@@ -85,6 +85,8 @@ class VirtualMic:
 
 
 if __name__ == "__main__":
+    # Blocked so that sigwait() receives them and the with-block stops PulseAudio on the way out.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     with VirtualMic() as mic:
         print(f"export XDG_RUNTIME_DIR={mic.runtime_dir} PULSE_SERVER={mic.env['PULSE_SERVER']}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

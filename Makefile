@@ -1,0 +1,40 @@
+# captiond developer and user entry points. `make demo` and `make test` set everything up first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: help setup system-deps demo test test-fast bench clean
+
+help:
+	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
+	@echo "make test       set up, then run the whole test suite"
+	@echo "make test-fast  the suite without the slow model/microphone tests"
+	@echo "make bench      streaming benchmark through the virtual microphone (prints a table)"
+
+system-deps:
+	@sh scripts/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: system-deps $(VENV)/.installed
+
+demo: setup
+	@PY=$(PY) sh scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/session.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info daemon/*.egg-info

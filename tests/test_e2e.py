@@ -1,0 +1,76 @@
+"""Through the real parts: PulseAudio virtual microphone → PyAudio → daemon → real model → Unix socket and log."""
+
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, EventLog, clip, read_wav, silence, write_wav
+from wer import corpus_wer
+
+pytestmark = pytest.mark.slow
+
+SESSION = ["jfk_inaugural.wav", "mfa_doc_english_slow.wav", "ps_forever.wav"]
+WER_BOUND = 0.25
+"""Streamed finals of these clear clips, tiny.en int8: measured ~0.05; offline decoding of the same clips ~0.05."""
+
+
+def session_wav(tmp_path, names, gap=2.0):
+    parts = [silence(0.8)]
+    for name in names:
+        parts += [read_wav(CORPUS / name), silence(gap)]
+    return write_wav(tmp_path / "session.wav", np.concatenate(parts))
+
+
+def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon_factory, tmp_path):
+    daemon = daemon_factory("--source", "mic", env=vmic.env)
+    events = daemon.connect()
+    second = EventLog(daemon.socket, subscribe={"cmd": "subscribe", "types": ["final"]})
+    player = vmic.play(session_wav(tmp_path, SESSION))
+    assert player.wait(120) == 0
+    events.wait_for(lambda e: e["type"] == "speech_end" and e["end"] > 0.8 + sum(
+        clip(n)["duration"] for n in SESSION[:-1]), timeout=30)
+    last_utt = max(e["utt"] for e in events.of("speech_start"))
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == last_utt, timeout=30)
+
+    assert events.events[0]["type"] == "hello" and events.events[0]["protocol"] == 1
+    seqs = [e["seq"] for e in events.events[1:]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "broadcast seq must be gap-free"
+    finals = events.of("final")
+    assert len(finals) >= len(SESSION)
+    assert len(events.of("speech_start")) == len(events.of("speech_end")) == len(finals)
+    assert events.of("partial"), "an 11 s utterance must produce partials"
+    for final in finals:
+        assert final["words"] and final["language"] == "en" and final["latency"] >= 0
+        assert final["start"] <= final["words"][0]["start"] <= final["words"][-1]["end"] <= final["end"] + 0.5
+    hyp = " ".join(f["text"] for f in finals)
+    error = corpus_wer([(" ".join(clip(n)["text"] for n in SESSION), hyp)])
+    assert error <= WER_BOUND, f"WER {error:.2f}: {hyp}"
+
+    second.wait_for(lambda e: e["type"] == "final" and e["utt"] == last_utt)
+    assert [e["utt"] for e in second.of("final")] == [f["utt"] for f in finals]
+    assert not second.of("partial"), "subscribe types filter must hold"
+
+    logged = daemon.log.read_text().splitlines()
+    assert [line.split("\t")[2] for line in logged] == [f["text"] for f in finals if f["text"]]
+
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+
+
+def test_sigterm_while_someone_speaks_still_delivers_the_final(vmic, daemon_factory, tmp_path):
+    daemon = daemon_factory("--source", "mic", env=vmic.env)
+    events = daemon.connect()
+    player = vmic.play(session_wav(tmp_path, ["mfa_acoustic_corpus.wav"]))
+    try:
+        partial = events.wait_for(lambda e: e["type"] == "partial" and e["end"] - e["start"] > 2.0, timeout=30)
+        daemon.proc.send_signal(signal.SIGTERM)
+        final = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == partial["utt"], timeout=20)
+    finally:
+        player.kill()
+    assert final["text"] and "end_of_stream" in final["flags"]
+    assert events.wait_for(lambda e: e["type"] == "status" and e["state"] == "stopping")
+    events.wait_closed()
+    assert daemon.proc.wait(20) == 0
+    assert not daemon.socket.exists()
+    assert daemon.log.read_text().splitlines()[-1].split("\t")[2] == final["text"]
