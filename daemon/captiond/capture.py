@@ -39,6 +39,8 @@ class Capture:
         self.ring = ring
         self._assembler = FrameAssembler()
         self.frames_ready = asyncio.Event()
+        self.started = asyncio.Event()
+        """Set when the first audio arrives: only then is the daemon really listening."""
         self._room = asyncio.Event()
         self.last_chunk = time.monotonic()
         """monotonic time of the last chunk received (to notice a device that went quiet)."""
@@ -46,6 +48,7 @@ class Capture:
     def put_nowait(self, pcm: np.ndarray, captured: float) -> None:
         """Store a live chunk of 16 kHz int16 samples at once (called on the event loop)."""
         self.last_chunk = captured
+        self.started.set()
         for frame in self._assembler.insert(pcm, captured):
             self.ring.push(frame)
         self.frames_ready.set()
@@ -54,6 +57,7 @@ class Capture:
         """Store a chunk from a source that can wait, waiting for room in the ring."""
         now = time.monotonic()
         self.last_chunk = now
+        self.started.set()
         for frame in self._assembler.insert(pcm, now):
             await self._wait_for_room()
             self.ring.push(frame)
@@ -61,6 +65,7 @@ class Capture:
 
     async def finish(self) -> None:
         """Flush the last partial frame (padded with silence) at the end of the stream."""
+        self.started.set()
         for frame in self._assembler.finish(time.monotonic()):
             await self._wait_for_room()
             self.ring.push(frame)

@@ -202,19 +202,23 @@ class Service:
         try:
             if self.server is not None:
                 await self.server.start()
-            log.info("loading model %s and warming up", self.config.asr.model)
-            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.gate.warm_up))
-            if self._stopping.is_set():
-                return self.exit_code
-            self._spawn(self._capture_loop(), "capture")
+            # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
+            # (gate and worker threads run their warm-up first), so start-up loses no audio.
+            capture = self._spawn(self._capture_loop(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
             gate = self._spawn(self._gate_loop(), "gate")
             if self.config.server.stats_interval_s:
                 self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
-            self.set_state("listening", self.source.description)
-            log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
-                     self.source.description)
-            sd_notify("READY=1")
+            log.info("loading model %s and warming up", self.config.asr.model)
+            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.gate.warm_up))
+            # Ready means audio is flowing, not merely that a device was opened.
+            await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.capture.started.is_set():
+                self.set_state("listening", self.source.description)
+                log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
+                         self.source.description)
+                sd_notify("READY=1")
             await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],
                                return_when=asyncio.FIRST_COMPLETED)
             await self._drain([gate, asr])
