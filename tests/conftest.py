@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from captiond.client import Client  # noqa: E402
+from captiond.engine import Transcript  # noqa: E402
+from captiond.events import Word  # noqa: E402
+from captiond.frames import SAMPLE_RATE  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -58,6 +61,26 @@ def write_wav(path: Path, pcm: np.ndarray) -> Path:
 def silence(seconds: float) -> np.ndarray:
     """Digital silence."""
     return np.zeros(int(seconds * 16000), dtype=np.int16)
+
+
+class FakeDecoder:
+    """Says how much audio it was given; optionally slow, to act out an overloaded machine."""
+
+    name = "fake"
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.calls = []
+
+    def load(self):
+        pass
+
+    def decode(self, audio, *, beam_size, words, prompt=None):
+        self.calls.append((len(audio), beam_size, words))
+        time.sleep(self.delay)
+        secs = len(audio) / SAMPLE_RATE
+        found = (Word("heard", 0.1, secs, 0.9),) if words else ()
+        return Transcript(f"heard {secs:.2f}", found, "en", -0.2, 1.2, 0.01, secs, self.delay)
 
 
 class EventLog:

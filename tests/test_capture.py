@@ -134,9 +134,12 @@ class FakePyAudio:
     def get_device_info_by_index(self, i):
         return {"name": "Fussy USB Mic", "maxInputChannels": 1, "defaultSampleRate": 48000.0}
 
-    def open(self, rate, stream_callback, **kw):
+    def is_format_supported(self, rate, **kw):
         if rate != 48000:
-            raise OSError(-9997, "Invalid sample rate")
+            raise ValueError("Invalid sample rate", -9997)
+        return True
+
+    def open(self, rate, stream_callback, **kw):
         self.opened.append(rate)
         return FakeStream(stream_callback)
 

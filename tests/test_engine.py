@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,8 @@ def test_missing_or_wrong_model_folders_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no model.bin"):
         resolve_model(str(tmp_path / "empty"))
-    assert resolve_model("base.en") == ("base.en", "base.en")
+    assert resolve_model("base.en").fetch
+    assert not resolve_model("bundled").fetch and (Path(resolve_model("bundled").target) / "model.bin").is_file()
 
 
 @pytest.mark.slow

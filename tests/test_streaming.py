@@ -9,26 +9,7 @@ from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtteranceStart
 from captiond.streaming import AsrWorker
-
-
-class FakeDecoder:
-    """Says how much audio it was given; optionally slow, to act out an overloaded machine."""
-
-    name = "fake"
-
-    def __init__(self, delay=0.0):
-        self.delay = delay
-        self.calls = []
-
-    def load(self):
-        pass
-
-    def decode(self, audio, *, beam_size, words, prompt=None):
-        self.calls.append((len(audio), beam_size, words))
-        time.sleep(self.delay)
-        secs = len(audio) / SAMPLE_RATE
-        found = (Word("heard", 0.1, secs, 0.9),) if words else ()
-        return Transcript(f"heard {secs:.2f}", found, "en", -0.2, 1.2, 0.01, secs, self.delay)
+from conftest import FakeDecoder
 
 
 def utterance(utt, start, seconds, captured=0.0):

@@ -204,21 +204,19 @@ class MicSource:
             pa.terminate()
         self.description = f"microphone #{dev.index} {dev.name!r}"
 
-    def _open(self, pa: Any, dev: InputDevice, callback: Any) -> tuple[Any, int]:
+    def _rate(self, pa: Any, dev: InputDevice) -> int:
+        """16 kHz if the device takes it, else a rate it does (real hardware often refuses 16 kHz: -9997)."""
         import pyaudio
 
         for rate in dict.fromkeys((SAMPLE_RATE, dev.default_rate, 48000, 44100)):
             try:
-                stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True,
-                                 input_device_index=dev.index, frames_per_buffer=rate * FRAME_SAMPLES // SAMPLE_RATE,
-                                 stream_callback=callback, start=False)
-            except (OSError, ValueError) as exc:
-                # -9997 (invalid sample rate) is common on real hardware: try the device's own rate.
-                log.debug("device %r refused %d Hz: %s", dev.name, rate, exc)
+                pa.is_format_supported(rate, input_device=dev.index, input_channels=1, input_format=pyaudio.paInt16)
+            except ValueError as exc:
+                log.debug("device %r refuses %d Hz: %s", dev.name, rate, exc)
                 continue
-            return stream, rate
-        raise CaptureError(f"{self.description} refused to open for recording at any sample rate; "
-                           "is another program holding it? check with `captiond devices`")
+            return rate
+        raise CaptureError(f"{self.description} supports none of the sample rates tried; "
+                           "check it with `captiond devices`")
 
     async def run(self, capture: Capture) -> None:
         """Record until cancelled; raise CaptureError if the device stops delivering audio."""
@@ -230,22 +228,27 @@ class MicSource:
         stream = None
         try:
             dev = pick_device(list_input_devices(pa), self._wanted)
-            resampler: list[Any] = []
+            rate = self._rate(pa, dev)
+            resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16") if rate != SAMPLE_RATE else None
 
             def callback(data: bytes, count: int, time_info: Any, status: int) -> tuple[None, int]:
                 pcm = np.frombuffer(data, dtype=np.int16)
-                if resampler:
-                    pcm = resampler[0].resample_chunk(pcm)
+                if resampler is not None:
+                    pcm = resampler.resample_chunk(pcm)
                 try:
                     loop.call_soon_threadsafe(capture.put_nowait, pcm, time.monotonic())
                 except RuntimeError:  # the loop is closed: we are shutting down
                     return None, pyaudio.paComplete
                 return None, pyaudio.paContinue
 
-            stream, rate = await loop.run_in_executor(None, self._open, pa, dev, callback)
-            if rate != SAMPLE_RATE:
-                resampler.append(soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16"))
             self.description = f"microphone #{dev.index} {dev.name!r} at {rate} Hz"
+            try:
+                stream = await loop.run_in_executor(None, lambda: pa.open(
+                    format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev.index,
+                    frames_per_buffer=rate * FRAME_SAMPLES // SAMPLE_RATE, stream_callback=callback, start=False))
+            except OSError as exc:
+                raise CaptureError(f"cannot open {self.description} for recording ({exc}); "
+                                   "is another program holding it? check with `captiond devices`") from None
             log.info("recording from %s", self.description)
             capture.last_chunk = time.monotonic()
             await loop.run_in_executor(None, stream.start_stream)

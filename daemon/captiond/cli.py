@@ -145,6 +145,8 @@ def cmd_captions(args: argparse.Namespace) -> int:
                 view.show(event)
         except KeyboardInterrupt:
             print()
+            return 0
+    print("[captiond stopped]")
     return 0
 
 

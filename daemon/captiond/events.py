@@ -14,9 +14,6 @@ PROTOCOL = 1
 MAX_LINE = 64 * 1024
 """Longest client line accepted, in bytes."""
 
-STATES = ("starting", "listening", "paused", "device_lost", "overloaded", "stopping")
-
-
 @dataclass(frozen=True)
 class Event:
     """Base of every server-to-client event."""

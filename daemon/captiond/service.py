@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any, Coroutine
 
@@ -156,10 +157,10 @@ class Service:
             self._source_done = True
             self.capture.frames_ready.set()
 
-    def _feed_gate(self, frames: list[Frame], last: bool) -> list[GateEvent]:
+    def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
         for frame in frames:
             self.gate.insert(frame)
-        return self.gate.finish() if last else self.gate.process()
+        return self.gate.finish() if close else self.gate.process()
 
     async def _gate_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,8 +173,8 @@ class Service:
                 frames.append(frame)
             self.capture.made_room()
             if self.paused:
-                frames = []
-            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, last)
+                frames = []  # not heard at all; an utterance open at the pause is closed and finalised
+            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, last or self.paused)
             for event in events:
                 if isinstance(event, UtteranceAudio):
                     self.worker.queued_samples += len(event.pcm)
@@ -197,7 +198,9 @@ class Service:
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
+        signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             if self.server is not None:
@@ -225,7 +228,7 @@ class Service:
             return self.exit_code
         finally:
             await self._shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
