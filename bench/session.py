@@ -110,13 +110,19 @@ def main() -> None:
     finals = [e for e in events if e["type"] == "final"]
     starts = {e["utt"]: e for e in events if e["type"] == "speech_start"}
     # Stream time 0 is when capture opened, a moment before playback began. The gaps between clips
-    # differ, so exactly one shift of the session puts the finals on the clips: take the best.
+    # differ, so one shift of the session lays the finals over the clips best: find it by overlap.
+    def overlap(f: dict, shift: float, s: float, e: float) -> float:
+        return max(0.0, min(f["end"] - shift, e + 0.6) - max(f["start"] - shift, s - 0.6))
+
     def placed(shift: float) -> list[dict | None]:
-        return [next((item for item, s, e in spans if s - 0.6 <= (f["start"] + f["end"]) / 2 - shift <= e + 0.6), None)
-                for f in finals]
+        homes = []
+        for f in finals:
+            best = max(spans, key=lambda span: overlap(f, shift, span[1], span[2]))
+            homes.append(best[0] if overlap(f, shift, best[1], best[2]) > 0 else None)
+        return homes
 
     shifts = [f["start"] - s for f in finals for _, s, _ in spans] or [0.0]
-    offset = max(shifts, key=lambda shift: sum(p is not None for p in placed(shift)))
+    offset = max(shifts, key=lambda shift: sum(overlap(f, shift, s, e) for f in finals for _, s, e in spans))
     per_clip: dict[str, list[str]] = {item["file"]: [] for item, _, _ in spans}
     outside = []
     for f, home in zip(finals, placed(offset)):
@@ -158,8 +164,11 @@ def main() -> None:
     for key, value in rows:
         print(f"| {key.ljust(width)} | {value} |")
     if args.verbose:
-        for (ref, hyp), (_, off) in zip(pairs_stream, pairs_offline):
-            print(f"\nREF {ref}\nSTR {hyp}\nOFF {off}")
+        for (item, s, e), (ref, hyp), (_, off) in zip(spans, pairs_stream, pairs_offline):
+            print(f"\n{item['file']} at {s:.1f}-{e:.1f} s\nREF {ref}\nSTR {hyp}\nOFF {off}")
+        print("\nfinals (session time):")
+        for f in finals:
+            print(f"  {f['start'] - offset:6.1f}-{f['end'] - offset:6.1f} {f['flags']} {f['text']}")
 
 
 if __name__ == "__main__":
