@@ -116,7 +116,7 @@ class Service:
             self.set_state("paused", "paused by a client; send resume to listen again")
         elif cmd.cmd == "resume" and self.paused:
             self.paused = False
-            self.set_state("listening")
+            self.set_state("listening", self.source.description)
         return Status(self.state, self.status_line())
 
     # --- tasks ----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class Service:
             if self.state == "listening" and lag > _OVERLOADED_LAG_S:
                 self.set_state("overloaded", f"{lag:.1f} s of speech waiting for the decoder")
             elif self.state == "overloaded" and lag < _RECOVERED_LAG_S:
-                self.set_state("listening")
+                self.set_state("listening", self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------
 

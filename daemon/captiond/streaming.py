@@ -142,7 +142,7 @@ class AsrWorker:
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
             t = await self._engine.decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size, words=True)
             if t.audio_seconds > 0:
-                self.rtf = t.decode_seconds / t.audio_seconds if not self.finals else 0.8 * self.rtf + 0.2 * (
-                    t.decode_seconds / t.audio_seconds)
+                ratio = t.decode_seconds / t.audio_seconds
+                self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
             self.finals += 1
             self._publish(stream.final(t, item, max(0.0, self._clock() - item.voiced_captured)))
