@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from captiond.client import Client  # noqa: E402
-from captiond.engine import Transcript  # noqa: E402
+from captiond.engine import Segment, Transcript  # noqa: E402
 from captiond.events import Word  # noqa: E402
 from captiond.frames import SAMPLE_RATE  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
@@ -79,8 +79,9 @@ class FakeDecoder:
         self.calls.append((len(audio), beam_size, words))
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
+        text = f"heard {secs:.2f}"
         found = (Word("heard", 0.1, secs, 0.9),) if words else ()
-        return Transcript(f"heard {secs:.2f}", found, "en", -0.2, 1.2, 0.01, secs, self.delay)
+        return Transcript(text, (Segment(0.0, secs, text, found),), "en", -0.2, 1.2, 0.01, secs, self.delay)
 
 
 class EventLog:

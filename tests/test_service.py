@@ -77,7 +77,7 @@ def test_pause_stops_listening_until_resume(tmp_path):
     h.say(SPEECH)
     events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
     events.client.send({"cmd": "pause"})
-    events.wait_for(lambda e: e["type"] == "status" and e["state"] == "paused")
+    paused = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "paused")
     h.say(SPEECH)  # said while paused: never heard
     # More silence than a pipe holds: once written, all the speech has left the pipe; once the
     # ring is empty, the gate loop has passed it by while paused.
@@ -85,8 +85,8 @@ def test_pause_stops_listening_until_resume(tmp_path):
     while len(h.service.ring):
         time.sleep(0.01)
     events.client.send({"cmd": "status"})
-    reply = events.wait_for(lambda e: e["type"] == "status" and "subscriber" in e["detail"])
-    assert reply["state"] == "paused"
+    reply = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "paused" and e is not paused)
+    assert reply["state"] == "paused" and reply["subscribers"] == 1 and reply["model"] == "fake"
     events.client.send({"cmd": "resume"})
     events.wait_for(lambda e: e["type"] == "status" and e["state"] == "listening" and e["seq"] > reply["seq"])
     h.say(SPEECH)

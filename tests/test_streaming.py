@@ -4,7 +4,7 @@ import time
 import numpy as np
 
 from captiond.config import AsrConfig
-from captiond.engine import Engine, Transcript
+from captiond.engine import Engine, Segment, Transcript
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtteranceStart
@@ -88,7 +88,7 @@ def test_flags_doubtful_and_empty_finals():
         def decode(self, audio, *, beam_size, words, prompt=None):
             text = "" if len(self.calls) else "thank you thank you thank you"
             self.calls.append(len(audio))
-            return Transcript(text, (), "en", -1.5, 3.1, 0.8, 1.0, 0.0)
+            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", -1.5, 3.1, 0.8, 1.0, 0.0)
 
     async def feed(queue, worker):
         for item in utterance(1, 0, 0.6) + utterance(2, 20000, 0.6):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-from typing import TextIO
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .client import Client, NotRunning
+from .events import Envelope, Error, Final, Hello, Partial, Status
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
@@ -14,9 +19,10 @@ _CLEAR_LINE = "\r\x1b[2K"
 class CaptionView:
     """Turns events into terminal output; holds the one partial line currently shown."""
 
-    def __init__(self, out: TextIO, color: bool = True) -> None:
+    def __init__(self, out: TextIO, color: bool = True, timestamps: bool = False) -> None:
         self._out = out
         self._color = color
+        self._timestamps = timestamps
         self._partial_shown = False
 
     def _width(self) -> int:
@@ -27,26 +33,63 @@ class CaptionView:
             self._out.write(_CLEAR_LINE)
             self._partial_shown = False
 
-    def show(self, event: dict) -> None:
+    def note(self, text: str) -> None:
+        """A bracketed line about the connection or the daemon, never mixed into a partial."""
+        self._clear_partial()
+        self._out.write(f"[{text}]\n")
+        self._out.flush()
+
+    def show(self, env: Envelope) -> None:
         """Render one event."""
-        kind = event.get("type")
-        if kind == "partial":
-            text = event.get("text", "")
+        event = env.event
+        if isinstance(event, Partial):
+            text = event.text
             width = self._width() - 1
             if len(text) > width:  # keep the newest words visible on one line
                 text = "…" + text[-(width - 1):]
             self._out.write(_CLEAR_LINE + (f"{_DIM}{text}{_RESET}" if self._color else text))
             self._partial_shown = True
-        elif kind == "final":
+        elif isinstance(event, Final):
             self._clear_partial()
-            if event.get("text"):
-                self._out.write("\n".join(textwrap.wrap(event["text"], self._width())) + "\n")
-        elif kind == "status" and event.get("state") in ("device_lost", "overloaded", "paused", "stopping"):
-            self._clear_partial()
-            self._out.write(f"[{event['state']}{': ' + event['detail'] if event.get('detail') else ''}]\n")
-        elif kind == "hello":
-            self._out.write(f"[connected: model {event.get('model')}, {event.get('state')}; Ctrl-C to quit]\n")
-        elif kind == "error":
-            self._clear_partial()
-            self._out.write(f"[daemon error: {event.get('message')}]\n")
+            if event.text:
+                stamp = time.strftime("%H:%M:%S ", time.localtime(env.ts)) if self._timestamps else ""
+                lines = textwrap.wrap(stamp + event.text, self._width(), subsequent_indent=" " * len(stamp))
+                self._out.write("\n".join(lines) + "\n")
+        elif isinstance(event, Status) and event.state in ("device_lost", "overloaded", "paused", "stopping"):
+            self.note(f"{event.state}{': ' + event.detail if event.detail else ''}")
+        elif isinstance(event, Hello):
+            self.note(f"connected: model {event.model}, {event.state}; Ctrl-C to quit")
+        elif isinstance(event, Error):
+            self.note(f"daemon error: {event.message}")
         self._out.flush()
+
+
+def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
+           sleep: Callable[[float], None] = time.sleep) -> None:
+    """Show captions for ever: reconnect when the daemon goes away, catching up on missed finals."""
+    last_seq: int | None = None
+    waiting = False
+    while True:
+        try:
+            client = Client(path)
+        except NotRunning as exc:
+            if not waiting:
+                view.note(f"{exc}; waiting for it")
+                waiting = True
+            sleep(retry_s)
+            continue
+        waiting = False
+        with client:
+            events = client.events()
+            hello = next(events, None)
+            if hello is None:
+                continue
+            view.show(hello)
+            # The same daemon as before (its seq went on, not back to 0): replay finals we missed.
+            if last_seq is not None and hello.seq >= last_seq:
+                client.subscribe(since=last_seq)
+            last_seq = hello.seq
+            for env in events:
+                view.show(env)
+                last_seq = max(last_seq, env.seq)
+        view.note("connection to captiond lost; reconnecting")

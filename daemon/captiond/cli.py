@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -18,9 +20,9 @@ EXIT_USAGE = 2
 log = logging.getLogger("captiond")
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool, quiet: bool = False) -> None:
     """Readable timestamps on a terminal; bare syslog-prioritised lines under journald."""
-    level = logging.DEBUG if debug else logging.INFO
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     if os.environ.get("JOURNAL_STREAM"):
         prefixes = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
                     logging.CRITICAL: "<2>"}
@@ -130,24 +132,101 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
-    """Show live captions until Ctrl-C or the daemon stops."""
-    from .captions import CaptionView
+    """Show live captions until Ctrl-C, reconnecting whenever the daemon comes back."""
+    from .captions import CaptionView, follow
+
+    config, _ = _config(args)
+    view = CaptionView(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
+                       timestamps=args.timestamps)
+    try:
+        follow(socket_path(config.server), view)
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the daemon's state and health; exit 3 when it is not running."""
     from .client import NotRunning
+    from .events import Status
 
     try:
         client = _client(args)
     except NotRunning as exc:
-        return _fail(str(exc), 1)
-    view = CaptionView(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        print(exc, file=sys.stderr)
+        return 3
     with client:
-        try:
-            for event in client:
-                view.show(event)
-        except KeyboardInterrupt:
-            print()
-            return 0
-    print("[captiond stopped]")
+        events = client.events()
+        hello = next(events, None)
+        client.send({"cmd": "status"})
+        status = next((env.event for env in events if isinstance(env.event, Status)), None)
+    if hello is None or status is None:
+        return _fail("the daemon closed the connection before answering", 1)
+    if args.json:
+        print(json.dumps({"version": hello.event.version, **dataclasses.asdict(status)}))
+        return 0
+    hours, rest = divmod(int(status.uptime), 3600)
+    print(f"state:        {status.state}{' (' + status.detail + ')' if status.detail else ''}\n"
+          f"model:        {status.model}\n"
+          f"uptime:       {hours}:{rest // 60:02d}:{rest % 60:02d}\n"
+          f"subscribers:  {status.subscribers}\n"
+          f"lag:          {status.lag:.1f} s\n"
+          f"dropped:      {status.dropped_frames} frames\n"
+          f"version:      {hello.event.version} (protocol {hello.event.protocol})")
     return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe files; a bad file is reported and skipped, the others are still done."""
+    from .capture import CaptureError
+    from .engine import ModelError, WhisperDecoder
+    from .transcribe import render, transcribe_file
+
+    setup_logging(args.debug, quiet=True)
+    config, _ = _config(args)
+    if len(args.files) > 1 and not args.output_dir and args.format in ("srt", "vtt"):
+        return _fail(f"several files as {args.format} need --output-dir (one subtitle file per input)")
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    decoder = WhisperDecoder(config.asr)
+    try:
+        decoder.load()
+    except ModelError as exc:
+        return _fail(str(exc))
+    failed = 0
+    show_progress = sys.stderr.isatty()
+    for name in args.files:
+        path = Path(name)
+
+        def progress(done: float) -> None:
+            if show_progress:
+                bar = "#" * int(done * 30)
+                print(f"\r{path.name[:40]} [{bar:<30}] {done:4.0%}", end="", file=sys.stderr, flush=True)
+
+        try:
+            result = transcribe_file(path, decoder, config, progress)
+        except CaptureError as exc:
+            if show_progress:
+                print(file=sys.stderr)
+            print(f"captiond: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if show_progress:
+            print(file=sys.stderr)
+        text = render(result, args.format)
+        if out_dir:
+            target = out_dir / f"{path.stem}.{args.format}"
+            target.write_text(text, encoding="utf-8")
+            print(f"wrote {target}", file=sys.stderr)
+        else:
+            if len(args.files) > 1 and args.format == "txt":
+                print(f"==> {path} <==")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    if failed:
+        print(f"captiond: {failed} of {len(args.files)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- inspection ----------------------------------------------------------------------------------
@@ -205,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="captiond", description="Local, always-on speech-to-text: microphone → faster-whisper → "
-        "live events on a Unix socket and a transcript log.",
+        "live events on a Unix socket and a transcript log; files to subtitles with the same engine.",
         epilog="Start with `captiond run`, then `captiond captions` in another terminal.")
     parser.add_argument("--version", action="version", version=f"captiond {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -224,7 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
 
-    sub.add_parser("captions", parents=[common], help="live captions in this terminal").set_defaults(func=cmd_captions)
+    captions = sub.add_parser("captions", parents=[common], help="live captions in this terminal",
+                              description="Partials dimmed and rewritten in place, finals scrolling; waits for "
+                              "the daemon and reconnects by itself. Ctrl-C quits.")
+    captions.add_argument("--timestamps", action="store_true", help="prefix finals with the time they were said")
+    captions.set_defaults(func=cmd_captions)
+    status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.set_defaults(func=cmd_status)
+    transcribe = sub.add_parser(
+        "transcribe", parents=[common], help="transcribe audio/video files to txt, srt, vtt or json",
+        description="Transcribe files with the daemon's gate and model. Any format PyAV (FFmpeg) decodes. "
+        "Several files as json print one JSON object per line.")
+    transcribe.add_argument("files", nargs="+", metavar="FILE")
+    transcribe.add_argument("--format", choices=("txt", "srt", "vtt", "json"), default="txt",
+                            help="output format (default: txt)")
+    transcribe.add_argument("--output-dir", metavar="DIR", help="write FILE-stem.FORMAT files here instead of stdout")
+    transcribe.set_defaults(func=cmd_transcribe)
     sub.add_parser("devices", parents=[common], help="list audio input devices").set_defaults(func=cmd_devices)
     sub.add_parser("check-config", parents=[common],
                    help="validate the config and print the values in effect").set_defaults(func=cmd_check_config)

@@ -1,53 +1,84 @@
-"""Subscriber library: connect to the daemon's socket and read protocol v1 events."""
+"""Subscriber library: connect to the daemon's socket and read protocol v1 events.
+
+    from captiond.client import AsyncClient, Client
+    from captiond.events import Final
+
+    with Client() as c:                                  # blocking
+        c.subscribe(["final"])
+        for env in c.events():
+            print(env.event.text)
+
+    async with AsyncClient() as c:                       # asyncio
+        async for env in c:
+            if isinstance(env.event, Final): ...
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
+
+from .config import ServerConfig, socket_path
+from .events import MAX_LINE, Envelope, decode
 
 
 class NotRunning(ConnectionError):
     """No daemon answers on the socket; the message says where we looked and what to do."""
 
 
-class Client:
-    """A blocking connection to captiond; iterate over it for events as dicts."""
+def _not_running(path: Path, exc: OSError) -> NotRunning:
+    if isinstance(exc, PermissionError):
+        return NotRunning(f"not allowed to connect to {path}: the socket belongs to another user "
+                          "(see server.group to share it)")
+    return NotRunning(f"captiond is not running: nothing listens on {path} "
+                      "(start it with `captiond run`, or point at its socket with --set server.socket=PATH)")
 
-    def __init__(self, path: Path, timeout: float | None = None) -> None:
-        self.path = path
+
+def _subscribe_line(types: list[str] | None, since: int | None) -> dict:
+    command: dict = {"cmd": "subscribe"}
+    if types:
+        command["types"] = list(types)
+    if since is not None:
+        command["since"] = since
+    return command
+
+
+class Client:
+    """A blocking connection to captiond."""
+
+    def __init__(self, path: Path | None = None, timeout: float | None = None) -> None:
+        self.path = path or socket_path(ServerConfig())
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
+            self._sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             self._sock.close()
-            raise NotRunning(f"captiond is not running: nothing listens on {path} "
-                             "(start it with `captiond run`, or pass the daemon's --set server.socket=PATH)") from None
-        except PermissionError:
-            self._sock.close()
-            raise NotRunning(f"not allowed to connect to {path}: the socket belongs to another user "
-                             "(see server.group to share it)") from None
+            raise _not_running(self.path, exc) from None
         self._file = self._sock.makefile("rb")
 
     def send(self, command: dict) -> None:
-        """Send one command, e.g. {"cmd": "subscribe", "types": ["final"]}."""
+        """Send one command, e.g. {"cmd": "pause"}."""
         self._sock.sendall((json.dumps(command) + "\n").encode())
 
     def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
         """Ask for only some event types and/or a replay of kept finals after seq `since`."""
-        command: dict = {"cmd": "subscribe"}
-        if types:
-            command["types"] = types
-        if since is not None:
-            command["since"] = since
-        self.send(command)
+        self.send(_subscribe_line(types, since))
 
     def lines(self) -> Iterator[bytes]:
         """Raw JSON lines as they arrive, until the daemon closes the connection."""
         while line := self._file.readline():
             yield line
+
+    def events(self) -> Iterator[Envelope]:
+        """Typed events as they arrive (types this version does not know are skipped)."""
+        for line in self.lines():
+            env = decode(line)
+            if env is not None:
+                yield env
 
     def __iter__(self) -> Iterator[dict]:
         for line in self.lines():
@@ -63,3 +94,52 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClient:
+    """An asyncio connection to captiond; `async for env in client` yields typed events."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or socket_path(ServerConfig())
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> "AsyncClient":
+        """Open the connection, raising NotRunning when no daemon answers."""
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=4 * MAX_LINE)
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise _not_running(self.path, exc) from None
+        return self
+
+    async def send(self, command: dict) -> None:
+        """Send one command."""
+        assert self._writer is not None, "connect() first"
+        self._writer.write((json.dumps(command) + "\n").encode())
+        await self._writer.drain()
+
+    async def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
+        """Ask for only some event types and/or a replay of kept finals after seq `since`."""
+        await self.send(_subscribe_line(types, since))
+
+    async def __aiter__(self) -> AsyncIterator[Envelope]:
+        assert self._reader is not None, "connect() first"
+        while line := await self._reader.readline():
+            env = decode(line)
+            if env is not None:
+                yield env
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except ConnectionError:
+                pass
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

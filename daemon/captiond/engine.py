@@ -21,11 +21,21 @@ class ModelError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Transcript:
-    """What one decode of a stretch of audio produced; word times are seconds into that audio."""
+class Segment:
+    """One decoded segment; times are seconds into the decoded audio."""
 
+    start: float
+    end: float
     text: str
     words: tuple[Word, ...]
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What one decode of a stretch of audio produced; times are seconds into that audio."""
+
+    text: str
+    segments: tuple[Segment, ...]
     language: str
     avg_logprob: float
     """Lowest segment average log-probability (the least confident segment)."""
@@ -35,6 +45,11 @@ class Transcript:
     """Highest segment no-speech probability."""
     audio_seconds: float
     decode_seconds: float
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        """Every word of every segment, in order."""
+        return tuple(w for seg in self.segments for w in seg.words)
 
 
 @dataclass(frozen=True)
@@ -113,16 +128,17 @@ class WhisperDecoder:
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
             condition_on_previous_text=False, initial_prompt=prompt or None, vad_filter=False)
-        texts, found = [], []
+        found = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0
         for seg in segments:  # the generator does the decoding as it is consumed
-            texts.append(seg.text.strip())
             logprob = min(logprob, seg.avg_logprob)
             ratio = max(ratio, seg.compression_ratio)
             no_speech = max(no_speech, seg.no_speech_prob)
-            for w in seg.words or ():
-                found.append(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability)))
-        return Transcript(" ".join(t for t in texts if t), tuple(found), info.language, logprob, ratio, no_speech,
+            if seg.text.strip():
+                words = tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
+                              for w in seg.words or ())
+                found.append(Segment(float(seg.start), float(seg.end), seg.text.strip(), words))
+        return Transcript(" ".join(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 PROTOCOL = 1
@@ -33,9 +33,16 @@ class Hello(Event):
 
 @dataclass(frozen=True)
 class Status(Event):
+    """The daemon's state; the fields after detail are additions to design.md's v1 table."""
+
     type: ClassVar[str] = "status"
     state: str
     detail: str = ""
+    model: str = ""
+    uptime: float = 0.0
+    subscribers: int = 0
+    lag: float = 0.0
+    dropped_frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,38 @@ class Pong(Event):
 
 
 EVENT_TYPES = {cls.type: cls for cls in (Hello, Status, SpeechStart, Partial, Final, SpeechEnd, Stats, Error, Lost, Pong)}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An event as a client receives it: the event with its seq and wall-clock ts."""
+
+    seq: int
+    ts: float
+    event: Event
+
+
+def decode(line: bytes | str) -> Envelope | None:
+    """Parse one server line into a typed event; None for event types this version does not know.
+
+    Fields this version does not know are ignored, so newer daemons stay readable.
+    Raises ValueError for a line that is not a v1 event.
+    """
+    body = json.loads(line)
+    cls = EVENT_TYPES.get(body.get("type")) if isinstance(body, dict) else None
+    if cls is None:
+        if isinstance(body, dict) and isinstance(body.get("type"), str):
+            return None
+        raise ValueError(f"not a protocol v1 event: {line!r:.80}")
+    known = {f.name for f in fields(cls)}
+    values = {k: v for k, v in body.items() if k in known}
+    if cls is Final:
+        values["words"] = tuple(Word(**{k: w[k] for k in ("word", "start", "end", "p")}) for w in values.get("words", ()))
+        values["flags"] = tuple(values.get("flags", ()))
+    try:
+        return Envelope(int(body.get("seq", 0)), float(body.get("ts", 0.0)), cls(**values))
+    except TypeError as exc:
+        raise ValueError(f"{body.get('type')} event with missing fields: {exc}") from None
 
 
 def _finite(value: float) -> float:

@@ -93,19 +93,17 @@ class Service:
         if (state, detail) == (self.state, self.detail):
             return
         self.state, self.detail = state, detail
-        self.publish(Status(state, detail))
+        self.publish(self.status())
         sd_notify(f"STATUS={state}{': ' + detail if detail else ''}")
 
     def hello(self) -> Hello:
         """The first event every subscriber gets."""
         return Hello(__version__, self.engine.name, SAMPLE_RATE, self.state)
 
-    def status_line(self) -> str:
-        """A one-line human summary of the daemon's health."""
-        clients = self.server.clients if self.server else 0
-        uptime = time.monotonic() - self.started
-        return (f"{self.source.description}; model {self.engine.name}; up {uptime:.0f} s; {clients} subscriber(s); "
-                f"lag {self.worker.lag:.1f} s; dropped {self.ring.overruns} frame(s)")
+    def status(self) -> Status:
+        """The daemon's state and health figures, as a status event."""
+        return Status(self.state, self.detail, self.engine.name, time.monotonic() - self.started,
+                      self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
 
     def on_command(self, cmd: Command) -> Event | None:
         """Answer a client command (subscribe is handled by the server itself)."""
@@ -117,7 +115,7 @@ class Service:
         elif cmd.cmd == "resume" and self.paused:
             self.paused = False
             self.set_state("listening", self.source.description)
-        return Status(self.state, self.status_line())
+        return self.status()
 
     # --- tasks ----------------------------------------------------------------------------
 

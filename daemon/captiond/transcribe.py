@@ -1,0 +1,200 @@
+"""Files → txt/srt/vtt/json with the daemon's gate and model: speech is cut out by the gate, packed
+into chunks of up to 15 s (fewer, fuller chunks save encoder passes; much longer ones of repetitive speech
+trip the decoder's temperature fallback, which costs more),
+decoded with word timestamps, and mapped back to the file's own time line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .capture import decode_file
+from .config import Config
+from .engine import Segment, WhisperDecoder
+from .events import Word
+from .frames import SAMPLE_RATE, FrameAssembler, int16_to_float
+from .gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart
+
+FORMATS = ("txt", "srt", "vtt", "json")
+CHUNK_S = 15.0
+_GAP = np.zeros(SAMPLE_RATE * 3 // 10, dtype=np.int16)  # 0.3 s between packed pieces keeps words apart
+LINE_CHARS = 42  # the usual subtitle line limit (BBC, Netflix guidelines)
+CUE_MAX_S = 7.0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stretch of speech the gate found: where it starts in the file, and its samples."""
+
+    start: int
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class FileTranscript:
+    """A whole file's transcript, times in seconds of the file."""
+
+    file: str
+    duration: float
+    language: str
+    segments: tuple[Segment, ...]
+
+
+def speech_pieces(path: Path, config: Config) -> Iterator[Piece]:
+    """The file's speech, utterance by utterance, as the daemon's gate cuts it."""
+    gate = Gate(config.gate)
+    asm = FrameAssembler()
+    audio: list[np.ndarray] = []
+    start = 0
+
+    def collect(events) -> Iterator[Piece]:
+        nonlocal start, audio
+        for event in events:
+            if isinstance(event, UtteranceStart):
+                start, audio = event.start, []
+            elif isinstance(event, UtteranceAudio):
+                audio.append(event.pcm)
+            elif isinstance(event, UtteranceEnd):
+                yield Piece(start, np.concatenate(audio)[: event.audio_end - start])
+
+    for chunk in decode_file(path):
+        for frame in asm.insert(chunk, 0.0):
+            gate.insert(frame)
+        yield from collect(gate.process())
+    for frame in asm.finish(0.0):
+        gate.insert(frame)
+    yield from collect(gate.finish())
+
+
+def pack(pieces: Iterator[Piece], max_s: float = CHUNK_S) -> Iterator[list[Piece]]:
+    """Group consecutive pieces into chunks of at most max_s seconds (a longer piece goes alone)."""
+    group: list[Piece] = []
+    size = 0
+    limit = int(max_s * SAMPLE_RATE)
+    for piece in pieces:
+        if group and size + len(_GAP) + len(piece.pcm) > limit:
+            yield group
+            group, size = [], 0
+        size += len(piece.pcm) + (len(_GAP) if group else 0)
+        group.append(piece)
+    if group:
+        yield group
+
+
+class _TimeMap:
+    """Maps seconds in a packed chunk back to seconds in the file."""
+
+    def __init__(self, group: list[Piece]) -> None:
+        self._spans = []  # (chunk start s, chunk end s, file start s)
+        pos = 0
+        for piece in group:
+            self._spans.append((pos / SAMPLE_RATE, (pos + len(piece.pcm)) / SAMPLE_RATE, piece.start / SAMPLE_RATE))
+            pos += len(piece.pcm) + len(_GAP)
+
+    def __call__(self, t: float) -> float:
+        for c_start, c_end, f_start in self._spans:
+            if t <= c_end + len(_GAP) / SAMPLE_RATE / 2:
+                return round(f_start + max(0.0, min(t, c_end) - c_start), 3)
+        c_start, c_end, f_start = self._spans[-1]
+        return round(f_start + (c_end - c_start), 3)
+
+
+def probe_duration(path: Path) -> float:
+    """The file's duration in seconds as its container states it, 0 if unknown."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.duration / 1_000_000 if container.duration else 0.0
+    except (av.error.FFmpegError, OSError, ValueError):
+        return 0.0
+
+
+def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
+                    progress: Callable[[float], None] = lambda done: None) -> FileTranscript:
+    """Transcribe one file; progress(fraction) is called after each chunk. Raises CaptureError for bad files."""
+    duration = probe_duration(path)
+    segments: list[Segment] = []
+    language = config.asr.language
+    end = 0.0
+    for group in pack(speech_pieces(path, config)):
+        pcm = np.concatenate([part for piece in group for part in (_GAP, piece.pcm)][1:])
+        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True)
+        language = t.language
+        to_file = _TimeMap(group)
+        for seg in t.segments:
+            words = tuple(Word(w.word, to_file(w.start), to_file(w.end), round(w.p, 3)) for w in seg.words)
+            segments.append(Segment(to_file(seg.start), to_file(seg.end), seg.text, words))
+        end = (group[-1].start + len(group[-1].pcm)) / SAMPLE_RATE
+        if duration:
+            progress(min(1.0, end / duration))
+    progress(1.0)
+    return FileTranscript(str(path), duration or end, language, tuple(segments))
+
+
+# --- output formats ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cue:
+    """One subtitle: at most two lines of LINE_CHARS, at most CUE_MAX_S long."""
+
+    start: float
+    end: float
+    lines: tuple[str, ...]
+
+
+def cues(transcript: FileTranscript) -> list[Cue]:
+    """Cut the words into subtitle cues: break at long pauses, sentence ends, two full lines or 7 s."""
+    out: list[Cue] = []
+    words = [w for seg in transcript.segments for w in seg.words]
+    group: list[Word] = []
+
+    def flush() -> None:
+        if group:
+            lines = textwrap.wrap(" ".join(w.word for w in group), LINE_CHARS)
+            out.append(Cue(group[0].start, max(group[-1].end, group[0].start + 0.2), tuple(lines)))
+            group.clear()
+
+    for word in words:
+        if group:
+            text = " ".join(w.word for w in group + [word])
+            too_long = len(textwrap.wrap(text, LINE_CHARS)) > 2 or word.end - group[0].start > CUE_MAX_S
+            pause = word.start - group[-1].end > 1.0
+            sentence = group[-1].word.endswith((".", "?", "!")) and len(" ".join(w.word for w in group)) > 20
+            if too_long or pause or sentence:
+                flush()
+        group.append(word)
+    flush()
+    # Cues must not overlap: a word's end can run past the next word's start.
+    for i in range(len(out) - 1):
+        if out[i].end > out[i + 1].start:
+            out[i] = Cue(out[i].start, max(out[i].start + 0.01, out[i + 1].start), out[i].lines)
+    return out
+
+
+def _stamp(t: float, sep: str) -> str:
+    ms = int(round(t * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def render(transcript: FileTranscript, fmt: str) -> str:
+    """The transcript as txt, srt, vtt or json text."""
+    if fmt == "txt":
+        return "".join(seg.text + "\n" for seg in transcript.segments)
+    if fmt == "json":
+        return json.dumps(asdict(transcript), ensure_ascii=False) + "\n"
+    blocks = []
+    for i, cue in enumerate(cues(transcript), 1):
+        sep = "," if fmt == "srt" else "."
+        timing = f"{_stamp(cue.start, sep)} --> {_stamp(cue.end, sep)}"
+        blocks.append((f"{i}\n" if fmt == "srt" else "") + timing + "\n" + "\n".join(cue.lines) + "\n")
+    header = "WEBVTT\n\n" if fmt == "vtt" else ""
+    return header + "\n".join(blocks)

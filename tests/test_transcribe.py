@@ -1,0 +1,123 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from captiond.engine import Segment
+from captiond.events import Word
+from captiond.transcribe import FileTranscript, Piece, _TimeMap, cues, pack, render
+from conftest import CORPUS, ROOT, clip
+from wer import wer
+
+SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
+
+
+def seconds(h, m, s, ms):
+    return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+
+def check_srt(text):
+    """The SubRip rules: numbered from 1, ordered non-overlapping times, 1-2 lines of ≤ 42 characters."""
+    blocks = text.strip().split("\n\n")
+    last_end = 0.0
+    for n, block in enumerate(blocks, 1):
+        lines = block.split("\n")
+        assert lines[0] == str(n)
+        m = SRT_TIME.match(lines[1])
+        assert m, lines[1]
+        start, end = seconds(*m.groups()[:4]), seconds(*m.groups()[4:])
+        assert last_end <= start < end, block
+        assert 1 <= len(lines[2:]) <= 2 and all(0 < len(line) <= 42 for line in lines[2:]), block
+        last_end = end
+    return blocks
+
+
+def test_pack_keeps_order_and_limit():
+    pieces = [Piece(i * 16000 * 10, np.ones(16000 * s, np.int16)) for i, s in enumerate([5, 10, 12, 3, 30, 2])]
+    groups = list(pack(iter(pieces), max_s=28.0))
+    assert [p for g in groups for p in g] == pieces
+    for g in groups:
+        total = sum(len(p.pcm) for p in g) + 0.3 * 16000 * (len(g) - 1)
+        assert total <= 28 * 16000 or len(g) == 1
+
+
+def test_time_map_returns_file_times():
+    group = [Piece(16000 * 5, np.zeros(16000 * 2, np.int16)), Piece(16000 * 20, np.zeros(16000, np.int16))]
+    to_file = _TimeMap(group)
+    assert to_file(0.5) == 5.5
+    assert to_file(2.3 + 0.25) == 20.25  # in the second piece, past the 0.3 s gap
+    assert to_file(1.999) == 6.999
+
+
+def test_cues_follow_subtitle_rules():
+    words = tuple(Word(f"word{i}{'.' if i % 9 == 8 else ''}", i * 0.4, i * 0.4 + 0.35, 0.9) for i in range(60))
+    srt = render(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words),)), "srt")
+    blocks = check_srt(srt)
+    assert len(blocks) > 5
+    assert all(len(c.lines) <= 2 for c in cues(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words),))))
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "captiond", "transcribe", *args], capture_output=True,
+                          timeout=300, cwd=ROOT, **kw)
+
+
+@pytest.mark.slow
+def test_transcribe_files_to_every_format_and_skip_a_bad_one(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    files = [str(CORPUS / "jfk_inaugural.wav"), str(bad), str(ROOT / "daemon/captiond/samples/demo.wav")]
+    result = run(*files, "--format", "srt", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "broken.mp4" in err and "1 of 3 file(s) failed" in err and "Traceback" not in err
+    jfk = check_srt((tmp_path / "out" / "jfk_inaugural.srt").read_text())
+    demo = check_srt((tmp_path / "out" / "demo.srt").read_text())
+    assert len(demo) >= 6
+    text = " ".join(" ".join(b.split("\n")[2:]) for b in jfk)
+    assert wer(clip("jfk_inaugural.wav")["text"], text) <= 0.15
+
+    vtt = run(str(CORPUS / "ps_forever.wav"), "--format", "vtt").stdout.decode()
+    assert vtt.startswith("WEBVTT\n\n") and re.search(r"\d\d:\d\d:\d\d\.\d\d\d --> ", vtt)
+
+    out = run(str(CORPUS / "ps_forever.wav"), str(CORPUS / "mfa_thoughts.wav"), "--format", "json").stdout
+    docs = [json.loads(line) for line in out.decode().splitlines()]
+    assert [d["file"].split("/")[-1] for d in docs] == ["ps_forever.wav", "mfa_thoughts.wav"]
+    seg = docs[1]["segments"][0]
+    assert seg["words"] and seg["start"] <= seg["words"][0]["start"] < seg["words"][-1]["end"] <= docs[1]["duration"]
+    assert wer(clip("mfa_thoughts.wav")["text"], seg["text"]) <= 0.2
+
+    txt = run(str(CORPUS / "ps_forever.wav")).stdout.decode()
+    assert "forever" in txt.lower()
+
+
+def test_several_subtitle_files_to_stdout_are_refused():
+    result = run("a.wav", "b.wav", "--format", "srt")
+    assert result.returncode == 2 and b"--output-dir" in result.stderr
+
+
+@pytest.mark.slow
+def test_progress_bar_only_on_a_terminal():
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "captiond", "transcribe", str(CORPUS / "ps_forever.wav")],
+                            stdout=subprocess.PIPE, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    proc.wait(120)
+    os.close(master)
+    assert b"ps_forever.wav [" in shown and b"100%" in shown
+    assert b"[" not in proc.stdout.read()  # stdout has only the transcript
