@@ -73,7 +73,7 @@ def main() -> None:
     base = results["captiond transcribe (gate + packed chunks)"][0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; model {asr.model} {asr.compute_type}, "
           f"beam {asr.beam_size}, words on; file {duration:.0f} s ({len(clips)} clips); median of {args.repeat}")
-    print("| contender | wall s | x real time | captiond speed relative | WER |\n|---|---|---|---|---|")
+    print("| contender | wall s | x real time | time relative to captiond | WER |\n|---|---|---|---|---|")
     for name, (secs, error) in results.items():
         print(f"| {name} | {secs:.1f} | {duration / secs:.1f} | {secs / base:.2f} | {error:.3f} |")
 

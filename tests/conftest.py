@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,7 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from captiond.capture import StdinSource  # noqa: E402
 from captiond.client import Client  # noqa: E402
+from captiond.config import Config, load  # noqa: E402
+from captiond.engine import Engine  # noqa: E402
+from captiond.server import Server  # noqa: E402
+from captiond.service import Service  # noqa: E402
+from captiond.translog import TranscriptLog  # noqa: E402
 from captiond.engine import Segment, Transcript  # noqa: E402
 from captiond.events import Word  # noqa: E402
 from captiond.frames import SAMPLE_RATE  # noqa: E402
@@ -179,6 +186,43 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+SPEECH = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), silence(1.0)])
+
+
+class Harness:
+    """A Service on a real socket in a background event loop, fed through a pipe the test writes."""
+
+    def __init__(self, tmp: Path, log_path: Path, config: Config | None = None):
+        self.config = config or load(None, ["server.stats_interval_s=0"])[0]
+        self.read_fd, self.write_fd = os.pipe()
+        self.sock = tmp / "s.sock"
+        self.exit_code = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main(log_path)), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    async def _main(self, log_path):
+        service = None
+        server = Server(self.sock, hello=lambda: service.hello(), on_command=lambda c: service.on_command(c))
+        service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
+                          engine=Engine(FakeDecoder()), server=server,
+                          translog=TranscriptLog(log_path, 100_000, 1))
+        self.service = service
+        task = asyncio.create_task(service.run())
+        while not self.sock.exists():
+            await asyncio.sleep(0.01)
+        self.ready.set()
+        self.exit_code = await task
+
+    def say(self, pcm):
+        os.write(self.write_fd, pcm.tobytes())
+
+    def end(self):
+        os.close(self.write_fd)
+        self.thread.join(30)
 
 
 @pytest.fixture(scope="session")

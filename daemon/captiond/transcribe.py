@@ -1,7 +1,9 @@
-"""Files → txt/srt/vtt/json with the daemon's gate and model: speech is cut out by the gate, packed
-into chunks of up to 15 s (fewer, fuller chunks save encoder passes; much longer ones of repetitive speech
-trip the decoder's temperature fallback, which costs more),
-decoded with word timestamps, and mapped back to the file's own time line."""
+"""Files → txt/srt/vtt/json with the daemon's gate and model.
+
+Speech is cut out by the gate, packed into chunks of up to 15 s (fewer, fuller chunks save encoder
+passes; much longer chunks of repetitive speech trip the decoder's temperature fallback, which costs
+more), decoded with word timestamps, and mapped back to the file's own time line.
+"""
 
 from __future__ import annotations
 
