@@ -67,7 +67,7 @@ class VirtualMic:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        """Stop PulseAudio (to a recording program this looks like the device going away)."""
+        """Stop PulseAudio (to a recording program this looks like the device going away; start() brings it back)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:

@@ -74,3 +74,26 @@ def test_sigterm_while_someone_speaks_still_delivers_the_final(vmic, daemon_fact
     assert daemon.proc.wait(20) == 0
     assert not daemon.socket.exists()
     assert daemon.log.read_text().splitlines()[-1].split("\t")[2] == final["text"]
+
+
+def test_device_lost_and_back_keeps_subscribers_and_resumes(daemon_factory, tmp_path):
+    from vmic import VirtualMic
+
+    with VirtualMic() as mic:  # its own, since this test stops it
+        daemon = daemon_factory("--source", "mic", "--set", "audio.read_timeout_s=1.0", env=mic.env)
+        events = daemon.connect()
+        clip_wav = session_wav(tmp_path, ["mfa_thoughts.wav"], gap=1.0)
+        assert mic.play(clip_wav).wait(60) == 0
+        events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1, timeout=30)
+
+        mic.stop()  # PulseAudio gone: to the daemon, the microphone was unplugged
+        lost = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "device_lost", timeout=30)
+        assert "stopped delivering audio" in lost["detail"] or "no audio input device" in lost["detail"]
+        mic.start()
+        back = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "listening"
+                               and e["seq"] > lost["seq"], timeout=30)
+        assert mic.play(clip_wav).wait(60) == 0
+        final = events.wait_for(lambda e: e["type"] == "final" and e["seq"] > back["seq"], timeout=30)
+        assert "thousand" in final["text"].lower()
+        assert not events.closed and daemon.proc.poll() is None
+        assert daemon.stop() == 0

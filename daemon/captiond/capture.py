@@ -21,6 +21,7 @@ from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
 log = logging.getLogger(__name__)
 
 _FILE_CHUNK = SAMPLE_RATE // 2  # samples handed over per step when reading a file
+_FIRST_AUDIO_S = 10.0  # how long a freshly opened microphone may take to deliver its first chunk
 
 
 class CaptureError(RuntimeError):
@@ -250,12 +251,15 @@ class MicSource:
                 raise CaptureError(f"cannot open {self.description} for recording ({exc}); "
                                    "is another program holding it? check with `captiond devices`") from None
             log.info("recording from %s", self.description)
-            capture.last_chunk = time.monotonic()
             await loop.run_in_executor(None, stream.start_stream)
+            opened = time.monotonic()
             while True:
                 await asyncio.sleep(min(1.0, self._timeout / 2))
-                silent_for = time.monotonic() - capture.last_chunk
-                if silent_for > self._timeout or not stream.is_active():
+                if capture.started.is_set():
+                    silent_for, limit = time.monotonic() - capture.last_chunk, self._timeout
+                else:  # PulseAudio through ALSA takes ~2 s to deliver the first chunk
+                    silent_for, limit = time.monotonic() - opened, max(self._timeout, _FIRST_AUDIO_S)
+                if silent_for > limit or not stream.is_active():
                     raise CaptureError(f"{self.description} stopped delivering audio "
                                        f"({silent_for:.1f} s without a frame); was it unplugged?")
         finally:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 4.0
 """How long shutdown waits for the open utterance's final before giving up on it."""
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
 _OVERLOADED_LAG_S = 5.0
 _RECOVERED_LAG_S = 1.0
 
@@ -71,6 +73,7 @@ class Service:
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
         self._source_done = False
+        self._flush_gate = False
 
     # --- events out -----------------------------------------------------------------------
 
@@ -131,9 +134,9 @@ class Service:
         exc = task.exception()
         if exc is None:
             return
-        if isinstance(exc, CaptureError):
+        if isinstance(exc, CaptureError):  # a file or pipe that broke; live devices are retried instead
             log.error("%s", exc)
-            self.set_state("device_lost", str(exc))
+            self.publish(Error("source_failed", str(exc)))
         else:
             log.error("task %s failed", task.get_name(), exc_info=exc)
             self.publish(Error("internal", f"{task.get_name()} failed: {exc!r}"))
@@ -149,8 +152,36 @@ class Service:
                 capture.cancel()
 
     async def _capture_loop(self) -> None:
+        """Run the source; when a live device is lost, say so, keep everything else up and reopen it."""
+        delay = _RETRY_MIN_S
         try:
-            await self.source.run(self.capture)
+            while True:
+                self.capture.started.clear()
+                loop = asyncio.get_running_loop()
+                run = loop.create_task(self.source.run(self.capture), name="capture-source")
+                try:
+                    flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
+                    await asyncio.wait([run, flowing], return_when=asyncio.FIRST_COMPLETED)
+                    flowing.cancel()
+                    if self.capture.started.is_set() and self.state == "device_lost":
+                        log.info("%s is back", self.source.description)
+                        self.set_state("listening", self.source.description)
+                    await run
+                    return  # a file or pipe ended
+                except CaptureError as exc:
+                    if not self.source.live:
+                        raise
+                    if self.capture.started.is_set():  # it had worked: retry quickly again
+                        delay = _RETRY_MIN_S
+                    if self.state != "device_lost":
+                        log.error("%s; retrying until it comes back", exc)
+                        self.set_state("device_lost", str(exc))
+                        self._flush_gate = True  # the open utterance gets its final now
+                        self.capture.frames_ready.set()
+                finally:
+                    run.cancel()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _RETRY_MAX_S)
         finally:
             self._source_done = True
             self.capture.frames_ready.set()
@@ -172,7 +203,9 @@ class Service:
             self.capture.made_room()
             if self.paused:
                 frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, last or self.paused)
+            close = last or self.paused or self._flush_gate
+            self._flush_gate = False
+            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, close)
             for event in events:
                 if isinstance(event, UtteranceAudio):
                     self.worker.queued_samples += len(event.pcm)
