@@ -29,6 +29,10 @@ DRAIN_TIMEOUT_S = 4.0
 """How long shutdown waits for the open utterance's final before giving up on it."""
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
+_CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
+_CAPTURE_RETRY_STALL_S = 30.0
+_WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
+_GATE_STALL_S = 15.0
 _OVERLOADED_LAG_S = 5.0
 _RECOVERED_LAG_S = 1.0
 
@@ -74,6 +78,7 @@ class Service:
         self._stopping = asyncio.Event()
         self._source_done = False
         self._flush_gate = False
+        self._capture_tick = self._gate_tick = time.monotonic()
 
     # --- events out -----------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class Service:
         delay = _RETRY_MIN_S
         try:
             while True:
+                self._capture_tick = time.monotonic()
                 self.capture.started.clear()
                 loop = asyncio.get_running_loop()
                 run = loop.create_task(self.source.run(self.capture), name="capture-source")
@@ -201,6 +207,7 @@ class Service:
             while (frame := self.ring.pop()) is not None:
                 frames.append(frame)
             self.capture.made_room()
+            self._gate_tick = time.monotonic()
             if self.paused:
                 frames = []  # not heard at all; an utterance open at the pause is closed and finalised
             close = last or self.paused or self._flush_gate
@@ -213,6 +220,34 @@ class Service:
             if last:
                 await self.queue.put(None)
                 return
+
+    def stuck(self) -> str | None:
+        """What keeps the pipeline from moving, or None when it moves (the watchdog pings only then)."""
+        now = time.monotonic()
+        if self.source.live and not self.paused:
+            if self.state == "device_lost":
+                if now - self._capture_tick > _CAPTURE_RETRY_STALL_S:
+                    return f"capture has not retried its device for {now - self._capture_tick:.0f} s"
+            elif now - self.capture.last_chunk > _CAPTURE_STALL_S:
+                return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
+        if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
+            return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
+        busy = self.worker.busy_since
+        if busy is not None and now - busy > _WORKER_STALL_S:
+            return f"the decoder has been busy with one decode for {now - busy:.0f} s"
+        return None
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """Ping systemd's watchdog while the pipeline moves; stop pinging (and say why) when it does not."""
+        complained = None
+        while True:
+            problem = self.stuck()
+            if problem is None:
+                sd_notify("WATCHDOG=1")
+            elif problem != complained:
+                log.error("watchdog: %s; no longer telling systemd we are alive", problem)
+            complained = problem
+            await asyncio.sleep(interval)
 
     async def _stats_loop(self, interval: float) -> None:
         while True:
@@ -253,6 +288,9 @@ class Service:
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
                 sd_notify("READY=1")
+            watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+            if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+                self._spawn(self._watchdog_loop(watchdog_usec / 2e6), "watchdog")
             await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],
                                return_when=asyncio.FIRST_COMPLETED)
             await self._drain([gate, asr])
@@ -275,9 +313,8 @@ class Service:
             self.exit_code = self.exit_code or 1
 
     async def _shutdown(self) -> None:
+        self.set_state("stopping")
         sd_notify("STOPPING=1")
-        if self.state != "device_lost":
-            self.set_state("stopping")
         for task in self._tasks.values():
             if not task.done():
                 task.cancel()

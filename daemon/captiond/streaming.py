@@ -101,6 +101,8 @@ class AsrWorker:
         self.finals = 0
         self.rtf = 0.0
         """Decode seconds per audio second of recent finals (exponential average)."""
+        self.busy_since: float | None = None
+        """monotonic time the running decode began, None while the worker waits for work."""
 
     @property
     def lag(self) -> float:
@@ -121,11 +123,18 @@ class AsrWorker:
             if stream is not None and stream.partial_due():
                 if self.queue.empty():
                     covered = stream.samples
-                    t = await self._engine.decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False)
+                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False)
                     if t.text:
                         self._publish(stream.partial(t, covered))
                 else:
                     self.partials_skipped += 1
+
+    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool) -> Transcript:
+        self.busy_since = self._clock()
+        try:
+            return await self._engine.decode(audio, beam_size=beam_size, words=words)
+        finally:
+            self.busy_since = None
 
     async def _handle(self, item: GateEvent) -> None:
         if isinstance(item, UtteranceStart):
@@ -140,7 +149,7 @@ class AsrWorker:
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
-            t = await self._engine.decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size, words=True)
+            t = await self._decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size, words=True)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio

@@ -1,0 +1,92 @@
+"""systemd notification: READY/STATUS/WATCHDOG/STOPPING over a datagram socket the test binds."""
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from captiond.config import load
+from captiond.engine import Engine
+from captiond.service import Service
+from conftest import FakeDecoder
+
+
+def bind(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.2)
+    return sock
+
+
+def drain(sock, until, timeout=60.0):
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(got):
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+    return got
+
+
+@pytest.mark.slow
+def test_daemon_notifies_ready_status_watchdog_and_stopping(vmic, daemon_factory, tmp_path):
+    sock = bind(tmp_path)
+    env = {**vmic.env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    daemon = daemon_factory("--source", "mic", env=env)
+    got = drain(sock, lambda g: g.count("WATCHDOG=1") >= 3)
+    assert "READY=1" in got and any(m.startswith("STATUS=listening") for m in got)
+    assert got.index("READY=1") < got.index("WATCHDOG=1")
+    assert "ready in" in daemon.stderr  # READY follows the model load and warm-up
+    daemon.proc.send_signal(signal.SIGTERM)
+    got += drain(sock, lambda g: "STOPPING=1" in g, timeout=20)
+    assert "STOPPING=1" in got and any(m.startswith("STATUS=stopping") for m in got)
+    assert daemon.proc.wait(20) == 0
+
+
+class QuietLiveSource:
+    """A live source whose device hangs: no audio, no error (a stuck driver call)."""
+
+    live = True
+    description = "stuck microphone"
+
+    def check(self):
+        pass
+
+    async def run(self, capture):
+        await asyncio.Event().wait()
+
+
+def test_watchdog_pings_only_while_the_pipeline_moves(tmp_path, monkeypatch, caplog):
+    sock = bind(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    service = Service(load(None, [])[0], source=QuietLiveSource(), engine=Engine(FakeDecoder()))
+
+    async def main():
+        task = asyncio.create_task(service._watchdog_loop(0.05))
+        await asyncio.sleep(0.3)
+        healthy = drain(sock, lambda g: len(g) >= 3, timeout=1)
+        service.capture.last_chunk = time.monotonic() - 100  # capture stalled
+        await asyncio.sleep(0.3)
+        drain(sock, lambda g: False, timeout=0.3)  # pings already in flight
+        await asyncio.sleep(0.3)
+        stalled = drain(sock, lambda g: False, timeout=0.3)
+        service.capture.last_chunk = time.monotonic()
+        service.worker.busy_since = time.monotonic() - 100  # a decode that never returns
+        await asyncio.sleep(0.3)
+        drain(sock, lambda g: False, timeout=0.3)
+        stuck_worker = drain(sock, lambda g: False, timeout=0.3)
+        service.worker.busy_since = None
+        await asyncio.sleep(0.3)
+        recovered = drain(sock, lambda g: len(g) >= 1, timeout=1)
+        task.cancel()
+        return healthy, stalled, stuck_worker, recovered
+
+    healthy, stalled, stuck_worker, recovered = asyncio.run(main())
+    assert healthy.count("WATCHDOG=1") >= 3
+    assert stalled == [] and stuck_worker == []
+    assert "WATCHDOG=1" in recovered
+    assert "no audio from stuck microphone" in caplog.text and "decoder has been busy" in caplog.text
