@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -229,6 +230,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_install_service(args: argparse.Namespace) -> int:
+    """Install the user or system unit and a config file."""
+    from .install import InstallError, install
+
+    try:
+        for line in install(args.system, Path(args.root)):
+            print(line)
+    except (InstallError, OSError, subprocess.CalledProcessError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
 # --- inspection ----------------------------------------------------------------------------------
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -320,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="output format (default: txt)")
     transcribe.add_argument("--output-dir", metavar="DIR", help="write FILE-stem.FORMAT files here instead of stdout")
     transcribe.set_defaults(func=cmd_transcribe)
+    service = sub.add_parser("install-service", parents=[common], help="install the systemd unit and a config",
+                             description="Write the systemd unit (ExecStart pointing at this captiond) and, if "
+                             "there is none yet, the config file; --system also creates the captiond user.")
+    kind = service.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--user", action="store_false", dest="system", help="a user service (the usual desktop case)")
+    kind.add_argument("--system", action="store_true", help="a system service with its own user (needs root)")
+    service.add_argument("--root", default="/", help=argparse.SUPPRESS)  # for tests: install under this folder
+    service.set_defaults(func=cmd_install_service)
     sub.add_parser("devices", parents=[common], help="list audio input devices").set_defaults(func=cmd_devices)
     sub.add_parser("check-config", parents=[common],
                    help="validate the config and print the values in effect").set_defaults(func=cmd_check_config)
