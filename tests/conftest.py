@@ -194,8 +194,9 @@ SPEECH = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), sile
 class Harness:
     """A Service on a real socket in a background event loop, fed through a pipe the test writes."""
 
-    def __init__(self, tmp: Path, log_path: Path, config: Config | None = None):
+    def __init__(self, tmp: Path, log_path: Path, config: Config | None = None, decode_delay: float = 0.0):
         self.config = config or load(None, ["server.stats_interval_s=0"])[0]
+        self.decode_delay = decode_delay
         self.read_fd, self.write_fd = os.pipe()
         self.sock = tmp / "s.sock"
         self.exit_code = None
@@ -208,7 +209,7 @@ class Harness:
         service = None
         server = Server(self.sock, hello=lambda: service.hello(), on_command=lambda c: service.on_command(c))
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
-                          engine=Engine(FakeDecoder()), server=server,
+                          engine=Engine(FakeDecoder(self.decode_delay)), server=server,
                           translog=TranscriptLog(log_path, 100_000, 1))
         self.service = service
         task = asyncio.create_task(service.run())
@@ -220,9 +221,9 @@ class Harness:
     def say(self, pcm):
         os.write(self.write_fd, pcm.tobytes())
 
-    def end(self):
+    def end(self, timeout: float = 30.0):
         os.close(self.write_fd)
-        self.thread.join(30)
+        self.thread.join(timeout)
 
 
 @pytest.fixture(scope="session")

@@ -95,3 +95,38 @@ def test_default_paths_follow_systemd_and_xdg(monkeypatch):
     monkeypatch.delenv("LOGS_DIRECTORY", raising=False)
     assert str(cfgmod.log_path(cfgmod.LogConfig())) == "/home/u/.local/state/captiond/transcript.log"
     assert str(cfgmod.socket_path(cfgmod.ServerConfig(socket="/tmp/a.sock"))) == "/tmp/a.sock"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from captiond.config import from_dict  # noqa: E402
+
+_keys = st.sampled_from(["audio", "gate", "asr", "server", "log", "other"])
+_names = st.sampled_from(["source", "hangover_ms", "beam_size", "mode", "max_bytes", "model", "enabled",
+                          "vad_aggressiveness", "partial_interval_s", "socket", "nope"])
+_values = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=20) \
+    | st.lists(st.integers(), max_size=3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_keys, st.dictionaries(_names, _values.filter(lambda v: v is not None), max_size=4)
+                       | _values, max_size=4))
+def test_any_parsed_toml_gives_a_config_or_a_named_error(data):
+    try:
+        config = from_dict(data)
+    except ConfigError as exc:
+        assert ":" in str(exc) and str(exc).split(":")[0].split(".")[0] in data
+    else:
+        assert isinstance(config, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_file_text_gives_a_config_or_a_clear_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cfg") / "c.toml"
+    path.write_text(text)
+    try:
+        load(path)
+    except ConfigError as exc:
+        assert str(exc)

@@ -89,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
                         keep_finals=cfg.keep_finals, hello=lambda: service.hello(),
                         on_command=lambda cmd: service.on_command(cmd))
-        service = Service(config, source=source, engine=engine, server=server, translog=translog)
+        service = Service(config, source=source, engine=engine, server=server, translog=translog,
+                          reload=lambda: _config(args)[0])
         return await service.run()
 
     try:

@@ -133,6 +133,11 @@ class Gate:
         """Voiced runs that webrtcvad passed and the feature check turned down."""
 
     @property
+    def next_utt(self) -> int:
+        """The id the next utterance will get."""
+        return self._utt + 1
+
+    @property
     def in_speech(self) -> bool:
         """True while an utterance is open."""
         return self._open

@@ -47,9 +47,12 @@ class Client:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
 
-    def offer(self, item: _Item) -> None:
-        """Queue an event; when full, drop a partial (or the oldest) before ever dropping a final."""
-        if self.types is not None and item.type not in self.types:
+    def offer(self, item: _Item, reply: bool = False) -> None:
+        """Queue an event; when full, drop a partial (or the oldest) before ever dropping a final.
+
+        Replies to this client's own commands skip its subscription filter, not the bound.
+        """
+        if not reply and self.types is not None and item.type not in self.types:
             return
         if len(self.queue) >= self.capacity:
             self.lost += 1
@@ -157,8 +160,7 @@ class Server:
     def _reply(self, client: Client, event: Event) -> None:
         # Replies (hello, errors, answers) reach only this client and do not advance seq,
         # so every client sees the broadcast seq gap-free.
-        client.queue.append(_Item(self.seq, event.type, encode(event, self.seq, time.time())))
-        client.wake.set()
+        client.offer(_Item(self.seq, event.type, encode(event, self.seq, time.time())), reply=True)
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)

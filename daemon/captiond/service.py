@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 from . import __version__
 from .capture import Capture, CaptureError, Source
-from .config import Config
+from .config import Config, ConfigError, GateConfig, log_path
 from .engine import Engine
 from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 4.0
 """How long shutdown waits for the open utterance's final before giving up on it."""
+_LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s")
+"""asr keys the worker reads per decode; the others shape the loaded model or the queue."""
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
 _CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
@@ -56,8 +59,10 @@ class Service:
     """One running daemon. Dependencies come in through the constructor so tests can swap them."""
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
-                 translog: TranscriptLog | None = None, gate: Gate | None = None) -> None:
+                 translog: TranscriptLog | None = None, gate: Gate | None = None,
+                 reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload = reload
         self.source = source
         self.engine = engine
         self.server = server
@@ -79,6 +84,7 @@ class Service:
         self._source_done = False
         self._flush_gate = False
         self._capture_tick = self._gate_tick = time.monotonic()
+        self._next_gate: GateConfig | None = None  # a reconfigured gate, swapped in between utterances
 
     # --- events out -----------------------------------------------------------------------
 
@@ -193,6 +199,9 @@ class Service:
             self.capture.frames_ready.set()
 
     def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
+        if self._next_gate is not None and not self.gate.in_speech:
+            self.gate = Gate(self._next_gate, first_utt=self.gate.next_utt)
+            self._next_gate = None
         for frame in frames:
             self.gate.insert(frame)
         return self.gate.finish() if close else self.gate.process()
@@ -265,7 +274,8 @@ class Service:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = asyncio.get_running_loop()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
-        signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+        main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
@@ -301,8 +311,50 @@ class Service:
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            self.reconfigure()
+            return
         log.info("%s: finishing the open utterance, then stopping", sig.name)
         self.stop()
+
+    def reconfigure(self) -> None:
+        """Re-read the config (SIGHUP): apply what is safe while running, name what needs a restart."""
+        if self._reload is None:
+            log.warning("SIGHUP: this daemon was started without a config to re-read")
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded, the running one stays: %s", exc)
+            return
+        old = self.config
+        changed = {f"{section}.{key}": value
+                   for section in vars(new) for key, value in vars(getattr(new, section)).items()
+                   if getattr(getattr(old, section), key) != value}
+        applied = {k: v for k, v in changed.items() if k.split(".")[0] in ("gate", "log") or k in _LIVE_ASR_KEYS}
+        later = sorted(set(changed) - set(applied))
+        asr = dataclasses.replace(old.asr, **{k.split(".")[1]: v for k, v in applied.items() if k.startswith("asr.")})
+        self.config = dataclasses.replace(old, gate=new.gate, log=new.log, asr=asr)
+        self.worker.reconfigure(asr)
+        if any(k.startswith("gate.") for k in applied):
+            self._next_gate = new.gate
+        if any(k.startswith("log.") for k in applied):
+            self._reopen_log(new)
+        if applied:
+            log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in applied.items()))
+        if later:
+            log.warning("SIGHUP: %s changed but take(s) effect only after a restart (systemctl restart captiond)",
+                        ", ".join(later))
+        if not changed:
+            log.info("SIGHUP: config re-read, nothing changed")
+
+    def _reopen_log(self, config: Config) -> None:
+        if not config.log.enabled:
+            self.translog = None
+        elif self.translog is None:
+            self.translog = TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups)
+        else:
+            self.translog.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""

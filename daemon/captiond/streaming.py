@@ -104,6 +104,10 @@ class AsrWorker:
         self.busy_since: float | None = None
         """monotonic time the running decode began, None while the worker waits for work."""
 
+    def reconfigure(self, cfg: AsrConfig) -> None:
+        """Use new beam sizes and partial interval from the next decode / utterance on."""
+        self._cfg = cfg
+
     @property
     def lag(self) -> float:
         """Seconds of speech audio waiting for the decoder."""

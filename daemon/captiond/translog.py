@@ -29,6 +29,10 @@ class TranscriptLog:
         self.dropped = 0
         """Lines lost because the backlog overflowed while the disk refused writes."""
 
+    def reconfigure(self, path: Path, max_bytes: int, backups: int) -> None:
+        """Write to a new path and/or rotate differently from the next line on; the backlog is kept."""
+        self.path, self._max_bytes, self._backups = path, max_bytes, backups
+
     def check(self) -> None:
         """Make the log's folder and open the file once, raising OSError with the cause if that fails."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,125 @@
+"""Faults against the real daemon: SIGHUP, SIGKILL and restart, a stalled subscriber, an overloaded engine."""
+
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, SPEECH, Daemon, EventLog, Harness, clip, read_wav, silence
+from wer import wer
+
+pytestmark = pytest.mark.slow
+
+THOUGHTS = np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_thoughts.wav"), silence(1.5)]).tobytes()
+
+
+def stdin_daemon(tmp_path, *args):
+    daemon = Daemon(tmp_path, "--source", "-", *args, stdin=subprocess.PIPE)
+    daemon.proc.stdin.write(silence(0.3).tobytes())
+    daemon.proc.stdin.flush()
+    return daemon
+
+
+def say(daemon, pcm_bytes):
+    daemon.proc.stdin.write(pcm_bytes)
+    daemon.proc.stdin.flush()
+
+
+def wait_log(daemon, text, timeout=30):
+    deadline = time.monotonic() + timeout
+    while text not in daemon.stderr:
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{daemon.stderr}"
+        time.sleep(0.1)
+
+
+def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[gate]\nhangover_ms = 500\n")
+    daemon = stdin_daemon(tmp_path, "--config", str(config))
+    try:
+        events = daemon.connect()
+        say(daemon, THOUGHTS)
+        events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+        config.write_text(f'[gate]\nhangover_ms = 700\n[asr]\nbeam_size = 3\nmodel = "{tmp_path}/other-model"\n'
+                          '[log]\nmax_bytes = 2048\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_log(daemon, "SIGHUP: applied")
+        assert "gate.hangover_ms=700" in daemon.stderr and "asr.beam_size=3" in daemon.stderr
+        assert "log.max_bytes=2048" in daemon.stderr
+        assert "asr.model changed but take(s) effect only after a restart" in daemon.stderr
+        say(daemon, THOUGHTS)
+        final = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+        assert daemon.log.read_text().splitlines()[-1].split("\t")[2] == final["text"]
+        config.write_text("[gate]\nhangover_ms = 'soon'\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_log(daemon, "config not reloaded")
+        assert "gate.hangover_ms" in daemon.stderr and daemon.proc.poll() is None
+    finally:
+        daemon.kill()
+
+
+def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(tmp_path):
+    daemon = stdin_daemon(tmp_path)
+    events = daemon.connect()
+    say(daemon, THOUGHTS + THOUGHTS)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    finals = [e["text"] for e in events.of("final")]
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert daemon.socket.exists(), "a killed daemon leaves its socket behind"
+    logged = [line.split("\t")[2] for line in daemon.log.read_text().splitlines()]
+    assert logged == finals
+
+    again = stdin_daemon(tmp_path)
+    try:
+        wait_log(again, "removing stale socket")
+        again.connect()
+    finally:
+        again.kill()
+
+
+def test_a_client_that_never_reads_costs_the_others_nothing(tmp_path):
+    daemon = stdin_daemon(tmp_path, "--set", "server.client_queue=16")
+    try:
+        events = daemon.connect()
+        greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        greedy.connect(str(daemon.socket))
+        # Thousands of commands whose answers it never reads: its queue must stay bounded.
+        greedy.sendall(b'{"cmd":"ping"}\n' * 20000)
+        for _ in range(3):
+            say(daemon, THOUGHTS)
+        events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3, timeout=60)
+        assert [e["utt"] for e in events.of("final")] == [1, 2, 3]
+        assert not events.of("lost")
+        greedy.setblocking(False)
+        data = b""
+        deadline = time.monotonic() + 10
+        while b'"lost"' not in data and time.monotonic() < deadline:
+            try:
+                data += greedy.recv(1 << 16)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert b'"lost"' in data, "the client is told how much it missed"
+        assert data.count(b'"pong"') < 20000
+    finally:
+        daemon.kill()
+
+
+def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(tmp_path):
+    from captiond.config import load
+
+    config = load(None, ["server.stats_interval_s=0.5", "asr.partial_interval_s=0.3", "asr.queue_seconds=5"])[0]
+    h = Harness(tmp_path, tmp_path / "t.log", config=config, decode_delay=0.8)
+    events = EventLog(h.sock)
+    for _ in range(8):
+        h.say(SPEECH)  # 8 utterances of ~3 s fed at pipe speed to a decoder at ~0.8 s per decode
+    h.end(timeout=120)
+    finals = events.of("final")
+    assert [f["utt"] for f in finals] == list(range(1, 9))
+    stats = events.of("stats")
+    assert max(s["lag"] for s in stats) > 0
+    assert max(s["queue"] for s in stats) <= 5 / 0.03 + 1, "the queue to the decoder stays bounded"
+    assert h.exit_code == 0
