@@ -113,3 +113,16 @@ def test_listen_without_a_daemon_fails_clearly(tmp_path):
     result = captiond("listen", "--set", f"server.socket={tmp_path}/none.sock")
     assert result.returncode == 1
     assert b"captiond is not running" in result.stderr and b"none.sock" in result.stderr
+
+
+@pytest.mark.slow
+def test_logs_suit_journald_or_a_terminal(tmp_path):
+    import re
+
+    args = ("run", "--source", f"file:{CORPUS}/ps_forever.wav")
+    journal = captiond(*args, env={"JOURNAL_STREAM": "8:12345"}, tmp=tmp_path).stderr.decode().splitlines()
+    assert journal and all(re.match(r"<[0-7]>captiond", line) for line in journal), journal
+    assert any(line.startswith("<6>captiond.service: ready in") for line in journal)
+    terminal = captiond(*args, "--debug", tmp=tmp_path).stderr.decode().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z]+ ", line) for line in terminal), terminal
+    assert any(" DEBUG " in line for line in terminal)

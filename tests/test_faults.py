@@ -1,31 +1,31 @@
-"""Faults against the real daemon: SIGHUP, SIGKILL and restart, a stalled subscriber, an overloaded engine."""
+"""Faults against the real daemon recording from the virtual microphone: SIGHUP, SIGKILL and restart, a
+client that never reads; and the real service code with an engine slowed on purpose."""
 
 import signal
 import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from conftest import CORPUS, SPEECH, Daemon, EventLog, Harness, clip, read_wav, silence
-from wer import wer
+from conftest import CORPUS, SPEECH, Daemon, EventLog, Harness, read_wav, silence, write_wav
 
 pytestmark = pytest.mark.slow
 
-THOUGHTS = np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_thoughts.wav"), silence(1.5)]).tobytes()
+@pytest.fixture
+def thoughts(tmp_path):
+    """A short real utterance with silence around it, as a WAV to play into the microphone."""
+    return write_wav(tmp_path / "thoughts.wav",
+                     np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_thoughts.wav"), silence(1.5)]))
 
 
-def stdin_daemon(tmp_path, *args):
-    daemon = Daemon(tmp_path, "--source", "-", *args, stdin=subprocess.PIPE)
-    daemon.proc.stdin.write(silence(0.3).tobytes())
-    daemon.proc.stdin.flush()
-    return daemon
+def mic_daemon(vmic, tmp_path, *args):
+    return Daemon(tmp_path, "--source", "mic", *args, env=vmic.env)
 
 
-def say(daemon, pcm_bytes):
-    daemon.proc.stdin.write(pcm_bytes)
-    daemon.proc.stdin.flush()
+def say(vmic, wav, times=1):
+    for _ in range(times):
+        assert vmic.play(wav).wait(60) == 0
 
 
 def wait_log(daemon, text, timeout=30):
@@ -35,13 +35,13 @@ def wait_log(daemon, text, timeout=30):
         time.sleep(0.1)
 
 
-def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(tmp_path):
+def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(vmic, thoughts, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[gate]\nhangover_ms = 500\n")
-    daemon = stdin_daemon(tmp_path, "--config", str(config))
+    daemon = mic_daemon(vmic, tmp_path, "--config", str(config))
     try:
         events = daemon.connect()
-        say(daemon, THOUGHTS)
+        say(vmic, thoughts)
         events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
         config.write_text(f'[gate]\nhangover_ms = 700\n[asr]\nbeam_size = 3\nmodel = "{tmp_path}/other-model"\n'
                           '[log]\nmax_bytes = 2048\n')
@@ -50,7 +50,7 @@ def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(tmp_path):
         assert "gate.hangover_ms=700" in daemon.stderr and "asr.beam_size=3" in daemon.stderr
         assert "log.max_bytes=2048" in daemon.stderr
         assert "asr.model changed but take(s) effect only after a restart" in daemon.stderr
-        say(daemon, THOUGHTS)
+        say(vmic, thoughts)
         final = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
         assert daemon.log.read_text().splitlines()[-1].split("\t")[2] == final["text"]
         config.write_text("[gate]\nhangover_ms = 'soon'\n")
@@ -61,10 +61,10 @@ def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(tmp_path):
         daemon.kill()
 
 
-def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(tmp_path):
-    daemon = stdin_daemon(tmp_path)
+def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(vmic, thoughts, tmp_path):
+    daemon = mic_daemon(vmic, tmp_path)
     events = daemon.connect()
-    say(daemon, THOUGHTS + THOUGHTS)
+    say(vmic, thoughts, times=2)
     events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
     finals = [e["text"] for e in events.of("final")]
     daemon.proc.kill()
@@ -73,7 +73,7 @@ def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(tmp_path
     logged = [line.split("\t")[2] for line in daemon.log.read_text().splitlines()]
     assert logged == finals
 
-    again = stdin_daemon(tmp_path)
+    again = mic_daemon(vmic, tmp_path)
     try:
         wait_log(again, "removing stale socket")
         again.connect()
@@ -81,16 +81,15 @@ def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(tmp_path
         again.kill()
 
 
-def test_a_client_that_never_reads_costs_the_others_nothing(tmp_path):
-    daemon = stdin_daemon(tmp_path, "--set", "server.client_queue=16")
+def test_a_client_that_never_reads_costs_the_others_nothing(vmic, thoughts, tmp_path):
+    daemon = mic_daemon(vmic, tmp_path, "--set", "server.client_queue=16")
     try:
         events = daemon.connect()
         greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         greedy.connect(str(daemon.socket))
         # Thousands of commands whose answers it never reads: its queue must stay bounded.
         greedy.sendall(b'{"cmd":"ping"}\n' * 20000)
-        for _ in range(3):
-            say(daemon, THOUGHTS)
+        say(vmic, thoughts, times=3)
         events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3, timeout=60)
         assert [e["utt"] for e in events.of("final")] == [1, 2, 3]
         assert not events.of("lost")

@@ -182,3 +182,29 @@ def test_a_plain_file_in_the_way_is_not_removed(tmp_path):
 
     asyncio.run(main())
     assert path.read_text() == "important"
+
+
+def test_group_socket_is_0660_and_peers_are_logged(tmp_path, caplog):
+    import grp
+    import logging
+
+    async def main():
+        server = make_server(tmp_path / "s.sock", mode=0o660, group="audio")
+        await server.start()
+        st = os.stat(server.path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam("audio").gr_gid
+        reader, _ = await asyncio.open_unix_connection(str(server.path))
+        await read_event(reader)
+        await server.close()
+
+    with caplog.at_level(logging.INFO, logger="captiond.server"):
+        asyncio.run(main())
+    assert f"pid={os.getpid()} uid={os.getuid()}" in caplog.text
+
+
+def test_unknown_group_is_a_clear_error(tmp_path):
+    async def main():
+        with pytest.raises(ServerError, match="server.group: no such group 'nosuchgroup'"):
+            await make_server(tmp_path / "s.sock", group="nosuchgroup").start()
+
+    asyncio.run(main())
