@@ -78,16 +78,18 @@ class FakeDecoder:
     def __init__(self, delay=0.0):
         self.delay = delay
         self.calls = []
+        self.hotwords_seen = []
 
     def load(self):
         pass
 
-    def decode(self, audio, *, beam_size, words, prompt=None):
-        self.calls.append((len(audio), beam_size, words))
+    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None):
+        self.calls.append((len(audio), beam_size, words, prompt))
+        self.hotwords_seen.append(hotwords)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
         text = f"heard {secs:.2f}"
-        found = (Word("heard", 0.1, secs, 0.9),) if words else ()
+        found = (Word("heard", 0.0, 0.3, 0.9), Word(f"{secs:.2f}", 0.3, secs, 0.9)) if words else ()
         return Transcript(text, (Segment(0.0, secs, text, found),), "en", -0.2, 1.2, 0.01, secs, self.delay)
 
 
@@ -208,8 +210,9 @@ class Harness:
     async def _main(self, log_path):
         service = None
         server = Server(self.sock, hello=lambda: service.hello(), on_command=lambda c: service.on_command(c))
+        self.decoder = FakeDecoder(self.decode_delay)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
-                          engine=Engine(FakeDecoder(self.decode_delay)), server=server,
+                          engine=Engine(self.decoder), server=server,
                           translog=TranscriptLog(log_path, 100_000, 1))
         self.service = service
         task = asyncio.create_task(service.run())

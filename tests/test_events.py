@@ -64,5 +64,14 @@ def test_parser_never_fails_any_other_way(line):
     except ProtocolError as exc:
         assert exc.code and str(exc)
     else:
-        assert cmd.cmd in ("subscribe", "ping", "pause", "resume", "status")
+        assert cmd.cmd in ("subscribe", "ping", "pause", "resume", "status", "context")
         assert cmd.types is None or cmd.types <= set(EVENT_TYPES)
+
+
+def test_context_command():
+    cmd = parse_command(b'{"cmd":"context","prompt":"captiond, Kubernetes","hotwords":"kubectl"}')
+    assert (cmd.cmd, cmd.prompt, cmd.hotwords) == ("context", "captiond, Kubernetes", "kubectl")
+    assert parse_command(b'{"cmd":"context","hotwords":"x"}').prompt is None
+    for bad in (b'{"cmd":"context","prompt":7}', b'{"cmd":"context","prompt":"' + b"x" * 1001 + b'"}'):
+        with pytest.raises(ProtocolError, match="context"):
+            parse_command(bad)

@@ -3,6 +3,7 @@
 import time
 from pathlib import Path
 
+from captiond.config import load
 from conftest import SPEECH, EventLog, Harness, silence
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
@@ -48,3 +49,23 @@ def test_pause_stops_listening_until_resume(tmp_path):
     assert finals[1]["start"] > (2 * len(SPEECH)) / 16000, "the second final is the speech after resume"
     assert [line.split("\t")[1] for line in (tmp_path / "t.log").read_text().splitlines()] == ["1", "2"]
     assert h.exit_code == 0
+
+
+def test_context_command_reaches_the_decoder(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log", config=load(None, ["server.stats_interval_s=0",
+                                                                 "asr.initial_prompt=Meeting notes."])[0])
+    events = EventLog(h.sock)
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    assert all(prompt == "Meeting notes." for *_, prompt in h.decoder.calls)
+    before = events.of("status")
+    events.client.send({"cmd": "context", "prompt": "captiond, webrtcvad", "hotwords": "librosa"})
+    events.wait_for(lambda e: e["type"] == "status" and e not in before)  # the answer: context is set
+    h.say(silence(4.0))  # a long pause: the previous final is not carried over
+    h.say(SPEECH)
+    h.end()
+    later = [c for c in h.decoder.calls if c[3] and "webrtcvad" in c[3]]
+    assert later and all(prompt == "captiond, webrtcvad" for *_, prompt in later)
+    assert h.decoder.hotwords_seen[-1] == "librosa"

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,8 @@ def cmd_captions(args: argparse.Namespace) -> int:
     from .captions import CaptionView, follow
 
     config, _ = _config(args)
+    # Ctrl-C must quit even when we were started with SIGINT ignored (a background job's child).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     view = CaptionView(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
                        timestamps=args.timestamps)
     try:

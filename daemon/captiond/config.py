@@ -95,6 +95,12 @@ class AsrConfig:
     """New audio between two partial decodes of an open utterance, in seconds."""
     queue_seconds: float = 120.0
     """Speech audio that may wait for the decoder before new frames are dropped (and counted), in seconds."""
+    initial_prompt: str = ""
+    """Context text given to the decoder before every utterance (names, jargon, spelling); empty for none."""
+    hotwords: str = ""
+    """Words or phrases the decoder should favour, space-separated; empty for none."""
+    carry_over_s: float = 3.0
+    """Give the previous final to the decoder as context when the pause before the next utterance is at most this long, in seconds; 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "asr.model", "must not be empty (use bundled for the default model)")
@@ -106,6 +112,9 @@ class AsrConfig:
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
+        _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")
+        _check(len(self.hotwords) <= 1000, "asr.hotwords", "must be at most 1000 characters")
+        _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
 
 
 @dataclass(frozen=True)

@@ -121,13 +121,15 @@ class WhisperDecoder:
         self._model = self._loader(self._cfg)
         self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
 
-    def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None) -> Transcript:
+    def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
+               hotwords: str | None = None) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here."""
         started = time.monotonic()
         language = None if self._cfg.language == "auto" else self._cfg.language
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
-            condition_on_previous_text=False, initial_prompt=prompt or None, vad_filter=False)
+            condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
+            vad_filter=False)
         found = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0
         for seg in segments:  # the generator does the decoding as it is consumed
@@ -163,9 +165,11 @@ class Engine:
         """Load and warm the model on the inference thread."""
         await self.run(self.decoder.load)
 
-    async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None) -> Transcript:
+    async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
+                     hotwords: str | None = None) -> Transcript:
         """Decode on the inference thread."""
-        return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt)
+        return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
+                              hotwords=hotwords)
 
     def close(self) -> None:
         """Let the thread finish its current decode and exit."""

@@ -182,7 +182,9 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-COMMANDS = ("subscribe", "pause", "resume", "status", "ping")
+COMMANDS = ("subscribe", "pause", "resume", "status", "ping", "context")
+MAX_CONTEXT = 1000
+"""Longest prompt or hotwords text a context command may set, in characters."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,10 @@ class Command:
     """For subscribe: the event types wanted, None for all."""
     since: int | None = None
     """For subscribe: replay kept finals whose seq is above this."""
+    prompt: str | None = None
+    """For context: new context text for the decoder (None leaves it as it is)."""
+    hotwords: str | None = None
+    """For context: new words to favour (None leaves them as they are)."""
 
 
 def parse_command(line: bytes) -> Command:
@@ -211,6 +217,14 @@ def parse_command(line: bytes) -> Command:
     cmd = obj.get("cmd")
     if cmd not in COMMANDS:
         raise ProtocolError("unknown_command", f"unknown cmd {cmd!r}; known: {', '.join(COMMANDS)}")
+    if cmd == "context":
+        values = {}
+        for key in ("prompt", "hotwords"):
+            value = obj.get(key)
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_CONTEXT):
+                raise ProtocolError("bad_command", f"context: \"{key}\" must be a string of at most {MAX_CONTEXT} characters")
+            values[key] = value
+        return Command("context", **values)
     if cmd != "subscribe":
         return Command(cmd)
     types = obj.get("types")

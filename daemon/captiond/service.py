@@ -123,6 +123,12 @@ class Service:
         """Answer a client command (subscribe is handled by the server itself)."""
         if cmd.cmd == "ping":
             return Pong()
+        if cmd.cmd == "context":
+            if cmd.prompt is not None:
+                self.worker.prompt = cmd.prompt
+            if cmd.hotwords is not None:
+                self.worker.hotwords = cmd.hotwords
+            log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
         if cmd.cmd == "pause" and not self.paused:
             self.paused = True
             self.set_state("paused", "paused by a client; send resume to listen again")
