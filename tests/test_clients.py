@@ -142,7 +142,11 @@ def test_captions_status_and_listen_against_a_real_daemon(tmp_path):
         wait_screen(lambda s: len(re.findall(r"^\d\d:\d\d:\d\d I have a thousand thoughts", s, re.M | re.I)) == 2)
 
         tmux("send-keys", "-t", "cap", "C-c")
-        wait_screen(lambda s: "Pane is dead" in s and "status 0" in s, timeout=10)
+        deadline = time.monotonic() + 10
+        while (pane := tmux("list-panes", "-t", "cap", "-F", "#{pane_dead} #{pane_dead_status}").stdout.split()) \
+                and pane[0] != "1" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pane == ["1", "0"], f"captions did not quit cleanly on Ctrl-C: {pane}"
     finally:
         tmux("kill-server")
         daemon.kill()
