@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import time
 from typing import Callable
@@ -22,43 +21,25 @@ log = logging.getLogger(__name__)
 _MAX_COMPRESSION = 2.4
 _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
-_WINDOW_S = 8.0  # longest audio a partial decodes before committed words are cut off its front
 _PROMPT_CHARS = 200
-_OVERLAP_S = 0.1  # word times are this imprecise: a new word may start a little before a committed one ends
-
-
-def _norm(word: str) -> str:
-    return "".join(ch for ch in word.lower() if ch.isalnum() or ch == "'")
-
-
-def _agree(a: list[Word], b: list[Word]) -> int:
-    """Length of the longest common prefix of two hypotheses, compared as normalised words."""
-    n = 0
-    while n < min(len(a), len(b)) and _norm(a[n].word) == _norm(b[n].word):
-        n += 1
-    return n
 
 
 class UtteranceStream:
-    """The open utterance under LocalAgreement-2: a word is committed (`stable`) once two consecutive
-    decodes agree on it, and is never retracted, not even by the final. The decoder is given only
-    the audio after the last committed sentence (or word, when the window grows long), with the
-    committed text as its prompt, so each decode stays short however long someone talks.
+    """The open utterance: its audio so far and the partials published for it.
+
+    Every decode covers the whole utterance; partials are all `unstable` (a stabilising policy,
+    LocalAgreement-2, was tried and cost accuracy here: see the closing notes of issue 3).
     """
 
-    def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
-                 window_s: float = _WINDOW_S) -> None:
+    def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "") -> None:
         self.utt = utt
         self.start = start
-        self._context = context
+        self.prompt = context[-_PROMPT_CHARS:]
+        """What the decoder is told came before this utterance."""
         self._chunks: list[np.ndarray] = []
         self._samples = 0
         self._interval = round(partial_interval_s * SAMPLE_RATE)
-        self._window = round(window_s * SAMPLE_RATE)
         self._decoded_at = 0  # samples of audio the last partial covered
-        self._trim = 0  # samples from the utterance start that the decoder no longer sees
-        self.committed: list[Word] = []
-        self._pending: list[Word] = []  # the last hypothesis past the committed words
         self.rev = 0
 
     @property
@@ -75,80 +56,35 @@ class UtteranceStream:
         """True when enough new audio has come since the last partial to decode again."""
         return self._samples - self._decoded_at >= self._interval
 
-    def _trim_s(self) -> float:
-        return (self.start + self._trim) / SAMPLE_RATE
-
-    def prompt(self) -> str:
-        """What the decoder is told came before its window: the context, then committed words cut off it.
-
-        Words still inside the window stay out of the prompt: told them, Whisper tends to skip them.
-        """
-        before = [w.word for w in self.committed if w.end <= self._trim_s() + _OVERLAP_S]
-        text = " ".join([self._context] + before).strip()
-        return text[-_PROMPT_CHARS:]
-
-    def window(self, until: int | None = None) -> np.ndarray:
-        """The audio the decoder sees: from the trim point to stream sample `until` (or the end)."""
+    def audio(self, until: int | None = None) -> np.ndarray:
+        """The utterance's audio as float32, up to stream sample `until` when given."""
         if len(self._chunks) > 1:
             self._chunks = [np.concatenate(self._chunks)]
         pcm = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.int16)
-        stop = len(pcm) if until is None else max(0, until - self.start)
-        return int16_to_float(pcm[self._trim:stop])
-
-    def _words(self, t: Transcript) -> list[Word]:
-        """A decode's words in stream time, past the committed words it heard again."""
-        offset = self._trim_s()
-        words = [Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3)) for w in t.words]
-        heard_again = [_norm(w.word) for w in self.committed if w.end > offset + _OVERLAP_S]
-        if not heard_again:
-            return words
-        # Align by text, not time: word times differ by a few hundred ms between decodes.
-        blocks = [b for b in difflib.SequenceMatcher(None, heard_again, [_norm(w.word) for w in words],
-                                                     autojunk=False).get_matching_blocks() if b.size]
-        if blocks:
-            return words[blocks[-1].b + blocks[-1].size:]
-        return [w for w in words if w.start > self.committed[-1].end - _OVERLAP_S]
+        if until is not None:
+            pcm = pcm[:max(0, until - self.start)]
+        return int16_to_float(pcm)
 
     def partial(self, t: Transcript, covered: int) -> Partial:
-        """Fold a partial decode of the first `covered` samples in; the partial event to publish."""
+        """The partial event for a decode of the first `covered` samples."""
         self._decoded_at = covered
-        words = self._words(t)
-        agreed = _agree(self._pending, words)
-        if agreed:
-            self.committed += words[:agreed]
-            self._move_trim(covered)
-        self._pending = words[agreed:]
         self.rev += 1
-        stable = " ".join(w.word for w in self.committed)
-        unstable = " ".join(w.word for w in self._pending)
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
-                       stable=stable, unstable=unstable, text=f"{stable} {unstable}".strip())
-
-    def _move_trim(self, covered: int) -> None:
-        # Cut at the end of the last committed sentence; if the window still grows past its
-        # bound, at the last committed word. Never past the audio decoded so far.
-        last_sentence = next((w for w in reversed(self.committed) if w.word.endswith((".", "?", "!"))), None)
-        cut = last_sentence
-        if covered - self._trim > self._window:
-            cut = self.committed[-1]
-        if cut is not None:
-            sample = round(cut.end * SAMPLE_RATE) - self.start
-            self._trim = min(max(self._trim, sample), covered)
+                       stable="", unstable=t.text, text=t.text)
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
-        """The final: the committed words as they were published, then the decode of the rest."""
-        words = tuple(self.committed + self._words(t))
-        text = " ".join(w.word for w in words)
+        """The final event for the decode of the whole utterance."""
+        offset = self.start / SAMPLE_RATE
+        words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3)) for w in t.words)
         flags = []
-        if not text:
+        if not t.text:
             flags.append("empty")
-        elif t.words and (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
-                          or t.no_speech_prob > _MAX_NO_SPEECH):
+        elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
+              or t.no_speech_prob > _MAX_NO_SPEECH):
             flags.append("possible_hallucination")
         if end.reason != "silence":
             flags.append(end.reason)
-        return Final(self.utt, self.start / SAMPLE_RATE, end.end / SAMPLE_RATE, text, words, t.language, latency,
-                     tuple(flags))
+        return Final(self.utt, offset, end.end / SAMPLE_RATE, t.text, words, t.language, latency, tuple(flags))
 
 
 class AsrWorker:
@@ -204,8 +140,8 @@ class AsrWorker:
             if stream is not None and stream.partial_due():
                 if self.queue.empty():
                     covered = stream.samples
-                    t = await self._decode(stream.window(), beam_size=self._cfg.partial_beam_size,
-                                           prompt=stream.prompt())
+                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size,
+                                           prompt=stream.prompt)
                     partial = stream.partial(t, covered)
                     if partial.text:
                         self._publish(partial)
@@ -237,8 +173,8 @@ class AsrWorker:
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
-            t = await self._decode(stream.window(until=item.audio_end), beam_size=self._cfg.beam_size,
-                                   prompt=stream.prompt())
+            t = await self._decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size,
+                                   prompt=stream.prompt)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
