@@ -34,6 +34,7 @@ from captiond.engine import WhisperDecoder  # noqa: E402
 from captiond.frames import int16_to_float  # noqa: E402
 
 GAPS_S = (0.8, 1.5, 3.0, 8.0)  # a short pause, sentence pauses, a long silence
+IDLE_S = 10.0
 LEAD_S = 1.0
 
 
@@ -71,13 +72,32 @@ def stream(session: Path, spans, overrides: list[str], tmp: Path) -> dict:
         try:
             events = daemon.connect(timeout=120)
             ready = time.monotonic() - started
+            pid = daemon.proc.pid
+            cpu0 = cpu_seconds(pid)
+            time.sleep(IDLE_S)  # nobody speaks: what does listening cost?
+            idle = (cpu_seconds(pid) - cpu0) / IDLE_S
+            cpu1 = cpu_seconds(pid)
             player = mic.play(session)
             player.wait()
             time.sleep(4.0)  # the last hangover and decode
+            busy = cpu_seconds(pid) - cpu1
+            memory = rss_kib(pid)
             daemon.stop()
         finally:
             daemon.kill()
-    return {"events": events.events, "ready": ready}
+    return {"events": events.events, "ready": ready, "idle": idle, "busy": busy, "memory": memory}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(peak, current) resident memory of a process in KiB, from /proc."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]), int(status["VmRSS"].split()[0])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -154,6 +174,9 @@ def main() -> None:
         ("final latency p50 / p95", f"{pct(latencies, 50):.2f} s / {pct(latencies, 95):.2f} s"),
         ("first partial after speech_start p50", f"{pct(first_partial, 50):.2f} s"),
         ("time to ready", f"{run['ready']:.1f} s"),
+        ("idle CPU (listening to silence)", f"{100 * run['idle']:.1f} % of one core"),
+        ("CPU seconds per audio second", f"{run['busy'] / (audio_s + 4.0):.2f}"),
+        ("RSS peak / at the end", f"{run['memory'][0] / 1024:.0f} MB / {run['memory'][1] / 1024:.0f} MB"),
         ("decoder real-time factor (finals)", f"{stats[-1]['rtf']:.3f}" if stats else "n/a"),
         ("max lag / dropped frames", f"{max((s['lag'] for s in stats), default=0):.1f} s / "
                                      f"{max((s['dropped_frames'] for s in stats), default=0)}"),
