@@ -60,7 +60,7 @@ def test_partials_then_speech_end_then_final_with_stream_times():
     # The final decodes the whole utterance up to audio_end with the final beam.
     n, beam, words, prompt = decoder.calls[-1]
     assert n == (2.0 * SAMPLE_RATE // FRAME_SAMPLES - 3) * FRAME_SAMPLES and beam == 5 and words
-    assert all(beam == 1 for _, beam, _, _ in decoder.calls[:-1])
+    assert all(beam == 1 and not words for _, beam, words, _ in decoder.calls[:-1])
 
 
 def test_slow_engine_skips_partials_never_finals():

@@ -141,17 +141,17 @@ class AsrWorker:
                 if self.queue.empty():
                     covered = stream.samples
                     t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size,
-                                           prompt=stream.prompt)
+                                           words=False, prompt=stream.prompt)
                     partial = stream.partial(t, covered)
                     if partial.text:
                         self._publish(partial)
                 else:
                     self.partials_skipped += 1
 
-    async def _decode(self, audio: np.ndarray, *, beam_size: int, prompt: str) -> Transcript:
+    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str) -> Transcript:
         self.busy_since = self._clock()
         try:
-            return await self._engine.decode(audio, beam_size=beam_size, words=True, prompt=prompt or None,
+            return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                              hotwords=self.hotwords or None)
         finally:
             self.busy_since = None
@@ -174,7 +174,7 @@ class AsrWorker:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
             t = await self._decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size,
-                                   prompt=stream.prompt)
+                                   words=True, prompt=stream.prompt)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
