@@ -26,8 +26,11 @@ from .translog import TranscriptLog
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 4.0
-"""How long shutdown waits for the open utterance's final before giving up on it."""
+DRAIN_TIMEOUT_S = 3.0
+"""How long shutdown waits for the open utterance's final before giving up on it; with the task and
+subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
+_STOP_TASKS_S = 1.0
+_FLUSH_SUBSCRIBERS_S = 1.0
 _LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s")
 """asr keys the worker reads per decode; the others shape the loaded model or the queue."""
 _RETRY_MIN_S = 0.25
@@ -378,10 +381,10 @@ class Service:
                 task.cancel()
         pending = [t for t in self._tasks.values() if not t.done()]
         if pending:
-            _, stuck = await asyncio.wait(pending, timeout=2.0)
+            _, stuck = await asyncio.wait(pending, timeout=_STOP_TASKS_S)
             for task in stuck:
                 log.error("shutdown: task %s did not stop", task.get_name())
         if self.server is not None:
-            await self.server.close()
+            await self.server.close(_FLUSH_SUBSCRIBERS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)
