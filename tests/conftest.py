@@ -208,8 +208,7 @@ class Harness:
         assert self.ready.wait(30)
 
     async def _main(self, log_path):
-        service = None
-        server = Server(self.sock, hello=lambda: service.hello(), on_command=lambda c: service.on_command(c))
+        server = Server(self.sock)
         self.decoder = FakeDecoder(self.decode_delay)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
                           engine=Engine(self.decoder), server=server,

@@ -81,15 +81,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot write the transcript log {translog.path}: {exc.strerror}; "
                          "set log.path to a writable file or log.enabled = false")
-    service: Service | None = None
-
     async def main() -> int:
-        nonlocal service
         engine = Engine(WhisperDecoder(config.asr))
         cfg = config.server
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
-                        keep_finals=cfg.keep_finals, hello=lambda: service.hello(),
-                        on_command=lambda cmd: service.on_command(cmd))
+                        keep_finals=cfg.keep_finals)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
                           reload=lambda: _config(args)[0])
         return await service.run()

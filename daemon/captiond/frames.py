@@ -38,22 +38,12 @@ def int16_to_float(pcm: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
-def float_to_int16(audio: np.ndarray) -> np.ndarray:
-    """Clip float samples to [-1, 1] and scale them to int16."""
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
-
-
 class FrameAssembler:
     """Cuts a stream of arbitrary-length int16 chunks into numbered fixed frames."""
 
     def __init__(self) -> None:
         self._pending = np.zeros(0, dtype=np.int16)
         self._next_index = 0
-
-    @property
-    def next_index(self) -> int:
-        """Index the next completed frame will get."""
-        return self._next_index
 
     def insert(self, pcm: np.ndarray, captured: float) -> list[Frame]:
         """Add samples; return every frame they complete."""

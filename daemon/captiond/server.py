@@ -101,14 +101,16 @@ class Server:
     """Listens on a Unix socket; publish() fans events out without ever waiting for a reader."""
 
     def __init__(self, path: Path, *, mode: int = 0o600, group: str = "", client_queue: int = 256,
-                 keep_finals: int = 200, hello: Callable[[], Event],
-                 on_command: Callable[[Command], Event | None]) -> None:
+                 keep_finals: int = 200, hello: Callable[[], Event] | None = None,
+                 on_command: Callable[[Command], Event | None] | None = None) -> None:
         self.path = path
         self._mode = mode
         self._group = group
         self._capacity = client_queue
-        self._hello = hello
-        self._on_command = on_command
+        self.hello = hello
+        """Makes the first event of each connection; the Service sets it when not given."""
+        self.on_command = on_command
+        """Answers a client command; the Service sets it when not given."""
         self._finals: deque[_Item] = deque(maxlen=keep_finals)
         self._clients: dict[int, Client] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -179,7 +181,7 @@ class Server:
         client = Client(self._next_client, writer, self._capacity, _peer_credentials(writer))
         self._clients[client.ident] = client
         log.info("client %d connected (%s); %d connected", client.ident, client.peer, len(self._clients))
-        self._reply(client, self._hello())
+        self._reply(client, self.hello())
         self._spawn(self._write_loop(client), f"client-{client.ident}-writer")
         try:
             await self._read_loop(client, reader)
@@ -213,7 +215,7 @@ class Server:
                             client.queue.append(item)
                     client.wake.set()
                 continue
-            answer = self._on_command(cmd)
+            answer = self.on_command(cmd)
             if answer is not None:
                 self._reply(client, answer)
 

@@ -69,6 +69,8 @@ class Service:
         self.source = source
         self.engine = engine
         self.server = server
+        if server is not None:
+            server.hello, server.on_command = self.hello, self.on_command
         self.translog = translog
         self.gate = gate or Gate(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))

@@ -20,9 +20,8 @@ from .config import Config
 from .engine import Segment, WhisperDecoder
 from .events import Word
 from .frames import SAMPLE_RATE, FrameAssembler, int16_to_float
-from .gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart
+from .gate import Gate, GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
 
-FORMATS = ("txt", "srt", "vtt", "json")
 CHUNK_S = 15.0
 _GAP = np.zeros(SAMPLE_RATE * 3 // 10, dtype=np.int16)  # 0.3 s between packed pieces keeps words apart
 LINE_CHARS = 42  # the usual subtitle line limit (BBC, Netflix guidelines)
@@ -51,26 +50,24 @@ def speech_pieces(path: Path, config: Config) -> Iterator[Piece]:
     """The file's speech, utterance by utterance, as the daemon's gate cuts it."""
     gate = Gate(config.gate)
     asm = FrameAssembler()
-    audio: list[np.ndarray] = []
-    start = 0
 
-    def collect(events) -> Iterator[Piece]:
-        nonlocal start, audio
-        for event in events:
-            if isinstance(event, UtteranceStart):
-                start, audio = event.start, []
-            elif isinstance(event, UtteranceAudio):
-                audio.append(event.pcm)
-            elif isinstance(event, UtteranceEnd):
-                yield Piece(start, np.concatenate(audio)[: event.audio_end - start])
-
-    for chunk in decode_file(path):
-        for frame in asm.insert(chunk, 0.0):
+    def gate_events() -> Iterator[GateEvent]:
+        for chunk in decode_file(path):
+            for frame in asm.insert(chunk, 0.0):
+                gate.insert(frame)
+            yield from gate.process()
+        for frame in asm.finish(0.0):
             gate.insert(frame)
-        yield from collect(gate.process())
-    for frame in asm.finish(0.0):
-        gate.insert(frame)
-    yield from collect(gate.finish())
+        yield from gate.finish()
+
+    start, audio = 0, []
+    for event in gate_events():
+        if isinstance(event, UtteranceStart):
+            start, audio = event.start, []
+        elif isinstance(event, UtteranceAudio):
+            audio.append(event.pcm)
+        elif isinstance(event, UtteranceEnd):
+            yield Piece(start, np.concatenate(audio)[: event.audio_end - start])
 
 
 def pack(pieces: Iterator[Piece], max_s: float = CHUNK_S) -> Iterator[list[Piece]]:
