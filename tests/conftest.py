@@ -202,12 +202,14 @@ class Harness:
         self.read_fd, self.write_fd = os.pipe()
         self.sock = tmp / "s.sock"
         self.exit_code = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main(log_path)), daemon=True)
         self.thread.start()
         assert self.ready.wait(30)
 
     async def _main(self, log_path):
+        self.loop = asyncio.get_running_loop()
         server = Server(self.sock)
         self.decoder = FakeDecoder(self.decode_delay)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
@@ -215,7 +217,7 @@ class Harness:
                           translog=TranscriptLog(log_path, 100_000, 1))
         self.service = service
         task = asyncio.create_task(service.run())
-        while not self.sock.exists():
+        while not self.sock.exists() or (service.web is not None and not service.web.listening):
             await asyncio.sleep(0.01)
         self.ready.set()
         self.exit_code = await task

@@ -277,20 +277,23 @@ class MicSource:
 
 # --- files and pipes ---------------------------------------------------------------------------
 
-def decode_file(path: Path) -> Iterator[np.ndarray]:
-    """Decode any audio PyAV can read to 16 kHz mono int16 chunks, raising CaptureError on bad data."""
+def decode_file(source: Path | BinaryIO, name: str | None = None, container_format: str | None = None
+                ) -> Iterator[np.ndarray]:
+    """Decode any audio PyAV can read (a path or a readable stream) to 16 kHz mono int16 chunks,
+    raising CaptureError on bad data."""
     import av
 
+    name = name or str(source)
     try:
-        container = av.open(str(path))
+        container = av.open(source if not isinstance(source, Path) else str(source), format=container_format)
     except FileNotFoundError:
-        raise CaptureError(f"{path}: no such file") from None
+        raise CaptureError(f"{name}: no such file") from None
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise CaptureError(f"{path}: not an audio file PyAV can read ({exc})") from None
+        raise CaptureError(f"{name}: not audio PyAV can read ({exc})") from None
     with container:
         streams = [s for s in container.streams if s.type == "audio"]
         if not streams:
-            raise CaptureError(f"{path}: has no audio stream")
+            raise CaptureError(f"{name}: has no audio stream")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
             for frame in container.decode(streams[0]):
@@ -299,7 +302,7 @@ def decode_file(path: Path) -> Iterator[np.ndarray]:
             for out in resampler.resample(None):
                 yield out.to_ndarray().reshape(-1)
         except (av.error.FFmpegError, ValueError) as exc:
-            raise CaptureError(f"{path}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
+            raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
 
 
 def _rechunk(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:

@@ -41,7 +41,7 @@ def setup_logging(debug: bool, quiet: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("faster_whisper", "numba", "httpx", "huggingface_hub"):
+    for noisy in ("faster_whisper", "numba", "httpx", "huggingface_hub", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -85,7 +85,11 @@ class Client:
             yield json.loads(line)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (also from another thread while one reads: the read then ends)."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
         self._file.close()
         self._sock.close()
 

@@ -167,6 +167,48 @@ class LogConfig:
         _check(0 <= self.backups <= 1000, "log.backups", "must be between 0 and 1000")
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class WebSocketConfig:
+    enabled: bool = False
+    """Serve the WebSocket API (/events, /listen) and the captions page (/) over HTTP."""
+    host: str = "127.0.0.1"
+    """Address to listen on; anything but loopback needs a token."""
+    port: int = 8765
+    """TCP port to listen on; 0 picks a free one (logged)."""
+    token: str = ""
+    """Secret clients must send (?token=… or an Authorization: Bearer header); empty for none, loopback only."""
+    origins: str = ""
+    """Browser origins allowed besides the page's own, comma-separated (e.g. http://localhost:3000)."""
+    max_sessions: int = 2
+    """Live /listen sessions decoded at once; more are refused with a too_many_sessions error."""
+    idle_timeout_s: float = 10.0
+    """Seconds a /listen session may send neither audio nor KeepAlive before it is closed."""
+    max_message_bytes: int = 1_048_576
+    """Largest message a client may send, in bytes; a larger one closes the connection (1009)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host.strip()), "websocket.host", "must not be empty (127.0.0.1 for this machine only)")
+        _check(self.host in _LOOPBACK or bool(self.token), "websocket.token",
+               f"must be set to listen on {self.host!r}: only loopback (127.0.0.1, ::1) is served without one")
+        _check(0 <= self.port <= 65535, "websocket.port", "must be between 1 and 65535, or 0 for any free port")
+        _check(self.token == "" or len(self.token) >= 16, "websocket.token", "must be at least 16 characters")
+        for origin in self.allowed_origins:
+            _check(origin.startswith(("http://", "https://")), "websocket.origins",
+                   f"{origin!r} is not an origin such as http://localhost:3000")
+        _check(1 <= self.max_sessions <= 64, "websocket.max_sessions", "must be between 1 and 64")
+        _check(1 <= self.idle_timeout_s <= 3600, "websocket.idle_timeout_s", "must be between 1 and 3600 seconds")
+        _check(4096 <= self.max_message_bytes <= 64 << 20, "websocket.max_message_bytes",
+               "must be between 4096 bytes and 64 MiB")
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        """The configured extra origins, without spaces or a trailing slash."""
+        return tuple(o.strip().rstrip("/") for o in self.origins.split(",") if o.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, one attribute per TOML table."""
@@ -176,6 +218,7 @@ class Config:
     asr: AsrConfig = AsrConfig()
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}

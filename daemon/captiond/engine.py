@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,16 +147,28 @@ class WhisperDecoder:
 
 
 class Engine:
-    """Owns the one inference thread; every model call goes through it, never the event loop."""
+    """Owns the one inference thread; every model call goes through it, never the event loop.
+
+    Several pipelines share it (the microphone and WebSocket sessions): decodes take turns by
+    priority, lowest first, in arrival order within one priority.
+    """
 
     def __init__(self, decoder: WhisperDecoder) -> None:
         self.decoder = decoder
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-asr")
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+        self._arrivals = itertools.count()
+        self._busy = False
 
     @property
     def name(self) -> str:
         """Display name of the loaded model."""
         return self.decoder.name
+
+    @property
+    def waiting(self) -> int:
+        """Decodes queued behind the running one."""
+        return len(self._waiting)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) on the inference thread and await its result."""
@@ -166,10 +180,35 @@ class Engine:
         await self.run(self.decoder.load)
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
-                     hotwords: str | None = None) -> Transcript:
-        """Decode on the inference thread."""
-        return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
-                              hotwords=hotwords)
+                     hotwords: str | None = None, priority: int = 0) -> Transcript:
+        """Decode on the inference thread once every decode of a lower priority number has had its turn."""
+        await self._turn(priority)
+        try:
+            return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
+                                  hotwords=hotwords)
+        finally:
+            self._pass_turn()
+
+    async def _turn(self, priority: int) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        granted = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._pass_turn()  # the turn arrived just as we were cancelled: hand it on
+            raise
+
+    def _pass_turn(self) -> None:
+        while self._waiting:
+            _, _, granted = heapq.heappop(self._waiting)
+            if not granted.done():
+                granted.set_result(None)
+                return
+        self._busy = False
 
     def close(self) -> None:
         """Let the thread finish its current decode and exit."""

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
 
@@ -35,10 +35,15 @@ class _Item:
 
 @dataclass
 class Client:
-    """One connected subscriber."""
+    """One connected subscriber, on whichever transport (Unix socket or WebSocket)."""
 
     ident: int
-    writer: asyncio.StreamWriter
+    send: Callable[[bytes], Awaitable[None]]
+    """Writes one encoded event line and waits until the transport has room again."""
+    close: Callable[[], None]
+    """Closes the connection once everything queued was sent."""
+    abort: Callable[[], None]
+    """Drops the connection at once."""
     capacity: int
     peer: str = ""
     types: frozenset[str] | None = None
@@ -97,15 +102,11 @@ def _check_existing(path: Path) -> None:
                       "(systemctl --user stop captiond) or set server.socket to another path")
 
 
-class Server:
-    """Listens on a Unix socket; publish() fans events out without ever waiting for a reader."""
+class Hub:
+    """Subscribers on any transport: publish() fans events out without ever waiting for a reader."""
 
-    def __init__(self, path: Path, *, mode: int = 0o600, group: str = "", client_queue: int = 256,
-                 keep_finals: int = 200, hello: Callable[[], Event] | None = None,
+    def __init__(self, *, client_queue: int = 256, keep_finals: int = 200, hello: Callable[[], Event] | None = None,
                  on_command: Callable[[Command], Event | None] | None = None) -> None:
-        self.path = path
-        self._mode = mode
-        self._group = group
         self._capacity = client_queue
         self.hello = hello
         """Makes the first event of each connection; the Service sets it when not given."""
@@ -113,10 +114,8 @@ class Server:
         """Answers a client command; the Service sets it when not given."""
         self._finals: deque[_Item] = deque(maxlen=keep_finals)
         self._clients: dict[int, Client] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.Task] = set()
         self._next_client = 0
-        self._inode: int | None = None  # of the socket file we bound; only that one is ours to remove
         self.seq = 0
         """Seq of the last broadcast event; per-client replies carry it without advancing it."""
 
@@ -124,6 +123,111 @@ class Server:
     def clients(self) -> int:
         """Connected subscribers."""
         return len(self._clients)
+
+    def publish(self, event: Event) -> int:
+        """Stamp an event with the next seq and queue it for every subscriber; returns the seq."""
+        self.seq += 1
+        item = _Item(self.seq, event.type, encode(event, self.seq, time.time()))
+        if isinstance(event, Final):
+            self._finals.append(item)
+        for client in self._clients.values():
+            client.offer(item)
+        return self.seq
+
+    def reply(self, client: Client, event: Event) -> None:
+        """Send an event to one client only (hello, errors, answers), without advancing seq,
+        so every client sees the broadcast seq gap-free."""
+        client.offer(_Item(self.seq, event.type, encode(event, self.seq, time.time())), reply=True)
+
+    def attach(self, send: Callable[[bytes], Awaitable[None]], close: Callable[[], None], abort: Callable[[], None],
+               peer: str, transport: str) -> Client:
+        """Register a new subscriber, queue its hello and start its writer."""
+        self._next_client += 1
+        client = Client(self._next_client, send, close, abort, self._capacity, peer)
+        self._clients[client.ident] = client
+        log.info("client %d connected over %s (%s); %d connected", client.ident, transport, peer, len(self._clients))
+        self.reply(client, self.hello())
+        task = asyncio.get_running_loop().create_task(self._write_loop(client), name=f"client-{client.ident}-writer")
+        self._writers.add(task)
+        task.add_done_callback(self._writer_done)
+        return client
+
+    def detach(self, client: Client) -> None:
+        """The client stopped sending: let its writer deliver what is queued, then end."""
+        client.closing = True
+        client.wake.set()
+
+    def _writer_done(self, task: asyncio.Task) -> None:
+        self._writers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed: %r", task.get_name(), task.exception())
+
+    def handle_line(self, client: Client, line: bytes) -> None:
+        """Act on one command line from a client; a malformed one gets an error and nothing else."""
+        if not line.strip():
+            return
+        try:
+            cmd = parse_command(line)
+        except ProtocolError as exc:
+            self.reply(client, Error(exc.code, str(exc)))
+            return
+        if cmd.cmd == "subscribe":
+            client.types = cmd.types
+            if cmd.since is not None:
+                for item in self._finals:
+                    if item.seq > cmd.since and (cmd.types is None or "final" in cmd.types):
+                        client.queue.append(item)
+                client.wake.set()
+            return
+        answer = self.on_command(cmd)
+        if answer is not None:
+            self.reply(client, answer)
+
+    async def _write_loop(self, client: Client) -> None:
+        try:
+            while True:
+                await client.wake.wait()
+                client.wake.clear()
+                while client.queue or client.lost:
+                    if client.lost:
+                        lost, client.lost = client.lost, 0
+                        await client.send(encode(Lost(lost), self.seq, time.time()))
+                    if client.queue:
+                        await client.send(client.queue.popleft().line)
+                if client.closing:
+                    return
+        except ConnectionError:  # transports raise it (or a subclass) when the peer is gone
+            pass
+        finally:
+            self._clients.pop(client.ident, None)
+            client.close()
+            log.info("client %d disconnected; %d connected", client.ident, len(self._clients))
+
+    async def close_clients(self, flush_timeout: float) -> None:
+        """Give every subscriber up to flush_timeout to receive what is queued, then drop it."""
+        for client in self._clients.values():
+            client.closing = True
+            client.wake.set()
+        if self._writers:
+            _, stuck = await asyncio.wait(list(self._writers), timeout=flush_timeout)
+            for task in stuck:
+                log.warning("subscriber %s did not read its last events in %.1f s; dropping it",
+                            task.get_name().removesuffix("-writer"), flush_timeout)
+                task.cancel()
+        for client in list(self._clients.values()):
+            client.abort()
+
+
+class Server(Hub):
+    """The Hub's Unix socket: protocol v1 as JSON lines."""
+
+    def __init__(self, path: Path, *, mode: int = 0o600, group: str = "", **hub: Any) -> None:
+        super().__init__(**hub)
+        self.path = path
+        self._mode = mode
+        self._group = group
+        self._server: asyncio.base_events.Server | None = None
+        self._inode: int | None = None  # of the socket file we bound; only that one is ours to remove
 
     async def start(self) -> None:
         """Check for a live or stale socket, then bind with the configured mode."""
@@ -149,114 +253,35 @@ class Server:
         self._inode = self.path.stat().st_ino
         log.info("listening on %s (mode %04o)", self.path, self._mode)
 
-    def publish(self, event: Event) -> int:
-        """Stamp an event with the next seq and queue it for every subscriber; returns the seq."""
-        self.seq += 1
-        item = _Item(self.seq, event.type, encode(event, self.seq, time.time()))
-        if isinstance(event, Final):
-            self._finals.append(item)
-        for client in self._clients.values():
-            client.offer(item)
-        return self.seq
-
-    def _reply(self, client: Client, event: Event) -> None:
-        # Replies (hello, errors, answers) reach only this client and do not advance seq,
-        # so every client sees the broadcast seq gap-free.
-        client.offer(_Item(self.seq, event.type, encode(event, self.seq, time.time())), reply=True)
-
-    def _spawn(self, coro, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed: %r", task.get_name(), task.exception())
-
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._next_client += 1
         # A small transport buffer keeps a stalled reader's backlog in our queue, where it is counted.
         writer.transport.set_write_buffer_limits(high=_WRITE_BUFFER)
-        client = Client(self._next_client, writer, self._capacity, _peer_credentials(writer))
-        self._clients[client.ident] = client
-        log.info("client %d connected (%s); %d connected", client.ident, client.peer, len(self._clients))
-        self._reply(client, self.hello())
-        self._spawn(self._write_loop(client), f"client-{client.ident}-writer")
-        try:
-            await self._read_loop(client, reader)
-        finally:
-            client.closing = True
-            client.wake.set()
 
-    async def _read_loop(self, client: Client, reader: asyncio.StreamReader) -> None:
-        while not client.closing:
-            try:
-                line = await reader.readline()
-            except ValueError:  # longer than MAX_LINE; asyncio has dropped what it buffered
-                self._reply(client, Error("line_too_long", f"line longer than {MAX_LINE} bytes"))
-                continue
-            except ConnectionError:
-                return
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                cmd = parse_command(line)
-            except ProtocolError as exc:
-                self._reply(client, Error(exc.code, str(exc)))
-                continue
-            if cmd.cmd == "subscribe":
-                client.types = cmd.types
-                if cmd.since is not None:
-                    for item in self._finals:
-                        if item.seq > cmd.since and (cmd.types is None or "final" in cmd.types):
-                            client.queue.append(item)
-                    client.wake.set()
-                continue
-            answer = self.on_command(cmd)
-            if answer is not None:
-                self._reply(client, answer)
+        async def send(line: bytes) -> None:
+            writer.write(line)
+            await writer.drain()
 
-    async def _write_loop(self, client: Client) -> None:
-        writer = client.writer
+        client = self.attach(send, writer.close, writer.transport.abort, _peer_credentials(writer), "the Unix socket")
         try:
-            while True:
-                await client.wake.wait()
-                client.wake.clear()
-                while client.queue or client.lost:
-                    if client.lost:
-                        lost, client.lost = client.lost, 0
-                        writer.write(encode(Lost(lost), self.seq, time.time()))
-                    if client.queue:
-                        writer.write(client.queue.popleft().line)
-                    await writer.drain()
-                if client.closing:
+            while not client.closing:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # longer than MAX_LINE; asyncio has dropped what it buffered
+                    self.reply(client, Error("line_too_long", f"line longer than {MAX_LINE} bytes"))
+                    continue
+                except ConnectionError:
                     return
-        except (ConnectionError, BrokenPipeError):
-            pass
+                if not line:
+                    return
+                self.handle_line(client, line)
         finally:
-            self._clients.pop(client.ident, None)
-            writer.close()
-            log.info("client %d disconnected; %d connected", client.ident, len(self._clients))
+            self.detach(client)
 
     async def close(self, flush_timeout: float = 2.0) -> None:
         """Stop accepting, give subscribers up to flush_timeout to receive what is queued, remove the socket."""
         if self._server is not None:
             self._server.close()
-        for client in self._clients.values():
-            client.closing = True
-            client.wake.set()
-        writers = [t for t in self._tasks if t.get_name().endswith("-writer")]
-        if writers:
-            _, stuck = await asyncio.wait(writers, timeout=flush_timeout)
-            for task in stuck:
-                log.warning("subscriber %s did not read its last events in %.1f s; dropping it",
-                            task.get_name().removesuffix("-writer"), flush_timeout)
-                task.cancel()
-        for client in list(self._clients.values()):
-            client.writer.transport.abort()
+        await self.close_clients(flush_timeout)
         try:
             if self._inode is not None and self.path.stat().st_ino == self._inode:
                 self.path.unlink()

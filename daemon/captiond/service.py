@@ -21,8 +21,10 @@ from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
 from .gate import Gate, GateEvent, UtteranceAudio
 from .server import Server
+from .session import LiveSession
 from .streaming import AsrWorker
 from .translog import TranscriptLog
+from .websocket import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class Service:
         if server is not None:
             server.hello, server.on_command = self.hello, self.on_command
         self.translog = translog
+        self.web = WebServer(config.websocket, server, self._new_session) \
+            if config.websocket.enabled and server is not None else None
         self.gate = gate or Gate(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
@@ -141,6 +145,9 @@ class Service:
             self.paused = False
             self.set_state("listening", self.source.description)
         return self.status()
+
+    def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
+        return LiveSession(self.engine, self.config, send, **audio)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -292,6 +299,8 @@ class Service:
         try:
             if self.server is not None:
                 await self.server.start()
+            if self.web is not None:
+                await self.web.start()
             # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
             capture = self._spawn(self._capture_loop(), "capture")
@@ -386,7 +395,9 @@ class Service:
             _, stuck = await asyncio.wait(pending, timeout=_STOP_TASKS_S)
             for task in stuck:
                 log.error("shutdown: task %s did not stop", task.get_name())
-        if self.server is not None:
+        if self.server is not None:  # its subscribers on the WebSocket get their last events here too
             await self.server.close(_FLUSH_SUBSCRIBERS_S)
+        if self.web is not None:
+            await self.web.close(_FLUSH_SUBSCRIBERS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)

@@ -23,6 +23,9 @@ _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
 
+MIC, SESSION = 0, 1
+"""Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
 
 class UtteranceStream:
     """The open utterance: its audio so far and the partials published for it.
@@ -95,8 +98,10 @@ class AsrWorker:
     """
 
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
-                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
+                 priority: int = MIC) -> None:
         self._engine = engine
+        self._priority = priority
         self._cfg = cfg
         self.queue = queue
         self._publish = publish
@@ -141,18 +146,19 @@ class AsrWorker:
                 if self.queue.empty():
                     covered = stream.samples
                     t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size,
-                                           words=False, prompt=stream.prompt)
+                                           words=False, prompt=stream.prompt, priority=self._priority + 2)
                     partial = stream.partial(t, covered)
                     if partial.text:
                         self._publish(partial)
                 else:
                     self.partials_skipped += 1
 
-    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str) -> Transcript:
+    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
+                      priority: int) -> Transcript:
         self.busy_since = self._clock()
         try:
             return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                             hotwords=self.hotwords or None)
+                                             hotwords=self.hotwords or None, priority=priority)
         finally:
             self.busy_since = None
 
@@ -174,7 +180,7 @@ class AsrWorker:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
             t = await self._decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size,
-                                   words=True, prompt=stream.prompt)
+                                   words=True, prompt=stream.prompt, priority=self._priority)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio

@@ -1,0 +1,239 @@
+"""A live session for a client's own audio (WebSocket /listen): decode → frames → its own gate → a worker
+that shares the daemon's engine at a lower priority than the microphone."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .engine import Engine
+from .events import Error, Event
+from .frames import SAMPLE_RATE, FrameAssembler
+from .gate import Gate, GateEvent, UtteranceAudio
+from .streaming import SESSION, AsrWorker
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("linear16", "webm")
+MIN_RATE, MAX_RATE = 8000, 192000
+_AUDIO_QUEUE = 32  # decoded chunks waiting for the gate; a full queue stops reading the client's socket
+_PIPE_CHUNKS = 32  # WebM messages waiting for the decoder thread
+_FINALIZE_WAIT_S = 2.0  # how long Finalize waits for the WebM decoder to catch up
+
+
+class AudioError(ValueError):
+    """The client's audio cannot be decoded; the message says why."""
+
+
+class _Finalize:
+    """Marker in the audio queue: close the open utterance here."""
+
+
+FINALIZE = _Finalize()
+
+
+class Linear16Decoder:
+    """Raw s16le mono at a declared rate, resampled to 16 kHz."""
+
+    def __init__(self, rate: int) -> None:
+        import soxr
+
+        self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16") if rate != SAMPLE_RATE else None
+        self._odd = b""  # a sample split across two messages
+
+    def insert(self, data: bytes) -> np.ndarray:
+        """Samples at 16 kHz for one binary message."""
+        data = self._odd + data
+        cut = len(data) - len(data) % 2
+        self._odd = data[cut:]
+        pcm = np.frombuffer(data[:cut], dtype="<i2").astype(np.int16)
+        return self._resampler.resample_chunk(pcm) if self._resampler is not None else pcm
+
+    def finish(self) -> np.ndarray:
+        """What the resampler still holds at the end of the stream."""
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.int16)
+        return self._resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
+
+
+class _Pipe(io.RawIOBase):
+    """A blocking byte stream fed from the event loop and read by PyAV on the decoder thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=_PIPE_CHUNKS)
+        self.starved = threading.Event()
+        """Set while the reader waits for bytes that have not come: all it was given is decoded."""
+        self._buffer = b""
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        while not self._buffer and not self._ended:
+            try:
+                chunk = self.chunks.get_nowait()
+            except queue.Empty:
+                self.starved.set()
+                chunk = self.chunks.get()
+                self.starved.clear()
+            if chunk is None:
+                self._ended = True
+            else:
+                self._buffer = chunk
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+class LiveSession:
+    """One client's audio stream: feed() binary messages, finalize() on request, close() at the end.
+
+    Its events (speech_start, partial, final, speech_end, error) go to `send`, for that client only.
+    """
+
+    def __init__(self, engine: Engine, config: Config, send: Callable[[Event], None], *, encoding: str,
+                 sample_rate: int, gate_thread: concurrent.futures.Executor) -> None:
+        if encoding not in ENCODINGS:
+            raise AudioError(f"encoding={encoding!r} is not supported; use linear16 (raw s16le) or webm")
+        if encoding == "linear16" and not MIN_RATE <= sample_rate <= MAX_RATE:
+            raise AudioError(f"sample_rate={sample_rate} is out of range {MIN_RATE}..{MAX_RATE}")
+        self._send = send
+        self._gate_thread = gate_thread
+        self._encoding = encoding
+        self._linear = Linear16Decoder(sample_rate) if encoding == "linear16" else None
+        self._pipe: _Pipe | None = None
+        self._audio: asyncio.Queue[np.ndarray | _Finalize | None] = asyncio.Queue(maxsize=_AUDIO_QUEUE)
+        self._frames = FrameAssembler()
+        self._gate = Gate(config.gate)
+        queue_items = max(16, round(config.asr.queue_seconds * 1000 / 30))
+        self._events: asyncio.Queue[GateEvent | None] = asyncio.Queue(maxsize=queue_items)
+        self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION)
+        self.failed = False
+        """Set when the client's audio could not be decoded; the session then ends."""
+        self.samples = 0
+        """Audio received so far, in 16 kHz samples."""
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Start the session's tasks (and the decoder thread for WebM)."""
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._pump(), name="session-gate"))
+        self._tasks.append(loop.create_task(self.worker.run(), name="session-worker"))
+        if self._encoding == "webm":
+            self._pipe = _Pipe()
+            threading.Thread(target=self._decode_webm, args=(loop, self._pipe), name="captiond-webm",
+                             daemon=True).start()
+
+    async def feed(self, data: bytes) -> None:
+        """Take one binary message of audio; waits while the session is behind (backpressure)."""
+        if self.failed:
+            return
+        if self._linear is not None:
+            await self._put(self._linear.insert(data))
+        elif self._pipe is not None:
+            try:
+                self._pipe.chunks.put_nowait(data)
+            except queue.Full:
+                await asyncio.get_running_loop().run_in_executor(None, self._pipe.chunks.put, data)
+
+    async def finalize(self) -> None:
+        """Close the open utterance after the audio sent so far (the client's Finalize)."""
+        if self._pipe is not None:
+            # Only once the decoder waits for bytes has every chunk sent so far reached the queue.
+            await asyncio.get_running_loop().run_in_executor(None, self._wait_starved, self._pipe)
+        await self._audio.put(FINALIZE)
+
+    async def close(self, timeout: float) -> None:
+        """End the stream: the open utterance gets its final, then the session's tasks end (bounded)."""
+        if self._pipe is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._pipe.chunks.put, None)
+        elif self._linear is not None:
+            await self._put(self._linear.finish())
+            await self._audio.put(None)
+        _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in stuck:
+            log.warning("live session: %s still busy after %.0f s; abandoning it", task.get_name(), timeout)
+            task.cancel()
+
+    def cancel(self) -> None:
+        """Stop at once (the client is gone)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._pipe is not None:
+            try:
+                self._pipe.chunks.put_nowait(None)
+            except queue.Full:
+                pass  # the thread is a daemon and ends with the process; it holds no resources of ours
+
+    @staticmethod
+    def _wait_starved(pipe: _Pipe) -> None:
+        deadline = time.monotonic() + _FINALIZE_WAIT_S
+        while (not pipe.starved.wait(0.05) or not pipe.chunks.empty()) and time.monotonic() < deadline:
+            pass
+
+    async def _put(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            await self._audio.put(pcm)
+
+    def _decode_webm(self, loop: asyncio.AbstractEventLoop, pipe: _Pipe) -> None:
+        """Decoder thread: demux and decode the WebM stream as its bytes arrive."""
+        import av
+
+        from .capture import CaptureError, decode_file
+
+        def put(item: np.ndarray | None) -> None:
+            asyncio.run_coroutine_threadsafe(self._audio.put(item), loop).result()
+
+        try:
+            for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
+                put(pcm)
+        except CaptureError as exc:
+            self.failed = True
+            loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
+            while pipe.chunks.get() is not None:  # let feed() go on without blocking until the client stops
+                pass
+        except (RuntimeError, av.error.FFmpegError) as exc:  # the loop closed under us, or PyAV gave up
+            log.debug("webm decoder ended: %r", exc)
+            return
+        try:
+            put(None)
+        except RuntimeError:  # the event loop is gone: the daemon is stopping
+            pass
+
+    def _run_gate(self, frames: list, close: bool) -> list[GateEvent]:
+        for frame in frames:
+            self._gate.insert(frame)
+        return self._gate.finish() if close else self._gate.process()
+
+    async def _pump(self) -> None:
+        """Audio queue → frames → gate (on the shared gate thread) → the worker's queue."""
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self._audio.get()
+            now = time.monotonic()
+            if item is None:
+                frames, close = self._frames.finish(now), True
+            elif isinstance(item, _Finalize):
+                frames, close = [], True
+            else:
+                self.samples += len(item)
+                frames, close = self._frames.insert(item, now), False
+            for event in await loop.run_in_executor(self._gate_thread, self._run_gate, frames, close):
+                if isinstance(event, UtteranceAudio):
+                    self.worker.queued_samples += len(event.pcm)
+                await self._events.put(event)
+            if item is None:
+                await self._events.put(None)
+                return

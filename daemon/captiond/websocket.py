@@ -1,0 +1,251 @@
+"""Opt-in WebSocket API and captions page: GET / (the page), /events (the Hub's protocol v1 events),
+/listen (a live session for the client's own audio). Runs inside the daemon's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import http
+import json
+import logging
+from importlib import resources
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server as _WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .config import WebSocketConfig
+from .events import Error
+from .server import Hub, ServerError
+from .session import AudioError, LiveSession
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_SESSION_QUEUE = 512  # events buffered for one /listen client before partials are dropped
+_SESSION_CLOSE_S = 10.0  # a CloseStream or idle session may take this long for its last final
+_WRITE_LIMIT = 16 * 1024
+
+
+class WebError(ServerError):
+    """The WebSocket server cannot start; the message says why and what to do."""
+
+
+def _page() -> bytes:
+    return resources.files("captiond").joinpath("web/index.html").read_bytes()
+
+
+class WebServer:
+    """HTTP + WebSocket front of the daemon; sessions are made by `new_session` and share its engine."""
+
+    def __init__(self, cfg: WebSocketConfig, hub: Hub, new_session: Callable[..., LiveSession]) -> None:
+        self._cfg = cfg
+        self._hub = hub
+        self._new_session = new_session
+        self._server: _WsServer | None = None
+        self._sessions: set[LiveSession] = set()
+        self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
+        """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
+
+    @property
+    def sessions(self) -> int:
+        """Live /listen sessions now."""
+        return len(self._sessions)
+
+    @property
+    def listening(self) -> bool:
+        """True once start() has bound the port."""
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (differs from the config when it is 0 in tests)."""
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        """Bind host:port; a port in use is a clear error."""
+        try:
+            self._server = await serve(self._handle, self._cfg.host, self._cfg.port, process_request=self._check,
+                                       max_size=self._cfg.max_message_bytes, write_limit=_WRITE_LIMIT,
+                                       compression=None, server_header=None)
+        except OSError as exc:
+            raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror}; "
+                           "set websocket.port to a free port or websocket.enabled = false") from None
+        log.info("WebSocket API and captions page on http://%s:%d/", self._url_host(), self.port)
+
+    def _url_host(self) -> str:
+        return f"[{self._cfg.host}]" if ":" in self._cfg.host else self._cfg.host
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting; end live sessions and connections within `timeout`."""
+        if self._server is None:
+            return
+        for session in list(self._sessions):
+            session.cancel()
+        self._server.close(close_connections=True)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("websocket: connections still open after %.0f s; dropping them", timeout)
+        self.gate_thread.shutdown(wait=False, cancel_futures=True)
+
+    # --- the opening handshake -------------------------------------------------------------
+
+    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Serve the page; refuse unknown paths, missing tokens, foreign origins and rebinding hosts."""
+        url = urlsplit(request.path)
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if url.path in ("/", "/index.html") and not upgrade:
+            headers = Headers({"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
+                               "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
+                               "script-src 'unsafe-inline' blob:; style-src 'unsafe-inline'; worker-src blob:"})
+            return Response(200, "OK", headers, _page())
+        if url.path not in ("/events", "/listen"):
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: use /, /events or /listen\n")
+        if not upgrade:
+            return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, f"{url.path} is a WebSocket endpoint\n")
+        problem = self._refusal(request, url.query)
+        if problem:
+            log.warning("websocket: refused %s from %s: %s", url.path, connection.remote_address, problem)
+            return connection.respond(http.HTTPStatus.FORBIDDEN, problem + "\n")
+        return None
+
+    def _refusal(self, request: Request, query: str) -> str:
+        hosts, origins = request.headers.get_all("Host"), request.headers.get_all("Origin")
+        if len(hosts) != 1 or len(origins) > 1:
+            return "exactly one Host and at most one Origin header are allowed"
+        host = hosts[0]
+        if self._cfg.token:
+            given = parse_qs(query).get("token", [""])[0]
+            auth = request.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), self._cfg.token.encode()):
+                return "missing or wrong token (send ?token=... or Authorization: Bearer ...)"
+        elif host.rsplit(":", 1)[0] not in _LOCAL_HOSTS:
+            # Without a token only this machine may connect, and only by a loopback name: a page on
+            # another site that resolves its own name to 127.0.0.1 (DNS rebinding) is turned away here.
+            return f"Host {host!r} is not a loopback name; use http://127.0.0.1 or set websocket.token"
+        origin = origins[0] if origins else None
+        if origin is not None and origin.rstrip("/") not in (f"http://{host}", f"https://{host}",
+                                                             *self._cfg.allowed_origins):
+            return f"Origin {origin!r} is not allowed; add it to websocket.origins"
+        return ""
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path == "/events":
+            await self._events(ws)
+        else:
+            await self._listen(ws, parse_qs(url.query))
+
+    @staticmethod
+    def _sender(ws: ServerConnection) -> Callable:
+        async def send(line: bytes) -> None:
+            try:
+                await ws.send(line.decode().rstrip("\n"))
+            except ConnectionClosed as exc:
+                raise ConnectionError(str(exc)) from None
+        return send
+
+    async def _events(self, ws: ServerConnection) -> None:
+        """The Hub's events; commands as on the Unix socket, one JSON object per text message."""
+        def close() -> None:
+            asyncio.get_running_loop().create_task(ws.close(), name="websocket-close")
+
+        client = self._hub.attach(self._sender(ws), close, ws.transport.abort, str(ws.remote_address), "WebSocket")
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    self._hub.reply(client, Error("bad_message", "send commands as text messages, not binary"))
+                    continue
+                self._hub.handle_line(client, message.encode())
+        except ConnectionClosed:
+            pass
+        finally:
+            self._hub.detach(client)
+
+    async def _listen(self, ws: ServerConnection, query: dict[str, list[str]]) -> None:
+        """One live session: binary audio in; partial/final events for this stream out."""
+        hub = Hub(client_queue=_SESSION_QUEUE, keep_finals=0, hello=self._hub.hello)
+        # This handler closes the connection itself, with the reason the stream ended.
+        client = hub.attach(self._sender(ws), lambda: None, ws.transport.abort, str(ws.remote_address),
+                            "WebSocket /listen")
+        session = None
+        try:
+            if len(self._sessions) >= self._cfg.max_sessions:
+                hub.reply(client, Error("too_many_sessions", f"{self._cfg.max_sessions} live sessions are running "
+                                        "(websocket.max_sessions); try again later"))
+                await hub.close_clients(1.0)
+                await ws.close(1013, "too many sessions")
+                return
+            try:
+                rate = int(query.get("sample_rate", ["16000"])[0])
+                session = self._new_session(hub.publish, encoding=query.get("encoding", ["linear16"])[0],
+                                            sample_rate=rate, gate_thread=self.gate_thread)
+            except (ValueError, AudioError) as exc:
+                hub.reply(client, Error("bad_request", f"{exc}; e.g. /listen?encoding=linear16&sample_rate=16000"))
+                await hub.close_clients(1.0)
+                await ws.close(1008, "bad request")
+                return
+            self._sessions.add(session)
+            log.info("live session from %s: %d in use", ws.remote_address, len(self._sessions))
+            session.start()
+            reason = await self._session_loop(ws, hub, client, session)
+            await session.close(_SESSION_CLOSE_S)
+            await hub.close_clients(1.0)
+            await ws.close(1000, reason)
+            log.info("live session from %s ended (%s) after %.1f s of audio", ws.remote_address, reason,
+                     session.samples / 16000)
+        except ConnectionClosed:
+            pass
+        finally:
+            if session is not None:
+                session.cancel()
+                self._sessions.discard(session)
+            hub.detach(client)
+
+    async def _session_loop(self, ws: ServerConnection, hub: Hub, client, session: LiveSession) -> str:
+        """Read the client's messages until it closes the stream; returns why the stream ended."""
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.recv(), self._cfg.idle_timeout_s)
+            except asyncio.TimeoutError:
+                hub.reply(client, Error("idle_timeout", f"no audio or KeepAlive for {self._cfg.idle_timeout_s:g} s "
+                                        "(websocket.idle_timeout_s); closing"))
+                return "idle timeout"
+            if isinstance(message, bytes):
+                await session.feed(message)
+                if session.failed:
+                    return "undecodable audio"
+                continue
+            kind = _message_type(message)
+            if kind == "KeepAlive":
+                continue
+            if kind == "Finalize":
+                await session.finalize()
+            elif kind == "CloseStream":
+                return "CloseStream"
+            else:
+                hub.reply(client, Error("bad_message", f"{kind}; expected binary audio or "
+                                        '{"type": "KeepAlive" | "Finalize" | "CloseStream"}'))
+
+
+def _message_type(text: str) -> str:
+    """The `type` of a control message, or a description of what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(data, dict) or data.get("type") not in ("KeepAlive", "Finalize", "CloseStream"):
+        return f"unknown control message {text[:80]!r}"
+    return data["type"]
+

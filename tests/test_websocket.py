@@ -1,0 +1,334 @@
+"""The WebSocket API with a real WebSocket client against a Service on real sockets (fake decoder):
+the page, /events, /listen sessions, their control messages and limits, and the security checks."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import av
+import numpy as np
+import pytest
+import soxr
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from captiond.config import ConfigError, WebSocketConfig, load
+from captiond.engine import Engine
+from captiond.server import Hub
+from captiond.websocket import WebError, WebServer
+from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
+
+TOKEN = "s3cret-token-0123456789"
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """A service with the WebSocket API on a free port; the microphone side stays silent unless fed."""
+    made = []
+
+    def make(*overrides: str, delay: float = 0.0) -> Harness:
+        config = load(None, ["server.stats_interval_s=0", "websocket.enabled=true", "websocket.port=0",
+                             *overrides])[0]
+        h = Harness(tmp_path, tmp_path / "t.log", config, decode_delay=delay)
+        h.base = f"127.0.0.1:{h.service.web.port}"
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.end()
+
+
+def events_until(ws, kind: str, timeout: float = 30.0) -> list[dict]:
+    """Every event received up to and including the first of type `kind`."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        got.append(event)
+        if event["type"] == kind:
+            return got
+
+
+def stream(ws, pcm: np.ndarray, rate: int = 16000, chunk_s: float = 0.1) -> None:
+    """Send int16 audio as binary messages of chunk_s seconds."""
+    step = int(rate * chunk_s)
+    for i in range(0, len(pcm), step):
+        ws.send(pcm[i:i + step].astype("<i2").tobytes())
+
+
+def webm_opus(pcm: np.ndarray) -> bytes:
+    """16 kHz int16 audio as a WebM/Opus stream, as a browser's MediaRecorder makes it."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="webm") as out:
+        st = out.add_stream("libopus", rate=48000)
+        st.layout = "mono"
+        for i in range(0, len(pcm), 320):
+            frame = av.AudioFrame.from_ndarray(pcm[None, i:i + 320], format="s16", layout="mono")
+            frame.rate = 16000
+            for packet in st.encode(frame):
+                out.mux(packet)
+        for packet in st.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_page_is_served_and_unknown_paths_are_not_found(harness):
+    h = harness()
+    with urllib.request.urlopen(f"http://{h.base}/", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/html")
+        page = resp.read().decode()
+    assert "Use my microphone" in page and "/listen" in page and "/events" in page
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://{h.base}/secrets", timeout=10)
+    assert err.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as err:  # a plain GET on an endpoint is told to upgrade
+        urllib.request.urlopen(f"http://{h.base}/events", timeout=10)
+    assert err.value.code == 426
+
+
+def test_events_carry_the_unix_socket_protocol_with_the_same_seqs(harness):
+    h = harness()
+    unix = EventLog(h.sock)
+    with connect(f"ws://{h.base}/events") as ws:
+        hello = json.loads(ws.recv(timeout=10))
+        assert hello["type"] == "hello" and hello["protocol"] == 1
+        h.say(SPEECH)
+        over_ws = [e for e in events_until(ws, "final") if e["type"] != "status"]
+        from_unix = unix.wait_for(lambda e: e["type"] == "final")
+        assert over_ws[-1] == {**from_unix, "ts": over_ws[-1]["ts"]}
+        assert [e["type"] for e in over_ws[-2:]] == ["speech_end", "final"]
+        assert over_ws[-1]["text"].startswith("heard")
+        # Commands work as on the socket; a malformed one gets an error and the connection stays open.
+        ws.send("{not json")
+        assert json.loads(ws.recv(timeout=10))["type"] == "error"
+        ws.send(b"\x00binary")
+        assert json.loads(ws.recv(timeout=10))["code"] == "bad_message"
+        ws.send(json.dumps({"cmd": "ping"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "pong"
+    unix.close()
+
+
+def test_listen_session_at_44100_hz_gets_its_own_events_only(harness):
+    h = harness()
+    unix = EventLog(h.sock)
+    pcm = soxr.resample(SPEECH, 16000, 44100).astype(np.int16)
+    with connect(f"ws://{h.base}/listen?encoding=linear16&sample_rate=44100") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        stream(ws, pcm, rate=44100)
+        got = events_until(ws, "final")
+        kinds = [e["type"] for e in got]
+        assert kinds[0] == "speech_start" and kinds[-2:] == ["speech_end", "final"]
+        assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
+        heard = float(got[-1]["text"].split()[1])  # the fake decoder says how much audio it got
+        assert abs(heard - len(SPEECH) / 16000) < 1.0  # resampled to 16 kHz, not taken as 44.1 kHz samples
+        ws.send(json.dumps({"type": "CloseStream"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1000
+    assert not unix.of("final") and not unix.of("speech_start")  # the session's speech is not the daemon's
+    unix.close()
+
+
+def test_finalize_closes_the_open_utterance_and_the_stream_goes_on(harness):
+    h = harness()
+    speech_only = SPEECH[8000:-16000]  # no trailing silence: the gate would keep the utterance open
+    with connect(f"ws://{h.base}/listen?encoding=linear16&sample_rate=16000") as ws:
+        ws.recv(timeout=10)
+        stream(ws, speech_only)
+        ws.send(json.dumps({"type": "Finalize"}))
+        first = events_until(ws, "final")[-1]
+        assert "end_of_stream" in first["flags"] and first["utt"] == 1
+        stream(ws, speech_only)  # the same session goes on with a new utterance
+        ws.send(json.dumps({"type": "KeepAlive"}))
+        ws.send(json.dumps({"type": "Nonsense"}))
+        error = events_until(ws, "error")[-1]
+        assert error["code"] == "bad_message" and "Nonsense" in error["message"]
+        ws.send(json.dumps({"type": "CloseStream"}))  # the open utterance gets its final before the close
+        second = events_until(ws, "final")[-1]
+        assert second["utt"] == 2
+
+
+def test_idle_session_is_closed_unless_kept_alive(harness):
+    h = harness("websocket.idle_timeout_s=1")
+    with connect(f"ws://{h.base}/listen") as ws:
+        ws.recv(timeout=10)
+        for _ in range(4):  # 2 s of KeepAlive, twice the timeout
+            ws.send(json.dumps({"type": "KeepAlive"}))
+            time.sleep(0.5)
+        stream(ws, SPEECH[:16000])
+        error = events_until(ws, "error", timeout=10)[-1]
+        assert error["code"] == "idle_timeout"
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd.reason == "idle timeout"
+
+
+def test_sessions_beyond_the_limit_are_refused_clearly(harness):
+    h = harness("websocket.max_sessions=1")
+    with connect(f"ws://{h.base}/listen") as first:
+        first.recv(timeout=10)
+        with connect(f"ws://{h.base}/listen") as second:
+            second.recv(timeout=10)
+            error = json.loads(second.recv(timeout=10))
+            assert error["code"] == "too_many_sessions" and "websocket.max_sessions" in error["message"]
+            with pytest.raises(ConnectionClosed) as closed:
+                second.recv(timeout=10)
+            assert closed.value.rcvd.code == 1013
+        stream(first, SPEECH)  # the running session is unaffected
+        assert events_until(first, "final")[-1]["text"].startswith("heard")
+
+
+@pytest.mark.parametrize("query", ["encoding=mp3", "sample_rate=abc", "sample_rate=1000"])
+def test_bad_listen_parameters_get_an_error_and_a_close(harness, query):
+    h = harness()
+    with connect(f"ws://{h.base}/listen?{query}") as ws:
+        ws.recv(timeout=10)
+        error = json.loads(ws.recv(timeout=10))
+        assert error["code"] == "bad_request" and "linear16" in error["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008
+
+
+def test_oversized_message_closes_only_that_connection(harness):
+    h = harness("websocket.max_message_bytes=65536")
+    with connect(f"ws://{h.base}/events") as bystander:
+        bystander.recv(timeout=10)
+        with connect(f"ws://{h.base}/listen", max_size=None) as ws:
+            ws.recv(timeout=10)
+            ws.send(b"\x00" * 70000)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1009
+        bystander.send(json.dumps({"cmd": "ping"}))
+        assert json.loads(bystander.recv(timeout=10))["type"] == "pong"
+
+
+def test_webm_opus_stream_is_transcribed(harness):
+    h = harness()
+    data = webm_opus(SPEECH)
+    with connect(f"ws://{h.base}/listen?encoding=webm") as ws:
+        ws.recv(timeout=10)
+        for i in range(0, len(data), 1000):  # MediaRecorder-sized pieces, cut anywhere
+            ws.send(data[i:i + 1000])
+        final = events_until(ws, "final")[-1]
+        heard = float(final["text"].split()[1])
+        assert abs(heard - len(SPEECH) / 16000) < 1.5
+
+
+def test_undecodable_webm_gets_an_error(harness):
+    h = harness()
+    with connect(f"ws://{h.base}/listen?encoding=webm") as ws:
+        ws.recv(timeout=10)
+        ws.send(b"this is not a webm stream " * 200)
+        ws.send(json.dumps({"type": "CloseStream"}))
+        error = events_until(ws, "error")[-1]
+        assert error["code"] == "bad_audio" and "WebM" in error["message"]
+    with connect(f"ws://{h.base}/events") as ws:  # the daemon is fine
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_foreign_origins_and_rebinding_hosts_are_refused(harness):
+    h = harness("websocket.origins='http://localhost:3000'")
+    port = h.service.web.port
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}):
+        with pytest.raises(InvalidStatus) as err:
+            connect(f"ws://{h.base}/events", additional_headers=headers)
+        assert err.value.response.status_code == 403
+    # DNS rebinding: a page on a foreign name that resolves to 127.0.0.1 is same-origin with itself.
+    with pytest.raises(InvalidStatus) as err:
+        connect(f"ws://evil.example:{port}/events", sock=socket.create_connection(("127.0.0.1", port)),
+                additional_headers={"Origin": f"http://evil.example:{port}"})
+    assert err.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as err:
+        connect(f"ws://{h.base}/events", additional_headers={"Host": h.base})
+    assert err.value.response.status_code == 403
+    for origin in (f"http://{h.base}", "http://localhost:3000"):  # the page's own origin and a listed one
+        with connect(f"ws://{h.base}/events", additional_headers={"Origin": origin}) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_token_is_required_when_set(harness):
+    h = harness(f"websocket.token='{TOKEN}'")
+    for url, headers in ((f"ws://{h.base}/events", {}), (f"ws://{h.base}/events?token=wrong", {})):
+        with pytest.raises(InvalidStatus) as err:
+            connect(url, additional_headers=headers)
+        assert err.value.response.status_code == 403
+    for url, headers in ((f"ws://{h.base}/events?token={TOKEN}", {}),
+                         (f"ws://{h.base}/events", {"Authorization": f"Bearer {TOKEN}"})):
+        with connect(url, additional_headers=headers) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def test_non_local_bind_needs_a_token():
+    with pytest.raises(ConfigError, match="websocket.token"):
+        WebSocketConfig(host="0.0.0.0")
+    with pytest.raises(ConfigError, match="websocket.token"):
+        WebSocketConfig(host="0.0.0.0", token="short")
+    assert WebSocketConfig(host="0.0.0.0", token=TOKEN).host == "0.0.0.0"
+    with pytest.raises(ConfigError, match="websocket.origins"):
+        WebSocketConfig(origins="localhost:3000")
+
+
+def test_port_in_use_is_a_clear_error():
+    async def main():
+        first = WebServer(WebSocketConfig(enabled=True, port=0), Hub(), lambda *a, **k: None)
+        await first.start()
+        second = WebServer(WebSocketConfig(enabled=True, port=first.port), Hub(), lambda *a, **k: None)
+        try:
+            with pytest.raises(WebError, match="websocket.port"):
+                await second.start()
+        finally:
+            await first.close(1.0)
+            await second.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_microphone_finals_go_before_queued_session_decodes():
+    """The shared engine serves finals before partials and the microphone before sessions."""
+    order = []
+
+    class Recording(FakeDecoder):
+        def decode(self, audio, **kw):
+            order.append(len(audio))
+            return super().decode(audio, **kw)
+
+    async def main():
+        engine = Engine(Recording(delay=0.2))
+        audio = {n: np.zeros(n, dtype=np.float32) for n in (100, 200, 300, 400, 500)}
+        first = asyncio.create_task(engine.decode(audio[500], beam_size=1, words=False, priority=3))
+        await asyncio.sleep(0.05)  # it is running; the rest queue behind it
+        rest = [asyncio.create_task(engine.decode(audio[n], beam_size=1, words=False, priority=p))
+                for n, p in ((400, 3), (300, 2), (200, 1), (100, 0))]
+        await asyncio.gather(first, *rest)
+        engine.close()
+
+    asyncio.run(main())
+    assert order == [500, 100, 200, 300, 400]
+
+
+def test_session_does_not_starve_the_microphone(harness):
+    """With a slow engine and a session streaming all the time, the microphone's utterance still gets its final."""
+    h = harness(delay=0.3)
+    unix = EventLog(h.sock)
+    with connect(f"ws://{h.base}/listen") as ws:
+        ws.recv(timeout=10)
+        for _ in range(3):
+            stream(ws, SPEECH)
+            h.say(SPEECH)
+        h.say(silence(1.0))
+        finals = [unix.wait_for(lambda e, n=n: e["type"] == "final" and e["utt"] == n, timeout=60) for n in (1, 2, 3)]
+        assert all(f["text"].startswith("heard") for f in finals)
+        mine = [e for e in events_until(ws, "final", timeout=60)]
+        assert mine[-1]["text"].startswith("heard")
+    unix.close()
