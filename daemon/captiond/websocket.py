@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hmac
 import http
 import json
@@ -75,8 +76,12 @@ class WebServer:
                                        max_size=self._cfg.max_message_bytes, write_limit=_WRITE_LIMIT,
                                        compression=None, server_header=None)
         except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:  # a systemd unit with RestrictAddressFamilies=AF_UNIX
+                fix = "allow AF_INET AF_INET6 in the unit's RestrictAddressFamilies (systemctl edit captiond)"
+            else:
+                fix = "set websocket.port to a free port"
             raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror}; "
-                           "set websocket.port to a free port or websocket.enabled = false") from None
+                           f"{fix}, or set websocket.enabled = false") from None
         log.info("WebSocket API and captions page on http://%s:%d/", self._url_host(), self.port)
 
     def _url_host(self) -> str:
@@ -106,6 +111,8 @@ class WebServer:
                                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
                                "script-src 'unsafe-inline' blob:; style-src 'unsafe-inline'; worker-src blob:"})
             return Response(200, "OK", headers, _page())
+        if url.path == "/favicon.ico":
+            return Response(204, "No Content", Headers())
         if url.path not in ("/events", "/listen"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: use /, /events or /listen\n")
         if not upgrade:
