@@ -8,7 +8,7 @@ import pytest
 from captiond.capture import (Capture, CaptureError, FileSource, InputDevice, MicSource, StdinSource, make_source,
                               pick_device)
 from captiond.frames import FRAME_SAMPLES, FrameRing
-from conftest import CORPUS, read_wav, write_wav
+from conftest import CORPUS, read_wav
 
 
 def drain(source, ring_frames=64):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, ROOT, clip
+from conftest import CORPUS, ROOT
 
 NO_AUDIO_SERVER = {"PULSE_SERVER": "unix:/nonexistent/pulse", "JACK_NO_START_SERVER": "1"}
 

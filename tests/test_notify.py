@@ -1,7 +1,6 @@
 """systemd notification: READY/STATUS/WATCHDOG/STOPPING over a datagram socket the test binds."""
 
 import asyncio
-import os
 import signal
 import socket
 import time

@@ -22,7 +22,7 @@ from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
 from .gate import Gate, GateEvent, UtteranceAudio
 from .server import Server
 from .session import LiveSession
-from .streaming import AsrWorker
+from .streaming import AsrWorker, gate_queue
 from .translog import TranscriptLog
 from .websocket import WebServer
 
@@ -79,8 +79,7 @@ class Service:
         self.gate = gate or Gate(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
-        queue_items = max(16, round(config.asr.queue_seconds * 1000 / FRAME_MS))
-        self.queue: asyncio.Queue[GateEvent | None] = asyncio.Queue(maxsize=queue_items)
+        self.queue = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
         self.state = "starting"
         self.detail = ""

@@ -19,7 +19,7 @@ from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
 from .gate import Gate, GateEvent, UtteranceAudio
-from .streaming import SESSION, AsrWorker
+from .streaming import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class LiveSession:
         self._audio: asyncio.Queue[np.ndarray | _Finalize | None] = asyncio.Queue(maxsize=_AUDIO_QUEUE)
         self._frames = FrameAssembler()
         self._gate = Gate(config.gate)
-        queue_items = max(16, round(config.asr.queue_seconds * 1000 / 30))
-        self._events: asyncio.Queue[GateEvent | None] = asyncio.Queue(maxsize=queue_items)
+        self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION)
         self.failed = False
         """Set when the client's audio could not be decoded; the session then ends."""

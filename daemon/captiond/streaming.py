@@ -12,7 +12,7 @@ import numpy as np
 from .config import AsrConfig
 from .engine import Engine, Transcript
 from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
-from .frames import SAMPLE_RATE, int16_to_float
+from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,11 @@ _PROMPT_CHARS = 200
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
+
+def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
+    """The bounded queue between a gate and its worker, sized by asr.queue_seconds of 30 ms frames."""
+    return asyncio.Queue(maxsize=max(16, round(cfg.queue_seconds * 1000 / FRAME_MS)))
 
 
 class UtteranceStream:

@@ -11,7 +11,7 @@ import http
 import json
 import logging
 from importlib import resources
-from typing import Callable
+from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server as _WsServer
@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 
 from .config import WebSocketConfig
 from .events import Error
-from .server import Hub, ServerError
+from .frames import SAMPLE_RATE
+from .server import Client, Hub, ServerError
 from .session import AudioError, LiveSession
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class WebServer:
             await self._listen(ws, parse_qs(url.query))
 
     @staticmethod
-    def _sender(ws: ServerConnection) -> Callable:
+    def _sender(ws: ServerConnection) -> Callable[[bytes], Awaitable[None]]:
         async def send(line: bytes) -> None:
             try:
                 await ws.send(line.decode().rstrip("\n"))
@@ -189,29 +190,26 @@ class WebServer:
         session = None
         try:
             if len(self._sessions) >= self._cfg.max_sessions:
-                hub.reply(client, Error("too_many_sessions", f"{self._cfg.max_sessions} live sessions are running "
-                                        "(websocket.max_sessions); try again later"))
-                await hub.close_clients(1.0)
-                await ws.close(1013, "too many sessions")
+                await self._end(ws, hub, client, 1013, "too many sessions", Error(
+                    "too_many_sessions", f"{self._cfg.max_sessions} live sessions are running "
+                    "(websocket.max_sessions); try again later"))
                 return
             try:
                 rate = int(query.get("sample_rate", ["16000"])[0])
                 session = self._new_session(hub.publish, encoding=query.get("encoding", ["linear16"])[0],
                                             sample_rate=rate, gate_thread=self.gate_thread)
             except (ValueError, AudioError) as exc:
-                hub.reply(client, Error("bad_request", f"{exc}; e.g. /listen?encoding=linear16&sample_rate=16000"))
-                await hub.close_clients(1.0)
-                await ws.close(1008, "bad request")
+                await self._end(ws, hub, client, 1008, "bad request", Error(
+                    "bad_request", f"{exc}; e.g. /listen?encoding=linear16&sample_rate=16000"))
                 return
             self._sessions.add(session)
             log.info("live session from %s: %d in use", ws.remote_address, len(self._sessions))
             session.start()
             reason = await self._session_loop(ws, hub, client, session)
             await session.close(_SESSION_CLOSE_S)
-            await hub.close_clients(1.0)
-            await ws.close(1000, reason)
+            await self._end(ws, hub, client, 1000, reason)
             log.info("live session from %s ended (%s) after %.1f s of audio", ws.remote_address, reason,
-                     session.samples / 16000)
+                     session.samples / SAMPLE_RATE)
         except ConnectionClosed:
             pass
         finally:
@@ -220,7 +218,16 @@ class WebServer:
                 self._sessions.discard(session)
             hub.detach(client)
 
-    async def _session_loop(self, ws: ServerConnection, hub: Hub, client, session: LiveSession) -> str:
+    @staticmethod
+    async def _end(ws: ServerConnection, hub: Hub, client: Client, code: int, reason: str,
+                   error: Error | None = None) -> None:
+        """Deliver what the session's client still has queued (and a last error), then close with `code`."""
+        if error is not None:
+            hub.reply(client, error)
+        await hub.close_clients(1.0)
+        await ws.close(code, reason)
+
+    async def _session_loop(self, ws: ServerConnection, hub: Hub, client: Client, session: LiveSession) -> str:
         """Read the client's messages until it closes the stream; returns why the stream ended."""
         while True:
             try:
