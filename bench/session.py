@@ -5,8 +5,12 @@ time into a PulseAudio virtual microphone, records what `captiond run` publishes
 and compares it with decoding each clip whole, offline, with the same model (beam 5).
 
     .venv/bin/python bench/session.py [--clips N] [--seed S] [--set section.key=value ...]
+    .venv/bin/python bench/session.py --soak [MINUTES]
 
-Prints a table; numbers are from one run on this machine, so run it more than once.
+Runs the session twice: captiond as configured, and a naive baseline (the same daemon decoding each
+utterance once, at its end), and prints a table with both and their ratio. Numbers are from one run
+on this machine, so run it more than once. --soak replays the session for an hour (or MINUTES)
+into one daemon and prints its RSS and final latency after every replay.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def offline(clips: list[dict], asr: AsrConfig) -> dict[str, str]:
                                       words=False).text for c in clips}
 
 
-def stream(session: Path, spans, overrides: list[str], tmp: Path) -> dict:
+def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
     """Play the session into the daemon and collect what it published."""
     with VirtualMic() as mic:
         args = ["--source", "mic", "--set", "server.stats_interval_s=1"]
@@ -105,12 +109,60 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+NAIVE = ["asr.partial_interval_s=30", "asr.early_final=false"]
+"""The naive baseline: the same daemon decoding each utterance only once it has ended."""
+
+
+def score(run: dict, spans, audio_s: float) -> dict:
+    """The figures of one streamed run against the clips it heard."""
+    events = run["events"]
+    finals = [e for e in events if e["type"] == "final"]
+    starts = {e["utt"]: e for e in events if e["type"] == "speech_start"}
+    # Stream time 0 is when capture opened, a moment before playback began. The gaps between clips
+    # differ, so one shift of the session lays the finals over the clips best: find it by overlap.
+    def overlap(f: dict, shift: float, s: float, e: float) -> float:
+        return max(0.0, min(f["end"] - shift, e + 0.6) - max(f["start"] - shift, s - 0.6))
+
+    shifts = [f["start"] - s for f in finals for _, s, _ in spans] or [0.0]
+    offset = max(shifts, key=lambda shift: sum(overlap(f, shift, s, e) for f in finals for _, s, e in spans))
+    per_clip: dict[str, list[str]] = {item["file"]: [] for item, _, _ in spans}
+    outside = []
+    for f in finals:
+        best = max(spans, key=lambda span: overlap(f, offset, span[1], span[2]))
+        (per_clip[best[0]["file"]] if overlap(f, offset, best[1], best[2]) > 0 else outside).append(f["text"])
+    first_partial, cadence = [], []
+    for utt, s in starts.items():
+        times = [e["ts"] for e in events if e["type"] == "partial" and e["utt"] == utt]
+        if times:
+            first_partial.append(times[0] - s["ts"])
+            cadence += list(np.diff(times))
+    stats = [e for e in events if e["type"] == "stats"]
+    return {
+        "pairs": [(item["text"], " ".join(per_clip[item["file"]])) for item, _, _ in spans],
+        "clips": sum(bool(v) for v in per_clip.values()),
+        "finals": finals, "outside": outside, "offset": offset,
+        "latencies": [f["latency"] for f in finals if f["text"]],
+        "first_partial": first_partial, "cadence": cadence,
+        "cpu_per_audio_s": run["busy"] / (audio_s + 4.0),
+        "rtf": stats[-1]["rtf"] if stats else float("nan"),
+        "lag": max((s["lag"] for s in stats), default=0), "dropped": max((s["dropped_frames"] for s in stats), default=0),
+    }
+
+
+def ratio(a: float, b: float) -> str:
+    """a / b, or n/a."""
+    return f"{a / b:.2f}" if b and b == b and a == a else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=14, help="how many clips in the session")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the daemon (and the offline decode's [asr])")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline run")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", nargs="?", const=60.0,
+                        help="instead: replay sessions for this long (default 60) and report RSS and latency drift")
     parser.add_argument("--verbose", action="store_true", help="print reference, streamed and offline text per clip")
     args = parser.parse_args()
 
@@ -121,77 +173,102 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="captiond-bench-") as tmpdir:
         tmp = Path(tmpdir)
         spans = build_session(clips, args.seed, tmp / "session.wav")
+        if args.soak:
+            soak(tmp / "session.wav", args.soak * 60, args.set, tmp)
+            return
         t0 = time.monotonic()
         ref_offline = offline(clips, config.asr)
         offline_s = time.monotonic() - t0
-        run = stream(tmp / "session.wav", spans, args.set, tmp)
+        (tmp / "ours").mkdir()
+        run = stream(tmp / "session.wav", args.set, tmp / "ours")
+        naive = None
+        if not args.no_baseline:
+            (tmp / "naive").mkdir()
+            naive = stream(tmp / "session.wav", [*args.set, *NAIVE], tmp / "naive")
 
-    events = run["events"]
-    finals = [e for e in events if e["type"] == "final"]
-    starts = {e["utt"]: e for e in events if e["type"] == "speech_start"}
-    # Stream time 0 is when capture opened, a moment before playback began. The gaps between clips
-    # differ, so one shift of the session lays the finals over the clips best: find it by overlap.
-    def overlap(f: dict, shift: float, s: float, e: float) -> float:
-        return max(0.0, min(f["end"] - shift, e + 0.6) - max(f["start"] - shift, s - 0.6))
-
-    def placed(shift: float) -> list[dict | None]:
-        homes = []
-        for f in finals:
-            best = max(spans, key=lambda span: overlap(f, shift, span[1], span[2]))
-            homes.append(best[0] if overlap(f, shift, best[1], best[2]) > 0 else None)
-        return homes
-
-    shifts = [f["start"] - s for f in finals for _, s, _ in spans] or [0.0]
-    offset = max(shifts, key=lambda shift: sum(overlap(f, shift, s, e) for f in finals for _, s, e in spans))
-    per_clip: dict[str, list[str]] = {item["file"]: [] for item, _, _ in spans}
-    outside = []
-    for f, home in zip(finals, placed(offset)):
-        (per_clip[home["file"]] if home else outside).append(f["text"])
-    pairs_stream = [(item["text"], " ".join(per_clip[item["file"]])) for item, _, _ in spans]
-    pairs_offline = [(item["text"], ref_offline[item["file"]]) for item, _, _ in spans]
-    wer_stream, wer_off = corpus_wer(pairs_stream), corpus_wer(pairs_offline)
-    latencies = [f["latency"] for f in finals if f["text"]]
-    first_partial = []
-    for utt, s in starts.items():
-        partials = [e for e in events if e["type"] == "partial" and e["utt"] == utt]
-        if partials:
-            first_partial.append(partials[0]["ts"] - s["ts"])
-    stats = [e for e in events if e["type"] == "stats"]
     audio_s = spans[-1][2] + 3.0
+    ours = score(run, spans, audio_s)
+    base = score(naive, spans, audio_s) if naive else None
+    pairs_offline = [(item["text"], ref_offline[item["file"]]) for item, _, _ in spans]
+    wer_off = corpus_wer(pairs_offline)
 
-    rows = [
+    def figures(r: dict) -> dict[str, tuple[str, float]]:
+        wer_stream = corpus_wer(r["pairs"])
+        return {
+            "clips with a final": (f"{r['clips']} / {len(spans)}", float("nan")),
+            "finals (non-empty)": (f"{len(r['finals'])} ({len(r['latencies'])})", float("nan")),
+            "words emitted in silence": (f"{sum(len(normalize(t)) for t in r['outside'])}"
+                                         + (f" {r['outside']}" if r["outside"] else ""), float("nan")),
+            "WER streamed finals": (f"{wer_stream:.3f}", wer_stream),
+            "WER ratio stream/offline (beam 5, whole clips)": (ratio(wer_stream, wer_off), float("nan")),
+            "final latency p50": (f"{pct(r['latencies'], 50):.2f} s", pct(r["latencies"], 50)),
+            "final latency p95": (f"{pct(r['latencies'], 95):.2f} s", pct(r["latencies"], 95)),
+            "first partial after speech_start p50": (f"{pct(r['first_partial'], 50):.2f} s", float("nan")),
+            "partial cadence p50 / p95": (f"{pct(r['cadence'], 50):.2f} s / {pct(r['cadence'], 95):.2f} s",
+                                          float("nan")),
+            "CPU seconds per audio second": (f"{r['cpu_per_audio_s']:.2f}", r["cpu_per_audio_s"]),
+            "decoder real-time factor (finals)": (f"{r['rtf']:.3f}", float("nan")),
+            "max lag / dropped frames": (f"{r['lag']:.1f} s / {r['dropped']}", float("nan")),
+        }
+
+    shared = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"),
         ("model", f"{config.asr.model}, {config.asr.compute_type}, beam {config.asr.beam_size}"),
         ("session", f"{len(spans)} clips, {audio_s:.0f} s, gaps {GAPS_S} s, seed {args.seed}"),
-        ("clips with a final", f"{sum(bool(v) for v in per_clip.values())} / {len(spans)}"),
-        ("finals (non-empty)", f"{len(finals)} ({len(latencies)})"),
-        ("finals outside speech", f"{len(outside)} {outside if outside else ''}"),
-        ("words emitted in silence", f"{sum(len(normalize(t)) for t in outside)}"),
-        ("WER streamed finals", f"{wer_stream:.3f}"),
-        ("WER offline, whole clips", f"{wer_off:.3f}"),
-        ("WER ratio stream/offline", f"{wer_stream / wer_off:.2f}" if wer_off else "n/a"),
-        ("WER whole session, unaligned", f"{corpus_wer([(' '.join(r for r, _ in pairs_stream), ' '.join(f['text'] for f in finals))]):.3f}"),
-        ("final latency p50 / p95", f"{pct(latencies, 50):.2f} s / {pct(latencies, 95):.2f} s"),
-        ("first partial after speech_start p50", f"{pct(first_partial, 50):.2f} s"),
+        ("WER offline, whole clips", f"{wer_off:.3f} (decoded in {offline_s:.1f} s)"),
         ("time to ready", f"{run['ready']:.1f} s"),
         ("idle CPU (listening to silence)", f"{100 * run['idle']:.1f} % of one core"),
-        ("CPU seconds per audio second", f"{run['busy'] / (audio_s + 4.0):.2f}"),
         ("RSS peak / at the end", f"{run['memory'][0] / 1024:.0f} MB / {run['memory'][1] / 1024:.0f} MB"),
-        ("decoder real-time factor (finals)", f"{stats[-1]['rtf']:.3f}" if stats else "n/a"),
-        ("max lag / dropped frames", f"{max((s['lag'] for s in stats), default=0):.1f} s / "
-                                     f"{max((s['dropped_frames'] for s in stats), default=0)}"),
-        ("offline decode of all clips", f"{offline_s:.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for key, value in rows:
-        print(f"| {key.ljust(width)} | {value} |")
+    mine = figures(ours)
+    theirs = figures(base) if base else {}
+    rows = [(k, v, "", "") for k, v in shared]
+    for key, (text, value) in mine.items():
+        other = theirs.get(key)
+        rows.append((key, text, other[0] if other else "", ratio(value, other[1]) if other else ""))
+    head = ("measure", "captiond", "naive baseline (decode at speech end)", "ratio")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
     if args.verbose:
-        for (item, s, e), (ref, hyp), (_, off) in zip(spans, pairs_stream, pairs_offline):
+        for (item, s, e), (ref, hyp), (_, off) in zip(spans, ours["pairs"], pairs_offline):
             print(f"\n{item['file']} at {s:.1f}-{e:.1f} s\nREF {ref}\nSTR {hyp}\nOFF {off}")
         print("\nfinals (session time):")
-        for f in finals:
-            print(f"  {f['start'] - offset:6.1f}-{f['end'] - offset:6.1f} {f['flags']} {f['text']}")
+        for f in ours["finals"]:
+            print(f"  {f['start'] - ours['offset']:6.1f}-{f['end'] - ours['offset']:6.1f} {f['flags']} {f['text']}")
+
+
+def soak(session: Path, seconds: float, overrides: list[str], tmp: Path) -> None:
+    """Replay the session into one daemon for `seconds`; print RSS and latency per replay."""
+    with VirtualMic() as mic:
+        daemon = Daemon(tmp, "--source", "mic", "--set", "server.stats_interval_s=0",
+                        *[a for o in overrides for a in ("--set", o)], env=mic.env)
+        try:
+            events = daemon.connect(timeout=120)
+            pid = daemon.proc.pid
+            print("| minute | replays | RSS now (MB) | RSS peak (MB) | final latency p50 (s) | finals |")
+            print("|-------:|--------:|-------------:|--------------:|----------------------:|-------:|")
+            t0, replays, seen = time.monotonic(), 0, 0
+            first_rss = None
+            while time.monotonic() - t0 < seconds:
+                mic.play(session).wait()
+                replays += 1
+                time.sleep(2.0)
+                finals = [e for e in events.of("final") if e["text"]]
+                new, seen = finals[seen:], len(finals)
+                peak, now = rss_kib(pid)
+                first_rss = first_rss or now
+                print(f"| {(time.monotonic() - t0) / 60:6.1f} | {replays:7d} | {now / 1024:12.0f} | {peak / 1024:13.0f} "
+                      f"| {pct([f['latency'] for f in new], 50):21.2f} | {len(new):6d} |", flush=True)
+            peak, now = rss_kib(pid)
+            print(f"\nRSS growth over the soak: {100 * (now - first_rss) / first_rss:+.1f} % "
+                  f"(after the first replay {first_rss / 1024:.0f} MB, at the end {now / 1024:.0f} MB, peak {peak / 1024:.0f} MB)")
+            daemon.stop()
+        finally:
+            daemon.kill()
 
 
 if __name__ == "__main__":

@@ -79,16 +79,20 @@ class FakeDecoder:
         self.delay = delay
         self.calls = []
         self.hotwords_seen = []
+        self.prefixes = []
 
     def load(self):
         pass
 
-    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None):
+    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None):
         self.calls.append((len(audio), beam_size, words, prompt))
         self.hotwords_seen.append(hotwords)
+        self.prefixes.append(prefix)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
         text = f"heard {secs:.2f}"
+        if prefix and not text.startswith(prefix):  # the model is made to begin with the prefix
+            text = f"{prefix} {text}"
         found = (Word("heard", 0.0, 0.3, 0.9), Word(f"{secs:.2f}", 0.3, secs, 0.9)) if words else ()
         return Transcript(text, (Segment(0.0, secs, text, found),), "en", -0.2, 1.2, 0.01, secs, self.delay)
 

@@ -121,3 +121,34 @@ def test_features_tell_speech_from_steady_noise():
     hum = features(_pcm(NON_SPEECH["mains hum 50 Hz with harmonics"])[:SAMPLE_RATE])
     assert speech.modulation_db > 3.0 > hum.modulation_db
     assert speech.sustain_ms >= 60
+
+
+def test_log_mel_matches_librosa_melspectrogram():
+    """Our STFT with librosa's filterbank equals librosa's own melspectrogram (which costs numba)."""
+    import librosa
+
+    from captiond.gate import log_mel
+
+    pcm = (np.random.default_rng(1).standard_normal(16000) * 3000).astype(np.int16)
+    mel, db = log_mel(pcm)
+    ref = librosa.feature.melspectrogram(y=pcm.astype(np.float32) / 32768, sr=16000, n_fft=512, win_length=400,
+                                         hop_length=160, n_mels=40, fmin=80, fmax=7600, center=False)
+    assert mel.shape == ref.shape
+    np.testing.assert_allclose(mel, ref, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(db, librosa.power_to_db(ref, ref=1.0, amin=1e-10, top_db=None), atol=1e-3)
+
+
+def test_pause_hint_carries_the_audio_end_the_utterance_ends_with():
+    from captiond.gate import UtterancePause
+
+    gate = Gate(GateConfig(hangover_ms=500))
+    pcm = np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_thoughts.wav"), silence(1.5)])
+    events = []
+    for frame in FrameAssembler().insert(pcm, 0.0):
+        gate.insert(frame)
+        events += gate.process()
+    pauses = [e for e in events if isinstance(e, UtterancePause)]
+    ends = [e for e in events if isinstance(e, UtteranceEnd)]
+    assert pauses and len(ends) == 1
+    assert pauses[-1].audio_end == ends[0].audio_end and pauses[-1].utt == ends[0].utt
+    assert events.index(pauses[-1]) < events.index(ends[0])

@@ -1,14 +1,17 @@
 import asyncio
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import numpy as np
 
 from captiond.config import AsrConfig
 from captiond.engine import Engine, Segment, Transcript
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
-from captiond.gate import UtteranceAudio, UtteranceEnd, UtteranceStart
-from captiond.streaming import AsrWorker
+from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
+from captiond.streaming import AsrWorker, UtteranceStream
 from conftest import FakeDecoder
 
 
@@ -56,7 +59,9 @@ def test_partials_then_speech_end_then_final_with_stream_times():
     final = events[-1]
     assert final.start == 1.0 and final.text.startswith("heard") and abs(final.latency - 0.4) < 1e-9
     assert final.words[0] == Word("heard", 1.0, 1.3, 0.9)  # moved from utterance time to stream time
-    assert all(p.stable == "" and p.unstable == p.text for p in partials)
+    # "heard" begins every hypothesis: it is stable from the second partial on, and stays.
+    assert partials[0].stable == "" and all(p.stable == "heard" for p in partials[1:])
+    assert all(p.text == f"{p.stable} {p.unstable}".strip() for p in partials)
     # The final decodes the whole utterance up to audio_end with the final beam.
     n, beam, words, prompt = decoder.calls[-1]
     assert n == (2.0 * SAMPLE_RATE // FRAME_SAMPLES - 3) * FRAME_SAMPLES and beam == 5 and words
@@ -86,7 +91,7 @@ def test_slow_engine_skips_partials_never_finals():
 
 def test_flags_doubtful_and_empty_finals():
     class Doubtful(FakeDecoder):
-        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None):
+        def decode(self, audio, *, beam_size, words, **_):
             text = "" if len(self.calls) else "thank you thank you thank you"
             self.calls.append(len(audio))
             found = tuple(Word(w, 0.1 * i, 0.1 * i + 0.1, 0.3) for i, w in enumerate(text.split()))
@@ -101,3 +106,111 @@ def test_flags_doubtful_and_empty_finals():
     assert finals[0].flags == ("possible_hallucination",)
     assert finals[1].flags == ("empty",) and finals[1].text == ""
 
+
+
+def with_pause(items, pause_end):
+    """The utterance with the gate's pause hint just before its end, as the gate sends it."""
+    return items[:-1] + [UtterancePause(items[0].utt, pause_end), items[-1]]
+
+
+def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_there():
+    decoder = FakeDecoder(delay=0.05)
+    items = utterance(1, 0, 2.0)
+    end = items[-1]
+
+    async def feed(queue, worker):
+        for item in with_pause(items, end.audio_end)[:-1]:
+            await queue.put(item)
+        await asyncio.sleep(0.2)  # the rest of the hangover: the decode runs meanwhile
+        await queue.put(end)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    assert worker.speculations_used == 1 and worker.speculations_wasted == 0
+    assert [beam for _, beam, _, _ in decoder.calls] == [5]  # one final decode, not two
+    assert decoder.calls[0][0] == end.audio_end and events[-1].text.startswith("heard")
+
+
+def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
+    decoder = FakeDecoder(delay=0.05)
+    items = utterance(1, 0, 3.0)
+    end = items[-1]
+    early = 40 * FRAME_SAMPLES  # a pause one second in; then speech went on
+
+    async def feed(queue, worker):
+        for item in items[:30]:
+            await queue.put(item)
+        await queue.put(UtterancePause(1, early))
+        await asyncio.sleep(0.1)
+        for item in items[30:]:
+            await queue.put(item)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    assert worker.speculations_used == 0 and worker.speculations_wasted == 1
+    final_decodes = [n for n, beam, _, _ in decoder.calls if beam == 5]
+    assert final_decodes[-1] == end.audio_end and abs(float(events[-1].text.split()[1]) - end.audio_end / SAMPLE_RATE) < 0.01
+
+
+def scripted(hypotheses):
+    """A decoder that says the next scripted hypothesis, made to begin with the prefix as Whisper is."""
+
+    class Scripted(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None):
+            self.calls.append((len(audio), beam_size, words, prompt))
+            self.prefixes.append(prefix)
+            said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
+            forced = (prefix or "").split()
+            text = " ".join(forced + said[len(forced):])
+            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", -0.2, 1.2, 0.01, 1.0, 0.0)
+
+    return Scripted()
+
+
+WORDS = st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "hat", "The", "cat.", "Sat,"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(WORDS, max_size=8).map(" ".join), min_size=1, max_size=8), st.lists(WORDS, max_size=8))
+def test_a_stable_word_is_never_retracted(partial_texts, final_words):
+    """Whatever the decoder says, each partial's stable text extends the last one and the final begins with it."""
+    stream = UtteranceStream(1, 0, 0.5)
+    decoder = scripted(partial_texts + [" ".join(final_words)])
+    stable = []
+    for i, _ in enumerate(partial_texts):
+        t = decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.stable)
+        p = stream.partial(t, (i + 1) * 8000)
+        assert p.stable.split()[:len(stable)] == stable
+        assert p.text == f"{p.stable} {p.unstable}".strip()
+        stable = p.stable.split()
+    t = decoder.decode(np.zeros(1), beam_size=5, words=True, prefix=stream.stable)
+    final = stream.final(t, UtteranceEnd(1, 16000, 16000, "silence", 0.0), 0.1)
+    assert final.text.split()[:len(stable)] == stable
+
+
+def test_local_agreement_commits_what_two_partials_agree_on_but_not_the_newest_word():
+    stream = UtteranceStream(1, 0, 0.5)
+    decoder = scripted(["And so my", "And so my fellow Americans", "And so, my fellow Americans ask"])
+    texts = []
+    for i in range(3):
+        p = stream.partial(decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.stable), i)
+        texts.append((p.stable, p.unstable))
+    assert texts == [("", "And so my"), ("And so my", "fellow Americans"),
+                     ("And so my fellow Americans", "ask")]
+    assert decoder.prefixes == ["", "", "And so my"]  # later decodes begin with the stable words
+
+
+def test_final_begun_before_late_stable_words_is_decoded_again():
+    """A speculative final decoded with an older prefix must not drop words that became stable since."""
+    decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
+
+    async def feed(queue, worker):
+        items = utterance(1, 0, 2.0)
+        for item in items[:-1]:
+            await queue.put(item)
+        await queue.put(UtterancePause(1, items[-1].audio_end))
+        await asyncio.sleep(0.1)  # the speculative decode is done, with no stable words yet
+        worker._stream.committed = "the cat sat on the".split()  # as a partial in the hangover would
+        await queue.put(items[-1])
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    assert decoder.prefixes == [None, "the cat sat on the"]
+    assert events[-1].text == "the cat sat on the mat"

@@ -93,6 +93,8 @@ class AsrConfig:
     """Beam width for partials (1 is greedy and fastest)."""
     partial_interval_s: float = 1.0
     """New audio between two partial decodes of an open utterance, in seconds."""
+    early_final: bool = True
+    """Begin the final's decode at a 210 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
     queue_seconds: float = 120.0
     """Speech audio that may wait for the decoder before new frames are dropped (and counted), in seconds."""
     initial_prompt: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,19 +39,41 @@ class Features:
     """Longest run of hops whose energy is within 12 dB of the stretch's peak, ms."""
 
 
-def features(pcm: np.ndarray) -> Features:
-    """Compute log-mel speech-likeness features of int16 audio (at least ~60 ms long)."""
+@functools.lru_cache(maxsize=1)
+def _mel_basis() -> tuple[np.ndarray, np.ndarray]:
+    """librosa's mel filterbank and Hann window for our STFT, made once.
+
+    Only the filter design comes from librosa: its melspectrogram JIT-compiles helpers with numba on
+    first use, which costs ~70 MB of resident memory for what is a matrix product here.
+    """
     import librosa  # deferred: the import pulls in scipy and numba
 
-    mel = librosa.feature.melspectrogram(
-        y=int16_to_float(pcm), sr=SAMPLE_RATE, n_fft=_N_FFT, win_length=_WIN, hop_length=_HOP,
-        n_mels=_N_MELS, fmin=80, fmax=7600, center=False)
-    db = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=_N_FFT, n_mels=_N_MELS, fmin=80, fmax=7600)
+    lpad = (_N_FFT - _WIN) // 2  # centred in the FFT frame, as librosa's stft does
+    window = np.pad(librosa.filters.get_window("hann", _WIN, fftbins=True), (lpad, _N_FFT - _WIN - lpad))
+    return basis.astype(np.float32), window.astype(np.float32)
+
+
+def log_mel(pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mel power spectrogram (bands × hops, uncentred 25 ms windows every 10 ms) and its dB values."""
+    basis, window = _mel_basis()
+    frames = np.lib.stride_tricks.sliding_window_view(int16_to_float(pcm), _N_FFT)[::_HOP]
+    mel = basis @ (np.abs(np.fft.rfft(frames * window, axis=1)) ** 2).T
+    return mel, _db(mel)
+
+
+def _db(power: np.ndarray) -> np.ndarray:
+    return 10.0 * np.log10(np.maximum(power, 1e-10))
+
+
+def features(pcm: np.ndarray) -> Features:
+    """Compute log-mel speech-likeness features of int16 audio (at least ~60 ms long)."""
+    mel, db = log_mel(pcm)
     kernel = np.ones(_SMOOTH_HOPS) / _SMOOTH_HOPS
     smooth = np.apply_along_axis(np.convolve, 1, db, kernel, "valid") if db.shape[1] >= _SMOOTH_HOPS else db
     loud = smooth.max(axis=1) > smooth.max() - _LOUD_BANDS_DB
     modulation = float(np.mean(np.std(smooth[loud], axis=1))) if loud.any() else 0.0
-    energy = librosa.power_to_db(mel.sum(axis=0), ref=1.0, amin=1e-10, top_db=None)
+    energy = _db(mel.sum(axis=0))
     near = energy > energy.max() - _SUSTAIN_DB
     best = run = 0
     for hot in near:
@@ -100,7 +123,16 @@ class UtteranceEnd:
     """monotonic time the last voiced frame arrived: where latency is measured from."""
 
 
-GateEvent = UtteranceStart | UtteranceAudio | UtteranceEnd
+@dataclass(frozen=True)
+class UtterancePause:
+    """Speech paused long enough that the utterance may be ending: if it does end at this pause, its
+    UtteranceEnd will carry this same `audio_end`, so a final decoded now is already the right one."""
+
+    utt: int
+    audio_end: int
+
+
+GateEvent = UtteranceStart | UtteranceAudio | UtterancePause | UtteranceEnd
 
 
 class Gate:
@@ -143,7 +175,7 @@ class Gate:
         return self._open
 
     def warm_up(self) -> None:
-        """Run the feature code once so its first real call is not seconds late (numba compiles)."""
+        """Run the feature code once so its first real call is not seconds late (librosa imports scipy and numba)."""
         features(np.zeros(SAMPLE_RATE // 2, dtype=np.int16))
 
     def insert(self, frame: Frame) -> None:
@@ -223,6 +255,8 @@ class Gate:
             self._noise = not self._speech_like(np.concatenate([f.pcm for f in self._recent]), sustain=False)
         self._add(frame, voiced and not self._noise)
         out.append(self._audio([frame]))
+        if self._unvoiced_run == _TAIL_FRAMES and self._hangover_frames > _TAIL_FRAMES and self._last_voiced:
+            out.append(UtterancePause(self._utt, self._last_voiced.end + _TAIL_FRAMES * FRAME_SAMPLES))
         if self._unvoiced_run >= self._hangover_frames:
             self._close("silence", out)
         elif len(self._speech) >= self._max_frames:

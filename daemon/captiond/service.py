@@ -33,7 +33,7 @@ DRAIN_TIMEOUT_S = 3.0
 subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
-_LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s")
+_LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s", "asr.early_final")
 """asr keys the worker reads per decode; the others shape the loaded model or the queue."""
 _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 1.0  # a returning device is picked up within about a second

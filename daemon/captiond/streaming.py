@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -13,7 +14,7 @@ from .config import AsrConfig
 from .engine import Engine, Transcript
 from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
 from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
-from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
+from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,26 @@ _MAX_COMPRESSION = 2.4
 _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
+_PUNCTUATION = ".,!?;:\"'()[]…-"
+_RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
+_BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
+
+@dataclass(frozen=True)
+class _Speculation:
+    """A final's decode begun at a pause, before the gate closed the utterance."""
+
+    utt: int
+    audio_end: int
+    decode: asyncio.Task[Transcript]
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
@@ -32,11 +50,29 @@ def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
     return asyncio.Queue(maxsize=max(16, round(cfg.queue_seconds * 1000 / FRAME_MS)))
 
 
+def _norm(word: str) -> str:
+    return word.strip(_PUNCTUATION).lower()
+
+
+def _agreed(a: list[str], b: list[str]) -> int:
+    """Length of the common prefix of two word lists, ignoring case and punctuation."""
+    n = 0
+    for x, y in zip(a, b):
+        if _norm(x) != _norm(y):
+            break
+        n += 1
+    return n
+
+
 class UtteranceStream:
     """The open utterance: its audio so far and the partials published for it.
 
-    Every decode covers the whole utterance; partials are all `unstable` (a stabilising policy,
-    LocalAgreement-2, was tried and cost accuracy here: see the closing notes of issue 3).
+    Stabilisation is LocalAgreement-2 over whole-utterance decodes: a word becomes stable once two
+    consecutive partials agree on it and it is not the newest word of the later one. Later decodes,
+    the final's included, are made to begin with the stable words (the decoder's prefix), so a
+    stable word is never retracted, while each decode still hears the whole utterance (the gate
+    splits utterances at gate.max_utterance_s, which bounds the window). Earlier attempts that cut
+    the stable audio off and prompted with its text cost accuracy: see the history of issue 3.
     """
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "") -> None:
@@ -49,11 +85,23 @@ class UtteranceStream:
         self._interval = round(partial_interval_s * SAMPLE_RATE)
         self._decoded_at = 0  # samples of audio the last partial covered
         self.rev = 0
+        self.committed: list[str] = []
+        """Stable words, published as such: every later text of this utterance begins with them."""
+        self._pending: list[str] = []  # the last partial's words after the stable ones
 
     @property
     def samples(self) -> int:
         """Samples of audio received so far."""
         return self._samples
+
+    @property
+    def stable(self) -> str:
+        """The stable words as text (the prefix every later decode must begin with)."""
+        return " ".join(self.committed)
+
+    def keeps_stable(self, t: Transcript) -> bool:
+        """True when a decode begins with every stable word (a final must)."""
+        return _agreed(self.committed, t.text.split()) == len(self.committed)
 
     def insert(self, audio: UtteranceAudio) -> None:
         """Append the next piece of the utterance's audio."""
@@ -77,11 +125,17 @@ class UtteranceStream:
         """The partial event for a decode of the first `covered` samples."""
         self._decoded_at = covered
         self.rev += 1
+        words = t.text.split()
+        hypothesis = words[len(self.committed):] if self.keeps_stable(t) else words
+        agreed = _agreed(self._pending, hypothesis[:-1])
+        self.committed += hypothesis[:agreed]
+        self._pending = hypothesis[agreed:]
+        unstable = " ".join(self._pending)
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
-                       stable="", unstable=t.text, text=t.text)
+                       stable=self.stable, unstable=unstable, text=" ".join(self.committed + self._pending))
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
-        """The final event for the decode of the whole utterance."""
+        """The final event for the decode of the whole utterance (made to begin with the stable words)."""
         offset = self.start / SAMPLE_RATE
         words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3)) for w in t.words)
         flags = []
@@ -92,7 +146,9 @@ class UtteranceStream:
             flags.append("possible_hallucination")
         if end.reason != "silence":
             flags.append(end.reason)
-        return Final(self.utt, offset, end.end / SAMPLE_RATE, t.text, words, t.language, latency, tuple(flags))
+        said = t.text.split()
+        text = " ".join(self.committed + (said[len(self.committed):] if self.keeps_stable(t) else said))
+        return Final(self.utt, offset, end.end / SAMPLE_RATE, text, words, t.language, latency, tuple(flags))
 
 
 class AsrWorker:
@@ -126,6 +182,11 @@ class AsrWorker:
         """Words the decoder should favour."""
         self._last_text = ""
         self._last_end = -(1 << 62)
+        self._speculation: _Speculation | None = None
+        self.speculations_used = 0
+        """Finals whose decode began at a pause, before the gate closed the utterance."""
+        self.speculations_wasted = 0
+        """Such decodes thrown away because speech went on."""
 
     def reconfigure(self, cfg: AsrConfig) -> None:
         """Use new beam sizes and partial interval from the next decode / utterance on."""
@@ -138,6 +199,13 @@ class AsrWorker:
 
     async def run(self) -> None:
         """Consume gate events until the None that marks the end of the stream."""
+        try:
+            await self._run()
+        finally:
+            self._discard(self._speculation)
+            self._speculation = None
+
+    async def _run(self) -> None:
         while True:
             batch = [await self.queue.get()]
             while not self.queue.empty():
@@ -147,23 +215,37 @@ class AsrWorker:
                     return
                 await self._handle(item)
             stream = self._stream
-            if stream is not None and stream.partial_due():
+            spec = self._speculation
+            if spec is not None and stream is not None and stream.start + stream.samples > spec.audio_end + _RESUMED:
+                self._discard(spec)  # speech went on after the pause; its decode is not the final
+                self._speculation = None
+            if stream is not None and stream.partial_due() and self._speculation is None:
                 if self.queue.empty():
                     covered = stream.samples
-                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size,
-                                           words=False, prompt=stream.prompt, priority=self._priority + 2)
+                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False,
+                                           prompt=stream.prompt, prefix=stream.stable, priority=self._priority + 2)
                     partial = stream.partial(t, covered)
                     if partial.text:
                         self._publish(partial)
                 else:
                     self.partials_skipped += 1
 
-    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
+    async def _final_decode(self, stream: UtteranceStream, audio_end: int) -> Transcript:
+        return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
+                                  prompt=stream.prompt, prefix=stream.stable, priority=self._priority)
+
+    def _discard(self, spec: _Speculation | None) -> None:
+        if spec is not None:
+            spec.decode.cancel()
+            self.speculations_wasted += 1
+
+    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
                       priority: int) -> Transcript:
         self.busy_since = self._clock()
         try:
             return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                             hotwords=self.hotwords or None, priority=priority)
+                                             hotwords=self.hotwords or None, prefix=prefix or None,
+                                             priority=priority)
         finally:
             self.busy_since = None
 
@@ -179,13 +261,30 @@ class AsrWorker:
             self.queued_samples -= len(item.pcm)
             if self._stream is not None and self._stream.utt == item.utt:
                 self._stream.insert(item)
+        elif isinstance(item, UtterancePause):
+            # Start the final's decode while the gate waits out the rest of its hangover; if the
+            # utterance does end here the decode is already done or under way. Not when behind.
+            stream = self._stream
+            if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
+                self._discard(self._speculation)
+                decode = asyncio.get_running_loop().create_task(self._final_decode(stream, item.audio_end),
+                                                                name=f"speculative-final-{item.utt}")
+                decode.add_done_callback(_log_failure)
+                self._speculation = _Speculation(item.utt, item.audio_end, decode)
         elif isinstance(item, UtteranceEnd):
             stream, self._stream = self._stream, None
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
-            t = await self._decode(stream.audio(until=item.audio_end), beam_size=self._cfg.beam_size,
-                                   words=True, prompt=stream.prompt, priority=self._priority)
+            spec, self._speculation = self._speculation, None
+            if spec is not None and (spec.utt, spec.audio_end) == (item.utt, item.audio_end):
+                self.speculations_used += 1
+                t = await spec.decode
+            else:
+                self._discard(spec)
+                t = await self._final_decode(stream, item.audio_end)
+            if not stream.keeps_stable(t):  # begun before the last words became stable
+                t = await self._final_decode(stream, item.audio_end)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
