@@ -68,7 +68,7 @@ def offline(clips: list[dict], asr: AsrConfig) -> dict[str, str]:
 def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
     """Play the session into the daemon and collect what it published."""
     with VirtualMic() as mic:
-        args = ["--source", "mic", "--set", "server.stats_interval_s=1"]
+        args = ["--source", "mic", "--set", "server.stats_interval_s=1", *(["--debug"] if os.environ.get("BENCH_DEBUG") else [])]
         for o in overrides:
             args += ["--set", o]
         started = time.monotonic()
@@ -89,7 +89,8 @@ def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
             daemon.stop()
         finally:
             daemon.kill()
-    return {"events": events.events, "ready": ready, "idle": idle, "busy": busy, "memory": memory}
+    return {"events": events.events, "ready": ready, "idle": idle, "busy": busy, "memory": memory,
+            "stderr": daemon.stderr}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -238,7 +239,8 @@ def main() -> None:
             print(f"\n{item['file']} at {s:.1f}-{e:.1f} s\nREF {ref}\nSTR {hyp}\nOFF {off}")
         print("\nfinals (session time):")
         for f in ours["finals"]:
-            print(f"  {f['start'] - ours['offset']:6.1f}-{f['end'] - ours['offset']:6.1f} {f['flags']} {f['text']}")
+            print(f"  {f['start'] - ours['offset']:6.1f}-{f['end'] - ours['offset']:6.1f} latency {f['latency']:.2f} s "
+                  f"{f['flags']} {f['text']}")
 
 
 def soak(session: Path, seconds: float, overrides: list[str], tmp: Path) -> None:

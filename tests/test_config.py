@@ -52,11 +52,11 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path):
 
 def test_set_overrides_file_values_and_reads_toml_types(tmp_path):
     path = write(tmp_path, "[gate]\nhangover_ms = 900\n")
-    config, _ = load(path, ["gate.hangover_ms=600", "server.socket=./x.sock", "asr.partial_interval_s=0.5",
+    config, _ = load(path, ["gate.hangover_ms=600", "server.socket=./x.sock", "asr.partial_interval_s=0.7",
                             "gate.feature_check=false"])
     assert config.gate.hangover_ms == 600
     assert config.server.socket == "./x.sock"
-    assert config.asr.partial_interval_s == 0.5
+    assert config.asr.partial_interval_s == 0.7
     assert config.gate.feature_check is False
 
 

@@ -138,7 +138,7 @@ def test_log_mel_matches_librosa_melspectrogram():
     np.testing.assert_allclose(db, librosa.power_to_db(ref, ref=1.0, amin=1e-10, top_db=None), atol=1e-3)
 
 
-def test_pause_hint_carries_the_audio_end_the_utterance_ends_with():
+def test_pause_hint_names_the_last_voiced_frame_the_utterance_ends_with():
     from captiond.gate import UtterancePause
 
     gate = Gate(GateConfig(hangover_ms=500))
@@ -150,5 +150,6 @@ def test_pause_hint_carries_the_audio_end_the_utterance_ends_with():
     pauses = [e for e in events if isinstance(e, UtterancePause)]
     ends = [e for e in events if isinstance(e, UtteranceEnd)]
     assert pauses and len(ends) == 1
-    assert pauses[-1].audio_end == ends[0].audio_end and pauses[-1].utt == ends[0].utt
+    assert pauses[-1].voiced_end == ends[0].end and pauses[-1].utt == ends[0].utt
+    assert pauses[-1].audio_end == ends[0].end + 3 * FRAME_SAMPLES  # all the audio there was at the pause
     assert events.index(pauses[-1]) < events.index(ends[0])

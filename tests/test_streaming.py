@@ -108,9 +108,9 @@ def test_flags_doubtful_and_empty_finals():
 
 
 
-def with_pause(items, pause_end):
-    """The utterance with the gate's pause hint just before its end, as the gate sends it."""
-    return items[:-1] + [UtterancePause(items[0].utt, pause_end), items[-1]]
+def pause_before(end):
+    """The gate's pause hint for an utterance that then ends at `end`: 90 ms after its last voiced frame."""
+    return UtterancePause(end.utt, end.end, end.end + 3 * FRAME_SAMPLES)
 
 
 def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_there():
@@ -119,7 +119,7 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
     end = items[-1]
 
     async def feed(queue, worker):
-        for item in with_pause(items, end.audio_end)[:-1]:
+        for item in items[:-1] + [pause_before(end)]:
             await queue.put(item)
         await asyncio.sleep(0.2)  # the rest of the hangover: the decode runs meanwhile
         await queue.put(end)
@@ -127,7 +127,7 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0
     assert [beam for _, beam, _, _ in decoder.calls] == [5]  # one final decode, not two
-    assert decoder.calls[0][0] == end.audio_end and events[-1].text.startswith("heard")
+    assert decoder.calls[0][0] == end.end + 3 * FRAME_SAMPLES and events[-1].text.startswith("heard")
 
 
 def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
@@ -139,7 +139,7 @@ def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
     async def feed(queue, worker):
         for item in items[:30]:
             await queue.put(item)
-        await queue.put(UtterancePause(1, early))
+        await queue.put(UtterancePause(1, early, early + 3 * FRAME_SAMPLES))
         await asyncio.sleep(0.1)
         for item in items[30:]:
             await queue.put(item)
@@ -154,7 +154,7 @@ def scripted(hypotheses):
     """A decoder that says the next scripted hypothesis, made to begin with the prefix as Whisper is."""
 
     class Scripted(FakeDecoder):
-        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None):
+        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **_):
             self.calls.append((len(audio), beam_size, words, prompt))
             self.prefixes.append(prefix)
             said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
@@ -206,7 +206,7 @@ def test_final_begun_before_late_stable_words_is_decoded_again():
         items = utterance(1, 0, 2.0)
         for item in items[:-1]:
             await queue.put(item)
-        await queue.put(UtterancePause(1, items[-1].audio_end))
+        await queue.put(pause_before(items[-1]))
         await asyncio.sleep(0.1)  # the speculative decode is done, with no stable words yet
         worker._stream.committed = "the cat sat on the".split()  # as a partial in the hangover would
         await queue.put(items[-1])

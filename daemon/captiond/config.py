@@ -91,7 +91,7 @@ class AsrConfig:
     """Beam width for finals."""
     partial_beam_size: int = 1
     """Beam width for partials (1 is greedy and fastest)."""
-    partial_interval_s: float = 1.0
+    partial_interval_s: float = 0.5
     """New audio between two partial decodes of an open utterance, in seconds."""
     early_final: bool = True
     """Begin the final's decode at a 210 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""

@@ -109,6 +109,9 @@ def _load_whisper(cfg: AsrConfig) -> Any:
         raise ModelError(f"asr.model: cannot load {ref.target!r}: {exc}") from None
 
 
+_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default fallback ladder
+
+
 class WhisperDecoder:
     """Blocking decoder around a faster-whisper model; call only from the engine thread."""
 
@@ -124,17 +127,19 @@ class WhisperDecoder:
         self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
-               hotwords: str | None = None, prefix: str | None = None) -> Transcript:
+               hotwords: str | None = None, prefix: str | None = None, fallback: bool = True) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
         `prefix` is text the transcript must begin with (words already published as stable).
+        `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
+        or is improbable: better text on hard audio, several times slower.
         """
         started = time.monotonic()
         language = None if self._cfg.language == "auto" else self._cfg.language
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
             condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
-            prefix=prefix or None, vad_filter=False)
+            prefix=prefix or None, temperature=_TEMPERATURES if fallback else 0.0, vad_filter=False)
         found = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0
         for seg in segments:  # the generator does the decoding as it is consumed
@@ -183,12 +188,13 @@ class Engine:
         await self.run(self.decoder.load)
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
-                     hotwords: str | None = None, prefix: str | None = None, priority: int = 0) -> Transcript:
+                     hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
+                     priority: int = 0) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         try:
             return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
-                                  hotwords=hotwords, prefix=prefix)
+                                  hotwords=hotwords, prefix=prefix, fallback=fallback)
         finally:
             self._pass_turn()
 

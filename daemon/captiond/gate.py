@@ -27,6 +27,7 @@ _RECHECK_FRAMES = 10  # how often features are recomputed while voiced audio kee
 _SPEECH_CHECK_FRAMES = 33  # ~1 s window for the in-speech check, long enough to span a held vowel
 _SPLIT_SEARCH_FRAMES = 50  # how far back from the length limit a quiet split point is sought
 _TAIL_FRAMES = 7  # ~200 ms after the last voiced frame stay with the utterance: word endings are soft
+_PAUSE_FRAMES = 3  # unvoiced frames after which the utterance may be ending (UtterancePause)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class UtteranceAudio:
     pcm: np.ndarray
     end: int
     """Sample after the last one in pcm."""
+    unvoiced_ms: int = 0
+    """How long the utterance has been unvoiced at `end` (a pause that may end it), in ms."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +128,13 @@ class UtteranceEnd:
 
 @dataclass(frozen=True)
 class UtterancePause:
-    """Speech paused long enough that the utterance may be ending: if it does end at this pause, its
-    UtteranceEnd will carry this same `audio_end`, so a final decoded now is already the right one."""
+    """Speech paused (90 ms unvoiced): the utterance may be ending here. When its UtteranceEnd has the
+    same `voiced_end`, no speech came after this pause, and a final decoded now from the audio up to
+    `audio_end` (all that had arrived) is as good as one decoded at the end."""
 
     utt: int
+    voiced_end: int
+    """Sample after the last voiced frame."""
     audio_end: int
 
 
@@ -246,7 +252,8 @@ class Gate:
             self._unvoiced_run += 1
 
     def _audio(self, frames: list[Frame]) -> UtteranceAudio:
-        return UtteranceAudio(self._utt, np.concatenate([f.pcm for f in frames]), frames[-1].end)
+        return UtteranceAudio(self._utt, np.concatenate([f.pcm for f in frames]), frames[-1].end,
+                              self._unvoiced_run * FRAME_MS)
 
     def _in_speech(self, frame: Frame, voiced: bool, out: list[GateEvent]) -> None:
         self._since_check += 1
@@ -255,8 +262,8 @@ class Gate:
             self._noise = not self._speech_like(np.concatenate([f.pcm for f in self._recent]), sustain=False)
         self._add(frame, voiced and not self._noise)
         out.append(self._audio([frame]))
-        if self._unvoiced_run == _TAIL_FRAMES and self._hangover_frames > _TAIL_FRAMES and self._last_voiced:
-            out.append(UtterancePause(self._utt, self._last_voiced.end + _TAIL_FRAMES * FRAME_SAMPLES))
+        if self._unvoiced_run == _PAUSE_FRAMES and self._hangover_frames > _PAUSE_FRAMES and self._last_voiced:
+            out.append(UtterancePause(self._utt, self._last_voiced.end, frame.end))
         if self._unvoiced_run >= self._hangover_frames:
             self._close("silence", out)
         elif len(self._speech) >= self._max_frames:

@@ -24,6 +24,7 @@ _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
 _PUNCTUATION = ".,!?;:\"'()[]…-"
+_PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
 
@@ -36,6 +37,7 @@ class _Speculation:
     """A final's decode begun at a pause, before the gate closed the utterance."""
 
     utt: int
+    voiced_end: int
     audio_end: int
     decode: asyncio.Task[Transcript]
 
@@ -88,6 +90,7 @@ class UtteranceStream:
         self.committed: list[str] = []
         """Stable words, published as such: every later text of this utterance begins with them."""
         self._pending: list[str] = []  # the last partial's words after the stable ones
+        self._unvoiced_ms = 0
 
     @property
     def samples(self) -> int:
@@ -107,10 +110,12 @@ class UtteranceStream:
         """Append the next piece of the utterance's audio."""
         self._chunks.append(audio.pcm)
         self._samples += len(audio.pcm)
+        self._unvoiced_ms = audio.unvoiced_ms
 
     def partial_due(self) -> bool:
-        """True when enough new audio has come since the last partial to decode again."""
-        return self._samples - self._decoded_at >= self._interval
+        """True when enough new audio has come since the last partial, and speech is not pausing:
+        a pause brings no new words, and a partial decode begun there would delay the final's."""
+        return self._samples - self._decoded_at >= self._interval and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:
         """The utterance's audio as float32, up to stream sample `until` when given."""
@@ -222,8 +227,11 @@ class AsrWorker:
             if stream is not None and stream.partial_due() and self._speculation is None:
                 if self.queue.empty():
                     covered = stream.samples
+                    # No temperature fallback for a partial: it would take seconds on hard audio, and
+                    # the final (which has it) follows anyway.
                     t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False,
-                                           prompt=stream.prompt, prefix=stream.stable, priority=self._priority + 2)
+                                           prompt=stream.prompt, prefix=stream.stable, fallback=False,
+                                           priority=self._priority + 2)
                     partial = stream.partial(t, covered)
                     if partial.text:
                         self._publish(partial)
@@ -240,12 +248,12 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int) -> Transcript:
+                      priority: int, fallback: bool = True) -> Transcript:
         self.busy_since = self._clock()
         try:
             return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                              hotwords=self.hotwords or None, prefix=prefix or None,
-                                             priority=priority)
+                                             fallback=fallback, priority=priority)
         finally:
             self.busy_since = None
 
@@ -270,17 +278,21 @@ class AsrWorker:
                 decode = asyncio.get_running_loop().create_task(self._final_decode(stream, item.audio_end),
                                                                 name=f"speculative-final-{item.utt}")
                 decode.add_done_callback(_log_failure)
-                self._speculation = _Speculation(item.utt, item.audio_end, decode)
+                self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, decode)
         elif isinstance(item, UtteranceEnd):
             stream, self._stream = self._stream, None
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
             spec, self._speculation = self._speculation, None
-            if spec is not None and (spec.utt, spec.audio_end) == (item.utt, item.audio_end):
+            if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
                 self.speculations_used += 1
+                log.debug("utterance %d ended at its pause; final decode %s", item.utt,
+                          "already done" if spec.decode.done() else "under way")
                 t = await spec.decode
             else:
+                log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
+                          "none" if spec is None else "speech went on")
                 self._discard(spec)
                 t = await self._final_decode(stream, item.audio_end)
             if not stream.keeps_stable(t):  # begun before the last words became stable
