@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
 _PUNCTUATION = ".,!?;:\"'()[]…-"
+_SETTLE_S = 1.0  # a word becomes stable only once this much audio after it has been decoded
 _PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
@@ -70,7 +72,8 @@ class UtteranceStream:
     """The open utterance: its audio so far and the partials published for it.
 
     Stabilisation is LocalAgreement-2 over whole-utterance decodes: a word becomes stable once two
-    consecutive partials agree on it and it is not the newest word of the later one. Later decodes,
+    consecutive partials agree on it, it is not the newest word of the later one, and the later one
+    heard at least a second of audio after it. Later decodes,
     the final's included, are made to begin with the stable words (the decoder's prefix), so a
     stable word is never retracted, while each decode still hears the whole utterance (the gate
     splits utterances at gate.max_utterance_s, which bounds the window). Earlier attempts that cut
@@ -130,9 +133,14 @@ class UtteranceStream:
         """The partial event for a decode of the first `covered` samples."""
         self._decoded_at = covered
         self.rev += 1
-        words = t.text.split()
-        hypothesis = words[len(self.committed):] if self.keeps_stable(t) else words
+        timed = [w for w in t.words if w.word]
+        said = [w.word for w in timed] if timed else t.text.split()
+        skip = len(self.committed) if self.keeps_stable(t) else 0
+        hypothesis = said[skip:]
         agreed = _agreed(self._pending, hypothesis[:-1])
+        if timed:  # and only words the decoder heard at least _SETTLE_S of audio after
+            settled = covered / SAMPLE_RATE - _SETTLE_S
+            agreed = min(agreed, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
         self.committed += hypothesis[:agreed]
         self._pending = hypothesis[agreed:]
         unstable = " ".join(self._pending)
@@ -229,7 +237,7 @@ class AsrWorker:
                     covered = stream.samples
                     # No temperature fallback for a partial: it would take seconds on hard audio, and
                     # the final (which has it) follows anyway.
-                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=False,
+                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=True,
                                            prompt=stream.prompt, prefix=stream.stable, fallback=False,
                                            priority=self._priority + 2)
                     partial = stream.partial(t, covered)
