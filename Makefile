@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup system-deps demo test test-fast bench clean
+.PHONY: help setup system-deps demo test test-fast bench soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
 	@echo "make test       set up, then run the whole test suite"
 	@echo "make test-fast  the suite without the slow model/microphone tests"
-	@echo "make bench      streaming benchmark through the virtual microphone (prints a table)"
+	@echo "make bench      streaming benchmark through the virtual microphone, with a naive baseline (prints a table)"
+	@echo "make soak       replay speech into one daemon for an hour; RSS and latency drift"
 
 system-deps:
 	@sh scripts/install-system-deps.sh
@@ -35,6 +36,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/session.py
+
+soak: setup
+	$(PY) bench/session.py --soak 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info daemon/*.egg-info

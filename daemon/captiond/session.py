@@ -34,6 +34,10 @@ class AudioError(ValueError):
     """The client's audio cannot be decoded; the message says why."""
 
 
+class _Abandoned(Exception):
+    """The session was cancelled while the WebM thread waited for it."""
+
+
 class _Finalize:
     """Marker in the audio queue: close the open utterance here."""
 
@@ -124,6 +128,7 @@ class LiveSession:
         self.samples = 0
         """Audio received so far, in 16 kHz samples."""
         self._tasks: list[asyncio.Task] = []
+        self._cancelled = threading.Event()  # tells the WebM thread to stop waiting and end
 
     def start(self) -> None:
         """Start the session's tasks (and the decoder thread for WebM)."""
@@ -167,14 +172,15 @@ class LiveSession:
             task.cancel()
 
     def cancel(self) -> None:
-        """Stop at once (the client is gone)."""
+        """Stop at once (the client is gone); the WebM thread ends within half a second."""
+        self._cancelled.set()
         for task in self._tasks:
             task.cancel()
         if self._pipe is not None:
             try:
                 self._pipe.chunks.put_nowait(None)
             except queue.Full:
-                pass  # the thread is a daemon and ends with the process; it holds no resources of ours
+                pass  # the thread is not waiting for bytes then, and sees _cancelled at its next put
 
     @staticmethod
     def _wait_starved(pipe: _Pipe) -> None:
@@ -193,23 +199,37 @@ class LiveSession:
         from .capture import CaptureError, decode_file
 
         def put(item: np.ndarray | None) -> None:
-            asyncio.run_coroutine_threadsafe(self._audio.put(item), loop).result()
+            coro = self._audio.put(item)
+            try:
+                done = asyncio.run_coroutine_threadsafe(coro, loop)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                coro.close()
+                raise
+            while True:  # the session is behind: wait, but not for a session that was abandoned
+                try:
+                    return done.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
+                    if self._cancelled.is_set():
+                        done.cancel()
+                        raise _Abandoned from None
 
         try:
             for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
                 put(pcm)
+            put(None)
         except CaptureError as exc:
             self.failed = True
             loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
-            while pipe.chunks.get() is not None:  # let feed() go on without blocking until the client stops
-                pass
-        except (RuntimeError, av.error.FFmpegError) as exc:  # the loop closed under us, or PyAV gave up
+            # Let feed() go on without blocking until the client stops; then end the pump.
+            while not self._cancelled.is_set():
+                try:
+                    if pipe.chunks.get(timeout=0.5) is None:
+                        put(None)
+                        return
+                except queue.Empty:
+                    pass
+        except (_Abandoned, RuntimeError, av.error.FFmpegError) as exc:  # given up, or the loop closed under us
             log.debug("webm decoder ended: %r", exc)
-            return
-        try:
-            put(None)
-        except RuntimeError:  # the event loop is gone: the daemon is stopping
-            pass
 
     def _run_gate(self, frames: list, close: bool) -> list[GateEvent]:
         for frame in frames:
