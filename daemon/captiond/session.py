@@ -199,6 +199,8 @@ class LiveSession:
         from .capture import CaptureError, decode_file
 
         def put(item: np.ndarray | None) -> None:
+            if self._cancelled.is_set():
+                raise _Abandoned
             coro = self._audio.put(item)
             try:
                 done = asyncio.run_coroutine_threadsafe(coro, loop)
@@ -214,22 +216,25 @@ class LiveSession:
                         raise _Abandoned from None
 
         try:
-            for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
-                put(pcm)
+            try:
+                for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
+                    put(pcm)
+            except CaptureError as exc:
+                self.failed = True
+                loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
+                self._drain(pipe)
             put(None)
-        except CaptureError as exc:
-            self.failed = True
-            loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
-            # Let feed() go on without blocking until the client stops; then end the pump.
-            while not self._cancelled.is_set():
-                try:
-                    if pipe.chunks.get(timeout=0.5) is None:
-                        put(None)
-                        return
-                except queue.Empty:
-                    pass
         except (_Abandoned, RuntimeError, av.error.FFmpegError) as exc:  # given up, or the loop closed under us
             log.debug("webm decoder ended: %r", exc)
+
+    def _drain(self, pipe: _Pipe) -> None:
+        """Take (and drop) the client's bytes until it ends the stream, so feed() never blocks."""
+        while not self._cancelled.is_set():
+            try:
+                if pipe.chunks.get(timeout=0.5) is None:
+                    return
+            except queue.Empty:
+                pass
 
     def _run_gate(self, frames: list, close: bool) -> list[GateEvent]:
         for frame in frames:
