@@ -21,6 +21,24 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
+MEDIA_RECORDER_JS = """async () => {
+  const stream = await navigator.mediaDevices.getUserMedia({audio: true});
+  const ws = new WebSocket(`ws://${location.host}/listen?encoding=webm`);
+  const finals = [];
+  ws.onmessage = (m) => { const ev = JSON.parse(m.data); if (ev.type === "final") finals.push(ev.text); };
+  await new Promise((resolve) => { ws.onopen = resolve; });
+  const recorder = new MediaRecorder(stream, {mimeType: "audio/webm;codecs=opus"});
+  recorder.ondataavailable = (e) => ws.send(e.data);
+  recorder.start(250);
+  await new Promise((resolve) => setTimeout(resolve, 7000));
+  recorder.stop();
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  ws.send(JSON.stringify({type: "CloseStream"}));
+  await new Promise((resolve) => { ws.onclose = resolve; });
+  return finals;
+}"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,6 +93,9 @@ def test_page_shows_daemon_captions_and_streams_the_browsers_microphone(vmic, tm
             page.screenshot(path=str(ROOT / shot) if shot else str(tmp_path / "page.png"))
             page.click("#mic-button")  # Stop: sends CloseStream
             page.wait_for_function("document.getElementById('mic-button').textContent === 'Use my microphone'")
+            # The other encoding, as browsers make it: MediaRecorder's WebM/Opus chunks, sent as they come.
+            recorded = " ".join(page.evaluate(MEDIA_RECORDER_JS)).lower()
+            assert any(w in recorded for w in key_words("ps_forever.wav")), recorded
             browser.close()
             assert not errors
     finally:

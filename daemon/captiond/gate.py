@@ -188,6 +188,12 @@ class Gate:
         """Queue one frame for process()."""
         self._pending.append(frame)
 
+    def feed(self, frames: list[Frame], close: bool = False) -> list[GateEvent]:
+        """insert() the frames, then process() them, or finish() the stream when `close`."""
+        for frame in frames:
+            self.insert(frame)
+        return self.finish() if close else self.process()
+
     def process(self) -> list[GateEvent]:
         """Classify the queued frames and return the utterance events they produce."""
         out: list[GateEvent] = []

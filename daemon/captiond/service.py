@@ -220,9 +220,7 @@ class Service:
         if self._next_gate is not None and not self.gate.in_speech:
             self.gate = Gate(self._next_gate, first_utt=self.gate.next_utt)
             self._next_gate = None
-        for frame in frames:
-            self.gate.insert(frame)
-        return self.gate.finish() if close else self.gate.process()
+        return self.gate.feed(frames, close)
 
     async def _gate_loop(self) -> None:
         loop = asyncio.get_running_loop()

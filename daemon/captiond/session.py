@@ -18,7 +18,7 @@ from .config import Config
 from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
-from .gate import Gate, GateEvent, UtteranceAudio
+from .gate import Gate, UtteranceAudio
 from .streaming import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,6 @@ class LiveSession:
             except queue.Empty:
                 pass
 
-    def _run_gate(self, frames: list, close: bool) -> list[GateEvent]:
-        for frame in frames:
-            self._gate.insert(frame)
-        return self._gate.finish() if close else self._gate.process()
-
     async def _pump(self) -> None:
         """Audio queue → frames → gate (on the shared gate thread) → the worker's queue."""
         loop = asyncio.get_running_loop()
@@ -254,7 +249,7 @@ class LiveSession:
             else:
                 self.samples += len(item)
                 frames, close = self._frames.insert(item, now), False
-            for event in await loop.run_in_executor(self._gate_thread, self._run_gate, frames, close):
+            for event in await loop.run_in_executor(self._gate_thread, self._gate.feed, frames, close):
                 if isinstance(event, UtteranceAudio):
                     self.worker.queued_samples += len(event.pcm)
                 await self._events.put(event)
