@@ -74,11 +74,11 @@ def test_watchdog_pings_only_while_the_pipeline_moves(tmp_path, monkeypatch, cap
         await asyncio.sleep(0.3)
         stalled = drain(sock, lambda g: False, timeout=0.3)
         service.capture.last_chunk = time.monotonic()
-        service.worker.busy_since = time.monotonic() - 100  # a decode that never returns
+        service.engine.busy_since = time.monotonic() - 100  # a decode that never returns
         await asyncio.sleep(0.3)
         drain(sock, lambda g: False, timeout=0.3)
         stuck_worker = drain(sock, lambda g: False, timeout=0.3)
-        service.worker.busy_since = None
+        service.engine.busy_since = None
         await asyncio.sleep(0.3)
         recovered = drain(sock, lambda g: len(g) >= 1, timeout=1)
         task.cancel()

@@ -167,16 +167,13 @@ class Engine:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
         self._arrivals = itertools.count()
         self._busy = False
+        self.busy_since: float | None = None
+        """monotonic time the running decode began, None while no decode runs (the watchdog reads it)."""
 
     @property
     def name(self) -> str:
         """Display name of the loaded model."""
         return self.decoder.name
-
-    @property
-    def waiting(self) -> int:
-        """Decodes queued behind the running one."""
-        return len(self._waiting)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) on the inference thread and await its result."""
@@ -192,10 +189,12 @@ class Engine:
                      priority: int = 0) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
+        self.busy_since = time.monotonic()
         try:
             return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
                                   hotwords=hotwords, prefix=prefix, fallback=fallback)
         finally:
+            self.busy_since = None
             self._pass_turn()
 
     async def _turn(self, priority: int) -> None:

@@ -260,7 +260,7 @@ class Service:
                 return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
         if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
             return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
-        busy = self.worker.busy_since
+        busy = self.engine.busy_since
         if busy is not None and now - busy > _WORKER_STALL_S:
             return f"the decoder has been busy with one decode for {now - busy:.0f} s"
         return None

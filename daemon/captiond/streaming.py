@@ -187,8 +187,6 @@ class AsrWorker:
         self.finals = 0
         self.rtf = 0.0
         """Decode seconds per audio second of recent finals (exponential average)."""
-        self.busy_since: float | None = None
-        """monotonic time the running decode began, None while the worker waits for work."""
         self.prompt = cfg.initial_prompt
         """Context text given to the decoder before every utterance (names, jargon, spelling)."""
         self.hotwords = cfg.hotwords
@@ -215,8 +213,9 @@ class AsrWorker:
         try:
             await self._run()
         finally:
-            self._discard(self._speculation)
-            self._speculation = None
+            if self._speculation is not None:  # stopping: not a decode wasted on speech that went on
+                self._speculation.decode.cancel()
+                self._speculation = None
 
     async def _run(self) -> None:
         while True:
@@ -257,13 +256,9 @@ class AsrWorker:
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
                       priority: int, fallback: bool = True) -> Transcript:
-        self.busy_since = self._clock()
-        try:
-            return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                             hotwords=self.hotwords or None, prefix=prefix or None,
-                                             fallback=fallback, priority=priority)
-        finally:
-            self.busy_since = None
+        return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                                         hotwords=self.hotwords or None, prefix=prefix or None,
+                                         fallback=fallback, priority=priority)
 
     async def _handle(self, item: GateEvent) -> None:
         if isinstance(item, UtteranceStart):

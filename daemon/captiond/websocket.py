@@ -55,11 +55,6 @@ class WebServer:
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
     @property
-    def sessions(self) -> int:
-        """Live /listen sessions now."""
-        return len(self._sessions)
-
-    @property
     def listening(self) -> bool:
         """True once start() has bound the port."""
         return self._server is not None
