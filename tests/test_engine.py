@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import ModelError, WhisperDecoder, resolve_model
+from captiond.engine import ModelError, WhisperDecoder, resolve_model, short_window
 from captiond.frames import int16_to_float
 from conftest import CORPUS, clip, read_wav
 from wer import wer
@@ -42,3 +42,35 @@ def test_silence_is_marked_as_no_speech():
     decoder.load()
     t = decoder.decode(np.zeros(16000 * 3, np.float32), beam_size=5, words=True)
     assert t.text == "" or t.no_speech_prob > 0.6
+
+
+def test_short_window_keeps_the_audio_and_seven_seconds_of_padding():
+    def window(content_frames):
+        features = np.zeros((1, 80, 3000), np.float32)
+        features[..., :content_frames] = -0.5
+        out = short_window(features)
+        assert out.flags.c_contiguous and np.array_equal(out, features[..., :out.shape[-1]])
+        return out.shape[-1]
+
+    assert window(250) == 1000  # at least 10 s
+    assert window(2150) == 2900  # 7 s after the audio, in whole seconds
+    assert window(2900) == 3000  # never more than Whisper's 30 s
+    assert window(0) == 1000
+
+
+@pytest.mark.slow
+def test_short_window_decodes_like_the_full_one_and_long_context_fits():
+    item = clip("jfk_inaugural.wav")
+    audio = int16_to_float(read_wav(CORPUS / item["file"]))
+    texts = []
+    for short in (True, False):
+        decoder = WhisperDecoder(AsrConfig(short_window=short))
+        decoder.load()
+        texts.append(decoder.decode(audio, beam_size=5, words=False).text)
+    assert wer(item["text"], texts[0]) <= wer(item["text"], texts[1]) + 0.05, texts
+    # The longest context the worker gives (a 200-character prompt, hotwords, a prefix of stable
+    # words) with 20 s of audio must fit Whisper's 448-token context with the token budget.
+    long_audio = np.concatenate([audio, audio])[:20 * 16000]
+    t = decoder.decode(long_audio, beam_size=5, words=True, prompt="x" * 200, hotwords="Kubernetes " * 40,
+                       prefix=texts[0] + " " + texts[0])
+    assert t.text.startswith(texts[0].split()[0])

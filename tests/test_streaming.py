@@ -11,7 +11,7 @@ from captiond.engine import Engine, Segment, Transcript
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from captiond.streaming import AsrWorker, UtteranceStream
+from captiond.streaming import AsrWorker, UtteranceStream, looping
 from conftest import FakeDecoder
 
 
@@ -108,6 +108,31 @@ def test_flags_doubtful_and_empty_finals():
     finals = [e for e in events if isinstance(e, Final)]
     assert finals[0].flags == ("possible_hallucination",)
     assert finals[1].flags == ("empty",) and finals[1].text == ""
+
+
+def test_loop_detector():
+    assert looping("Montreal up, up, up, up, up.".split())
+    assert looping("ask not ask not ask not ask not what".split())
+    assert not looping("thank you thank you thank you".split())  # three times may be real speech
+    assert not looping("the cat sat on the mat and the dog sat on the rug".split())
+
+
+def test_a_final_that_loops_is_flagged_and_not_carried_over_as_context():
+    class Loops(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, **kw):
+            self.calls.append(prompt)
+            text = "I said no no no no no" if len(self.calls) == 1 else "fine"
+            return Transcript(text, (Segment(0.0, 1.0, text, ()),), "en", -0.3, 1.5, 0.01, 1.0, 0.0)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 0.6) + utterance(2, 12000, 0.6):  # well inside asr.carry_over_s
+            await queue.put(item)
+
+    decoder = Loops()
+    _, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=5.0, early_final=False))
+    finals = [e for e in events if isinstance(e, Final)]
+    assert finals[0].flags == ("repetition",) and finals[0].text == "I said no no no no no"
+    assert finals[1].flags == () and decoder.calls == [None, None]
 
 
 

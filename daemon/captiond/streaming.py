@@ -29,6 +29,8 @@ _SETTLE_S = 1.0  # a word becomes stable only once this much audio after it has 
 _PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
+_LOOP_REPEATS = 4  # a phrase of up to _LOOP_WORDS words said this many times in a row looks like a decoder loop
+_LOOP_WORDS = 4
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
@@ -66,6 +68,16 @@ def _agreed(a: list[str], b: list[str]) -> int:
             break
         n += 1
     return n
+
+
+def looping(words: list[str]) -> bool:
+    """True when some phrase of 1 to _LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
+    said = [_norm(w) for w in words]
+    for n in range(1, _LOOP_WORDS + 1):
+        for i in range(len(said) - n * _LOOP_REPEATS + 1):
+            if all(said[i + k * n:i + (k + 1) * n] == said[i:i + n] for k in range(1, _LOOP_REPEATS)):
+                return True
+    return False
 
 
 class UtteranceStream:
@@ -157,6 +169,8 @@ class UtteranceStream:
         elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
               or t.no_speech_prob > _MAX_NO_SPEECH):
             flags.append("possible_hallucination")
+        if looping(t.text.split()):
+            flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
         said = t.text.split()
@@ -305,6 +319,6 @@ class AsrWorker:
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
             self.finals += 1
             final = stream.final(t, item, max(0.0, self._clock() - item.voiced_captured))
-            if final.text and "possible_hallucination" not in final.flags:
+            if final.text and not {"possible_hallucination", "repetition"} & set(final.flags):
                 self._last_text, self._last_end = final.text, item.end
             self._publish(final)
