@@ -103,7 +103,7 @@ class AsrConfig:
     """Context text given to the decoder before every utterance (names, jargon, spelling); empty for none."""
     hotwords: str = ""
     """Words or phrases the decoder should favour, space-separated; empty for none."""
-    carry_over_s: float = 3.0
+    carry_over_s: float = 0.0
     """Give the previous final to the decoder as context when the pause before the next utterance is at most this long, in seconds; 0 turns it off."""
 
     def __post_init__(self) -> None:
