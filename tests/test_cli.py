@@ -74,6 +74,16 @@ def test_model_name_that_cannot_be_fetched_offline(tmp_path):
     assert not (tmp_path / "c.sock").exists()
 
 
+def test_broken_librosa_is_one_clear_line(tmp_path):
+    # The gate's filterbank is designed by librosa in a child process; a broken install must say so.
+    (tmp_path / "librosa").mkdir()
+    (tmp_path / "librosa" / "__init__.py").write_text("raise ImportError('No module named scipy')\n")
+    result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", env={"PYTHONPATH": str(tmp_path)},
+                      tmp=tmp_path)
+    one_line_error(result, "mel filterbank", "No module named scipy", "pip install")
+    assert b"Traceback" not in result.stderr and not (tmp_path / "c.sock").exists()
+
+
 def test_corrupt_audio_file(tmp_path):
     bad = tmp_path / "bad.mp3"
     bad.write_bytes(b"ID3" + os.urandom(5000))

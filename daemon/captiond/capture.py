@@ -343,8 +343,14 @@ class FileSource:
         chunks = _rechunk(decode_file(self.path), _FILE_CHUNK)
         started = time.monotonic()
         fed = 0
+        reading: asyncio.Future[np.ndarray | None] | None = None
         try:
-            while (chunk := await loop.run_in_executor(None, next, chunks, None)) is not None:
+            while True:
+                # Shielded: when we are cancelled the thread is still inside next(), and a generator
+                # cannot be closed while it runs, so the finally clause waits for it.
+                reading = loop.run_in_executor(None, next, chunks, None)
+                if (chunk := await asyncio.shield(reading)) is None:
+                    break
                 if self.realtime:
                     ahead = fed / SAMPLE_RATE - (time.monotonic() - started)
                     if ahead > 0:
@@ -352,6 +358,8 @@ class FileSource:
                 await capture.put(chunk)
                 fed += len(chunk)
         finally:
+            if reading is not None and not reading.done():
+                await asyncio.wait([reading])
             chunks.close()
         await capture.finish()
 

@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
     from .capture import CaptureError, make_source
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
+    from .gate import FeatureError
     from .server import Server, ServerError
     from .service import Service
     from .translog import TranscriptLog
@@ -92,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         code = asyncio.run(main())
-    except (ServerError, ModelError) as exc:
+    except (ServerError, ModelError, FeatureError) as exc:
         return _fail(str(exc))
     log.info("stopped (exit %d)", code)
     return code
@@ -181,6 +182,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe files; a bad file is reported and skipped, the others are still done."""
     from .capture import CaptureError
     from .engine import ModelError, WhisperDecoder
+    from .gate import FeatureError, log_mel
     from .transcribe import render, transcribe_file
 
     setup_logging(args.debug, quiet=True)
@@ -193,7 +195,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     decoder = WhisperDecoder(config.asr)
     try:
         decoder.load()
-    except ModelError as exc:
+        log_mel(__import__("numpy").zeros(1024, "int16"))  # the gate's filterbank: fail here, not after the first file
+    except (ModelError, FeatureError) as exc:
         return _fail(str(exc))
     failed = 0
     show_progress = sys.stderr.isatty()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
+import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,19 +43,35 @@ class Features:
     """Longest run of hops whose energy is within 12 dB of the stretch's peak, ms."""
 
 
+_MEL_PROGRAM = f"""
+import sys, librosa, numpy as np
+basis = librosa.filters.mel(sr={SAMPLE_RATE}, n_fft={_N_FFT}, n_mels={_N_MELS}, fmin=80, fmax=7600)
+lpad = ({_N_FFT} - {_WIN}) // 2  # centred in the FFT frame, as librosa's stft does
+window = np.pad(librosa.filters.get_window("hann", {_WIN}, fftbins=True), (lpad, {_N_FFT} - {_WIN} - lpad))
+np.save(sys.stdout.buffer, basis.astype(np.float32))
+np.save(sys.stdout.buffer, window.astype(np.float32))
+"""
+
+
+class FeatureError(RuntimeError):
+    """librosa could not design the gate's mel filterbank; the message says why."""
+
+
 @functools.lru_cache(maxsize=1)
 def _mel_basis() -> tuple[np.ndarray, np.ndarray]:
-    """librosa's mel filterbank and Hann window for our STFT, made once.
+    """librosa's mel filterbank and Hann window for our STFT, designed once, in a child process.
 
-    Only the filter design comes from librosa: its melspectrogram JIT-compiles helpers with numba on
-    first use, which costs ~70 MB of resident memory for what is a matrix product here.
+    Importing librosa brings scipy and numba: ~130 MB of resident memory that a daemon running for
+    months would carry for one 40 x 257 matrix. The child designs it and exits; the features are
+    then a matrix product here (librosa's melspectrogram would also JIT-compile numba helpers).
     """
-    import librosa  # deferred: the import pulls in scipy and numba
-
-    basis = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=_N_FFT, n_mels=_N_MELS, fmin=80, fmax=7600)
-    lpad = (_N_FFT - _WIN) // 2  # centred in the FFT frame, as librosa's stft does
-    window = np.pad(librosa.filters.get_window("hann", _WIN, fftbins=True), (lpad, _N_FFT - _WIN - lpad))
-    return basis.astype(np.float32), window.astype(np.float32)
+    done = subprocess.run([sys.executable, "-c", _MEL_PROGRAM], capture_output=True, timeout=120, check=False)
+    if done.returncode != 0:
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise FeatureError(f"cannot design the gate's mel filterbank with librosa ({why}); "
+                           "reinstall captiond's dependencies (pip install -e .)")
+    out = io.BytesIO(done.stdout)
+    return np.load(out), np.load(out)
 
 
 def log_mel(pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +200,7 @@ class Gate:
         return self._open
 
     def warm_up(self) -> None:
-        """Run the feature code once so its first real call is not seconds late (librosa imports scipy and numba)."""
+        """Run the feature code once so its first real call does not wait for the filterbank's design."""
         features(np.zeros(SAMPLE_RATE // 2, dtype=np.int16))
 
     def insert(self, frame: Frame) -> None:
