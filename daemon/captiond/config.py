@@ -93,7 +93,7 @@ class AsrConfig:
     """Beam width for partials (1 is greedy and fastest)."""
     short_window: bool = True
     """Encode the audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: decodes ~3x faster."""
-    partial_interval_s: float = 0.5
+    partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
     early_final: bool = True
     """Begin the final's decode at a 90 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
