@@ -6,6 +6,10 @@ and compares it with decoding each clip whole, offline, with the same model (bea
 
     .venv/bin/python bench/session.py [--clips N] [--seed S] [--set section.key=value ...]
     .venv/bin/python bench/session.py --soak [MINUTES]
+    .venv/bin/python bench/session.py --wav-dir /usr/share/sounds/alsa   # speech tuned on nowhere
+
+--wav-dir builds the session from other recordings instead: every WAV in the folder, its reference
+the file name with underscores as spaces (a name starting with "noise" has none: no words expected).
 
 Runs the session twice: captiond as configured, and a naive baseline (the same daemon decoding each
 utterance once, at its end), and prints a table with both and their ratio. Numbers are from one run
@@ -33,6 +37,7 @@ from conftest import CORPUS, Daemon, manifest, read_wav, silence, write_wav  # n
 from vmic import VirtualMic  # noqa: E402
 from wer import corpus_wer, normalize  # noqa: E402
 
+from captiond.capture import decode_file  # noqa: E402
 from captiond.config import AsrConfig, load  # noqa: E402
 from captiond.engine import WhisperDecoder  # noqa: E402
 from captiond.frames import int16_to_float  # noqa: E402
@@ -42,12 +47,25 @@ IDLE_S = 10.0
 LEAD_S = 1.0
 
 
+def pcm_of(item: dict) -> np.ndarray:
+    """A clip's audio as 16 kHz mono int16."""
+    if "path" in item:
+        return np.concatenate(list(decode_file(item["path"])))
+    return read_wav(CORPUS / item["file"])
+
+
+def wav_dir_clips(folder: Path) -> list[dict]:
+    """Every WAV in a folder as a clip; the reference is the file name."""
+    return [{"file": p.name, "path": p, "text": "" if p.stem.lower().startswith("noise") else p.stem.replace("_", " ")}
+            for p in sorted(folder.glob("*.wav"))]
+
+
 def build_session(clips: list[dict], seed: int, out: Path) -> list[tuple[dict, float, float]]:
     """Write the session WAV; return (clip, start, end) in session seconds."""
     rng = np.random.default_rng(seed)
     parts, spans, pos = [silence(LEAD_S)], [], LEAD_S
     for item in clips:
-        pcm = read_wav(CORPUS / item["file"])
+        pcm = pcm_of(item)
         spans.append((item, pos, pos + len(pcm) / 16000))
         gap = float(rng.choice(GAPS_S))
         parts += [pcm, silence(gap)]
@@ -59,9 +77,12 @@ def build_session(clips: list[dict], seed: int, out: Path) -> list[tuple[dict, f
 
 def offline(clips: list[dict], asr: AsrConfig) -> dict[str, str]:
     """Each clip decoded whole with the daemon's model and settings."""
+    import ctranslate2
+
+    ctranslate2.set_random_seed(1)  # the temperature fallback samples: the same reference every run
     decoder = WhisperDecoder(asr)
     decoder.load()
-    return {c["file"]: decoder.decode(int16_to_float(read_wav(CORPUS / c["file"])), beam_size=asr.beam_size,
+    return {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=asr.beam_size,
                                       words=False).text for c in clips}
 
 
@@ -164,12 +185,14 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline run")
     parser.add_argument("--soak", type=float, metavar="MINUTES", nargs="?", const=60.0,
                         help="instead: replay sessions for this long (default 60) and report RSS and latency drift")
+    parser.add_argument("--wav-dir", type=Path, metavar="DIR",
+                        help="build the session from every WAV in DIR (references from file names) instead of the dev corpus")
     parser.add_argument("--verbose", action="store_true", help="print reference, streamed and offline text per clip")
     args = parser.parse_args()
 
     config, _ = load(None, args.set)
     rng = np.random.default_rng(args.seed)
-    usable = [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0]
+    usable = wav_dir_clips(args.wav_dir) if args.wav_dir else [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0]
     clips = [usable[i] for i in rng.permutation(len(usable))[: args.clips]]
     with tempfile.TemporaryDirectory(prefix="captiond-bench-") as tmpdir:
         tmp = Path(tmpdir)
