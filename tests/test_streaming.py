@@ -178,7 +178,7 @@ def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
     assert final_decodes[-1] == end.audio_end and abs(float(events[-1].text.split()[1]) - end.audio_end / SAMPLE_RATE) < 0.01
 
 
-def scripted(hypotheses):
+def scripted(hypotheses, no_speech_prob=0.01):
     """A decoder that says the next scripted hypothesis, made to begin with the prefix as Whisper is."""
 
     class Scripted(FakeDecoder):
@@ -188,7 +188,8 @@ def scripted(hypotheses):
             said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
             forced = (prefix or "").split()
             text = " ".join(forced + said[len(forced):])
-            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", -0.2, 1.2, 0.01, 1.0, 0.0)
+            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", -0.2, 1.2,
+                              no_speech_prob, 1.0, 0.0)
 
     return Scripted()
 
@@ -224,6 +225,17 @@ def test_local_agreement_commits_what_two_partials_agree_on_but_not_the_newest_w
     assert texts == [("", "And so my"), ("And so my", "fellow Americans"),
                      ("And so my fellow Americans", "ask")]
     assert decoder.prefixes == ["", "", "And so my"]  # later decodes begin with the stable words
+
+
+def test_nothing_becomes_stable_while_whisper_doubts_there_is_speech():
+    # tiny.en says "You" to a noise burst with a high no-speech probability: not shown, and not made
+    # stable (which would force it into the final past the no-speech check).
+    stream = UtteranceStream(1, 0, 0.5)
+    decoder = scripted(["You", "You", "You"], no_speech_prob=0.9)
+    for i in range(3):
+        p = stream.partial(decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.stable), i)
+        assert (p.stable, p.unstable, p.text) == ("", "", "")  # the worker publishes no empty partial
+    assert decoder.prefixes == ["", "", ""]
 
 
 def test_final_begun_before_late_stable_words_is_decoded_again():

@@ -150,6 +150,10 @@ class UtteranceStream:
         skip = len(self.committed) if self.keeps_stable(t) else 0
         hypothesis = said[skip:]
         agreed = _agreed(self._pending, hypothesis[:-1])
+        if t.no_speech_prob > _MAX_NO_SPEECH:
+            # Whisper doubts there is speech at all ("You" on a noise burst): show nothing new, and make
+            # nothing stable, which would force it into the final past the no-speech check there.
+            hypothesis, agreed = [], 0
         if timed:  # and only words the decoder heard at least _SETTLE_S of audio after
             settled = covered / SAMPLE_RATE - _SETTLE_S
             agreed = min(agreed, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
