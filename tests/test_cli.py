@@ -82,6 +82,8 @@ def test_broken_librosa_is_one_clear_line(tmp_path):
                       tmp=tmp_path)
     one_line_error(result, "mel filterbank", "No module named scipy", "pip install")
     assert b"Traceback" not in result.stderr and not (tmp_path / "c.sock").exists()
+    result = captiond("transcribe", f"{CORPUS}/ps_forever.wav", env={"PYTHONPATH": str(tmp_path)})
+    one_line_error(result, "mel filterbank", "No module named scipy")
 
 
 def test_corrupt_audio_file(tmp_path):

@@ -181,6 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe files; a bad file is reported and skipped, the others are still done."""
     from .capture import CaptureError
+    import numpy as np
+
     from .engine import ModelError, WhisperDecoder
     from .gate import FeatureError, log_mel
     from .transcribe import render, transcribe_file
@@ -195,7 +197,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     decoder = WhisperDecoder(config.asr)
     try:
         decoder.load()
-        log_mel(__import__("numpy").zeros(1024, "int16"))  # the gate's filterbank: fail here, not after the first file
+        log_mel(np.zeros(1024, np.int16))  # designs the gate's filterbank: fail here, not after the first file
     except (ModelError, FeatureError) as exc:
         return _fail(str(exc))
     failed = 0
