@@ -5,13 +5,14 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup system-deps demo test test-fast bench soak clean
+.PHONY: help setup system-deps demo test test-fast bench bench-heldout soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
 	@echo "make test       set up, then run the whole test suite"
 	@echo "make test-fast  the suite without the slow model/microphone tests"
 	@echo "make bench      streaming benchmark through the virtual microphone, with a naive baseline (prints a table)"
+	@echo "make bench-heldout  the same on speech nothing was tuned on (bench/heldout; alsa-utils' voice if installed)"
 	@echo "make soak       replay speech into one daemon for an hour; RSS and latency drift"
 
 system-deps:
@@ -36,6 +37,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/session.py
+
+bench-heldout: setup
+	$(PY) bench/session.py --verbose --audio-dir bench/heldout/librispeech \
+		$(if $(wildcard /usr/share/sounds/alsa/*.wav),--audio-dir /usr/share/sounds/alsa)
 
 soak: setup
 	$(PY) bench/session.py --soak 60

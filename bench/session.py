@@ -6,10 +6,11 @@ and compares it with decoding each clip whole, offline, with the same model (bea
 
     .venv/bin/python bench/session.py [--clips N] [--seed S] [--set section.key=value ...]
     .venv/bin/python bench/session.py --soak [MINUTES]
-    .venv/bin/python bench/session.py --wav-dir /usr/share/sounds/alsa   # speech tuned on nowhere
+    .venv/bin/python bench/session.py --audio-dir bench/heldout/librispeech --audio-dir /usr/share/sounds/alsa
 
---wav-dir builds the session from other recordings instead: every WAV in the folder, its reference
-the file name with underscores as spaces (a name starting with "noise" has none: no words expected).
+--audio-dir builds the session from other recordings instead: every WAV or FLAC in the folders, its
+reference from a LibriSpeech-style *.trans.txt beside it, else the file name with underscores as
+spaces (a name starting with "noise" has none: no words may be emitted there).
 
 Runs the session twice: captiond as configured, and a naive baseline (the same daemon decoding each
 utterance once, at its end), and prints a table with both and their ratio. Numbers are from one run
@@ -54,10 +55,12 @@ def pcm_of(item: dict) -> np.ndarray:
     return read_wav(CORPUS / item["file"])
 
 
-def wav_dir_clips(folder: Path) -> list[dict]:
-    """Every WAV in a folder as a clip; the reference is the file name."""
-    return [{"file": p.name, "path": p, "text": "" if p.stem.lower().startswith("noise") else p.stem.replace("_", " ")}
-            for p in sorted(folder.glob("*.wav"))]
+def folder_clips(folder: Path) -> list[dict]:
+    """Every WAV or FLAC in a folder as a clip, with its reference."""
+    refs = dict(line.split(" ", 1) for t in folder.glob("*.trans.txt") for line in t.read_text().splitlines() if " " in line)
+    return [{"file": p.name, "path": p,
+             "text": refs.get(p.stem, "" if p.stem.lower().startswith("noise") else p.stem.replace("_", " "))}
+            for p in sorted(folder.iterdir()) if p.suffix.lower() in (".wav", ".flac")]
 
 
 def build_session(clips: list[dict], seed: int, out: Path) -> list[tuple[dict, float, float]]:
@@ -185,14 +188,15 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline run")
     parser.add_argument("--soak", type=float, metavar="MINUTES", nargs="?", const=60.0,
                         help="instead: replay sessions for this long (default 60) and report RSS and latency drift")
-    parser.add_argument("--wav-dir", type=Path, metavar="DIR",
-                        help="build the session from every WAV in DIR (references from file names) instead of the dev corpus")
+    parser.add_argument("--audio-dir", type=Path, action="append", metavar="DIR",
+                        help="build the session from the WAV/FLAC files in DIR (repeatable) instead of the dev corpus")
     parser.add_argument("--verbose", action="store_true", help="print reference, streamed and offline text per clip")
     args = parser.parse_args()
 
     config, _ = load(None, args.set)
     rng = np.random.default_rng(args.seed)
-    usable = wav_dir_clips(args.wav_dir) if args.wav_dir else [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0]
+    usable = ([c for d in args.audio_dir for c in folder_clips(d)] if args.audio_dir
+              else [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0])
     clips = [usable[i] for i in rng.permutation(len(usable))[: args.clips]]
     with tempfile.TemporaryDirectory(prefix="captiond-bench-") as tmpdir:
         tmp = Path(tmpdir)

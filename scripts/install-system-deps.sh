@@ -2,10 +2,11 @@
 # Debian/Ubuntu packages captiond needs: PortAudio headers and a compiler for PyAudio, Python's venv,
 # PulseAudio for the virtual microphone that the demo (without a microphone) and the tests use, and
 # tmux, in which the tests drive `captiond captions` like a person would, and chromium, in which they
-# open the WebSocket captions page.
+# open the WebSocket captions page; alsa-utils for arecord (checking a microphone) and the spoken
+# channel names that `make bench-heldout` plays.
 # Installs what is missing when run as root; otherwise prints the command to run.
 set -eu
-PACKAGES="gcc python3-dev python3-venv portaudio19-dev libasound2-plugins pulseaudio pulseaudio-utils tmux chromium"
+PACKAGES="gcc python3-dev python3-venv portaudio19-dev libasound2-plugins pulseaudio pulseaudio-utils tmux chromium alsa-utils"
 command -v dpkg-query >/dev/null 2>&1 || { echo "not a Debian/Ubuntu system: install the equivalents of: $PACKAGES" >&2; exit 0; }
 missing=""
 for p in $PACKAGES; do
