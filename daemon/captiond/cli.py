@@ -180,9 +180,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe files; a bad file is reported and skipped, the others are still done."""
-    from .capture import CaptureError
     import numpy as np
 
+    from .capture import CaptureError
     from .engine import ModelError, WhisperDecoder
     from .gate import FeatureError, log_mel
     from .transcribe import render, transcribe_file

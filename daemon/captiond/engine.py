@@ -190,7 +190,6 @@ class WhisperDecoder:
         return Transcript(" ".join(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started)
 
-
     def _token_budget(self, seconds: float, prompt: str | None, hotwords: str | None, prefix: str | None) -> int:
         """New tokens a decode of this much audio may produce: enough for fast speech, not for a loop.
 
