@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS, EventLog, clip, read_wav, silence, write_wav
-from wer import corpus_wer
+from wer import corpus_wer, normalize
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,50 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
 
     assert daemon.stop() == 0
     assert not daemon.socket.exists()
+
+
+def _non_speech(seed=3):
+    """Long silence, faint noise, hum, buzz, clicks, breath-like puffs and noise bursts: 30 s, no words."""
+    rng = np.random.default_rng(seed)
+    rate = 16000
+
+    def tone(seconds, x):
+        return (np.clip(x, -1, 1) * 32767).astype(np.int16)[: int(seconds * rate)]
+
+    t = np.arange(4 * rate) / rate
+    puff = np.convolve(rng.standard_normal(rate), np.hanning(12), "same") * np.hanning(rate) * 0.08
+    clicks = np.zeros(len(t))
+    clicks[:: rate // 8] = 0.9
+    parts = [
+        silence(6.0),
+        tone(4, 0.004 * rng.standard_normal(len(t))),  # faint room noise
+        tone(4, sum(0.2 / k * np.sin(2 * np.pi * 50 * k * t) for k in range(1, 10))),  # mains hum
+        tone(3, 0.15 * np.sign(np.sin(2 * np.pi * 120 * t))),  # buzz
+        tone(3, np.convolve(clicks, [1.0, -0.6, 0.3], "same")),  # clicks
+    ]
+    for _ in range(3):  # breathing: slow band-limited puffs with pauses
+        parts += [tone(1, puff), silence(1.2)]
+    for _ in range(2):  # bursts of broadband noise, like a speaker test
+        parts += [tone(1.4, 0.25 * np.cumsum(rng.standard_normal(2 * rate)) / 200), silence(1.5)]
+    return np.concatenate(parts)
+
+
+def test_no_words_in_silence_noise_hum_clicks_or_breathing(vmic, daemon_factory, tmp_path):
+    noise = _non_speech()
+    speech = read_wav(CORPUS / "ps_forever.wav")
+    wav = write_wav(tmp_path / "noise.wav", np.concatenate([noise, speech, silence(2.0)]))
+    daemon = daemon_factory("--source", "mic", env=vmic.env)
+    events = daemon.connect()
+    assert vmic.play(wav).wait(120) == 0
+    final = events.wait_for(lambda e: e["type"] == "final" and normalize(e["text"]), timeout=30)
+    # The daemon's clock starts a little before playback; the clip is the only speech, so its final
+    # (and every word anyone saw) must lie in the last few seconds of what was played.
+    speech_from = len(noise) / 16000 - 1.0
+    assert final["start"] >= speech_from, f"words before the speech: {final}"
+    assert "feels like these days" in final["text"].lower()
+    shown = [e for e in events.events if e["type"] in ("partial", "final") and normalize(e.get("text", ""))]
+    assert all(e["start"] >= speech_from for e in shown), [e["text"] for e in shown if e["start"] < speech_from]
+    assert daemon.stop() == 0
 
 
 def test_sigterm_while_someone_speaks_still_delivers_the_final(vmic, daemon_factory, tmp_path):
