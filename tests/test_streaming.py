@@ -227,6 +227,18 @@ def test_local_agreement_commits_what_two_partials_agree_on_but_not_the_newest_w
     assert decoder.prefixes == ["", "", "And so my"]  # later decodes begin with the stable words
 
 
+def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
+    # Held-out LibriSpeech: stable "... peppered, flower", final "... peppered, flower-fattened sauce."
+    # used to be published as the stable words followed by the whole final again.
+    stream = UtteranceStream(1, 0, 0.5)
+    stream.committed = "in thick, peppered, flower".split()
+    said = "In thick, peppered, flower-fattened sauce."
+    t = Transcript(said, (Segment(0.0, 3.0, said, ()),), "en", -0.2, 1.2, 0.01, 3.0, 0.0)
+    assert stream.keeps_stable(t)
+    final = stream.final(t, UtteranceEnd(1, 48000, 48000, "silence", 0.0), 0.1)
+    assert final.text == "in thick, peppered, flower-fattened sauce."
+
+
 def test_nothing_becomes_stable_while_whisper_doubts_there_is_speech():
     # tiny.en says "You" to a noise burst with a high no-speech probability: not shown, and not made
     # stable (which would force it into the final past the no-speech check).

@@ -70,6 +70,27 @@ def _agreed(a: list[str], b: list[str]) -> int:
     return n
 
 
+def _after(stable: str, text: str) -> str | None:
+    """What `text` says after `stable` when it begins with it, comparing letters and digits only
+    (case, spaces and punctuation aside); None when it does not begin with it.
+
+    Character-wise, because a decode made to begin with the stable words may run on inside the last
+    one: stable "... peppered flower", decode "... peppered, flower-fattened sauce".
+    """
+    key = [c.lower() for c in stable if c.isalnum()]
+    i = j = 0
+    while j < len(key) and i < len(text):
+        if text[i].isalnum():
+            if text[i].lower() != key[j]:
+                return None
+            j += 1
+        i += 1
+    if j < len(key):
+        return None
+    tail = stable[len(stable.rstrip(_PUNCTUATION)):]  # "flower," said again: one comma, not two
+    return text[i + len(tail):] if text[i:].startswith(tail) else text[i:]
+
+
 def looping(words: list[str]) -> bool:
     """True when some phrase of 1 to _LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
     said = [_norm(w) for w in words]
@@ -119,7 +140,7 @@ class UtteranceStream:
 
     def keeps_stable(self, t: Transcript) -> bool:
         """True when a decode begins with every stable word (a final must)."""
-        return _agreed(self.committed, t.text.split()) == len(self.committed)
+        return _after(self.stable, t.text) is not None
 
     def insert(self, audio: UtteranceAudio) -> None:
         """Append the next piece of the utterance's audio."""
@@ -177,8 +198,8 @@ class UtteranceStream:
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
-        said = t.text.split()
-        text = " ".join(self.committed + (said[len(self.committed):] if self.keeps_stable(t) else said))
+        rest = _after(self.stable, t.text)
+        text = (self.stable + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
         return Final(self.utt, offset, end.end / SAMPLE_RATE, text, words, t.language, latency, tuple(flags))
 
 
