@@ -237,6 +237,8 @@ def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
     assert stream.keeps_stable(t)
     final = stream.final(t, UtteranceEnd(1, 48000, 48000, "silence", 0.0), 0.1)
     assert final.text == "in thick, peppered, flower-fattened sauce."
+    partial = stream.partial(t, 48000)  # a partial reads the same decode the same way
+    assert (partial.stable, partial.unstable) == ("in thick, peppered, flower", "-fattened sauce.")
 
 
 def test_nothing_becomes_stable_while_whisper_doubts_there_is_speech():

@@ -168,8 +168,11 @@ class UtteranceStream:
         self.rev += 1
         timed = [w for w in t.words if w.word]
         said = [w.word for w in timed] if timed else t.text.split()
-        skip = len(self.committed) if self.keeps_stable(t) else 0
-        hypothesis = said[skip:]
+        # Past the stable words by the same letter-wise rule as the final, so a word that ran on
+        # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
+        rest = _after(self.stable, " ".join(said))
+        hypothesis = rest.split() if rest is not None else said
+        skip = len(said) - len(hypothesis)
         agreed = _agreed(self._pending, hypothesis[:-1])
         if t.no_speech_prob > _MAX_NO_SPEECH:
             # Whisper doubts there is speech at all ("You" on a noise burst): show nothing new, and make
