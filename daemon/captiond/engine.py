@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import heapq
 import itertools
 import time
@@ -148,6 +149,34 @@ _TOKENS_BASE, _TOKENS_PER_S = 16, 8  # fast speech is ~5 tokens a second, timest
 _MAX_LENGTH = 448  # Whisper's decoder context, prompt included
 
 
+try:
+    _glibc: Any = ctypes.CDLL("libc.so.6")
+    _glibc.mallopt, _glibc.malloc_trim
+except (OSError, AttributeError):  # another C library: its allocator is left as it is
+    _glibc = None
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 8 << 20
+
+
+def settle_allocator() -> None:
+    """Keep the C heap from growing with every new decode size: blocks of 8 MiB or more (attention
+    scores over a long window) are mapped and unmapped, not kept in glibc's arenas.
+
+    glibc raises its mapping threshold each time such a block is freed, after which decodes of
+    new lengths leave their buffers behind in CTranslate2's threads' arenas. 90 decodes of 0.5-20 s
+    here: RSS 190 -> 336-371 MB as glibc has it; 164 -> 222 MB with this and release_memory(),
+    CPU +5 % (a 1 MiB threshold cost +26 %).
+    """
+    if _glibc is not None:
+        _glibc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
+def release_memory() -> None:
+    """Hand the free memory at the top of glibc's heaps back to the system (about 1 ms)."""
+    if _glibc is not None:
+        _glibc.malloc_trim(0)
+
+
 class WhisperDecoder:
     """Blocking decoder around a faster-whisper model; call only from the engine thread."""
 
@@ -159,6 +188,7 @@ class WhisperDecoder:
 
     def load(self) -> None:
         """Load the model and run one decode so the first real one is not slow."""
+        settle_allocator()
         self._model = self._loader(self._cfg)
         self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
 
@@ -187,6 +217,7 @@ class WhisperDecoder:
                 words = tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
                               for w in seg.words or ())
                 found.append(Segment(float(seg.start), float(seg.end), seg.text.strip(), words))
+        release_memory()
         return Transcript(" ".join(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started)
 
