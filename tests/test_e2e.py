@@ -84,9 +84,7 @@ def _non_speech(seed=3):
     return np.concatenate(parts)
 
 
-def test_no_unflagged_words_in_silence_noise_hum_clicks_or_breathing(vmic, daemon_factory, tmp_path):
-    # Zero words is the goal; what holds on every run is weaker: tiny.en sometimes says "You" (word
-    # probability ~0.01) where hum turns into buzz, and such a final is flagged, never plain text.
+def test_no_words_in_silence_noise_hum_clicks_or_breathing(vmic, daemon_factory, tmp_path):
     noise = _non_speech()
     speech = read_wav(CORPUS / "ps_forever.wav")
     wav = write_wav(tmp_path / "noise.wav", np.concatenate([noise, speech, silence(2.0)]))
@@ -99,8 +97,10 @@ def test_no_unflagged_words_in_silence_noise_hum_clicks_or_breathing(vmic, daemo
     final = events.wait_for(lambda e: e["type"] == "final" and normalize(e["text"]) and e["start"] >= speech_from,
                             timeout=30)
     assert "feels like these days" in final["text"].lower()
-    before = [e for e in events.of("final") if e["start"] < speech_from and normalize(e["text"])]
-    assert all("possible_hallucination" in e["flags"] for e in before), before
+    # The gate lets some of the noise through (hum turning into buzz, puffs, bursts): every final there
+    # must be empty, which tiny.en's "You" (p ~0.01, flagged) is once it is withheld.
+    before = [e for e in events.of("final") if e["start"] < speech_from]
+    assert not [e for e in before if normalize(e["text"]) or e["words"]], before
     assert daemon.stop() == 0
 
 

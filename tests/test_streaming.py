@@ -110,6 +110,22 @@ def test_flags_doubtful_and_empty_finals():
     assert finals[1].flags == ("empty",) and finals[1].text == ""
 
 
+def test_a_doubted_final_with_no_likely_word_is_withheld_not_published():
+    def transcript(p, doubted=True):
+        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),)),), "en",
+                          -1.2 if doubted else -0.5, 0.5, 0.7 if doubted else 0.1, 1.0, 0.1)
+
+    end = UtteranceEnd(1, 16000, 16000, "silence", 0.0)
+    withheld = UtteranceStream(1, 0, 0.4).final(transcript(0.014), end, 0.1)  # tiny.en on hum turning into buzz
+    assert (withheld.text, withheld.words, withheld.flags) == ("", (), ("possible_hallucination", "withheld"))
+    kept = UtteranceStream(1, 0, 0.4).final(transcript(0.2), end, 0.1)  # a word that may be real: flagged only
+    assert kept.text == "You" and kept.flags == ("possible_hallucination",)
+    assert UtteranceStream(1, 0, 0.4).final(transcript(0.014, doubted=False), end, 0.1).text == "You"  # Whisper has no doubt
+    stable = UtteranceStream(1, 0, 0.4)
+    stable.committed = ["You"]  # published as stable: a final must keep it
+    assert stable.final(transcript(0.014), end, 0.1).text == "You"
+
+
 def test_loop_detector():
     assert looping("Montreal up, up, up, up, up.".split())
     assert looping("ask not ask not ask not ask not what".split())
