@@ -257,6 +257,42 @@ def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
     assert (partial.stable, partial.unstable) == ("in thick, peppered, flower", "-fattened sauce.")
 
 
+def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
+    # Someone reads 60 s without a pause: word i is said at 0.5 i s, a sentence ends every 8 words.
+    said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(120)]
+
+    class Speaker(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, prefix=None, **_):
+            self.calls.append((len(audio), beam_size, words, prompt))
+            self.prefixes.append(prefix)
+            begin, end = stream.base / SAMPLE_RATE, stream.base / SAMPLE_RATE + len(audio) / SAMPLE_RATE
+            heard = [Word(w, 0.5 * i - begin, 0.5 * i + 0.4 - begin, 0.9)
+                     for i, w in enumerate(said) if begin <= 0.5 * i and 0.5 * i + 0.4 <= end]
+            text = " ".join(w.word for w in heard)
+            assert text.startswith(prefix or "")  # the window begins with its stable words
+            return Transcript(text, (Segment(0.0, end - begin, text, tuple(heard)),), "en", -0.2, 1.2, 0.01,
+                              end - begin, 0.0)
+
+    stream = UtteranceStream(1, 0, 0.4, context="Reading aloud.", max_window_s=10.0)
+    decoder = Speaker()
+    published = []
+    for step in range(1, 151):  # a partial every 0.4 s of audio
+        stream.insert(UtteranceAudio(1, np.zeros(int(0.4 * SAMPLE_RATE), np.int16), 0))
+        partial = stream.partial(decoder.decode(stream.audio(), beam_size=1, words=True, prompt=stream.prompt,
+                                                prefix=stream.prefix), stream.samples)
+        assert partial.stable.split()[:len(published)] == published  # never retracted
+        published = partial.stable.split()
+    windows = [n / SAMPLE_RATE for n, *_ in decoder.calls]
+    assert max(windows) <= 10.4 and stream.base > 0
+    cut_off = stream.stable[:len(stream.stable) - len(stream.prefix)].strip()  # stable words no longer heard
+    assert cut_off and stream.prompt == f"Reading aloud. {cut_off}"[-200:]  # they are the decoder's context
+    t = decoder.decode(stream.audio(), beam_size=5, words=True, prompt=stream.prompt, prefix=stream.prefix)
+    final = stream.final(t, UtteranceEnd(1, stream.samples, stream.samples, "silence", 0.0), 0.1)
+    assert final.text.split() == said
+    assert [w.word for w in final.words] == said
+    assert [w.start for w in final.words] == [0.5 * i for i in range(120)]
+
+
 def test_nothing_becomes_stable_while_whisper_doubts_there_is_speech():
     # tiny.en says "You" to a noise burst with a high no-speech probability: not shown, and not made
     # stable (which would force it into the final past the no-speech check).

@@ -95,6 +95,8 @@ class AsrConfig:
     """Encode the audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: decodes ~3x faster."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
+    max_window_s: float = 15.0
+    """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True
     """Begin the final's decode at a 90 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
     queue_seconds: float = 120.0
@@ -115,6 +117,7 @@ class AsrConfig:
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
+        _check(5 <= self.max_window_s <= 28, "asr.max_window_s", "must be between 5 and 28 seconds")
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
         _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")
         _check(len(self.hotwords) <= 1000, "asr.hotwords", "must be at most 1000 characters")

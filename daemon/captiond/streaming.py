@@ -92,6 +92,10 @@ def _after(stable: str, text: str) -> str | None:
     return text[i + len(tail):] if text[i:].startswith(tail) else text[i:]
 
 
+def _letters(word: str) -> int:
+    return sum(c.isalnum() for c in word)
+
+
 def looping(words: list[str]) -> bool:
     """True when some phrase of 1 to _LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
     said = [_norm(w) for w in words]
@@ -105,27 +109,34 @@ def looping(words: list[str]) -> bool:
 class UtteranceStream:
     """The open utterance: its audio so far and the partials published for it.
 
-    Stabilisation is LocalAgreement-2 over whole-utterance decodes: a word becomes stable once two
-    consecutive partials agree on it, it is not the newest word of the later one, and the later one
-    heard at least a second of audio after it. Later decodes,
-    the final's included, are made to begin with the stable words (the decoder's prefix), so a
-    stable word is never retracted, while each decode still hears the whole utterance (the gate
-    splits utterances at gate.max_utterance_s, which bounds the window). Earlier attempts that cut
-    the stable audio off and prompted with its text cost accuracy: see the history of issue 3.
+    Stabilisation is LocalAgreement-2 over decodes of the utterance's window: a word becomes stable
+    once two consecutive partials agree on it, it is not the newest word of the later one, and the
+    later one heard at least a second of audio after it. Later decodes, the final's included, are
+    made to begin with the stable words (the decoder's prefix), so a stable word is never retracted.
+
+    The window is the whole utterance until it is longer than `max_window_s`; then the audio of
+    stable words is cut off its front at a pause between two of them (a sentence end if there is
+    one), and those words become the decoder's prompt instead. Cutting sooner cost accuracy on the
+    dev corpus (whole-utterance decodes hear more), so short utterances are always decoded whole.
     """
 
-    def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "") -> None:
+    def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
+                 max_window_s: float = 1e9) -> None:
         self.utt = utt
         self.start = start
-        self.prompt = context[-_PROMPT_CHARS:]
-        """What the decoder is told came before this utterance."""
+        self._context = context
         self._chunks: list[np.ndarray] = []
         self._samples = 0
         self._interval = round(partial_interval_s * SAMPLE_RATE)
+        self._max_window = round(max_window_s * SAMPLE_RATE)
         self._decoded_at = 0  # samples of audio the last partial covered
         self.rev = 0
+        self.base = 0
+        """Samples cut off the front of the utterance: decodes hear its audio from here on."""
+        self._done: list[str] = []  # stable words whose audio was cut off
+        self._done_words: list[Word] = []  # their timings, in seconds into the utterance
         self.committed: list[str] = []
-        """Stable words, published as such: every later text of this utterance begins with them."""
+        """Stable words still in the window: every later decode of this utterance begins with them."""
         self._pending: list[str] = []  # the last partial's words after the stable ones
         self._unvoiced_ms = 0
 
@@ -136,12 +147,22 @@ class UtteranceStream:
 
     @property
     def stable(self) -> str:
-        """The stable words as text (the prefix every later decode must begin with)."""
+        """All the stable words as text, those cut off the window included."""
+        return " ".join(self._done + self.committed)
+
+    @property
+    def prefix(self) -> str:
+        """The stable words in the window: the text every later decode must begin with."""
         return " ".join(self.committed)
 
+    @property
+    def prompt(self) -> str:
+        """What the decoder is told came before the window: context, then the words cut off it."""
+        return " ".join(t for t in (self._context, *self._done) if t)[-_PROMPT_CHARS:]
+
     def keeps_stable(self, t: Transcript) -> bool:
-        """True when a decode begins with every stable word (a final must)."""
-        return _after(self.stable, t.text) is not None
+        """True when a decode begins with every stable word in the window (a final must)."""
+        return _after(self.prefix, t.text) is not None
 
     def insert(self, audio: UtteranceAudio) -> None:
         """Append the next piece of the utterance's audio."""
@@ -155,23 +176,23 @@ class UtteranceStream:
         return self._samples - self._decoded_at >= self._interval and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:
-        """The utterance's audio as float32, up to stream sample `until` when given."""
+        """The window's audio as float32, up to stream sample `until` when given."""
         if len(self._chunks) > 1:
             self._chunks = [np.concatenate(self._chunks)]
         pcm = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.int16)
         if until is not None:
-            pcm = pcm[:max(0, until - self.start)]
+            pcm = pcm[:max(0, until - self.start - self.base)]
         return int16_to_float(pcm)
 
     def partial(self, t: Transcript, covered: int) -> Partial:
-        """The partial event for a decode of the first `covered` samples."""
+        """The partial event for a decode of the window up to the utterance's `covered` samples."""
         self._decoded_at = covered
         self.rev += 1
         timed = [w for w in t.words if w.word]
         said = [w.word for w in timed] if timed else t.text.split()
         # Past the stable words by the same letter-wise rule as the final, so a word that ran on
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
-        rest = _after(self.stable, " ".join(said))
+        rest = _after(self.prefix, " ".join(said))
         hypothesis = rest.split() if rest is not None else said
         skip = len(said) - len(hypothesis)
         agreed = _agreed(self._pending, hypothesis[:-1])
@@ -180,18 +201,44 @@ class UtteranceStream:
             # nothing stable, which would force it into the final past the no-speech check there.
             hypothesis, agreed = [], 0
         if timed:  # and only words the decoder heard at least _SETTLE_S of audio after
-            settled = covered / SAMPLE_RATE - _SETTLE_S
+            settled = (covered - self.base) / SAMPLE_RATE - _SETTLE_S
             agreed = min(agreed, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
         self.committed += hypothesis[:agreed]
         self._pending = hypothesis[agreed:]
+        if covered - self.base > self._max_window and timed and rest is not None:
+            self._trim(timed)
         unstable = " ".join(self._pending)
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
                        stable=self.stable, unstable=unstable, text=" ".join(self.committed + self._pending))
 
+    def _trim(self, timed: list[Word]) -> None:
+        """Cut the audio of stable words off the window's front between two of them (at the sentence
+        end with the widest pause after it, else at the widest pause); the words go to the prompt."""
+        ends = list(itertools.accumulate(_letters(w) for w in self.committed))  # letters up to each stable word
+        cuts = []  # (sentence end, pause, window words before the cut, stable words before it)
+        letters = 0
+        for i, (word, after) in enumerate(zip(timed, timed[1:])):
+            letters += _letters(word.word)
+            if letters in ends:  # else not between two stable words (Whisper may split words differently)
+                n = len(ends) - ends[::-1].index(letters)
+                cuts.append((word.word.endswith((".", "?", "!")), after.start - word.end, i + 1, n))
+        if not cuts:
+            return
+        _, _, k, n = max(cuts)
+        offset = self.base / SAMPLE_RATE
+        cut = round((timed[k - 1].end + timed[k].start) / 2 * SAMPLE_RATE)
+        self._done += self.committed[:n]
+        self._done_words += [Word(w.word, w.start + offset, w.end + offset, w.p) for w in timed[:k]]
+        self.committed = self.committed[n:]
+        self.base += cut
+        self._chunks = [np.concatenate(self._chunks)[cut:]]
+
     def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
-        """The final event for the decode of the whole utterance (made to begin with the stable words)."""
+        """The final event for the decode of the window (made to begin with its stable words)."""
         offset = self.start / SAMPLE_RATE
-        words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3)) for w in t.words)
+        base = self.base / SAMPLE_RATE
+        words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3))
+                      for w in (*self._done_words, *(Word(w.word, w.start + base, w.end + base, w.p) for w in t.words)))
         flags = []
         if not t.text:
             flags.append("empty")
@@ -202,14 +249,15 @@ class UtteranceStream:
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
-        if "possible_hallucination" in flags and not self.committed and max((w.p for w in words), default=1.0) < _WITHHOLD_P:
+        if "possible_hallucination" in flags and not self.stable and max((w.p for w in words), default=1.0) < _WITHHOLD_P:
             # Whisper doubts it and is nearly sure of no word in it: tiny.en's "You" where hum turns
             # into buzz (p 0.014). No utterance of the dev corpus's speech comes near (lowest such
             # word 0.24), so the text goes to the log for the record, not to subscribers.
             log.info("utterance %d: withheld %r (every word p < %.2f, flags %s)", self.utt, t.text, _WITHHOLD_P, flags)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
-        rest = _after(self.stable, t.text)
-        text = (self.stable + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
+        rest = _after(self.prefix, t.text)
+        said = (self.prefix + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
+        text = " ".join([*self._done, said]).strip()
         return Final(self.utt, offset, end.end / SAMPLE_RATE, text, words, t.language, latency, tuple(flags))
 
 
@@ -286,7 +334,7 @@ class AsrWorker:
                     # No temperature fallback for a partial: it would take seconds on hard audio, and
                     # the final (which has it) follows anyway.
                     t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=True,
-                                           prompt=stream.prompt, prefix=stream.stable, fallback=False,
+                                           prompt=stream.prompt, prefix=stream.prefix, fallback=False,
                                            priority=self._priority + 2)
                     partial = stream.partial(t, covered)
                     if partial.text:
@@ -296,7 +344,7 @@ class AsrWorker:
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int) -> Transcript:
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.stable, priority=self._priority)
+                                  prompt=stream.prompt, prefix=stream.prefix, priority=self._priority)
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
@@ -315,7 +363,8 @@ class AsrWorker:
             # old text across silence is how Whisper streamers repeat themselves.
             recent = item.start - self._last_end <= self._cfg.carry_over_s * SAMPLE_RATE
             context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
-            self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context)
+            self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
+                                           self._cfg.max_window_s)
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
