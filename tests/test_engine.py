@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import ModelError, WhisperDecoder, resolve_model, short_window
+from captiond.engine import ModelError, WhisperDecoder, _joined, resolve_model, short_window
 from captiond.frames import int16_to_float
 from conftest import CORPUS, clip, manifest, read_wav
 from wer import wer
@@ -42,6 +42,13 @@ def test_silence_is_marked_as_no_speech():
     decoder.load()
     t = decoder.decode(np.zeros(16000 * 3, np.float32), beam_size=5, words=True)
     assert t.text == "" or t.no_speech_prob > 0.6
+
+
+def test_segments_join_without_a_space_before_what_goes_on_a_word():
+    # Seen with a prefix: segments "... 4th Deliner", ". Montreal" and "I", "'m sorry".
+    assert _joined(["This is the Montreal 4th Deliner", ". Montreal", "I", "'m sorry", "Word", ", word"]) == \
+        "This is the Montreal 4th Deliner. Montreal I'm sorry Word, word"
+    assert _joined([]) == ""
 
 
 def test_short_window_keeps_the_audio_and_seven_seconds_of_padding():

@@ -54,7 +54,7 @@ class GateConfig:
     """Unvoiced audio that closes an utterance, in ms."""
     preroll_ms: int = 300
     """Audio kept from before the speech start and prepended to the utterance, in ms."""
-    max_utterance_s: float = 20.0
+    max_utterance_s: float = 60.0
     """Longest utterance before it is split (at the quietest nearby frame, losing no audio), in seconds."""
     feature_check: bool = True
     """Check webrtcvad's voiced runs against log-mel features to reject steady hum, fan noise and clicks."""

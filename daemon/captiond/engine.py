@@ -10,7 +10,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -177,6 +177,14 @@ def release_memory() -> None:
         _glibc.malloc_trim(0)
 
 
+def _joined(texts: Iterable[str]) -> str:
+    """Segment texts as one text: a space between two, none before one that goes on a word ("'m", ",")."""
+    out = ""
+    for text in texts:
+        out += text if not out or text[0] in ".,!?;:'" else " " + text
+    return out
+
+
 class WhisperDecoder:
     """Blocking decoder around a faster-whisper model; call only from the engine thread."""
 
@@ -213,12 +221,12 @@ class WhisperDecoder:
             logprob = min(logprob, seg.avg_logprob)
             ratio = max(ratio, seg.compression_ratio)
             no_speech = max(no_speech, seg.no_speech_prob)
-            if seg.text.strip():
+            if any(c.isalnum() for c in seg.text):  # with a prefix, tiny.en may end a segment at a lone "."
                 words = tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
                               for w in seg.words or ())
                 found.append(Segment(float(seg.start), float(seg.end), seg.text.strip(), words))
         release_memory()
-        return Transcript(" ".join(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
+        return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started)
 
     def _token_budget(self, seconds: float, prompt: str | None, hotwords: str | None, prefix: str | None) -> int:
