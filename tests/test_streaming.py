@@ -110,20 +110,22 @@ def test_flags_doubtful_and_empty_finals():
     assert finals[1].flags == ("empty",) and finals[1].text == ""
 
 
-def test_a_doubted_final_with_no_likely_word_is_withheld_not_published():
-    def transcript(p, doubted=True):
-        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),)),), "en",
-                          -1.2 if doubted else -0.5, 0.5, 0.7 if doubted else 0.1, 1.0, 0.1)
+def test_a_final_whisper_hears_no_speech_in_with_no_likely_word_is_withheld_not_published():
+    def transcript(p, no_speech=0.9, logprob=-0.98):
+        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),)),), "en", logprob, 0.5, no_speech,
+                          1.0, 0.1)
 
-    end = UtteranceEnd(1, 16000, 16000, "silence", 0.0)
-    withheld = UtteranceStream(1, 0, 0.4).final(transcript(0.014), end, 0.1)  # tiny.en on hum turning into buzz
+    def final(t, stable=()):
+        stream = UtteranceStream(1, 0, 0.4)
+        stream.committed = list(stable)
+        return stream.final(t, UtteranceEnd(1, 16000, 16000, "silence", 0.0), 0.1)
+
+    withheld = final(transcript(0.009))  # tiny.en on a noise burst, as logged by the daemon
     assert (withheld.text, withheld.words, withheld.flags) == ("", (), ("possible_hallucination", "withheld"))
-    kept = UtteranceStream(1, 0, 0.4).final(transcript(0.2), end, 0.1)  # a word that may be real: flagged only
-    assert kept.text == "You" and kept.flags == ("possible_hallucination",)
-    assert UtteranceStream(1, 0, 0.4).final(transcript(0.014, doubted=False), end, 0.1).text == "You"  # Whisper has no doubt
-    stable = UtteranceStream(1, 0, 0.4)
-    stable.committed = ["You"]  # published as stable: a final must keep it
-    assert stable.final(transcript(0.014), end, 0.1).text == "You"
+    assert final(transcript(0.2)).text == "You"  # a word that may be real: flagged only
+    doubted_speech = final(transcript(0.03, no_speech=0.1, logprob=-1.3))  # garbled speech: Whisper heard speech
+    assert doubted_speech.text == "You" and doubted_speech.flags == ("possible_hallucination",)
+    assert final(transcript(0.009), stable=["You"]).text == "You"  # published as stable: a final keeps it
 
 
 def test_loop_detector():

@@ -249,11 +249,12 @@ class UtteranceStream:
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
-        if "possible_hallucination" in flags and not self.stable and max((w.p for w in words), default=1.0) < _WITHHOLD_P:
-            # Whisper doubts it and is nearly sure of no word in it: tiny.en's "You" where hum turns
-            # into buzz (p 0.014). No utterance of the dev corpus's speech comes near (lowest such
-            # word 0.24), so the text goes to the log for the record, not to subscribers.
-            log.info("utterance %d: withheld %r (every word p < %.2f, flags %s)", self.utt, t.text, _WITHHOLD_P, flags)
+        if t.no_speech_prob > _MAX_NO_SPEECH and not self.stable and max((w.p for w in words), default=1.0) < _WITHHOLD_P:
+            # Whisper thinks there is no speech and is nearly sure of no word: tiny.en's "You" on
+            # noise (p 0.009-0.014, no-speech p 0.90). A garbled real word on breathy speech had
+            # p < 0.05 too, but Whisper heard speech there; the text goes to the log for the record.
+            log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
+                     [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
         rest = _after(self.prefix, t.text)
         said = (self.prefix + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
