@@ -283,6 +283,7 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
         partial = stream.partial(decoder.decode(stream.audio(), beam_size=1, words=True, prompt=stream.prompt,
                                                 prefix=stream.prefix), stream.samples)
         assert partial.stable.split()[:len(published)] == published  # never retracted
+        assert partial.text == f"{partial.stable} {partial.unstable}".strip()
         published = partial.stable.split()
     windows = [n / SAMPLE_RATE for n, *_ in decoder.calls]
     assert max(windows) <= 10.4 and stream.base > 0

@@ -31,7 +31,7 @@ _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utt
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
 _LOOP_REPEATS = 4  # a phrase of up to _LOOP_WORDS words said this many times in a row looks like a decoder loop
 _LOOP_WORDS = 4
-_WITHHOLD_P = 0.05  # a doubted final none of whose words is this likely is withheld (see UtteranceStream.final)
+_WITHHOLD_P = 0.05  # a final heard as no speech with no word this likely is withheld (see UtteranceStream.final)
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
@@ -209,7 +209,7 @@ class UtteranceStream:
             self._trim(timed)
         unstable = " ".join(self._pending)
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
-                       stable=self.stable, unstable=unstable, text=" ".join(self.committed + self._pending))
+                       stable=self.stable, unstable=unstable, text=" ".join(self._done + self.committed + self._pending))
 
     def _trim(self, timed: list[Word]) -> None:
         """Cut the audio of stable words off the window's front between two of them (at the sentence
