@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from conftest import CORPUS, Daemon, manifest, read_wav, silence, write_wav  # noqa: E402
+from conftest import CORPUS, Daemon, manifest, read_wav, silence, trimmed, write_wav  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
 from wer import corpus_wer, normalize  # noqa: E402
 
@@ -63,13 +63,6 @@ def folder_clips(folder: Path) -> list[dict]:
     return [{"file": p.name, "path": p,
              "text": refs.get(p.stem, "" if p.stem.lower().startswith("noise") else p.stem.replace("_", " "))}
             for p in sorted(folder.iterdir()) if p.suffix.lower() in (".wav", ".flac")]
-
-
-def trimmed(pcm: np.ndarray) -> np.ndarray:
-    """The clip without the silence before and after its speech (100 ms kept each side)."""
-    frames = pcm[: len(pcm) // 480 * 480].reshape(-1, 480).astype(np.float64)
-    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01 * np.abs(pcm).max())
-    return pcm[max(0, loud[0] * 480 - 1600): (loud[-1] + 1) * 480 + 1600] if len(loud) else pcm
 
 
 def joined(clips: list[dict], k: int) -> list[dict]:

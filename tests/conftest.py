@@ -70,6 +70,13 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * 16000), dtype=np.int16)
 
 
+def trimmed(pcm: np.ndarray) -> np.ndarray:
+    """The clip without the silence before and after its speech (100 ms kept each side)."""
+    frames = pcm[: len(pcm) // 480 * 480].reshape(-1, 480).astype(np.float64)
+    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01 * np.abs(pcm).max())
+    return pcm[max(0, loud[0] * 480 - 1600): (loud[-1] + 1) * 480 + 1600] if len(loud) else pcm
+
+
 class FakeDecoder:
     """Says how much audio it was given; optionally slow, to act out an overloaded machine."""
 

@@ -5,7 +5,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import CORPUS, EventLog, clip, read_wav, silence, write_wav
+from conftest import CORPUS, EventLog, clip, read_wav, silence, trimmed, write_wav
 from wer import corpus_wer, normalize
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,33 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
 
     assert daemon.stop() == 0
     assert not daemon.socket.exists()
+
+
+def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_factory, tmp_path):
+    # Three clips said as one utterance (0.25 s pauses; the clips pause for up to a second inside, so
+    # the hangover is longer here): 19.5 s of speech, decoded in windows of at most 8 s.
+    pause = silence(0.25)
+    speech = np.concatenate([x for n in SESSION for x in (trimmed(read_wav(CORPUS / n)), pause)])
+    daemon = daemon_factory("--source", "mic", "--debug", "--set", "asr.max_window_s=8", "--set", "gate.hangover_ms=1500",
+                            env=vmic.env)
+    events = daemon.connect()
+    assert vmic.play(write_wav(tmp_path / "long.wav", np.concatenate([silence(0.8), speech, silence(2.0)]))).wait(120) == 0
+    final = events.wait_for(lambda e: e["type"] == "final" and e["end"] - e["start"] > 18, timeout=30)
+    assert "max_length" not in final["flags"]
+    assert "window, which now begins at" in daemon.stderr  # the window was cut, more than once
+    assert len([line for line in daemon.stderr.splitlines() if "cut off the window" in line]) >= 2
+    error = corpus_wer([(" ".join(clip(n)["text"] for n in SESSION), final["text"])])
+    assert error <= WER_BOUND, f"WER {error:.2f}: {final['text']}"
+    starts = [w["start"] for w in final["words"]]
+    assert starts == sorted(starts) and final["start"] <= starts[0] and final["words"][-1]["end"] <= final["end"] + 0.5
+    stable = ""
+    for partial in events.of("partial"):
+        if partial["utt"] == final["utt"]:
+            assert partial["stable"].startswith(stable)
+            stable = partial["stable"]
+    letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
+    assert len(stable) > 100 and letters(final["text"]).startswith(letters(stable))  # binding, letter by letter
+    assert daemon.stop() == 0
 
 
 def _non_speech(seed=3):

@@ -232,6 +232,8 @@ class UtteranceStream:
         self.committed = self.committed[n:]
         self.base += cut
         self._chunks = [np.concatenate(self._chunks)[cut:]]
+        log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now begins at %.1f s",
+                  self.utt, cut / SAMPLE_RATE, n, self.base / SAMPLE_RATE)
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
         """The final event for the decode of the window (made to begin with its stable words)."""
