@@ -172,7 +172,7 @@ def settle_allocator() -> None:
 
 
 def release_memory() -> None:
-    """Hand the free memory at the top of glibc's heaps back to the system (about 1 ms)."""
+    """Hand the free pages of all of glibc's heaps back to the system (about 1 ms)."""
     if _glibc is not None:
         _glibc.malloc_trim(0)
 
