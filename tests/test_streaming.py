@@ -5,14 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import numpy as np
+import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import Engine, Segment, Transcript
+from captiond.engine import Engine, Segment, Transcript, WhisperDecoder
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from captiond.streaming import AsrWorker, UtteranceStream, looping
-from conftest import FakeDecoder
+from conftest import CORPUS, FakeDecoder, clip, read_wav, silence, trimmed
+from wer import wer
 
 
 def utterance(utt, start, seconds, captured=0.0):
@@ -259,6 +261,34 @@ def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
     assert (partial.stable, partial.unstable) == ("in thick, peppered, flower", "-fattened sauce.")
 
 
+def test_a_sentence_end_after_the_stable_words_is_not_given_to_the_decoder():
+    # Dev corpus mfa_surround: with prefix "... very bad aligner." tiny.en stopped there, and
+    # "but what are you gonna do" was lost from every later partial and from the final.
+    stream = UtteranceStream(1, 0, 0.5)
+    stream.committed = "This one is going to be forced very bad aligner.".split()
+    assert stream.prefix == "This one is going to be forced very bad aligner"
+    said = "This one is going to be forced, very bad aligner, but what are you going to do?"
+    t = Transcript(said, (Segment(0.0, 5.0, said, ()),), "en", -0.2, 1.2, 0.01, 5.0, 0.0)
+    assert stream.keeps_stable(t)
+    final = stream.final(t, UtteranceEnd(1, 80000, 80000, "silence", 0.0), 0.1)
+    assert final.text == "This one is going to be forced very bad aligner. but what are you going to do?"
+    partial = stream.partial(t, 80000)  # the stable word keeps its full stop; the decode's comma is not a word
+    assert (partial.stable, partial.unstable) == ("This one is going to be forced very bad aligner.",
+                                                  "but what are you going to do?")
+
+
+def test_punctuation_alone_never_becomes_a_word():
+    # Dev corpus mfa_breaths: greedy decodes looped on " . . ." and the dots became stable, so the
+    # final had to begin with them.
+    stream = UtteranceStream(1, 0, 0.5)
+    decoder = scripted(["Montreal . . . .", "Montreal . . . . .", "Montreal . . . . . .", "Montreal. Forest. A liner.",
+                        "Montreal. Forest. A liner."])
+    for i in range(5):
+        p = stream.partial(decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.prefix), i)
+        assert all(any(c.isalnum() for c in w) for w in p.text.split()), p.text
+    assert (p.stable, p.unstable) == ("Montreal. Forest. A", "liner.")
+
+
 def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
     # Someone reads 60 s without a pause: word i is said at 0.5 i s, a sentence ends every 8 words.
     said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(120)]
@@ -323,3 +353,27 @@ def test_final_begun_before_late_stable_words_is_decoded_again():
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
     assert decoder.prefixes == [None, "the cat sat on the"]
     assert events[-1].text == "the cat sat on the mat"
+
+
+@pytest.mark.slow
+def test_real_decodes_of_a_growing_utterance_keep_every_stable_word_and_the_words_after_a_full_stop():
+    """The policy with the real model on mfa_surround, whose stable words end with "aligner." mid-utterance."""
+    item = clip("mfa_surround.wav")
+    pcm = np.concatenate([silence(0.2), trimmed(read_wav(CORPUS / item["file"])), silence(0.3)])
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    stream = UtteranceStream(1, 0, 0.4)
+    step, published = round(0.4 * SAMPLE_RATE), []
+    for i in range(0, len(pcm), step):
+        stream.insert(UtteranceAudio(1, pcm[i:i + step], i + step))
+        if not stream.partial_due():
+            continue
+        t = decoder.decode(stream.audio(), beam_size=1, words=True, prefix=stream.prefix or None, fallback=False)
+        p = stream.partial(t, stream.samples)
+        assert p.stable.split()[:len(published)] == published
+        published = p.stable.split()
+    assert stream.stable.endswith("aligner.")  # the case: the final's prefix would end with a full stop
+    t = decoder.decode(stream.audio(), beam_size=5, words=True, prefix=stream.prefix or None)
+    final = stream.final(t, UtteranceEnd(1, len(pcm), len(pcm), "silence", 0.0), 0.1)
+    assert final.text.split()[:len(published)] == published
+    assert wer(item["text"], final.text) <= 0.25, final.text

@@ -88,8 +88,10 @@ def _after(stable: str, text: str) -> str | None:
         i += 1
     if j < len(key):
         return None
-    tail = stable[len(stable.rstrip(_PUNCTUATION)):]  # "flower," said again: one comma, not two
-    return text[i + len(tail):] if text[i:].startswith(tail) else text[i:]
+    if stable and stable[-1] in _PUNCTUATION:  # the stable word's punctuation stands: "aligner." then ", but" is " but"
+        while i < len(text) and text[i] in _PUNCTUATION:
+            i += 1
+    return text[i:]
 
 
 def _letters(word: str) -> int:
@@ -152,8 +154,12 @@ class UtteranceStream:
 
     @property
     def prefix(self) -> str:
-        """The stable words in the window: the text every later decode must begin with."""
-        return " ".join(self.committed)
+        """The stable words in the window: the text every later decode must begin with.
+
+        Without a sentence end after the last word: given "... aligner." tiny.en mostly stops
+        there, and the words said after it were lost (in partials and the final alike).
+        """
+        return " ".join(self.committed).rstrip(".!?…")
 
     @property
     def prompt(self) -> str:
@@ -188,12 +194,14 @@ class UtteranceStream:
         """The partial event for a decode of the window up to the utterance's `covered` samples."""
         self._decoded_at = covered
         self.rev += 1
-        timed = [w for w in t.words if w.word]
-        said = [w.word for w in timed] if timed else t.text.split()
+        # Punctuation alone is no word: greedy decodes can loop on " . . ." and must not make it stable.
+        timed = [w for w in t.words if _letters(w.word)]
+        said = [w.word for w in timed] if timed else [w for w in t.text.split() if _letters(w)]
         # Past the stable words by the same letter-wise rule as the final, so a word that ran on
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
-        rest = _after(self.prefix, " ".join(said))
-        hypothesis = rest.split() if rest is not None else said
+        rest = _after(" ".join(self.committed), " ".join(said))
+        # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
+        hypothesis = [w for w in rest.split() if _letters(w)] if rest is not None else said
         skip = len(said) - len(hypothesis)
         agreed = _agreed(self._pending, hypothesis[:-1])
         if t.no_speech_prob > _MAX_NO_SPEECH:
@@ -258,8 +266,9 @@ class UtteranceStream:
             log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
                      [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
-        rest = _after(self.prefix, t.text)
-        said = (self.prefix + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
+        committed = " ".join(self.committed)
+        rest = _after(committed, t.text)
+        said = (committed + rest).strip() if rest is not None else " ".join(self.committed + t.text.split())
         text = " ".join([*self._done, said]).strip()
         return Final(self.utt, offset, end.end / SAMPLE_RATE, text, words, t.language, latency, tuple(flags))
 
