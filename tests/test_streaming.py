@@ -112,7 +112,7 @@ def test_flags_doubtful_and_empty_finals():
     assert finals[1].flags == ("empty",) and finals[1].text == ""
 
 
-def test_a_final_whisper_hears_no_speech_in_with_no_likely_word_is_withheld_not_published():
+def test_a_final_whisper_hears_no_speech_in_and_is_unsure_of_is_withheld_not_published():
     def transcript(p, no_speech=0.9, logprob=-0.98):
         return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),)),), "en", logprob, 0.5, no_speech,
                           1.0, 0.1)
@@ -128,6 +128,18 @@ def test_a_final_whisper_hears_no_speech_in_with_no_likely_word_is_withheld_not_
     doubted_speech = final(transcript(0.03, no_speech=0.1, logprob=-1.3))  # garbled speech: Whisper heard speech
     assert doubted_speech.text == "You" and doubted_speech.flags == ("possible_hallucination",)
     assert final(transcript(0.009), stable=["You"]).text == "You"  # published as stable: a final keeps it
+
+    def guess(first_p, no_speech=0.89, words="Thank you so much for watching"):
+        said = tuple(Word(w, 0.3 * i, 0.3 * i + 0.2, first_p if i == 0 else 0.9) for i, w in enumerate(words.split()))
+        return Transcript(words, (Segment(0.0, 3.0, words, said),), "en", -0.43, 1.6, no_speech, 3.0, 0.1)
+
+    # Sure of no speech, and the first word a guess the rest follows: tiny.en on noise bursts and puffs.
+    for words in ("Thank you so much for watching", "Oh, oh, oh, oh, oh, oh, oh, oh", "I don't know, I don't know, I don't"):
+        assert final(guess(0.003, words=words)).text == ""
+    assert final(guess(0.003)).flags == ("possible_hallucination", "withheld")
+    assert final(guess(0.003, no_speech=0.7)).text == "Thank you so much for watching"  # less sure: flagged only
+    assert final(guess(0.027, no_speech=0.7, words="I can't, I can't, I can't, I can't, I can")).text == ""  # a loop
+    assert final(guess(0.06)).text == "Thank you so much for watching"  # the first word may be real
 
 
 def test_loop_detector():
@@ -335,6 +347,21 @@ def test_nothing_becomes_stable_while_whisper_doubts_there_is_speech():
         p = stream.partial(decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.stable), i)
         assert (p.stable, p.unstable, p.text) == ("", "", "")  # the worker publishes no empty partial
     assert decoder.prefixes == ["", "", ""]
+
+
+def test_a_long_stretch_whisper_hears_no_speech_in_is_not_kept_past_the_window():
+    # Noise the gate let through for 40 s (music, say): nothing becomes stable, so nothing can be cut
+    # at a word; the decodes still stay within max_window_s, and speech after it is heard.
+    stream = UtteranceStream(1, 0, 0.4, max_window_s=10.0)
+    decoder = scripted(["Oh, oh, oh"], no_speech_prob=0.9)
+    for _ in range(100):
+        stream.insert(UtteranceAudio(1, np.zeros(int(0.4 * SAMPLE_RATE), np.int16), 0))
+        p = stream.partial(decoder.decode(stream.audio(), beam_size=1, words=False, prefix=stream.prefix),
+                           stream.samples)
+        assert p.text == ""
+    assert max(n for n, *_ in decoder.calls) <= 10.4 * SAMPLE_RATE and stream.base >= 30 * SAMPLE_RATE
+    stream.insert(UtteranceAudio(1, np.full(SAMPLE_RATE, 7, np.int16), 0))  # then someone speaks
+    assert len(stream.audio()) < 11 * SAMPLE_RATE and stream.audio()[-1] > 0
 
 
 def test_final_begun_before_late_stable_words_is_decoded_again():
