@@ -210,7 +210,7 @@ def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
     assert final_decodes[-1] == end.audio_end and abs(float(events[-1].text.split()[1]) - end.audio_end / SAMPLE_RATE) < 0.01
 
 
-def scripted(hypotheses, no_speech_prob=0.01):
+def scripted(hypotheses, no_speech_prob=0.01, logprob=-0.2):
     """A decoder that says the next scripted hypothesis, made to begin with the prefix as Whisper is."""
 
     class Scripted(FakeDecoder):
@@ -220,7 +220,7 @@ def scripted(hypotheses, no_speech_prob=0.01):
             said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
             forced = (prefix or "").split()
             text = " ".join(forced + said[len(forced):])
-            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", -0.2, 1.2,
+            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", logprob, 1.2,
                               no_speech_prob, 1.0, 0.0)
 
     return Scripted()
@@ -362,6 +362,16 @@ def test_a_long_stretch_whisper_hears_no_speech_in_is_not_kept_past_the_window()
     assert max(n for n, *_ in decoder.calls) <= 10.4 * SAMPLE_RATE and stream.base >= 30 * SAMPLE_RATE
     stream.insert(UtteranceAudio(1, np.full(SAMPLE_RATE, 7, np.int16), 0))  # then someone speaks
     assert len(stream.audio()) < 11 * SAMPLE_RATE and stream.audio()[-1] > 0
+
+
+def test_nothing_becomes_stable_from_decodes_whisper_itself_doubts():
+    # Greedy partials said "I don't know" to breaths before speech, twice alike; made stable, it
+    # would be forced into the final. Shown, but not made stable, below Whisper's log-prob threshold.
+    stream = UtteranceStream(1, 0, 0.5)
+    decoder = scripted(["I don't know", "I don't know.", "I don't know."], logprob=-1.4)
+    for i in range(3):
+        p = stream.partial(decoder.decode(np.zeros(1), beam_size=1, words=False, prefix=stream.prefix), i)
+        assert p.stable == "" and p.unstable.startswith("I don't know")
 
 
 def test_final_begun_before_late_stable_words_is_decoded_again():

@@ -209,6 +209,10 @@ class UtteranceStream:
             # Whisper doubts there is speech at all ("You" on a noise burst): show nothing new, and make
             # nothing stable, which would force it into the final past the no-speech check there.
             hypothesis, agreed = [], 0
+        elif t.avg_logprob < _MIN_LOGPROB:
+            # Whisper's own doubt: a guess made twice is still a guess (greedy partials said "I'm …"
+            # or "I don't know" to breaths, p ~0.1), and once stable it is forced into the final.
+            agreed = 0
         if timed:  # and only words the decoder heard at least _SETTLE_S of audio after
             settled = (covered - self.base) / SAMPLE_RATE - _SETTLE_S
             agreed = min(agreed, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
