@@ -219,7 +219,8 @@ def main() -> None:
                         help="build the session from the WAV/FLAC files in DIR (repeatable) instead of the dev corpus")
     parser.add_argument("--join", type=int, default=1, metavar="K",
                         help="say every K clips as one long utterance (0.25 s pauses): decode windows past asr.max_window_s")
-    parser.add_argument("--verbose", action="store_true", help="print reference, streamed and offline text per clip")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print per clip the reference, streamed, naive and offline (utterances, whole) text")
     args = parser.parse_args()
 
     config, _ = load(None, args.set)
@@ -294,8 +295,10 @@ def main() -> None:
     for r in rows:
         print(line(r))
     if args.verbose:
-        for (item, s, e), (ref, hyp), (_, off) in zip(spans, ours["pairs"], pairs_offline):
-            print(f"\n{item['file']} at {s:.1f}-{e:.1f} s\nREF {ref}\nSTR {hyp}\nOFF {off}")
+        for i, ((item, s, e), (ref, hyp), (_, off)) in enumerate(zip(spans, ours["pairs"], pairs_offline)):
+            naive_text = f"\nNAI {base['pairs'][i][1]}" if base else ""
+            print(f"\n{item['file']} at {s:.1f}-{e:.1f} s\nREF {ref}\nSTR {hyp}{naive_text}\nUTT {ref_utterances[item['file']]}"
+                  f"\nOFF {off}")
         print("\nfinals (session time):")
         for f in ours["finals"]:
             print(f"  {f['start'] - ours['offset']:6.1f}-{f['end'] - ours['offset']:6.1f} latency {f['latency']:.2f} s "
