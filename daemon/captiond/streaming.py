@@ -32,7 +32,7 @@ _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is be
 _LOOP_REPEATS = 4  # a phrase of up to _LOOP_WORDS words said this many times in a row looks like a decoder loop
 _LOOP_WORDS = 4
 _WITHHOLD_P = 0.05  # a first word this unlikely, where Whisper hears no speech, is a guess (UtteranceStream.final)
-_SURE_NO_SPEECH = 0.8
+_SURE_NO_SPEECH = 0.8  # a no-speech probability at which such a guess is withheld whatever follows it
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
