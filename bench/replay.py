@@ -1,0 +1,89 @@
+"""Replay the streaming policy on dev corpus files, with no microphone: where does it lose words?
+
+For every clip the daemon's gate cuts the utterances; each is then decoded three ways on identical
+audio: as the daemon does (greedy partials every asr.partial_interval_s with the stable prefix, the
+final begun at the 90 ms pause when the utterance ends there), as the naive baseline does (one
+decode at the end, 210 ms of tail), and the early final alone (no partials). Prints the clips where
+the three differ, then the WER of each. Deterministic but for the temperature fallback's sampling.
+
+    .venv/bin/python bench/replay.py [--clips N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from conftest import CORPUS, manifest, read_wav, silence  # noqa: E402
+from wer import corpus_wer, normalize, wer  # noqa: E402
+
+from captiond.config import AsrConfig, GateConfig  # noqa: E402
+from captiond.engine import WhisperDecoder  # noqa: E402
+from captiond.frames import FrameAssembler  # noqa: E402
+from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart  # noqa: E402
+from captiond.streaming import UtteranceStream  # noqa: E402
+
+MODES = ("streamed", "naive", "early final only")
+
+
+def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str, str]:
+    """The clip's text in each mode, its utterances joined."""
+    out: dict[str, list[str]] = {m: [] for m in MODES}
+    stream, pause = None, None
+    for event in Gate(GateConfig()).feed(FrameAssembler().insert(pcm, 0.0), close=True):
+        if isinstance(event, UtteranceStart):
+            stream, pause = UtteranceStream(event.utt, event.start, asr.partial_interval_s, "", asr.max_window_s), None
+        elif isinstance(event, UtteranceAudio):
+            stream.insert(event)
+            if stream.partial_due():
+                t = decoder.decode(stream.audio(), beam_size=asr.partial_beam_size, words=True,
+                                   prefix=stream.prefix or None, fallback=False)
+                stream.partial(t, stream.samples)
+        elif isinstance(event, UtterancePause):
+            pause = event
+        elif isinstance(event, UtteranceEnd):
+            early = pause is not None and pause.voiced_end == event.end
+            end = pause.audio_end if early else event.audio_end
+            t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True, prefix=stream.prefix or None)
+            if not stream.keeps_stable(t):
+                t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True,
+                                   prefix=stream.prefix or None)
+            out["streamed"].append(stream.final(t, event, 0.0).text)
+            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), beam_size=asr.beam_size,
+                                               words=True).text)
+            out["early final only"].append(decoder.decode(stream.audio(until=end), beam_size=asr.beam_size,
+                                                          words=True).text)
+    return {m: " ".join(texts) for m, texts in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=0, help="only the first N usable clips (default: all)")
+    args = parser.parse_args()
+    asr = AsrConfig()
+    decoder = WhisperDecoder(asr)
+    decoder.load()
+    clips = [c for c in manifest() if c["wer_ok"] and c["duration"] <= 15][: args.clips or None]
+    pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in MODES}
+    for c in clips:
+        texts = replay(decoder, asr, np.concatenate([silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
+        errors = {m: round(wer(c["text"], texts[m]) * len(normalize(c["text"]))) for m in MODES}
+        for m in MODES:
+            pairs[m].append((c["text"], texts[m]))
+        if len(set(errors.values())) > 1:
+            print(f"{c['file']}: REF {c['text']}\n" + "".join(f"  {m} ({errors[m]} errors): {texts[m]}\n" for m in MODES))
+    print("| mode | WER |\n|---|---|")
+    for m in MODES:
+        print(f"| {m} | {corpus_wer(pairs[m]):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
