@@ -52,10 +52,8 @@ def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str
         elif isinstance(event, UtteranceEnd):
             early = pause is not None and pause.voiced_end == event.end
             end = pause.audio_end if early else event.audio_end
+            # Decoded here with today's prefix, so never stale as a live early final can be.
             t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True, prefix=stream.prefix or None)
-            if not stream.keeps_stable(t):
-                t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True,
-                                   prefix=stream.prefix or None)
             out["streamed"].append(stream.final(t, event, 0.0).text)
             out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), beam_size=asr.beam_size,
                                                words=True).text)
