@@ -271,7 +271,7 @@ class UtteranceStream:
         elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
               or t.no_speech_prob > _MAX_NO_SPEECH):
             flags.append("possible_hallucination")
-        if looping(t.text.split()):
+        if looping([*t.text.split(), *t.unheard]):
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
