@@ -1,12 +1,14 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from captiond.config import AsrConfig
-from captiond.engine import ModelError, WhisperDecoder, _joined, resolve_model, short_window
-from captiond.frames import int16_to_float
-from conftest import CORPUS, clip, manifest, read_wav
+from captiond.config import AsrConfig, GateConfig
+from captiond.engine import ModelError, WhisperDecoder, _heard, _joined, resolve_model, short_window
+from captiond.frames import FrameAssembler, int16_to_float
+from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
+from conftest import CORPUS, clip, manifest, read_wav, silence
 from wer import wer
 
 
@@ -49,6 +51,45 @@ def test_segments_join_without_a_space_before_what_goes_on_a_word():
     assert _joined(["This is the Montreal 4th Deliner", ". Montreal", "I", "'m sorry", "Word", ", word"]) == \
         "This is the Montreal 4th Deliner. Montreal I'm sorry Word, word"
     assert _joined([]) == ""
+
+
+def _segment(*words):
+    """A faster-whisper segment of (word, start, end) as its transcribe() yields them."""
+    said = [SimpleNamespace(word=" " + w, start=a, end=b, probability=0.9) for w, a, b in words]
+    return SimpleNamespace(start=said[0].start, end=said[-1].end, text="".join(w.word for w in said), words=said)
+
+
+def test_words_placed_after_the_audio_are_left_out():
+    # ps_cards_001 decoded to 90 ms after its voiced end (1.20 s): the last "10 of clubs?" has no audio.
+    first = _segment(("10", 0.0, 0.46), ("of", 0.46, 0.64), ("clubs?", 0.64, 0.64), ("10", 0.64, 0.64),
+                     ("of", 0.64, 0.68), ("clubs?", 0.68, 0.96))
+    loop = _segment(("10", 1.18, 1.18), ("of", 1.18, 1.18), ("clubs?", 1.18, 1.18))
+    found, unheard = _heard([first, loop], 1.20)
+    assert [s.text for s in found] == ["10 of clubs? 10 of clubs?"] and unheard == ("10", "of", "clubs?")
+    # inside one segment: its text and end follow the words kept
+    found, unheard = _heard([_segment(("5,", 0.0, 1.22), ("5,", 1.36, 1.68), ("5,", 1.98, 1.98), ("5", 1.98, 1.98))], 2.01)
+    assert (found[0].text, found[0].end, [w.word for w in found[0].words], unheard) == ("5, 5,", 1.68, ["5,", "5,"], ("5,", "5"))
+    # zero-length words inside the speech, or a last word that has audio, stay
+    kept = _segment(("Montreal,", 0.0, 0.98), ("uh,", 1.82, 1.82), ("forced", 3.06, 3.12), ("liner.", 3.3, 3.54))
+    found, unheard = _heard([kept], 3.84)
+    assert (found[0].text, len(found[0].words), unheard) == (kept.text.strip(), 4, ())
+    assert _heard([_segment(("here.", 2.72, 3.16))], 3.18)[1] == ()
+    assert _heard([_segment(("there", 2.9, 2.9))], 3.18)[1] == ()  # zero length, but before the end
+
+
+@pytest.mark.slow
+def test_a_loop_into_the_padding_after_a_short_utterance_is_not_in_the_text():
+    """ps_cards_004 ("five five") cut by the gate and decoded as the early final is: to 90 ms after its voiced end."""
+    pcm = np.concatenate([silence(1.0), read_wav(CORPUS / clip("ps_cards_004.wav")["file"]), silence(1.0)])
+    events = list(Gate(GateConfig()).feed(FrameAssembler().insert(pcm, 0.0), close=True))
+    end = next(e for e in events if isinstance(e, UtteranceEnd))
+    pause = next(e for e in events if isinstance(e, UtterancePause) and e.voiced_end == end.end)
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    start = next(e.start for e in events if isinstance(e, UtteranceStart))
+    t = decoder.decode(int16_to_float(pcm[start:pause.audio_end]), beam_size=5, words=True)
+    assert t.unheard and t.text.count("5") <= 3, (t.text, t.unheard)
+    assert t.text == " ".join(w.word for w in t.words)
 
 
 def test_short_window_keeps_the_audio_and_seven_seconds_of_padding():
