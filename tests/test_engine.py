@@ -74,7 +74,13 @@ def test_words_placed_after_the_audio_are_left_out():
     found, unheard = _heard([kept], 3.84)
     assert (found[0].text, len(found[0].words), unheard) == (kept.text.strip(), 4, ())
     assert _heard([_segment(("here.", 2.72, 3.16))], 3.18)[1] == ()
-    assert _heard([_segment(("there", 2.9, 2.9))], 3.18)[1] == ()  # zero length, but before the end
+    assert _heard([_segment(("so", 2.5, 2.6), ("there", 2.9, 2.9))], 3.18)[1] == ()  # zero length, but before the end
+    # only a loop: at the end, without audio, but words said before, not just before
+    said = "what your country can do for you ask what you can do".split()
+    late = _segment(*[(w, i * 0.3, i * 0.3 + 0.2) for i, w in enumerate(said)], ("for", 4.0, 4.0), ("your", 4.0, 4.0),
+                    ("country.", 4.0, 4.0))
+    assert _heard([late], 4.02)[1] == ()
+    assert _heard([_segment(("no", 0.2, 0.5), ("no", 1.0, 1.0))], 1.02)[1] == ("no",)
 
 
 @pytest.mark.slow

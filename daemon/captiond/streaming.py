@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .config import AsrConfig
-from .engine import Engine, Transcript
+from .engine import LOOP_WORDS, PUNCTUATION, Engine, Transcript, bare
 from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
 from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -24,13 +24,11 @@ _MAX_COMPRESSION = 2.4
 _MIN_LOGPROB = -1.0
 _MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
-_PUNCTUATION = ".,!?;:\"'()[]…-"
 _SETTLE_S = 1.0  # a word becomes stable only once this much audio after it has been decoded
 _PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
-_LOOP_REPEATS = 4  # a phrase of up to _LOOP_WORDS words said this many times in a row looks like a decoder loop
-_LOOP_WORDS = 4
+_LOOP_REPEATS = 4  # a phrase of up to LOOP_WORDS words said this many times in a row looks like a decoder loop
 _WITHHOLD_P = 0.05  # a first word this unlikely, where Whisper hears no speech, is a guess (UtteranceStream.final)
 _SURE_NO_SPEECH = 0.8  # a no-speech probability at which such a guess is withheld whatever follows it
 
@@ -58,15 +56,11 @@ def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
     return asyncio.Queue(maxsize=max(16, round(cfg.queue_seconds * 1000 / FRAME_MS)))
 
 
-def _norm(word: str) -> str:
-    return word.strip(_PUNCTUATION).lower()
-
-
 def _agreed(a: list[str], b: list[str]) -> int:
     """Length of the common prefix of two word lists, ignoring case and punctuation."""
     n = 0
     for x, y in zip(a, b):
-        if _norm(x) != _norm(y):
+        if bare(x) != bare(y):
             break
         n += 1
     return n
@@ -89,8 +83,8 @@ def _after(stable: str, text: str) -> str | None:
         i += 1
     if j < len(key):
         return None
-    if stable and stable[-1] in _PUNCTUATION:  # the stable word's punctuation stands: "aligner." then ", but" is " but"
-        while i < len(text) and text[i] in _PUNCTUATION:
+    if stable and stable[-1] in PUNCTUATION:  # the stable word's punctuation stands: "aligner." then ", but" is " but"
+        while i < len(text) and text[i] in PUNCTUATION:
             i += 1
     return text[i:]
 
@@ -100,9 +94,9 @@ def _letters(word: str) -> int:
 
 
 def looping(words: list[str]) -> bool:
-    """True when some phrase of 1 to _LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
-    said = [_norm(w) for w in words]
-    for n in range(1, _LOOP_WORDS + 1):
+    """True when some phrase of 1 to LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
+    said = [bare(w) for w in words]
+    for n in range(1, LOOP_WORDS + 1):
         for i in range(len(said) - n * _LOOP_REPEATS + 1):
             if all(said[i + k * n:i + (k + 1) * n] == said[i:i + n] for k in range(1, _LOOP_REPEATS)):
                 return True
@@ -271,6 +265,8 @@ class UtteranceStream:
         elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
               or t.no_speech_prob > _MAX_NO_SPEECH):
             flags.append("possible_hallucination")
+        if t.unheard:
+            log.debug("utterance %d: left out %r, a loop past the end of the audio", self.utt, " ".join(t.unheard))
         if looping([*t.text.split(), *t.unheard]):
             flags.append("repetition")
         if end.reason != "silence":
