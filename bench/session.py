@@ -95,14 +95,17 @@ def build_session(clips: list[dict], seed: int, out: Path) -> list[tuple[dict, f
 
 def offline(clips: list[dict], session: Path, spans, config: Config) -> tuple[dict[str, str], dict[str, str]]:
     """Decoded whole, offline, with the daemon's model and settings: (each clip, each utterance the
-    daemon's gate finds in the session), the utterances' text joined per clip they overlap most."""
+    daemon's gate finds in the session), the utterances' text joined per clip they overlap most.
+
+    With word times, as the daemon's finals are decoded: the engine then leaves out a loop run on
+    past the audio's end, which it can only find with them."""
     import ctranslate2
 
     ctranslate2.set_random_seed(1)  # the temperature fallback samples: the same sequence every run
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size,
-                                       words=False).text for c in clips}
+                                       words=True).text for c in clips}
     pcm = read_wav(session)
     starts, per_clip = {}, {item["file"]: [] for item, _, _ in spans}
     for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
@@ -112,7 +115,7 @@ def offline(clips: list[dict], session: Path, spans, config: Config) -> tuple[di
             s, e = starts[event.utt] / 16000, event.audio_end / 16000
             item = max(spans, key=lambda span: min(e, span[2]) - max(s, span[1]))[0]
             per_clip[item["file"]].append(decoder.decode(int16_to_float(pcm[starts[event.utt]:event.audio_end]),
-                                                         beam_size=config.asr.beam_size, words=False).text)
+                                                         beam_size=config.asr.beam_size, words=True).text)
     return whole, {k: " ".join(v) for k, v in per_clip.items()}
 
 
