@@ -206,12 +206,13 @@ def _heard(segments: list[Any], seconds: float) -> tuple[list[Segment], tuple[st
     at the end of a run of them. Real words that repeat earlier ones from further back stay.
     """
     words = [(i, w) for i, seg in enumerate(segments) for w in seg.words or ()]
+    said = [bare(w.word) for _, w in words]
+    trailing = len(list(itertools.takewhile(
+        lambda w: w.end <= w.start and w.end >= seconds - _UNHEARD_S, (w for _, w in reversed(words)))))
     drop = 0
     for n in range(1, LOOP_WORDS + 1):  # the phrase's length
-        k = 0
-        while (k + n < len(words) and words[-1 - k][1].end <= words[-1 - k][1].start
-               and words[-1 - k][1].end >= seconds - _UNHEARD_S
-               and bare(words[-1 - k][1].word) == bare(words[-1 - k - n][1].word)):
+        k = 0  # trailing words that each repeat the word n before them
+        while k < min(trailing, len(said) - n) and said[-1 - k] == said[-1 - k - n]:
             k += 1
         if k >= n:  # at least the whole phrase once more
             drop = max(drop, k)
