@@ -6,7 +6,11 @@ final begun at the 90 ms pause when the utterance ends there), as the naive base
 decode at the end, 210 ms of tail), and the early final alone (no partials). Prints the clips where
 the three differ, then the WER of each. Deterministic but for the temperature fallback's sampling.
 
-    .venv/bin/python bench/replay.py [--clips N]
+tiny.en answers the same speech cut 5 samples later with other words on a third of the dev clips,
+so --phases N replays every clip at N alignments of the gate's 30 ms frames (shifts of k/N frame)
+and pools the words: a policy's effect is then less easily mistaken for one draw's luck.
+
+    .venv/bin/python bench/replay.py [--clips N] [--phases N] [--only NAME] [--set asr.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from conftest import CORPUS, manifest, read_wav, silence  # noqa: E402
 from wer import corpus_wer, normalize, wer  # noqa: E402
 
-from captiond.config import AsrConfig, GateConfig  # noqa: E402
+from captiond.config import AsrConfig, GateConfig, load  # noqa: E402
 from captiond.engine import WhisperDecoder  # noqa: E402
-from captiond.frames import FrameAssembler  # noqa: E402
+from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
 from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart  # noqa: E402
 from captiond.streaming import UtteranceStream  # noqa: E402
 
@@ -65,19 +69,26 @@ def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=0, help="only the first N usable clips (default: all)")
+    parser.add_argument("--phases", type=int, default=1, help="replay each clip at N frame alignments (default 1)")
+    parser.add_argument("--only", help="only clips whose file name contains this")
+    parser.add_argument("--set", action="append", default=[], metavar="asr.KEY=VALUE", help="config override")
     args = parser.parse_args()
-    asr = AsrConfig()
+    asr = load(None, args.set)[0].asr
     decoder = WhisperDecoder(asr)
     decoder.load()
-    clips = [c for c in manifest() if c["wer_ok"] and c["duration"] <= 15][: args.clips or None]
+    clips = [c for c in manifest() if c["wer_ok"] and c["duration"] <= 15 and (args.only or "") in c["file"]]
+    clips = clips[: args.clips or None]
     pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in MODES}
     for c in clips:
-        texts = replay(decoder, asr, np.concatenate([silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
-        errors = {m: round(wer(c["text"], texts[m]) * len(normalize(c["text"]))) for m in MODES}
-        for m in MODES:
-            pairs[m].append((c["text"], texts[m]))
-        if len(set(errors.values())) > 1:
-            print(f"{c['file']}: REF {c['text']}\n" + "".join(f"  {m} ({errors[m]} errors): {texts[m]}\n" for m in MODES))
+        for k in range(args.phases):
+            shift = np.zeros(k * FRAME_SAMPLES // args.phases, dtype=np.int16)
+            texts = replay(decoder, asr, np.concatenate([shift, silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
+            errors = {m: round(wer(c["text"], texts[m]) * len(normalize(c["text"]))) for m in MODES}
+            for m in MODES:
+                pairs[m].append((c["text"], texts[m]))
+            if len(set(errors.values())) > 1:
+                print(f"{c['file']} (shift {len(shift)}): REF {c['text']}\n"
+                      + "".join(f"  {m} ({errors[m]} errors): {texts[m]}\n" for m in MODES))
     print("| mode | WER |\n|---|---|")
     for m in MODES:
         print(f"| {m} | {corpus_wer(pairs[m]):.3f} |")
