@@ -4,7 +4,7 @@ For every clip the daemon's gate cuts the utterances; each is then decoded three
 audio: as the daemon does (greedy partials every asr.partial_interval_s with the stable prefix, the
 final begun at the 90 ms pause when the utterance ends there), as the naive baseline does (one
 decode at the end, 210 ms of tail), and the early final alone (no partials). Prints the clips where
-the three differ, then the WER of each. Deterministic but for the temperature fallback's sampling.
+the three differ, then the WER of each. Deterministic unless asr.temperature_fallback is on (it samples).
 
 tiny.en answers the same speech cut 5 samples later with other words on a third of the dev clips,
 so --phases N replays every clip at N alignments of the gate's 30 ms frames (shifts of k/N frame)
@@ -41,6 +41,7 @@ MODES = ("streamed", "naive", "early final only")
 def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str, str]:
     """The clip's text in each mode, its utterances joined."""
     out: dict[str, list[str]] = {m: [] for m in MODES}
+
     stream, pause = None, None
     for event in Gate(GateConfig()).feed(FrameAssembler().insert(pcm, 0.0), close=True):
         if isinstance(event, UtteranceStart):
@@ -59,10 +60,8 @@ def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str
             # Decoded here with today's prefix, so never stale as a live early final can be.
             t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True, prefix=stream.prefix or None)
             out["streamed"].append(stream.final(t, event, 0.0).text)
-            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), beam_size=asr.beam_size,
-                                               words=True).text)
-            out["early final only"].append(decoder.decode(stream.audio(until=end), beam_size=asr.beam_size,
-                                                          words=True).text)
+            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), beam_size=asr.beam_size, words=True).text)
+            out["early final only"].append(decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True).text)
     return {m: " ".join(texts) for m, texts in out.items()}
 
 

@@ -108,9 +108,6 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
 
     With word times, as the daemon's finals are decoded: the engine then leaves out a loop run on
     past the audio's end, which it can only find with them."""
-    import ctranslate2
-
-    ctranslate2.set_random_seed(1)  # the temperature fallback samples: the same sequence every run
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size,
