@@ -58,10 +58,11 @@ def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str
             early = pause is not None and pause.voiced_end == event.end
             end = pause.audio_end if early else event.audio_end
             # Decoded here with today's prefix, so never stale as a live early final can be.
-            t = decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True, prefix=stream.prefix or None)
+            final = dict(beam_size=asr.beam_size, words=True, fallback=asr.temperature_fallback)
+            t = decoder.decode(stream.audio(until=end), prefix=stream.prefix or None, **final)
             out["streamed"].append(stream.final(t, event, 0.0).text)
-            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), beam_size=asr.beam_size, words=True).text)
-            out["early final only"].append(decoder.decode(stream.audio(until=end), beam_size=asr.beam_size, words=True).text)
+            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), **final).text)
+            out["early final only"].append(decoder.decode(stream.audio(until=end), **final).text)
     return {m: " ".join(texts) for m, texts in out.items()}
 
 

@@ -110,8 +110,9 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
     past the audio's end, which it can only find with them."""
     decoder = WhisperDecoder(config.asr)
     decoder.load()
-    whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size,
-                                       words=True).text for c in clips}
+    fallback = config.asr.temperature_fallback  # as the daemon's finals
+    whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size, words=True,
+                                       fallback=fallback).text for c in clips}
     texts = []
     for k in range(phases):
         shift = k * FRAME_SAMPLES // phases
@@ -124,7 +125,8 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
                 s, e = (starts[event.utt] - shift) / 16000, (event.audio_end - shift) / 16000
                 item = max(spans, key=lambda span: min(e, span[2]) - max(s, span[1]))[0]
                 per_clip[item["file"]].append(decoder.decode(int16_to_float(pcm[starts[event.utt]:event.audio_end]),
-                                                             beam_size=config.asr.beam_size, words=True).text)
+                                                             beam_size=config.asr.beam_size, words=True,
+                                                             fallback=fallback).text)
         texts.append({key: " ".join(v) for key, v in per_clip.items()})
     return whole, texts
 

@@ -87,6 +87,7 @@ class FakeDecoder:
         self.calls = []
         self.hotwords_seen = []
         self.prefixes = []
+        self.fallbacks = []
 
     def load(self):
         pass
@@ -95,6 +96,7 @@ class FakeDecoder:
         self.calls.append((len(audio), beam_size, words, prompt))
         self.hotwords_seen.append(hotwords)
         self.prefixes.append(prefix)
+        self.fallbacks.append(fallback)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
         text = f"heard {secs:.2f}"

@@ -73,6 +73,20 @@ def test_partials_then_speech_end_then_final_with_stream_times():
     assert all(beam == 1 for _, beam, _, _ in decoder.calls[:-1])
 
 
+def test_finals_fall_back_to_sampling_only_when_configured_and_partials_never():
+    async def feed(queue, worker):
+        for item in utterance(1, 16000, 2.0):
+            await queue.put(item)
+            await asyncio.sleep(0.001)
+
+    for on in (False, True):
+        decoder = FakeDecoder()
+        run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, temperature_fallback=on))
+        beams = [beam for _, beam, _, _ in decoder.calls]
+        assert beams[-1] == 5 and 1 in beams  # partials, then the final
+        assert decoder.fallbacks == [on if beam == 5 else False for beam in beams]
+
+
 def test_slow_engine_skips_partials_never_finals():
     decoder = FakeDecoder(delay=0.05)
 

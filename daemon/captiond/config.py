@@ -92,7 +92,7 @@ class AsrConfig:
     partial_beam_size: int = 1
     """Beam width for partials (1 is greedy and fastest)."""
     temperature_fallback: bool = False
-    """Decode a final again at temperatures 0.4 and 0.8 when it looks improbable or repetitive (sampled: varies run to run)."""
+    """Decode a live final again at temperatures 0.4 and 0.8 when it looks improbable or repetitive (sampled: varies run to run)."""
     short_window: bool = True
     """Encode the audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: decodes ~3x faster."""
     partial_interval_s: float = 0.4

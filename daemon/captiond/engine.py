@@ -146,9 +146,7 @@ def _load_whisper(cfg: AsrConfig) -> Any:
 # and a token budget by audio length gave WER 0.330, slowest 2.2 s. A repetition penalty (1.1) looked
 # better still on whole clips but, with context, penalises words the prompt or prefix already has: it
 # cut "... ask what you can do for your country" short and invented text after repeated names.
-# The fallback itself is off by default (asr.temperature_fallback): later, with the loop rules and the
-# short window, it made no difference to the WER (replay of the 63 clips at 4 frame alignments: 0.319
-# with it, 0.322 without) while its samples made finals differ run to run, slow, and now and then loop.
+# Live finals do without the fallback by default (asr.temperature_fallback); files keep it (see there).
 _TEMPERATURES = (0.0, 0.4, 0.8)
 _TOKENS_BASE, _TOKENS_PER_S = 16, 8  # fast speech is ~5 tokens a second, timestamps included
 _MAX_LENGTH = 448  # Whisper's decoder context, prompt included
@@ -255,14 +253,14 @@ class WhisperDecoder:
 
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
-        or is improbable, if asr.temperature_fallback is on.
+        or is improbable: better text on long audio, slower, and it samples (varies run to run).
         """
         started = time.monotonic()
         language = None if self._cfg.language == "auto" else self._cfg.language
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
             condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
-            prefix=prefix or None, temperature=_TEMPERATURES if fallback and self._cfg.temperature_fallback else 0.0, vad_filter=False,
+            prefix=prefix or None, temperature=_TEMPERATURES if fallback else 0.0, vad_filter=False,
             max_new_tokens=self._token_budget(len(audio) / SAMPLE_RATE, prompt, hotwords, prefix))
         decoded = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0

@@ -375,7 +375,8 @@ class AsrWorker:
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int) -> Transcript:
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.prefix, priority=self._priority)
+                                  prompt=stream.prompt, prefix=stream.prefix, priority=self._priority,
+                                  fallback=self._cfg.temperature_fallback)
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
@@ -383,7 +384,7 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int, fallback: bool = True) -> Transcript:
+                      priority: int, fallback: bool) -> Transcript:
         return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                          hotwords=self.hotwords or None, prefix=prefix or None,
                                          fallback=fallback, priority=priority)
