@@ -113,10 +113,10 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
     fallback = config.asr.temperature_fallback  # as the daemon's finals
     whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size, words=True,
                                        fallback=fallback).text for c in clips}
-    texts = []
+    texts, recorded = [], read_wav(session)
     for k in range(phases):
         shift = k * FRAME_SAMPLES // phases
-        pcm = np.concatenate([np.zeros(shift, dtype=np.int16), read_wav(session)])
+        pcm = np.concatenate([np.zeros(shift, dtype=np.int16), recorded])
         starts, per_clip = {}, {item["file"]: [] for item, _, _ in spans}
         for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
             if isinstance(event, UtteranceStart):
