@@ -10,7 +10,7 @@ tiny.en answers the same speech cut 5 samples later with other words on a third 
 so --phases N replays every clip at N alignments of the gate's 30 ms frames (shifts of k/N frame)
 and pools the words: a policy's effect is then less easily mistaken for one draw's luck.
 
-    .venv/bin/python bench/replay.py [--clips N] [--phases N] [--only NAME] [--set asr.KEY=VALUE ...]
+    .venv/bin/python bench/replay.py [--clips N] [--phases N] [--only NAME] [--set section.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from conftest import CORPUS, manifest, read_wav, silence  # noqa: E402
 from wer import corpus_wer, normalize, wer  # noqa: E402
 
-from captiond.config import AsrConfig, GateConfig, load  # noqa: E402
+from captiond.config import Config, load  # noqa: E402
 from captiond.engine import WhisperDecoder  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
 from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart  # noqa: E402
@@ -38,12 +38,13 @@ from captiond.streaming import UtteranceStream  # noqa: E402
 MODES = ("streamed", "naive", "early final only")
 
 
-def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str, str]:
+def replay(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> dict[str, str]:
     """The clip's text in each mode, its utterances joined."""
+    asr = config.asr
+    final = dict(beam_size=asr.beam_size, words=True, fallback=asr.temperature_fallback)
     out: dict[str, list[str]] = {m: [] for m in MODES}
-
     stream, pause = None, None
-    for event in Gate(GateConfig()).feed(FrameAssembler().insert(pcm, 0.0), close=True):
+    for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
         if isinstance(event, UtteranceStart):
             stream, pause = UtteranceStream(event.utt, event.start, asr.partial_interval_s, "", asr.max_window_s), None
         elif isinstance(event, UtteranceAudio):
@@ -58,7 +59,6 @@ def replay(decoder: WhisperDecoder, asr: AsrConfig, pcm: np.ndarray) -> dict[str
             early = pause is not None and pause.voiced_end == event.end
             end = pause.audio_end if early else event.audio_end
             # Decoded here with today's prefix, so never stale as a live early final can be.
-            final = dict(beam_size=asr.beam_size, words=True, fallback=asr.temperature_fallback)
             t = decoder.decode(stream.audio(until=end), prefix=stream.prefix or None, **final)
             out["streamed"].append(stream.final(t, event, 0.0).text)
             out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), **final).text)
@@ -71,10 +71,10 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=0, help="only the first N usable clips (default: all)")
     parser.add_argument("--phases", type=int, default=1, help="replay each clip at N frame alignments (default 1)")
     parser.add_argument("--only", help="only clips whose file name contains this")
-    parser.add_argument("--set", action="append", default=[], metavar="asr.KEY=VALUE", help="config override")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     args = parser.parse_args()
-    asr = load(None, args.set)[0].asr
-    decoder = WhisperDecoder(asr)
+    config = load(None, args.set)[0]
+    decoder = WhisperDecoder(config.asr)
     decoder.load()
     clips = [c for c in manifest() if c["wer_ok"] and c["duration"] <= 15 and (args.only or "") in c["file"]]
     clips = clips[: args.clips or None]
@@ -82,7 +82,7 @@ def main() -> None:
     for c in clips:
         for k in range(args.phases):
             shift = np.zeros(k * FRAME_SAMPLES // args.phases, dtype=np.int16)
-            texts = replay(decoder, asr, np.concatenate([shift, silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
+            texts = replay(decoder, config, np.concatenate([shift, silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
             errors = {m: round(wer(c["text"], texts[m]) * len(normalize(c["text"]))) for m in MODES}
             for m in MODES:
                 pairs[m].append((c["text"], texts[m]))

@@ -48,9 +48,9 @@ def test_silence_is_marked_as_no_speech():
 
 @pytest.mark.slow
 def test_finals_come_out_the_same_every_time():
-    # As live finals are decoded by default. With the temperature fallback (which samples), 2 of 12
-    # dev clips decoded three times came out differently,
-    # mfa_breaths among them: "Montreal, forced, aligner." / "Montreal. Forest. A liner. Here."
+    # Decoded as live finals are by default. With the temperature fallback (which samples), 2 of 12 dev
+    # clips decoded three times each came out differently, mfa_breaths among them: "Montreal, forced,
+    # aligner." / "Montreal. Forest. A liner. Here."
     decoder = WhisperDecoder(AsrConfig())
     decoder.load()
     for name in ("mfa_breaths.wav", "mfa_cutoff.wav"):
