@@ -1,98 +1,127 @@
-"""Replay the streaming policy on dev corpus files, with no microphone: where does it lose words?
+"""Replay recordings through the daemon's gate and ASR worker, with no microphone: where does it lose words?
 
-For every clip the daemon's gate cuts the utterances; each is then decoded three ways on identical
-audio: as the daemon does (greedy partials every asr.partial_interval_s with the stable prefix, the
-final begun at the 90 ms pause when the utterance ends there), as the naive baseline does (one
-decode at the end, 210 ms of tail), and the early final alone (no partials). Prints the clips where
-the three differ, then the WER of each. Deterministic unless asr.temperature_fallback is on (it samples).
+Every recording is played whole (its own pauses inside, 1 s of silence around it) through the
+daemon's own Gate and AsrWorker on the real model, the worker being fed at the pace it takes the
+audio (as a microphone would if the decoder keeps up). Each recording is replayed twice: as
+configured, and as the naive baseline (each utterance decoded once at its end, beam 5, no context).
+Both are held against the whole recording decoded offline (faster-whisper's defaults, full window:
+what recording and transcribing afterwards gives; bench/corpora.py). Prints the recordings where
+streamed and naive differ, then the WER of each and their ratios, and the decode time spent.
 
-tiny.en answers the same speech cut 5 samples later with other words on a third of the dev clips,
-so --phases N replays every clip at N alignments of the gate's 30 ms frames (shifts of k/N frame)
-and pools the words: a policy's effect is then less easily mistaken for one draw's luck.
+tiny.en answers the same speech cut 5 samples later with other words, so --phases N replays every
+recording at N alignments of the gate's 30 ms frames and pools the words.
 
-    .venv/bin/python bench/replay.py [--clips N] [--phases N] [--only NAME] [--set section.KEY=VALUE ...]
+    .venv/bin/python bench/replay.py [--corpus continuous --part tune] [--phases N] [--only ID]
+                                     [--set section.KEY=VALUE ...] [--quiet]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "scripts")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from conftest import CORPUS, manifest, read_wav, silence  # noqa: E402
+from corpora import CORPORA, PARTS, Recording, WholeReference, recordings  # noqa: E402
+from conftest import silence  # noqa: E402
 from wer import corpus_wer, normalize, wer  # noqa: E402
 
-from captiond.config import Config, load  # noqa: E402
-from captiond.engine import WhisperDecoder  # noqa: E402
+from captiond.config import AsrConfig, Config, load  # noqa: E402
+from captiond.engine import Engine, WhisperDecoder, resolve_model  # noqa: E402
+from captiond.events import Final  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
-from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart  # noqa: E402
-from captiond.streaming import UtteranceStream  # noqa: E402
+from captiond.gate import Gate  # noqa: E402
+from captiond.streaming import AsrWorker, gate_queue  # noqa: E402
 
-MODES = ("streamed", "naive", "early final only")
+NAIVE = dict(partial_interval_s=30.0, early_final=False, carry_over_s=0.0)
+"""The naive baseline: the same worker decoding each utterance only once it has ended, with no context."""
 
 
-def replay(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> dict[str, str]:
-    """The clip's text in each mode, its utterances joined."""
-    asr = config.asr
-    final = dict(beam_size=asr.beam_size, words=True, fallback=asr.temperature_fallback)
-    out: dict[str, list[str]] = {m: [] for m in MODES}
-    stream, pause = None, None
+class Counting(WhisperDecoder):
+    """The decoder, adding up the seconds its decodes take."""
+
+    spent = 0.0
+
+    def decode(self, *args, **kwargs):
+        t = super().decode(*args, **kwargs)
+        self.spent += t.decode_seconds
+        return t
+
+
+async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray) -> str:
+    """The recording's finals, joined, as a worker with `asr` publishes them."""
+    finals: list[Final] = []
+    queue = gate_queue(asr)
+    worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None)
+    task = asyncio.get_running_loop().create_task(worker.run(), name="replay-worker")
     for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
-        if isinstance(event, UtteranceStart):
-            stream, pause = UtteranceStream(event.utt, event.start, asr.partial_interval_s, "", asr.max_window_s), None
-        elif isinstance(event, UtteranceAudio):
-            stream.insert(event)
-            if stream.partial_due():
-                t = decoder.decode(stream.audio(), beam_size=asr.partial_beam_size, words=True,
-                                   prefix=stream.prefix or None, fallback=False)
-                stream.partial(t, stream.samples)
-        elif isinstance(event, UtterancePause):
-            pause = event
-        elif isinstance(event, UtteranceEnd):
-            early = pause is not None and pause.voiced_end == event.end
-            end = pause.audio_end if early else event.audio_end
-            # Decoded here with today's prefix, so never stale as a live early final can be.
-            t = decoder.decode(stream.audio(until=end), prefix=stream.prefix or None, **final)
-            out["streamed"].append(stream.final(t, event, 0.0).text)
-            out["naive"].append(decoder.decode(stream.audio(until=event.audio_end), **final).text)
-            out["early final only"].append(decoder.decode(stream.audio(until=end), **final).text)
-    return {m: " ".join(texts) for m, texts in out.items()}
+        await queue.put(event)
+        while not (worker.waiting and queue.empty()):  # the pace a decoder that keeps up takes audio at
+            await asyncio.sleep(0.001)
+    await queue.put(None)
+    await task
+    return " ".join(f.text for f in finals if f.text)
 
 
-def main() -> None:
+async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clips", type=int, default=0, help="only the first N usable clips (default: all)")
-    parser.add_argument("--phases", type=int, default=1, help="replay each clip at N frame alignments (default 1)")
-    parser.add_argument("--only", help="only clips whose file name contains this")
+    parser.add_argument("--corpus", choices=CORPORA, default="continuous")
+    parser.add_argument("--part", choices=PARTS, default="tune",
+                        help="continuous only: the part settings are tuned on, the held-out part, or all")
+    parser.add_argument("--clips", type=int, default=0, help="only the first N recordings (default: all)")
+    parser.add_argument("--phases", type=int, default=1, help="replay each recording at N frame alignments (default 1)")
+    parser.add_argument("--only", help="only recordings whose id contains this")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args()
     config = load(None, args.set)[0]
-    decoder = WhisperDecoder(config.asr)
-    decoder.load()
-    clips = [c for c in manifest() if c["wer_ok"] and c["duration"] <= 15 and (args.only or "") in c["file"]]
-    clips = clips[: args.clips or None]
-    pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in MODES}
-    for c in clips:
+    modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
+    decoder = Counting(config.asr)
+    engine = Engine(decoder)
+    await engine.load()
+    whole = WholeReference(resolve_model(config.asr.model).target, config.asr.compute_type, config.asr.cpu_threads)
+    recs: list[Recording] = [r for r in recordings(args.corpus, args.part) if (args.only or "") in r.id]
+    recs = recs[: args.clips or None]
+    pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in (*modes, "whole")}
+    cost = dict.fromkeys(modes, 0.0)
+    started = time.monotonic()
+    for rec in recs:
+        reference = whole.text(rec)
         for k in range(args.phases):
             shift = np.zeros(k * FRAME_SAMPLES // args.phases, dtype=np.int16)
-            texts = replay(decoder, config, np.concatenate([shift, silence(1.0), read_wav(CORPUS / c["file"]), silence(1.0)]))
-            errors = {m: round(wer(c["text"], texts[m]) * len(normalize(c["text"]))) for m in MODES}
-            for m in MODES:
-                pairs[m].append((c["text"], texts[m]))
-            if len(set(errors.values())) > 1:
-                print(f"{c['file']} (shift {len(shift)}): REF {c['text']}\n"
-                      + "".join(f"  {m} ({errors[m]} errors): {texts[m]}\n" for m in MODES))
-    print("| mode | WER |\n|---|---|")
-    for m in MODES:
-        print(f"| {m} | {corpus_wer(pairs[m]):.3f} |")
+            pcm = np.concatenate([shift, silence(1.0), rec.pcm, silence(1.0)])
+            texts = {"whole": reference}
+            for mode, asr in modes.items():
+                before = decoder.spent
+                texts[mode] = await replay(engine, config, asr, pcm)
+                cost[mode] += decoder.spent - before
+            for m in pairs:
+                pairs[m].append((rec.text, texts[m]))
+            errors = {m: round(wer(rec.text, texts[m]) * len(normalize(rec.text))) for m in pairs}
+            if not args.quiet and errors["streamed"] != errors["naive"]:
+                print(f"{rec.id} (shift {len(shift)}): REF {rec.text}\n"
+                      + "".join(f"  {m} ({errors[m]} errors): {texts[m]}\n" for m in pairs), flush=True)
+    engine.close()
+    audio = sum(r.seconds for r in recs) * args.phases
+    words = sum(len(normalize(r.text)) for r in recs)
+    print(f"\n{args.corpus}{'/' + args.part if args.corpus == 'continuous' else ''}: {len(recs)} recordings, "
+          f"{audio / args.phases:.0f} s, {words} words, {args.phases} alignment(s); "
+          f"{' '.join(args.set) or 'defaults'}; {time.monotonic() - started:.0f} s")
+    w = {m: corpus_wer(pairs[m]) for m in pairs}
+    print("| mode | WER | / whole recording | / naive | decode s per audio s |\n|---|---|---|---|---|")
+    for m in pairs:
+        spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
+        print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")
 
 
 if __name__ == "__main__":
-    main()
+    asyncio.run(main())

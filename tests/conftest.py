@@ -29,6 +29,7 @@ from captiond.translog import TranscriptLog  # noqa: E402
 from captiond.engine import Segment, Transcript  # noqa: E402
 from captiond.events import Word  # noqa: E402
 from captiond.frames import SAMPLE_RATE  # noqa: E402
+from captiond.rules import TINY_EN  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -81,6 +82,7 @@ class FakeDecoder:
     """Says how much audio it was given; optionally slow, to act out an overloaded machine."""
 
     name = "fake"
+    rules = TINY_EN  # the bundled model's rules, which the tests of them assume
 
     def __init__(self, delay=0.0):
         self.delay = delay

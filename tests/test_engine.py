@@ -6,6 +6,7 @@ import pytest
 
 from captiond.config import AsrConfig, GateConfig
 from captiond.engine import ModelError, WhisperDecoder, _heard, _joined, resolve_model, short_window
+from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float
 from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
 from conftest import CORPUS, clip, manifest, read_wav, silence
@@ -78,23 +79,26 @@ def test_words_placed_after_the_audio_are_left_out():
     first = _segment(("10", 0.0, 0.46), ("of", 0.46, 0.64), ("clubs?", 0.64, 0.64), ("10", 0.64, 0.64),
                      ("of", 0.64, 0.68), ("clubs?", 0.68, 0.96))
     loop = _segment(("10", 1.18, 1.18), ("of", 1.18, 1.18), ("clubs?", 1.18, 1.18))
-    found, unheard = _heard([first, loop], 1.20)
+    found, unheard = _heard([first, loop], 1.20, TINY_EN)
     assert [s.text for s in found] == ["10 of clubs? 10 of clubs?"] and unheard == ("10", "of", "clubs?")
     # inside one segment: its text and end follow the words kept
-    found, unheard = _heard([_segment(("5,", 0.0, 1.22), ("5,", 1.36, 1.68), ("5,", 1.98, 1.98), ("5", 1.98, 1.98))], 2.01)
+    found, unheard = _heard([_segment(("5,", 0.0, 1.22), ("5,", 1.36, 1.68), ("5,", 1.98, 1.98), ("5", 1.98, 1.98))], 2.01, TINY_EN)
     assert (found[0].text, found[0].end, [w.word for w in found[0].words], unheard) == ("5, 5,", 1.68, ["5,", "5,"], ("5,", "5"))
     # zero-length words inside the speech, or a last word that has audio, stay
     kept = _segment(("Montreal,", 0.0, 0.98), ("uh,", 1.82, 1.82), ("forced", 3.06, 3.12), ("liner.", 3.3, 3.54))
-    found, unheard = _heard([kept], 3.84)
+    found, unheard = _heard([kept], 3.84, TINY_EN)
     assert (found[0].text, len(found[0].words), unheard) == (kept.text.strip(), 4, ())
-    assert _heard([_segment(("here.", 2.72, 3.16))], 3.18)[1] == ()
-    assert _heard([_segment(("so", 2.5, 2.6), ("there", 2.9, 2.9))], 3.18)[1] == ()  # zero length, but before the end
-    # only a loop: at the end, without audio, but words said before, not just before
+    assert _heard([_segment(("here.", 2.72, 3.16))], 3.18, TINY_EN)[1] == ()
+    assert _heard([_segment(("so", 2.5, 2.6), ("there", 2.9, 2.9))], 3.18, TINY_EN)[1] == ()  # zero length, but before the end
+    # a phrase with no audio at the end is not heard, even when its words were said before; a single
+    # word there stays unless it repeats the one before it
     said = "what your country can do for you ask what you can do".split()
     late = _segment(*[(w, i * 0.3, i * 0.3 + 0.2) for i, w in enumerate(said)], ("for", 4.0, 4.0), ("your", 4.0, 4.0),
                     ("country.", 4.0, 4.0))
-    assert _heard([late], 4.02)[1] == ()
-    assert _heard([_segment(("no", 0.2, 0.5), ("no", 1.0, 1.0))], 1.02)[1] == ("no",)
+    assert _heard([late], 4.02, TINY_EN)[1] == ("for", "your", "country.")
+    assert _heard([_segment(*[(w, i * 0.3, i * 0.3 + 0.2) for i, w in enumerate(said)], ("uh…", 4.0, 4.0))],
+                  4.02, TINY_EN)[1] == ()
+    assert _heard([_segment(("no", 0.2, 0.5), ("no", 1.0, 1.0))], 1.02, TINY_EN)[1] == ("no",)
 
 
 @pytest.mark.slow

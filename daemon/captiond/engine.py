@@ -8,6 +8,7 @@ import ctypes
 import heapq
 import itertools
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -17,6 +18,7 @@ import numpy as np
 from .config import AsrConfig
 from .events import Word
 from .frames import SAMPLE_RATE
+from .rules import TextRules, rules_for, unheard
 
 
 class ModelError(RuntimeError):
@@ -49,12 +51,24 @@ class Transcript:
     audio_seconds: float
     decode_seconds: float
     unheard: tuple[str, ...] = ()
-    """Words the decoder placed after the end of the audio, left out of text and segments (see _heard)."""
+    """Words left out of text and segments: placed after the audio, or cut by a text rule (rules.py)."""
 
     @property
     def words(self) -> tuple[Word, ...]:
         """Every word of every segment, in order."""
         return tuple(w for seg in self.segments for w in seg.words)
+
+    def without(self, first: int, end: int) -> Transcript:
+        """The transcript less words[first:end] (a loop, a tail the decoder ran on into)."""
+        words = self.words
+        if end <= first:
+            return self
+        head, tail = kept(self.segments, first), [w for w in words[end:]]
+        segments = (*head, Segment(tail[0].start, tail[-1].end, " ".join(w.word for w in tail), tuple(tail))) \
+            if tail else tuple(head)
+        dropped = tuple(w.word for w in words[first:end])
+        return dataclasses.replace(self, text=_joined(seg.text for seg in segments), segments=tuple(segments),
+                                   unheard=self.unheard + dropped)
 
 
 @dataclass(frozen=True)
@@ -150,10 +164,6 @@ def _load_whisper(cfg: AsrConfig) -> Any:
 _TEMPERATURES = (0.0, 0.4, 0.8)
 _TOKENS_BASE, _TOKENS_PER_S = 16, 8  # fast speech is ~5 tokens a second, timestamps included
 _MAX_LENGTH = 448  # Whisper's decoder context, prompt included
-_UNHEARD_S = 0.04  # two of the alignment's 20 ms steps
-PUNCTUATION = ".,!?;:\"'()[]…-"
-LOOP_WORDS = 4
-"""Longest phrase, in words, whose repeats are taken for a decoder loop."""
 
 
 try:
@@ -192,40 +202,27 @@ def _joined(texts: Iterable[str]) -> str:
     return out
 
 
-def bare(word: str) -> str:
-    """A word as compared with another: no punctuation around it, lower case."""
-    return word.strip(PUNCTUATION).lower()
+def _heard(segments: list[Any], seconds: float, rules: TextRules) -> tuple[list[Segment], tuple[str, ...]]:
+    """faster-whisper segments as Segments, less the words placed after the audio (rules.unheard)."""
+    found = [Segment(float(seg.start), float(seg.end), seg.text.strip(), _words(seg.words or ())) for seg in segments]
+    words = [w for seg in found for w in seg.words]
+    drop = unheard(words, seconds, rules)
+    return kept(found, len(words) - drop), tuple(w.word for w in words[len(words) - drop:])
 
 
-def _heard(segments: list[Any], seconds: float) -> tuple[list[Segment], tuple[str, ...]]:
-    """faster-whisper segments as Segments, less a loop run on past the audio's end (and its text).
-
-    Such words come last, have zero length within _UNHEARD_S of the end (the alignment found no
-    audio for them) and repeat the phrase before them. tiny.en does that after short audio: "10 of
-    clubs? 10 of clubs?" then "10 of clubs?" at 1.18 s of 1.20 s; "5, 5, 5, 5, 5, 5, 5, 5" for "five
-    five". In 364 decodes of the dev corpus's utterances no other word was placed so but one "uh…"
-    at the end of a run of them. Real words that repeat earlier ones from further back stay.
-    """
-    words = [(i, w) for i, seg in enumerate(segments) for w in seg.words or ()]
-    said = [bare(w.word) for _, w in words]
-    trailing = len(list(itertools.takewhile(
-        lambda w: w.end <= w.start and w.end >= seconds - _UNHEARD_S, (w for _, w in reversed(words)))))
-    drop = 0
-    for n in range(1, LOOP_WORDS + 1):  # the phrase's length
-        k = 0  # trailing words that each repeat the word n before them
-        while k < min(trailing, len(said) - n) and said[-1 - k] == said[-1 - k - n]:
-            k += 1
-        if k >= n:  # at least the whole phrase once more
-            drop = max(drop, k)
-    kept = len(words) - drop
+def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
+    """The segments holding the first n of their words; a segment cut short says only its words."""
     out = []
-    for i, seg in enumerate(segments):
-        mine = [w for j, w in words[:kept] if j == i]
-        if len(mine) == len(seg.words or ()):
-            out.append(Segment(float(seg.start), float(seg.end), seg.text.strip(), _words(mine)))
-        elif mine:  # the words of a segment make up its text
-            out.append(Segment(float(seg.start), float(mine[-1].end), "".join(w.word for w in mine).strip(), _words(mine)))
-    return out, tuple(w.word.strip() for _, w in words[kept:])
+    for seg in segments:
+        if n <= 0:
+            break
+        if len(seg.words) <= n:
+            out.append(seg)
+        else:
+            mine = seg.words[:n]
+            out.append(Segment(seg.start, mine[-1].end, " ".join(w.word for w in mine), mine))
+        n -= len(seg.words)
+    return out
 
 
 def _words(words: list[Any]) -> tuple[Word, ...]:
@@ -240,6 +237,8 @@ class WhisperDecoder:
         self._loader = loader
         self._model: Any = None
         self.name = resolve_model(cfg.model).display
+        self.rules = rules_for(self.name)
+        """The text rules fitted to this model's family."""
 
     def load(self) -> None:
         """Load the model and run one decode so the first real one is not slow."""
@@ -271,7 +270,7 @@ class WhisperDecoder:
             if any(c.isalnum() for c in seg.text):  # with a prefix, tiny.en may end a segment at a lone "."
                 decoded.append(seg)
         release_memory()
-        found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE)
+        found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE, self.rules)
         return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard)
 
@@ -309,6 +308,11 @@ class Engine:
     def name(self) -> str:
         """Display name of the loaded model."""
         return self.decoder.name
+
+    @property
+    def rules(self) -> TextRules:
+        """The text rules of the loaded model's family."""
+        return self.decoder.rules
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) on the inference thread and await its result."""

@@ -12,25 +12,20 @@ from typing import Callable
 import numpy as np
 
 from .config import AsrConfig
-from .engine import LOOP_WORDS, PUNCTUATION, Engine, Transcript, bare
+from .engine import Engine, Transcript
 from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
 from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
+from .rules import PUNCTUATION, WHISPER, TextRules, bare, doubtful, guessed, loop, looping, tail_guesses
 
 log = logging.getLogger(__name__)
 
-# Whisper's own thresholds for "this segment is probably not what was said".
-_MAX_COMPRESSION = 2.4
-_MIN_LOGPROB = -1.0
-_MAX_NO_SPEECH = 0.6
 _PROMPT_CHARS = 200
 _SETTLE_S = 1.0  # a word becomes stable only once this much audio after it has been decoded
 _PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
-_LOOP_REPEATS = 4  # a phrase of up to LOOP_WORDS words said this many times in a row looks like a decoder loop
-_WITHHOLD_P = 0.05  # a first word this unlikely, where Whisper hears no speech, is a guess (UtteranceStream.final)
-_SURE_NO_SPEECH = 0.8  # a no-speech probability at which such a guess is withheld whatever follows it
+_CHECK_EVERY = 2  # greedy partials between two decoded at the final's beam (the only ones that make words stable)
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
@@ -93,16 +88,6 @@ def _letters(word: str) -> int:
     return sum(c.isalnum() for c in word)
 
 
-def looping(words: list[str]) -> bool:
-    """True when some phrase of 1 to LOOP_WORDS words repeats _LOOP_REPEATS or more times in a row."""
-    said = [bare(w) for w in words]
-    for n in range(1, LOOP_WORDS + 1):
-        for i in range(len(said) - n * _LOOP_REPEATS + 1):
-            if all(said[i + k * n:i + (k + 1) * n] == said[i:i + n] for k in range(1, _LOOP_REPEATS)):
-                return True
-    return False
-
-
 class UtteranceStream:
     """The open utterance: its audio so far and the partials published for it.
 
@@ -118,8 +103,9 @@ class UtteranceStream:
     """
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
-                 max_window_s: float = 1e9) -> None:
+                 max_window_s: float = 1e9, rules: TextRules = WHISPER) -> None:
         self.utt = utt
+        self._rules = rules
         self.start = start
         self._context = context
         self._chunks: list[np.ndarray] = []
@@ -135,6 +121,7 @@ class UtteranceStream:
         self.committed: list[str] = []
         """Stable words still in the window: every later decode of this utterance begins with them."""
         self._pending: list[str] = []  # the last partial's words after the stable ones
+        self._greedy_since_check = 0
         self._unvoiced_ms = 0
 
     @property
@@ -185,10 +172,20 @@ class UtteranceStream:
             pcm = pcm[:max(0, until - self.start - self.base)]
         return int16_to_float(pcm)
 
-    def partial(self, t: Transcript, covered: int) -> Partial:
-        """The partial event for a decode of the window up to the utterance's `covered` samples."""
+    def wants_check(self) -> bool:
+        """True when the next partial should be decoded as the final would be (its beam): there are
+        words waiting to become stable, and _CHECK_EVERY greedy partials have come since the last check."""
+        return bool(self._pending) and self._greedy_since_check >= _CHECK_EVERY
+
+    def partial(self, t: Transcript, covered: int, checked: bool = True) -> Partial:
+        """The partial event for a decode of the window up to the utterance's `covered` samples.
+
+        Words become stable only on a `checked` decode (decoded as the final will be): a greedy
+        decode's words bound the final to greedy mistakes ("How do you" where beam 5 hears "Had he").
+        """
         self._decoded_at = covered
         self.rev += 1
+        self._greedy_since_check = 0 if checked else self._greedy_since_check + 1
         # Punctuation alone is no word: greedy decodes can loop on " . . ." and must not make it stable.
         timed = [w for w in t.words if _letters(w.word)]
         said = [w.word for w in timed] if timed else [w for w in t.text.split() if _letters(w)]
@@ -198,12 +195,12 @@ class UtteranceStream:
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
         hypothesis = [w for w in rest.split() if _letters(w)] if rest is not None else said
         skip = len(said) - len(hypothesis)
-        agreed = _agreed(self._pending, hypothesis[:-1])
-        if t.no_speech_prob > _MAX_NO_SPEECH:
+        agreed = _agreed(self._pending, hypothesis[:-1]) if checked else 0
+        if t.no_speech_prob > self._rules.max_no_speech:
             # Whisper doubts there is speech at all ("You" on a noise burst): show nothing new, and make
             # nothing stable, which would force it into the final past the no-speech check there.
             hypothesis, agreed = [], 0
-        elif t.avg_logprob < _MIN_LOGPROB:
+        elif t.avg_logprob < self._rules.min_logprob:
             # Whisper's own doubt: a guess made twice is still a guess (greedy partials said "I'm …"
             # or "I don't know" to breaths, p ~0.1), and once stable it is forced into the final.
             agreed = 0
@@ -215,7 +212,7 @@ class UtteranceStream:
         if covered - self.base > self._max_window:
             if self.committed and timed and rest is not None:
                 self._trim(timed)
-            elif not self.committed and t.no_speech_prob > _MAX_NO_SPEECH:
+            elif not self.committed and t.no_speech_prob > self._rules.max_no_speech:
                 # Noise the gate let through (music, a long rumble) with nothing stable to cut at: what
                 # Whisper hears no speech in is not kept past the window, or decodes would grow to the
                 # gate's 60 s limit. Half a window stays, so speech just beginning is not cut into.
@@ -254,34 +251,30 @@ class UtteranceStream:
         self._chunks = [np.concatenate(self._chunks)[samples:]]
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
-        """The final event for the decode of the window (made to begin with its stable words)."""
+        """The final event for the decode of the window, less what the text rules cut (rules.py)."""
+        rules = self._rules
+        flags = []
+        if not t.text:
+            flags.append("empty")
+        elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
+            flags.append("possible_hallucination")
+        if looping([*t.text.split(), *t.unheard], rules):
+            flags.append("repetition")
+        if end.reason != "silence":
+            flags.append(end.reason)
+        # Stable words are never cut: they end a second or more before the voiced end (_SETTLE_S).
+        n = len(t.words)
+        t = t.without(n - tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n)
+        looped = loop([w.word for w in t.words], rules)
+        if looped and looped[0] >= len(self.committed):
+            t = t.without(*looped)
+        if t.unheard:
+            log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
         offset = self.start / SAMPLE_RATE
         base = self.base / SAMPLE_RATE
         words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3))
                       for w in (*self._done_words, *(Word(w.word, w.start + base, w.end + base, w.p) for w in t.words)))
-        flags = []
-        if not t.text:
-            flags.append("empty")
-        elif (t.compression_ratio > _MAX_COMPRESSION or t.avg_logprob < _MIN_LOGPROB
-              or t.no_speech_prob > _MAX_NO_SPEECH):
-            flags.append("possible_hallucination")
-        if t.unheard:
-            log.debug("utterance %d: left out %r, a loop past the end of the audio", self.utt, " ".join(t.unheard))
-        if looping([*t.text.split(), *t.unheard]):
-            flags.append("repetition")
-        if end.reason != "silence":
-            flags.append(end.reason)
-        guessed = t.no_speech_prob > _MAX_NO_SPEECH and not self.stable and words and words[0].p < _WITHHOLD_P
-        if guessed and (t.no_speech_prob > _SURE_NO_SPEECH or max(w.p for w in words) < _WITHHOLD_P
-                        or "repetition" in flags):
-            # Whisper hears no speech and its first word is a guess; and it is sure of that, or sure
-            # of no word, or the rest is a loop that follows the guess with rising confidence.
-            # tiny.en on noise bursts, hum turning into buzz and breath-like puffs: "You" (p 0.003-
-            # 0.014, no-speech p 0.87-0.90), "Oh, oh, oh, …" (p 0.01, 0.25, 0.85 … 0.96), "I can't,
-            # I can't, …" (first word p 0.027), "Thank you so much for watching and I'll see you next
-            # time" (0.003). In 119 utterances of real speech (dev corpus and held-out clips, each
-            # decoded twice) no first word below p 0.05 came with a no-speech p above 0.59, and the
-            # no-speech p never passed 0.77. The text goes to the log for the record.
+        if not self.stable and guessed(words, t.no_speech_prob, "repetition" in flags, rules):
             log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
                      [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
@@ -322,10 +315,14 @@ class AsrWorker:
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
+        self.waiting = False
+        """True while the worker waits for gate events (a replay feeds it at the pace it takes them)."""
         self.speculations_used = 0
         """Finals whose decode began at a pause, before the gate closed the utterance."""
         self.speculations_wasted = 0
         """Such decodes thrown away because speech went on."""
+        self.finals_bound = 0
+        """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
 
     def reconfigure(self, cfg: AsrConfig) -> None:
         """Use new beam sizes and partial interval from the next decode / utterance on."""
@@ -347,7 +344,9 @@ class AsrWorker:
 
     async def _run(self) -> None:
         while True:
+            self.waiting = True
             batch = [await self.queue.get()]
+            self.waiting = False
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             for item in batch:
@@ -362,21 +361,25 @@ class AsrWorker:
             if stream is not None and stream.partial_due() and self._speculation is None:
                 if self.queue.empty():
                     covered = stream.samples
+                    check = stream.wants_check()
                     # No temperature fallback for a partial: it would take seconds on hard audio, and
-                    # the final (which has it) follows anyway.
-                    t = await self._decode(stream.audio(), beam_size=self._cfg.partial_beam_size, words=True,
-                                           prompt=stream.prompt, prefix=stream.prefix, fallback=False,
-                                           priority=self._priority + 2)
-                    partial = stream.partial(t, covered)
+                    # the final follows anyway.
+                    t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
+                                           else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
+                                           prefix=stream.prefix, fallback=False, priority=self._priority + 2)
+                    partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
                     if partial.text:
                         self._publish(partial)
                 else:
                     self.partials_skipped += 1
 
-    async def _final_decode(self, stream: UtteranceStream, audio_end: int) -> Transcript:
+    async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False) -> Transcript:
+        """The final's decode: free, as the naive decoder would hear the window; `bound` makes it begin
+        with the stable words, for when the free one does not (a prefix that already holds all that was
+        said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.prefix, priority=self._priority,
-                                  fallback=self._cfg.temperature_fallback)
+                                  prompt=stream.prompt, prefix=stream.prefix if bound else "",
+                                  priority=self._priority, fallback=self._cfg.temperature_fallback)
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
@@ -396,7 +399,7 @@ class AsrWorker:
             recent = item.start - self._last_end <= self._cfg.carry_over_s * SAMPLE_RATE
             context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
-                                           self._cfg.max_window_s)
+                                           self._cfg.max_window_s, self._engine.rules)
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
@@ -428,8 +431,9 @@ class AsrWorker:
                           "none" if spec is None else "speech went on")
                 self._discard(spec)
                 t = await self._final_decode(stream, item.audio_end)
-            if not stream.keeps_stable(t):  # begun before the last words became stable
-                t = await self._final_decode(stream, item.audio_end)
+            if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
+                self.finals_bound += 1
+                t = await self._final_decode(stream, item.audio_end, bound=True)
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
