@@ -1,14 +1,16 @@
 """Streaming benchmark: a session of real speech through the virtual microphone into the real daemon.
 
-Builds a session from dev corpus clips separated by pauses and long silences, plays it in real
-time into a PulseAudio virtual microphone, records what `captiond run` publishes on its socket,
-and compares it with decoding offline, with the same model (beam 5), each utterance the daemon's
-gate finds in the session whole (the issue's reference: same segmentation, no streaming) and each
-clip whole (segmentation's cost included). The daemon's 30 ms frames fall on the speech wherever
+Builds a session from recordings (dev corpus clips, or with --corpus continuous whole recordings with
+their own pauses inside) separated by pauses and long silences, plays it in real time into a
+PulseAudio virtual microphone, records what `captiond run` publishes on its socket, and compares it
+with decoding offline, with the same model (beam 5): each recording whole, as recording and
+transcribing afterwards gives it (full window, faster-whisper's defaults: the reference), and each
+utterance the daemon's gate finds in the session whole (same segmentation, no streaming). The daemon's 30 ms frames fall on the speech wherever
 its capture happened to begin, and which words tiny.en hears depends on that, so the utterance
 reference is the mean over --phases alignments of the frames (its spread is printed too).
 
     .venv/bin/python bench/session.py [--clips N] [--seed S] [--set section.key=value ...]
+    .venv/bin/python bench/session.py --corpus continuous --part heldout --clips 40
     .venv/bin/python bench/session.py --soak [MINUTES]
     .venv/bin/python bench/session.py --audio-dir bench/heldout/librispeech --audio-dir /usr/share/sounds/alsa
 
@@ -35,16 +37,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT / "scripts")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from conftest import CORPUS, Daemon, manifest, read_wav, silence, trimmed, write_wav  # noqa: E402
+from corpora import CORPORA, PARTS, Recording, WholeReference, recordings  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
 from wer import corpus_wer, normalize  # noqa: E402
 
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
-from captiond.engine import WhisperDecoder  # noqa: E402
+from captiond.engine import WhisperDecoder, resolve_model  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, FrameAssembler, int16_to_float  # noqa: E402
 from captiond.gate import Gate, UtteranceEnd, UtteranceStart  # noqa: E402
 
@@ -97,9 +100,10 @@ def build_session(clips: list[dict], seed: int, out: Path) -> list[tuple[dict, f
 
 def offline(clips: list[dict], session: Path, spans, config: Config,
             phases: int) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """Decoded whole, offline, with the daemon's model and settings: (each clip, each utterance the
-    daemon's gate finds in the session at each of `phases` frame alignments), the utterances' text
-    joined per clip they overlap most.
+    """Decoded offline with the daemon's model: (each clip whole, as recording and transcribing
+    afterwards gives it: bench/corpora.py; each utterance the daemon's gate finds in the session at
+    each of `phases` frame alignments, with the daemon's final settings), the utterances' text joined
+    per clip they overlap most.
 
     Alignments: the session shifted by k/phases of a 30 ms frame, k = 0 .. phases-1. The daemon's
     frames fall on the speech wherever its capture happened to begin; tiny.en answers a shift of
@@ -111,8 +115,8 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     fallback = config.asr.temperature_fallback  # as the daemon's finals
-    whole = {c["file"]: decoder.decode(int16_to_float(pcm_of(c)), beam_size=config.asr.beam_size, words=True,
-                                       fallback=fallback).text for c in clips}
+    reference = WholeReference(resolve_model(config.asr.model).target, config.asr.compute_type, config.asr.cpu_threads)
+    whole = {c["file"]: reference.text(Recording(c["file"], c["text"], pcm_of(c))) for c in clips}
     texts, recorded = [], read_wav(session)
     for k in range(phases):
         shift = k * FRAME_SAMPLES // phases
@@ -126,7 +130,7 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
                 item = max(spans, key=lambda span: min(e, span[2]) - max(s, span[1]))[0]
                 per_clip[item["file"]].append(decoder.decode(int16_to_float(pcm[starts[event.utt]:event.audio_end]),
                                                              beam_size=config.asr.beam_size, words=True,
-                                                             fallback=fallback).text)
+                                                             fallback=fallback, final=True).text)
         texts.append({key: " ".join(v) for key, v in per_clip.items()})
     return whole, texts
 
@@ -176,8 +180,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-NAIVE = ["asr.partial_interval_s=30", "asr.early_final=false"]
-"""The naive baseline: the same daemon decoding each utterance only once it has ended."""
+NAIVE = ["asr.partial_interval_s=30", "asr.early_final=false", "asr.carry_over_s=0"]
+"""The naive baseline: the same daemon decoding each utterance only once it has ended, with no context."""
 
 
 def score(run: dict, spans, audio_s: float) -> dict:
@@ -232,6 +236,9 @@ def main() -> None:
                         help="instead: replay sessions for this long (default 60) and report RSS and latency drift")
     parser.add_argument("--audio-dir", type=Path, action="append", metavar="DIR",
                         help="build the session from the WAV/FLAC files in DIR (repeatable) instead of the dev corpus")
+    parser.add_argument("--corpus", choices=CORPORA, default="dev", help="where the clips come from (default dev)")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="continuous only: the part settings were tuned on, the held-out part, or all")
     parser.add_argument("--join", type=int, default=1, metavar="K",
                         help="say every K clips as one long utterance (0.25 s pauses): decode windows past asr.max_window_s")
     parser.add_argument("--phases", type=int, default=8, metavar="N",
@@ -242,8 +249,12 @@ def main() -> None:
 
     config, _ = load(None, args.set)
     rng = np.random.default_rng(args.seed)
-    usable = ([c for d in args.audio_dir for c in folder_clips(d)] if args.audio_dir
-              else [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0])
+    if args.audio_dir:
+        usable = [c for d in args.audio_dir for c in folder_clips(d)]
+    elif args.corpus == "dev":
+        usable = [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0]
+    else:  # whole recordings, their own pauses inside
+        usable = [{"file": r.id, "text": r.text, "pcm": r.pcm} for r in recordings(args.corpus, args.part)]
     clips = joined([usable[i] for i in rng.permutation(len(usable))[: args.clips]], args.join)
     with tempfile.TemporaryDirectory(prefix="captiond-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -278,7 +289,7 @@ def main() -> None:
                                          + (f" {r['outside']}" if r["outside"] else ""), float("nan")),
             "WER streamed finals": (f"{wer_stream:.3f}", wer_stream),
             "WER ratio to offline, each utterance whole": (ratio(wer_stream, wer_utt), float("nan")),
-            "WER ratio to offline, whole clips": (ratio(wer_stream, wer_off), float("nan")),
+            "WER ratio to offline, whole recordings": (ratio(wer_stream, wer_off), float("nan")),
             "final latency p50": (f"{pct(r['latencies'], 50):.2f} s", pct(r["latencies"], 50)),
             "final latency p95": (f"{pct(r['latencies'], 95):.2f} s", pct(r["latencies"], 95)),
             "first partial after speech_start p50": (f"{pct(r['first_partial'], 50):.2f} s", float("nan")),
@@ -296,7 +307,7 @@ def main() -> None:
         ("WER offline, each utterance whole (the gate's, beam 5)",
          f"{wer_utt:.3f}" + (f" (mean of {len(wer_utts)} frame alignments, {min(wer_utts):.3f}-{max(wer_utts):.3f}; "
                              f"unshifted {wer_utts[0]:.3f})" if len(wer_utts) > 1 else "")),
-        ("WER offline, whole clips (beam 5)", f"{wer_off:.3f} (both decoded in {offline_s:.1f} s)"),
+        ("WER offline, whole recordings (full window, beam 5)", f"{wer_off:.3f} (both decoded in {offline_s:.1f} s)"),
         ("time to ready", f"{run['ready']:.1f} s"),
         ("idle CPU (listening to silence)", f"{100 * run['idle']:.1f} % of one core"),
         ("RSS peak / at the end", f"{run['memory'][0] / 1024:.0f} MB / {run['memory'][1] / 1024:.0f} MB"),

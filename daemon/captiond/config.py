@@ -94,7 +94,9 @@ class AsrConfig:
     temperature_fallback: bool = False
     """Decode a live final again at temperatures 0.4 and 0.8 when it looks improbable or repetitive (sampled: varies run to run)."""
     short_window: bool = True
-    """Encode the audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: decodes ~3x faster."""
+    """Encode a partial's audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: ~3x faster."""
+    short_window_finals: bool = True
+    """The same for finals and files; false gives them Whisper's full window, as it was trained (slower)."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
     max_window_s: float = 15.0

@@ -128,12 +128,14 @@ def short_window(features: np.ndarray) -> np.ndarray:
 def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
-    if cfg.short_window:
-        class ShortWindowModel(WhisperModel):
-            def encode(self, features: np.ndarray) -> Any:
-                return super().encode(short_window(features))
+    class ShortWindowModel(WhisperModel):
+        short = cfg.short_window
+        """Encode the short window (set per decode by WhisperDecoder)."""
 
-        WhisperModel = ShortWindowModel  # noqa: N806
+        def encode(self, features: np.ndarray) -> Any:
+            return super().encode(short_window(features) if self.short else features)
+
+    WhisperModel = ShortWindowModel  # noqa: N806
 
     ref = resolve_model(cfg.model)
     kwargs = dict(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
@@ -247,14 +249,17 @@ class WhisperDecoder:
         self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
-               hotwords: str | None = None, prefix: str | None = None, fallback: bool = True) -> Transcript:
+               hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
+               final: bool = False) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
+        `final` encodes the window as asr.short_window_finals says, else as asr.short_window.
         """
         started = time.monotonic()
+        self._model.short = self._cfg.short_window_finals if final else self._cfg.short_window
         language = None if self._cfg.language == "auto" else self._cfg.language
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
@@ -325,13 +330,13 @@ class Engine:
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-                     priority: int = 0) -> Transcript:
+                     final: bool = False, priority: int = 0) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         self.busy_since = time.monotonic()
         try:
             return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
-                                  hotwords=hotwords, prefix=prefix, fallback=fallback)
+                                  hotwords=hotwords, prefix=prefix, fallback=fallback, final=final)
         finally:
             self.busy_since = None
             self._pass_turn()

@@ -378,7 +378,7 @@ class AsrWorker:
         with the stable words, for when the free one does not (a prefix that already holds all that was
         said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.prefix if bound else "",
+                                  prompt=stream.prompt, prefix=stream.prefix if bound else "", final=True,
                                   priority=self._priority, fallback=self._cfg.temperature_fallback)
 
     def _discard(self, spec: _Speculation | None) -> None:
@@ -387,10 +387,10 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int, fallback: bool) -> Transcript:
+                      priority: int, fallback: bool, final: bool = False) -> Transcript:
         return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                          hotwords=self.hotwords or None, prefix=prefix or None,
-                                         fallback=fallback, priority=priority)
+                                         fallback=fallback, final=final, priority=priority)
 
     async def _handle(self, item: GateEvent) -> None:
         if isinstance(item, UtteranceStart):

@@ -125,7 +125,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         pcm = np.concatenate([part for piece in group for part in (_GAP, piece.pcm)][1:])
         # With the temperature fallback whatever asr.temperature_fallback says: on the dev corpus as one
         # 592 s file it took WER 0.317 to 0.29-0.30, for a quarter more time (live finals: no gain).
-        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True)
+        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True, final=True)
         language = t.language
         to_file = _TimeMap(group)
         for seg in t.segments:
