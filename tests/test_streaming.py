@@ -431,3 +431,83 @@ def test_real_decodes_of_a_growing_utterance_keep_every_stable_word_and_the_word
     final = stream.final(t, UtteranceEnd(1, len(pcm), len(pcm), "silence", 0.0), 0.1)
     assert final.text.split()[:len(published)] == published
     assert wer(item["text"], final.text) <= 0.25, final.text
+
+
+def _timed(text, start=0.0, step=0.3, p=0.9):
+    return tuple(Word(w, start + i * step, start + i * step + 0.25, p) for i, w in enumerate(text.split()))
+
+
+def _transcript(words):
+    text = " ".join(w.word for w in words)
+    return Transcript(text, (Segment(words[0].start, words[-1].end, text, tuple(words)),), "en", -0.3, 1.5, 0.01,
+                      words[-1].end + 0.2, 0.1)
+
+
+def test_a_final_that_loops_is_cut_back_to_one_saying():
+    # tiny.en under load: "... Thank you for your time, thank you for your time, ..." six times.
+    stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
+    words = _timed("We will call you back. " + "Thank you for your time, " * 6)
+    final = stream.final(_transcript(words), UtteranceEnd(1, 16000 * 10, 16000 * 10, "silence", 0.0), 0.1)
+    assert final.text == "We will call you back. Thank you for your time,"
+    assert "repetition" in final.flags and len(final.words) == 10
+    # speech that repeats itself is kept
+    said = _timed("Hello? Hello? Oh, hello. five five five")
+    assert stream.final(_transcript(said), UtteranceEnd(1, 16000 * 4, 16000 * 4, "silence", 0.0), 0.1).text == \
+        "Hello? Hello? Oh, hello. five five five"
+
+
+def test_improbable_words_run_on_past_the_last_voiced_frame_are_cut_from_the_final():
+    # "... or 8 for more options. as." (p 0.06) on a prompt that ends at "options.".
+    stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
+    words = (*_timed("or 8 for more options."), Word("as.", 1.5, 1.7, 0.06))
+    end = UtteranceEnd(1, round(1.6 * SAMPLE_RATE), round(1.8 * SAMPLE_RATE), "silence", 0.0)
+    assert stream.final(_transcript(words), end, 0.1).text == "or 8 for more options."
+    # as probable a word there is kept; so is an improbable one well inside the speech
+    sure = (*_timed("or 8 for more options."), Word("please.", 1.5, 1.7, 0.8))
+    assert stream.final(_transcript(sure), end, 0.1).text == "or 8 for more options. please."
+    inside = (*_timed("or 8 for more options."), Word("now.", 1.5, 1.7, 0.06))
+    late = UtteranceEnd(1, round(2.5 * SAMPLE_RATE), round(2.7 * SAMPLE_RATE), "silence", 0.0)
+    assert stream.final(_transcript(inside), late, 0.1).text == "or 8 for more options. now."
+    # the rules fitted to tiny.en are off for other models
+    assert UtteranceStream(1, 0, 0.4).final(_transcript(words), end, 0.1).text == "or 8 for more options. as."
+
+
+def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
+    stream = UtteranceStream(1, 0, 0.5)
+    greedy, beam = _transcript(_timed("How do you do")), _transcript(_timed("Had he gone home"))
+    for covered in (2, 3, 4):  # greedy decodes agree with each other, but make nothing stable
+        stream.partial(greedy, covered * SAMPLE_RATE, checked=False)
+    assert stream.stable == "" and stream.wants_check()
+    stream.partial(beam, 5 * SAMPLE_RATE, checked=True)  # the check disagrees: still nothing
+    assert stream.stable == "" and not stream.wants_check()
+    stream.partial(_transcript(_timed("Had he gone home now")), 6 * SAMPLE_RATE, checked=False)
+    stream.partial(_transcript(_timed("Had he gone home now")), 6 * SAMPLE_RATE, checked=False)
+    stream.partial(_transcript(_timed("Had he gone home now")), 7 * SAMPLE_RATE, checked=True)
+    assert stream.stable == "Had he gone home"
+
+
+def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_it_disagrees():
+    class Disagrees(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **kw):
+            self.prefixes.append(prefix)
+            if prefix:
+                said = prefix + " home."
+            elif kw.get("final"):
+                said = "Add he gone home."  # the final's free decode hears it otherwise than the check did
+            else:
+                said = "Had he gone home." if beam_size > 1 else "Had he gone"
+            timed = _timed(said)
+            return Transcript(said, (Segment(0.0, timed[-1].end, said, timed),), "en", -0.2, 1.2, 0.01,
+                              len(audio) / SAMPLE_RATE, 0.01)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 4.0):
+            await queue.put(item)
+            await asyncio.sleep(0.002)
+
+    decoder = Disagrees()
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.3, early_final=False))
+    final = events[-1]
+    stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
+    assert stable and final.text.startswith(stable)  # never retracted
+    assert worker.finals_bound == 1 and decoder.prefixes[-2] is None and decoder.prefixes[-1] == stable.rstrip(".")

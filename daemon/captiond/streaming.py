@@ -258,16 +258,17 @@ class UtteranceStream:
             flags.append("empty")
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
-        if looping([*t.text.split(), *t.unheard], rules):
+        # Stable words are never cut: they end a second or more before the voiced end (_SETTLE_S).
+        n = len(t.words)
+        cut = t.without(n - tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n)
+        looped = loop([w.word for w in cut.words], rules)
+        if looped and looped[0] < len(self.committed):
+            looped = None
+        if looped or looping([*t.text.split(), *t.unheard], rules):
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
-        # Stable words are never cut: they end a second or more before the voiced end (_SETTLE_S).
-        n = len(t.words)
-        t = t.without(n - tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n)
-        looped = loop([w.word for w in t.words], rules)
-        if looped and looped[0] >= len(self.committed):
-            t = t.without(*looped)
+        t = cut.without(*looped) if looped else cut
         if t.unheard:
             log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
         offset = self.start / SAMPLE_RATE
