@@ -47,7 +47,7 @@ from wer import corpus_wer, normalize  # noqa: E402
 
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
-from captiond.engine import WhisperDecoder, resolve_model  # noqa: E402
+from captiond.engine import SHORT, WhisperDecoder, resolve_model  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, FrameAssembler, int16_to_float  # noqa: E402
 from captiond.gate import Gate, UtteranceEnd, UtteranceStart  # noqa: E402
 
@@ -130,7 +130,8 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
                 item = max(spans, key=lambda span: min(e, span[2]) - max(s, span[1]))[0]
                 per_clip[item["file"]].append(decoder.decode(int16_to_float(pcm[starts[event.utt]:event.audio_end]),
                                                              beam_size=config.asr.beam_size, words=True,
-                                                             fallback=fallback, final=True).text)
+                                                             fallback=fallback,
+                                                             window=SHORT if config.asr.short_window else None).text)
         texts.append({key: " ".join(v) for key, v in per_clip.items()})
     return whole, texts
 

@@ -94,7 +94,7 @@ class FakeDecoder:
     def load(self):
         pass
 
-    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, fallback=True, final=False):
+    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, fallback=True, window=None):
         self.calls.append((len(audio), beam_size, words, prompt))
         self.hotwords_seen.append(hotwords)
         self.prefixes.append(prefix)

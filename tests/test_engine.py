@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import ModelError, WhisperDecoder, _heard, _joined, resolve_model, short_window
+from captiond.engine import SHORT, ModelError, WhisperDecoder, Window, _heard, _joined, resolve_model, short_window
 from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float
 from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
@@ -128,6 +128,9 @@ def test_short_window_keeps_the_audio_and_seven_seconds_of_padding():
     assert window(2150) == 2900  # 7 s after the audio, in whole seconds
     assert window(2900) == 3000  # never more than Whisper's 30 s
     assert window(0) == 1000
+    features = np.zeros((1, 80, 3000), np.float32)
+    features[..., :250] = -0.5
+    assert short_window(features, Window(2.0)).shape[-1] == 500  # a greedy partial's: the audio and 2 s
 
 
 @pytest.mark.slow
@@ -135,10 +138,10 @@ def test_short_window_decodes_like_the_full_one_and_long_context_fits():
     item = clip("jfk_inaugural.wav")
     audio = int16_to_float(read_wav(CORPUS / item["file"]))
     texts = []
-    for short in (True, False):
-        decoder = WhisperDecoder(AsrConfig(short_window=short))
-        decoder.load()
-        texts.append(decoder.decode(audio, beam_size=5, words=False).text)
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    for window in (SHORT, None):
+        texts.append(decoder.decode(audio, beam_size=5, words=False, window=window).text)
     assert wer(item["text"], texts[0]) <= wer(item["text"], texts[1]) + 0.05, texts
     # The longest context the worker gives (a 200-character prompt, hotwords, a prefix of stable
     # words) with 20 s of audio must fit Whisper's 448-token context with the token budget.

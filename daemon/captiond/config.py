@@ -94,9 +94,9 @@ class AsrConfig:
     temperature_fallback: bool = False
     """Decode a live final again at temperatures 0.4 and 0.8 when it looks improbable or repetitive (sampled: varies run to run)."""
     short_window: bool = True
-    """Encode a partial's audio plus 7 s of silence (at least 10 s) instead of Whisper's fixed 30 s window: ~3x faster."""
-    short_window_finals: bool = True
-    """The same for finals and files; false gives them Whisper's full window, as it was trained (slower)."""
+    """Encode finals, files and the partials that make words stable with 7 s of silence after the audio (10 s at least) instead of Whisper's full 30 s window: ~3x faster."""
+    partial_pad_s: float = 7.0
+    """Silence after the audio that greedy partials encode (never the full window), in seconds: less is faster, rougher."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
     max_window_s: float = 15.0
@@ -121,6 +121,7 @@ class AsrConfig:
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
+        _check(0.5 <= self.partial_pad_s <= 25, "asr.partial_pad_s", "must be between 0.5 and 25 seconds")
         _check(5 <= self.max_window_s <= 28, "asr.max_window_s", "must be between 5 and 28 seconds")
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
         _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")

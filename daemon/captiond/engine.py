@@ -106,21 +106,28 @@ def resolve_model(name: str) -> ModelRef:
 
 _FRAMES_PER_S = 100  # Whisper's log-mel hop is 10 ms
 _WINDOW_FRAMES = 30 * _FRAMES_PER_S
-_SHORT_PAD_FRAMES = 7 * _FRAMES_PER_S
-_SHORT_MIN_FRAMES = 10 * _FRAMES_PER_S
 
 
-def short_window(features: np.ndarray) -> np.ndarray:
-    """Cut the zero padding faster-whisper put after the audio's log-mel frames down to 7 s (at least
-    10 s of window in all, whole seconds): the encoder's cost grows with its input, and Whisper has
-    seen enough silence after speech to end its transcript there.
+@dataclass(frozen=True)
+class Window:
+    """How much of Whisper's 30 s window the encoder hears: the audio, pad_s of silence after it, at
+    least min_s in all (whole seconds). The encoder's cost grows with its input."""
 
-    On the dev corpus (63 clips, beam 5) this gave decodes 2-3x faster at the same or lower WER;
-    cutting the padding to 2 s raised WER by a sixth.
-    """
+    pad_s: float
+    min_s: float = 0.0
+
+
+SHORT = Window(7.0, 10.0)
+"""Enough silence after speech for Whisper to end its transcript there. On the dev corpus (63 clips,
+beam 5) decodes 2-3x faster than the full window at the same or lower WER; a 2 s pad raised WER by a
+sixth."""
+
+
+def short_window(features: np.ndarray, window: Window = SHORT) -> np.ndarray:
+    """Cut the zero padding faster-whisper put after the audio's log-mel frames down to the window."""
     columns = np.flatnonzero(np.any(features.reshape(-1, features.shape[-1]) != 0, axis=0))
     content = int(columns[-1]) + 1 if len(columns) else 0
-    keep = max(_SHORT_MIN_FRAMES, content + _SHORT_PAD_FRAMES)
+    keep = max(round(window.min_s * _FRAMES_PER_S), content + round(window.pad_s * _FRAMES_PER_S), 1)
     keep = min(_WINDOW_FRAMES, -(-keep // _FRAMES_PER_S) * _FRAMES_PER_S)
     return np.ascontiguousarray(features[..., :keep])
 
@@ -129,11 +136,11 @@ def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
     class ShortWindowModel(WhisperModel):
-        short = cfg.short_window
-        """Encode the short window (set per decode by WhisperDecoder)."""
+        window: Window | None = None
+        """The window the next decodes encode, None for the full one (set per decode by WhisperDecoder)."""
 
         def encode(self, features: np.ndarray) -> Any:
-            return super().encode(short_window(features) if self.short else features)
+            return super().encode(short_window(features, self.window) if self.window else features)
 
     WhisperModel = ShortWindowModel  # noqa: N806
 
@@ -246,20 +253,20 @@ class WhisperDecoder:
         """Load the model and run one decode so the first real one is not slow."""
         settle_allocator()
         self._model = self._loader(self._cfg)
-        self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False)
+        self.decode(np.zeros(SAMPLE_RATE, dtype=np.float32), beam_size=1, words=False, window=None)
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-               final: bool = False) -> Transcript:
+               window: Window | None = SHORT) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
-        `final` encodes the window as asr.short_window_finals says, else as asr.short_window.
+        `window` is what the encoder hears of Whisper's 30 s window (None: all of it).
         """
         started = time.monotonic()
-        self._model.short = self._cfg.short_window_finals if final else self._cfg.short_window
+        self._model.window = window
         language = None if self._cfg.language == "auto" else self._cfg.language
         segments, info = self._model.transcribe(
             audio, language=language, beam_size=beam_size, word_timestamps=words,
@@ -330,13 +337,13 @@ class Engine:
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-                     final: bool = False, priority: int = 0) -> Transcript:
+                     window: Window | None = SHORT, priority: int = 0) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         self.busy_since = time.monotonic()
         try:
             return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
-                                  hotwords=hotwords, prefix=prefix, fallback=fallback, final=final)
+                                  hotwords=hotwords, prefix=prefix, fallback=fallback, window=window)
         finally:
             self.busy_since = None
             self._pass_turn()

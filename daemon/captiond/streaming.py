@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .config import AsrConfig
-from .engine import Engine, Transcript
+from .engine import SHORT, Engine, Transcript, Window
 from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
 from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -365,9 +365,12 @@ class AsrWorker:
                     check = stream.wants_check()
                     # No temperature fallback for a partial: it would take seconds on hard audio, and
                     # the final follows anyway.
+                    # A check is decoded as the final will be; a greedy partial only shows what is heard.
+                    glance = Window(self._cfg.partial_pad_s)
                     t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
                                            else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
-                                           prefix=stream.prefix, fallback=False, priority=self._priority + 2)
+                                           prefix=stream.prefix, fallback=False, priority=self._priority + 2,
+                                           window=self._final_window if check else glance)
                     partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
                     if partial.text:
                         self._publish(partial)
@@ -379,8 +382,9 @@ class AsrWorker:
         with the stable words, for when the free one does not (a prefix that already holds all that was
         said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.prefix if bound else "", final=True,
-                                  priority=self._priority, fallback=self._cfg.temperature_fallback)
+                                  prompt=stream.prompt, prefix=stream.prefix if bound else "",
+                                  window=self._final_window, priority=self._priority,
+                                  fallback=self._cfg.temperature_fallback)
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
@@ -388,10 +392,14 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int, fallback: bool, final: bool = False) -> Transcript:
+                      priority: int, fallback: bool, window: Window | None) -> Transcript:
         return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                          hotwords=self.hotwords or None, prefix=prefix or None,
-                                         fallback=fallback, final=final, priority=priority)
+                                         fallback=fallback, window=window, priority=priority)
+
+    @property
+    def _final_window(self) -> Window | None:
+        return SHORT if self._cfg.short_window else None
 
     async def _handle(self, item: GateEvent) -> None:
         if isinstance(item, UtteranceStart):

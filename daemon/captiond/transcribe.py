@@ -17,7 +17,7 @@ import numpy as np
 
 from .capture import decode_file
 from .config import Config
-from .engine import Segment, WhisperDecoder
+from .engine import SHORT, Segment, WhisperDecoder
 from .events import Word
 from .frames import SAMPLE_RATE, FrameAssembler, int16_to_float
 from .gate import Gate, GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
@@ -125,7 +125,8 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         pcm = np.concatenate([part for piece in group for part in (_GAP, piece.pcm)][1:])
         # With the temperature fallback whatever asr.temperature_fallback says: on the dev corpus as one
         # 592 s file it took WER 0.317 to 0.29-0.30, for a quarter more time (live finals: no gain).
-        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True, final=True)
+        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True,
+                           window=SHORT if config.asr.short_window else None)
         language = t.language
         to_file = _TimeMap(group)
         for seg in t.segments:
