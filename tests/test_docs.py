@@ -54,10 +54,22 @@ def test_help_lists_every_subcommand_with_a_description():
         assert sub.description, f"`captiond {name} --help` has no description"
 
 
+def _anchors(page) -> set[str]:
+    """The #fragments a page offers: GitHub's slugs of its headings, and explicit <a id> anchors."""
+    text = page.read_text(encoding="utf-8")
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    return slugs | set(re.findall(r'<a id="([^"]+)">', text))
+
+
 def test_links_between_docs_resolve():
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+        for target, fragment in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text(encoding="utf-8")):
             if "://" in target:
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+            linked = page.parent / target if target else page
+            where = f"{page.relative_to(ROOT)} links to {target}#{fragment}"
+            assert linked.exists(), f"{where}: no such file"
+            if fragment and linked.suffix == ".md":
+                assert fragment in _anchors(linked), f"{where}: no such heading"
