@@ -165,7 +165,7 @@ class LogConfig:
     enabled: bool = True
     """Write finals to the transcript log."""
     path: str = ""
-    """Transcript log file; empty picks $LOGS_DIRECTORY/transcript.log under systemd, else /var/log/captiond/transcript.log for root, else $XDG_STATE_HOME/captiond/transcript.log."""
+    """Transcript log file; empty picks $LOGS_DIRECTORY/transcript.log under systemd, else /var/log/captiond/transcript.log for root without $XDG_RUNTIME_DIR, else $XDG_STATE_HOME/captiond/transcript.log."""
     max_bytes: int = 10_000_000
     """Size at which the log is rotated, in bytes."""
     backups: int = 5
