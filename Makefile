@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup system-deps demo test test-fast bench bench-heldout soak clean
+.PHONY: help setup system-deps demo test test-fast docs bench bench-heldout soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
 	@echo "make test       set up, then run the whole test suite"
 	@echo "make test-fast  the suite without the slow model/microphone tests"
+	@echo "make docs       regenerate docs/configuration.md from the config dataclasses"
 	@echo "make bench      streaming benchmark through the virtual microphone, with a naive baseline (prints a table)"
 	@echo "make bench-heldout  the same on speech nothing was tuned on (bench/heldout; alsa-utils' voice if installed)"
 	@echo "make soak       replay speech into one daemon for an hour; RSS and latency drift"
@@ -34,6 +35,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+docs: setup
+	$(PY) scripts/config_docs.py
 
 bench: setup
 	$(PY) bench/session.py

@@ -298,25 +298,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: $XDG_CONFIG_HOME/captiond/captiond.toml, then /etc/captiond/captiond.toml)")
     common.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
                         help="override one config key, e.g. --set server.socket=./test.sock (repeatable)")
-    common.add_argument("--debug", action="store_true", help="log more")
+    common.add_argument("--debug", action="store_true", help="log debug messages too")
 
     parser = argparse.ArgumentParser(
         prog="captiond", description="Local, always-on speech-to-text: microphone → faster-whisper → "
-        "live events on a Unix socket and a transcript log; files to subtitles with the same engine.",
-        epilog="Start with `captiond run`, then `captiond captions` in another terminal.")
+        "live events on a Unix socket\nand a transcript log; files to subtitles with the same engine.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  captiond run                                  # the daemon, on the default microphone\n"
+        "  captiond captions                             # live captions, in another terminal\n"
+        "  captiond listen --types final | jq -r .text   # one line per sentence, for scripts\n"
+        "  captiond transcribe talk.mp4 --format srt     # a file to subtitles\n\n"
+        "Every command takes --config PATH, --set SECTION.KEY=VALUE and --debug;\n"
+        "`captiond COMMAND --help` tells more.")
     parser.add_argument("--version", action="version", version=f"captiond {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the daemon",
-                         description="Listen, transcribe and publish until SIGTERM/Ctrl-C; a file or stdin "
-                         "source stops at its end.")
+                         description="Capture audio, cut speech out of silence, transcribe it and publish "
+                         "events on the Unix socket (and the WebSocket API when websocket.enabled is set) and "
+                         "finals to the transcript log, until SIGTERM or Ctrl-C; SIGHUP re-reads the config. "
+                         "A file or stdin source stops the daemon at its end, after the last final.",
+                         epilog="Exit status: 0 clean stop; 1 a failure while running (a file or pipe that broke, "
+                         "a stage stuck at shutdown); 2 something to fix first (config, device, model, "
+                         "socket in use).")
     run.add_argument("--source", metavar="SRC",
                      help="mic (default device), mic:NAME (name part or index), file:PATH (any audio/video), "
                      "or - (raw s16le 16 kHz mono on stdin); default from audio.source")
     run.add_argument("--realtime", action="store_true", help="pace a file source like a live microphone")
     run.set_defaults(func=cmd_run)
 
-    listen = sub.add_parser("listen", parents=[common], help="print events as JSON Lines (for scripts, jq)")
+    listen = sub.add_parser("listen", parents=[common], help="print events as JSON Lines (for scripts, jq)",
+                            description="Print the daemon's protocol v1 events on stdout, one JSON object per "
+                            "line (hello first), until the connection ends. Exits 1 with a message when the "
+                            "daemon is not running.",
+                            epilog="example: captiond listen --types final | jq -r .text")
     listen.add_argument("--types", metavar="T1,T2", help="only these event types, e.g. final,partial")
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
@@ -326,13 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "the daemon and reconnects by itself. Ctrl-C quits.")
     captions.add_argument("--timestamps", action="store_true", help="prefix finals with the time they were said")
     captions.set_defaults(func=cmd_captions)
-    status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)")
+    status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)",
+                            description="Ask the running daemon for its state (listening, paused, device_lost, "
+                            "overloaded, …), model, uptime, subscribers, decoder lag, dropped frames and "
+                            "version. Exits 3 when the daemon is not running.")
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
     status.set_defaults(func=cmd_status)
     transcribe = sub.add_parser(
         "transcribe", parents=[common], help="transcribe audio/video files to txt, srt, vtt or json",
         description="Transcribe files with the daemon's gate and model. Any format PyAV (FFmpeg) decodes. "
-        "Several files as json print one JSON object per line.")
+        "Several files as json print one JSON object per line; several as srt or vtt need --output-dir. "
+        "A file that cannot be decoded is reported and skipped; the exit status is then 1.")
     transcribe.add_argument("files", nargs="+", metavar="FILE")
     transcribe.add_argument("--format", choices=("txt", "srt", "vtt", "json"), default="txt",
                             help="output format (default: txt)")
@@ -346,9 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--system", action="store_true", help="a system service with its own user (needs root)")
     service.add_argument("--root", default="/", help=argparse.SUPPRESS)  # for tests: install under this folder
     service.set_defaults(func=cmd_install_service)
-    sub.add_parser("devices", parents=[common], help="list audio input devices").set_defaults(func=cmd_devices)
-    sub.add_parser("check-config", parents=[common],
-                   help="validate the config and print the values in effect").set_defaults(func=cmd_check_config)
+    sub.add_parser("devices", parents=[common], help="list audio input devices",
+                   description="List the audio input devices PortAudio sees: index, default sample rate, "
+                   "channels and name, and which is the default. Record from one with "
+                   "`captiond run --source mic:NAME` (a part of its name, or its index). Exits 2 when there "
+                   "is none.").set_defaults(func=cmd_devices)
+    sub.add_parser("check-config", parents=[common], help="validate the config and print the values in effect",
+                   description="Read the config file (and --set overrides), validate every key, and print "
+                   "the values in effect as TOML, with the socket and transcript log paths they give. "
+                   "Exits 2 naming the key when one is wrong.").set_defaults(func=cmd_check_config)
     return parser
 
 

@@ -82,7 +82,7 @@ class AsrConfig:
     device: str = "cpu"
     """Inference device: cpu, cuda or auto."""
     compute_type: str = "int8"
-    """CTranslate2 compute type: int8, int8_float16, float16, float32 or default."""
+    """CTranslate2 compute type: int8, int8_float16, int8_float32, int16, float16, float32 or default."""
     cpu_threads: int = 2
     """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
     language: str = "en"
@@ -132,7 +132,7 @@ class AsrConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     socket: str = ""
-    """Unix socket path; empty picks $XDG_RUNTIME_DIR/captiond/captiond.sock, or /run/captiond/captiond.sock for root."""
+    """Unix socket path; empty picks $RUNTIME_DIRECTORY/captiond.sock under systemd, else $XDG_RUNTIME_DIR/captiond/captiond.sock, else /run/captiond/captiond.sock for root, else /tmp/captiond-UID/captiond.sock."""
     mode: str = "0600"
     """Socket file permissions, octal."""
     group: str = ""
@@ -168,7 +168,7 @@ class LogConfig:
     enabled: bool = True
     """Write finals to the transcript log."""
     path: str = ""
-    """Transcript log file; empty picks $XDG_STATE_HOME/captiond/transcript.log, or /var/log/captiond/ for root."""
+    """Transcript log file; empty picks $LOGS_DIRECTORY/transcript.log under systemd, else /var/log/captiond/transcript.log for root without $XDG_RUNTIME_DIR, else $XDG_STATE_HOME/captiond/transcript.log."""
     max_bytes: int = 10_000_000
     """Size at which the log is rotated, in bytes."""
     backups: int = 5
