@@ -173,5 +173,9 @@ def test_memory_stays_flat_over_decodes_of_every_length():
             peak = max(peak, _rss_mib())
         return peak
 
+    # The bound is on growth that goes on: after 15 decodes, the peak of the next 30 and of the 30
+    # after them. (One bound of +25 MB over the settled peak failed once by 3 MB on a busy machine:
+    # which arena a thread's buffers land in varies with scheduling; a leak grows batch after batch.)
     settled = decode_some(15)
-    assert decode_some(45) <= settled + 25
+    first, second = decode_some(30), decode_some(30)
+    assert second <= first + 10 and first <= settled + 40, (settled, first, second)
