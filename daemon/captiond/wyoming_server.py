@@ -303,6 +303,7 @@ class _Handler(AsyncEventHandler):
         """The connection ends: an open transcription is abandoned."""
         current, self._current = self._current, None
         if current is not None:
+            log.info("wyoming: %s left in the middle of a transcription; abandoned it", self._peer)
             current.cancel()
             self._server.sessions.discard(current)
 
