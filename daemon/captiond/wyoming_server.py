@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _CLOSE_S = 10.0  # how long audio-stop may wait for the session's last final
 _MAX_CHANNELS = 8
-_VOICE_EVENTS = 64  # voice-started/stopped not yet written; a client that never reads loses the oldest
+_NOTICES = 64  # voice and error events not yet written; a client that never reads loses the oldest
 
 NewSession = Callable[..., LiveSession]
 
@@ -75,7 +75,7 @@ class _Transcription:
     them). So the chunks, joined, are always a prefix of the final transcript, and equal it at the end.
     """
 
-    def __init__(self, handler: _Handler, vad: bool) -> None:
+    def __init__(self, handler: _Handler, vad: bool, language: str | None) -> None:
         self._handler = handler
         self._vad = vad
         self.session: LiveSession | None = None
@@ -86,8 +86,9 @@ class _Transcription:
         self.settled = ""
         """finals, then the open utterance's stable words: what may be sent as chunks."""
         self.sent = ""
-        self.language: str | None = None
-        self.voice: collections.deque[WyEvent] = collections.deque(maxlen=_VOICE_EVENTS)
+        self.language = language
+        self.notices: collections.deque[WyEvent] = collections.deque(maxlen=_NOTICES)
+        """voice-started / voice-stopped and error events not yet written."""
         self.failed = False
         """Set when the audio cannot be used; the rest of the stream is ignored until audio-stop."""
         self._wake = asyncio.Event()
@@ -106,7 +107,7 @@ class _Transcription:
             if candidate.startswith(self.settled):
                 self.settled = candidate
         elif isinstance(event, Final):
-            self.language = self.language or event.language
+            self.language = event.language or self.language
             if event.text:
                 self.finals = _join(self.finals, event.text)
                 if not self.finals.startswith(self.sent):
@@ -114,12 +115,12 @@ class _Transcription:
                                 "transcript carries the final", self.sent[-80:])
             self.settled = self.finals
         elif isinstance(event, SpeechStart) and self._vad:
-            self.voice.append(VoiceStarted(timestamp=round(event.start * 1000)).event())
+            self.notices.append(VoiceStarted(timestamp=round(event.start * 1000)).event())
         elif isinstance(event, SpeechEnd) and self._vad:
-            self.voice.append(VoiceStopped(timestamp=round(event.end * 1000)).event())
+            self.notices.append(VoiceStopped(timestamp=round(event.end * 1000)).event())
         elif isinstance(event, Error):
             log.warning("wyoming session: %s: %s", event.code, event.message)
-            self.voice.append(WyError(text=event.message, code=event.code).event())
+            self.notices.append(WyError(text=event.message, code=event.code).event())
         self._wake.set()
 
     async def finish(self) -> None:
@@ -137,13 +138,19 @@ class _Transcription:
             self._emitter.cancel()
 
     async def _emit(self) -> None:
+        try:
+            await self._emit_events()
+        except ConnectionError as exc:  # the client went; its handler sees that and abandons the session
+            log.info("wyoming: cannot write to the client: %r", exc)
+
+    async def _emit_events(self) -> None:
         write = self._handler.write_event
         started = False
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.voice:
-                await write(self.voice.popleft())
+            while self.notices:
+                await write(self.notices.popleft())
             if self.settled.startswith(self.sent) and len(self.settled) > len(self.sent):
                 if not started:
                     await write(TranscriptStart(language=self.language).event())
@@ -227,7 +234,9 @@ class _Handler(AsyncEventHandler):
             await self._error("bad_request", "audio-start while a transcription is open; send audio-stop first")
             return
         # Until audio-stop the stream belongs to this transcription, even a refused one (its chunks are dropped).
-        self._current = current = _Transcription(self, vad=transcribe.vad_sensitivity is not None)
+        languages = self._server.info.asr[0].models[0].languages
+        self._current = current = _Transcription(self, vad=transcribe.vad_sensitivity is not None,
+                                                 language=languages[0] if len(languages) == 1 else None)
         current.format = (start.rate, start.width, start.channels)
         problem = self._server.refusal(start, transcribe)
         if problem:
