@@ -348,3 +348,43 @@ def test_a_non_loopback_address_needs_allow_remote():
     assert load(None, ["wyoming.uri=tcp://0.0.0.0:10300", "wyoming.allow_remote=true"])[0].wyoming.remote
     with pytest.raises(ConfigError, match="wyoming.uri"):
         load(None, ["wyoming.uri=http://127.0.0.1:10300"])
+
+
+def test_chunks_carry_only_settled_text_across_utterances():
+    from captiond.events import Final, Partial
+    from captiond.wyoming_server import _Transcription
+
+    class Writer:
+        def __init__(self) -> None:
+            self.events: list[Event] = []
+
+        async def write_event(self, event: Event) -> None:
+            self.events.append(event)
+
+    def partial(utt: int, stable: str, unstable: str) -> Partial:
+        return Partial(utt, 1, 0.0, 1.0, stable, unstable, _join(stable, unstable))
+
+    def final(utt: int, text: str) -> Final:
+        return Final(utt, 0.0, 1.0, text, (), "en", 0.1, ())
+
+    def _join(a: str, b: str) -> str:
+        return f"{a} {b}".strip()
+
+    async def run() -> list[Event]:
+        writer = Writer()
+        t = _Transcription(writer, vad=False, language="en")  # type: ignore[arg-type]
+        t.start_emitter("test-emitter")
+        for event in [partial(1, "", "Turn of"), partial(1, "Turn", "on the"), partial(1, "Turn on", "the lights"),
+                      final(1, "Turn on the lights."), partial(2, "", "You"), partial(2, "", "You"),
+                      final(2, "")]:  # withheld: a guess on noise, nothing of it was stable
+            t.on_event(event)
+            await asyncio.sleep(0)  # let the emitter write what is settled so far
+        t.on_event(final(3, "Please."))
+        await t.finish()
+        return writer.events
+
+    events = asyncio.run(run())
+    chunks = [TranscriptChunk.from_event(e).text for e in events if e.type == "transcript-chunk"]
+    text, _ = transcript_of(events)
+    assert chunks[:3] == ["Turn", " on", " the lights."]  # unstable words never; settled ones once
+    assert "".join(chunks) == text == "Turn on the lights. Please."
