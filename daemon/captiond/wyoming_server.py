@@ -303,8 +303,9 @@ class _Handler(AsyncEventHandler):
         try:
             await current.session.close(_CLOSE_S)
             await current.finish()
-            log.info("wyoming transcription from %s: %.1f s of audio: %r", self._peer,
-                     current.session.samples / SAMPLE_RATE, current.finals[:200])
+            # What was said goes to the client only, not to the system log.
+            log.info("wyoming transcription from %s: %.1f s of audio, %d word(s)", self._peer,
+                     current.session.samples / SAMPLE_RATE, len(current.finals.split()))
         finally:
             self._server.sessions.discard(current)
 
@@ -312,7 +313,8 @@ class _Handler(AsyncEventHandler):
         """The connection ends: an open transcription is abandoned."""
         current, self._current = self._current, None
         if current is not None:
-            log.info("wyoming: %s left in the middle of a transcription; abandoned it", self._peer)
+            log.info("wyoming: the connection from %s ended in the middle of a transcription; abandoned it",
+                     self._peer)
             current.cancel()
             self._server.sessions.discard(current)
 
