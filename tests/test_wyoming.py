@@ -400,3 +400,28 @@ def test_chunks_carry_only_settled_text_across_utterances():
     text, _ = transcript_of(events)
     assert chunks[:3] == ["Turn", " on", " the lights."]  # unstable words never; settled ones once
     assert "".join(chunks) == text == "Turn on the lights. Please."
+
+
+def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
+    from types import SimpleNamespace
+
+    from captiond.config import WyomingConfig
+    from captiond.wyoming_server import WyomingServer, _Transcription
+
+    asr = load(None, [])[0].asr
+    seen: dict[int, list[float]] = {}
+
+    def transcription(k: int) -> _Transcription:
+        t = _Transcription(None, vad=False, language="en")  # type: ignore[arg-type]
+        worker = SimpleNamespace(reconfigure=lambda cfg: seen.setdefault(k, []).append(cfg.partial_interval_s))
+        t.session = SimpleNamespace(worker=worker)  # type: ignore[assignment]
+        return t
+
+    server = WyomingServer(WyomingConfig(), lambda: asr, "tiny.en", lambda *a, **k: None)  # type: ignore[arg-type]
+    first, second = transcription(1), transcription(2)
+    server.admit(first)
+    server.admit(second)
+    server.release(second)
+    base = asr.partial_interval_s
+    assert seen == {1: [base, 2 * base, base], 2: [2 * base]}
+    server.gate_thread.shutdown()

@@ -78,7 +78,7 @@ class Service:
         self.translog = translog
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
-        self.wyoming = WyomingServer(config.wyoming, config.asr, engine.name, self._new_session) \
+        self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
             if config.wyoming.enabled else None
         self.gate = gate or Gate(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
