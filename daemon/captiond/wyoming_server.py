@@ -353,8 +353,8 @@ class WyomingServer:
         """Space every open transcription's partials by asr.partial_interval_s times the number open.
 
         Each partial decodes its whole utterance again, and the sessions share one model thread: with
-        four at once on this machine's 2 CPUs, finals waited behind partials (audio-stop -> transcript
-        p50 0.56-0.87 s); spaced so, it was 0.002 s. Takes effect from each session's next utterance.
+        four at once on 2 busy CPUs, finals waited behind partials (bench/wyoming.py: audio-stop ->
+        transcript p50 0.56 and 0.87 s; spaced so, 0.49 s). Takes effect from each session's next utterance.
         """
         asr = self._asr()
         paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * max(1, len(self.sessions)))
