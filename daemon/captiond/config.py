@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,6 +223,45 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True)
+class WyomingConfig:
+    enabled: bool = False
+    """Serve speech-to-text over the Wyoming protocol (Home Assistant, voice satellites)."""
+    uri: str = "tcp://127.0.0.1:10300"
+    """Where to listen: tcp://HOST:PORT or unix://PATH."""
+    allow_remote: bool = False
+    """Allow a non-loopback tcp:// host; Wyoming has no authentication, so anyone who can reach it may use it."""
+    max_sessions: int = 2
+    """Wyoming transcriptions decoded at once; more get a too_many_sessions error event."""
+    idle_timeout_s: float = 10.0
+    """Seconds a connection may send no event before it is sent an idle_timeout error and closed."""
+
+    def __post_init__(self) -> None:
+        url = urlsplit(self.uri)
+        _check(url.scheme in ("tcp", "unix"), "wyoming.uri",
+               f"{self.uri!r} is not tcp://HOST:PORT or unix://PATH (e.g. tcp://127.0.0.1:10300)")
+        if url.scheme == "unix":
+            _check(bool(url.path), "wyoming.uri", "unix:// needs a socket path, e.g. unix:///run/captiond/wyoming.sock")
+        else:
+            try:
+                port = url.port
+            except ValueError:
+                port = None
+            _check(bool(url.hostname) and port is not None and 1 <= port <= 65535, "wyoming.uri",
+                   f"{self.uri!r} needs a host and a port between 1 and 65535, e.g. tcp://127.0.0.1:10300")
+            _check(url.hostname in _LOOPBACK or self.allow_remote, "wyoming.allow_remote",
+                   f"must be true to listen on {url.hostname!r}: Wyoming has no authentication, so only "
+                   "loopback (127.0.0.1, ::1) is served unless you allow it")
+        _check(1 <= self.max_sessions <= 64, "wyoming.max_sessions", "must be between 1 and 64")
+        _check(1 <= self.idle_timeout_s <= 3600, "wyoming.idle_timeout_s", "must be between 1 and 3600 seconds")
+
+    @property
+    def remote(self) -> bool:
+        """True when the server is reachable from other machines (a non-loopback tcp:// host)."""
+        url = urlsplit(self.uri)
+        return url.scheme == "tcp" and url.hostname not in _LOOPBACK
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, one attribute per TOML table."""
 
@@ -231,6 +271,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     websocket: WebSocketConfig = WebSocketConfig()
+    wyoming: WyomingConfig = WyomingConfig()
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}

@@ -25,6 +25,7 @@ from .session import LiveSession
 from .streaming import AsrWorker, gate_queue
 from .translog import TranscriptLog
 from .websocket import WebServer
+from .wyoming_server import WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Service:
         self.translog = translog
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
+        self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
+            if config.wyoming.enabled else None
         self.gate = gate or Gate(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
@@ -302,6 +305,8 @@ class Service:
                 await self.server.start()
             if self.web is not None:
                 await self.web.start()
+            if self.wyoming is not None:
+                await self.wyoming.start()
             # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
             capture = self._spawn(self._capture_loop(), "capture")
@@ -400,5 +405,7 @@ class Service:
             await self.server.close(_FLUSH_SUBSCRIBERS_S)
         if self.web is not None:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
+        if self.wyoming is not None:
+            await self.wyoming.close(_FLUSH_SUBSCRIBERS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,415 @@
+"""Opt-in Wyoming speech-to-text server (Home Assistant, voice satellites): each transcription is a
+LiveSession on the shared engine, streamed back as transcript-chunk events of settled text only."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import errno
+import logging
+from typing import Callable
+
+import numpy as np
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
+from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
+from wyoming.error import Error as WyError
+from wyoming.event import Event as WyEvent
+from wyoming.event import async_read_event
+from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.vad import VoiceStarted, VoiceStopped
+
+from . import __version__
+from .config import AsrConfig, WyomingConfig
+from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart
+from .frames import SAMPLE_RATE
+from .server import ServerError
+from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
+
+log = logging.getLogger(__name__)
+
+_CLOSE_S = 10.0  # how long audio-stop may wait for the session's last final
+_MAX_CHANNELS = 8
+_NOTICES = 64  # voice and error events not yet written; a client that never reads loses the oldest
+
+NewSession = Callable[..., LiveSession]
+
+
+class WyomingError(ServerError):
+    """The Wyoming server cannot start; the message says why and what to do."""
+
+
+def _languages(cfg: AsrConfig, model: str) -> list[str]:
+    """What the loaded model transcribes: the configured language, or every Whisper language for auto."""
+    if cfg.language != "auto":
+        return [cfg.language]
+    if model.split(" ")[0].endswith(".en"):
+        return ["en"]
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return list(_LANGUAGE_CODES)
+
+
+def info(cfg: AsrConfig, model: str) -> Info:
+    """The answer to describe: one ASR program (captiond) with the daemon's model."""
+    return Info(asr=[AsrProgram(
+        name="captiond", description="captiond: streaming faster-whisper with partials and a speech gate",
+        attribution=Attribution(name="captiond", url=""), installed=True, version=__version__,
+        models=[AsrModel(name=model, description=f"Whisper {model}",
+                         attribution=Attribution(name="OpenAI", url="https://github.com/openai/whisper"),
+                         installed=True, version=None, languages=_languages(cfg, model))],
+        supports_transcript_streaming=True)])
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a} {b}" if a and b else a or b
+
+
+class _Transcription:
+    """One transcribe … audio-stop: the LiveSession, and what of its text the client has been sent.
+
+    Chunks carry only text the session will not take back: the finals so far, then the stable words
+    of the open utterance (every later decode of it, its final's included, is made to begin with
+    them). So the chunks, joined, are always a prefix of the final transcript, and equal it at the end.
+    """
+
+    def __init__(self, handler: _Handler, vad: bool, language: str | None) -> None:
+        self._handler = handler
+        self._vad = vad
+        self.session: LiveSession | None = None
+        self.converter = AudioChunkConverter(width=2)
+        self.format: tuple[int, int, int] = (0, 0, 0)
+        self.finals = ""
+        """The finals' text so far, space-separated: the transcript."""
+        self.settled = ""
+        """finals, then the open utterance's stable words: what may be sent as chunks."""
+        self.sent = ""
+        self.language = language
+        self.notices: collections.deque[WyEvent] = collections.deque(maxlen=_NOTICES)
+        """voice-started / voice-stopped and error events not yet written."""
+        self.failed = False
+        """Set when the audio cannot be used; the rest of the stream is ignored until audio-stop."""
+        self._wake = asyncio.Event()
+        self._ended = False
+        self._emitter: asyncio.Task | None = None
+
+    def start_emitter(self, name: str) -> None:
+        """Start the task that writes the session's events to the client as they come."""
+        self._emitter = asyncio.get_running_loop().create_task(self._emit(), name=name)
+        self._emitter.add_done_callback(_log_failure)
+
+    def on_event(self, event: Event) -> None:
+        """The session's events (from its worker): keep the settled text, queue voice events, wake the emitter."""
+        if isinstance(event, Partial):
+            candidate = _join(self.finals, event.stable)
+            if candidate.startswith(self.settled):
+                self.settled = candidate
+        elif isinstance(event, Final):
+            self.language = event.language or self.language
+            if event.text:
+                self.finals = _join(self.finals, event.text)
+                if not self.finals.startswith(self.sent):
+                    log.warning("wyoming: a final does not begin with the text already streamed (%r); the "
+                                "transcript carries the final", self.sent[-80:])
+            self.settled = self.finals
+        elif isinstance(event, SpeechStart) and self._vad:
+            self.notices.append(VoiceStarted(timestamp=round(event.start * 1000)).event())
+        elif isinstance(event, SpeechEnd) and self._vad:
+            self.notices.append(VoiceStopped(timestamp=round(event.end * 1000)).event())
+        elif isinstance(event, Error):
+            log.warning("wyoming session: %s: %s", event.code, event.message)
+            self.notices.append(WyError(text=event.message, code=event.code).event())
+        self._wake.set()
+
+    async def finish(self) -> None:
+        """After the session's last final: the last chunk, the transcript and transcript-stop."""
+        self._ended = True
+        self._wake.set()
+        if self._emitter is not None:
+            await self._emitter
+
+    def cancel(self) -> None:
+        """The client is gone or the server stops: end at once."""
+        if self.session is not None:
+            self.session.cancel()
+        if self._emitter is not None:
+            self._emitter.cancel()
+
+    async def _emit(self) -> None:
+        try:
+            await self._emit_events()
+        except ConnectionError as exc:  # the client went; its handler sees that and abandons the session
+            log.info("wyoming: cannot write to the client: %r", exc)
+
+    async def _emit_events(self) -> None:
+        write = self._handler.write_event
+        started = False
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.notices:
+                await write(self.notices.popleft())
+            if self.settled.startswith(self.sent) and len(self.settled) > len(self.sent):
+                if not started:
+                    await write(TranscriptStart(language=self.language).event())
+                    started = True
+                chunk, self.sent = self.settled[len(self.sent):], self.settled
+                await write(TranscriptChunk(text=chunk).event())
+            if self._ended:
+                if not started:
+                    await write(TranscriptStart(language=self.language).event())
+                await write(Transcript(text=self.finals, language=self.language).event())
+                await write(TranscriptStop().event())
+                return
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+
+class _Handler(AsyncEventHandler):
+    """One client connection; transcriptions on it run one after another."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: WyomingServer) -> None:
+        super().__init__(reader, writer)
+        self._server = server
+        self._peer = str(writer.get_extra_info("peername") or "unix socket")
+        self._write_lock = asyncio.Lock()
+        self._transcribe: Transcribe | None = None
+        self._current: _Transcription | None = None
+
+    async def write_event(self, event: WyEvent) -> None:
+        """Send one event; the connection's writers (this handler and its session's emitter) take turns."""
+        async with self._write_lock:
+            await super().write_event(event)
+
+    async def run(self) -> None:
+        """Read events until the client goes, an idle timeout, or the server stops; never raise."""
+        idle = self._server.cfg.idle_timeout_s
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(async_read_event(self.reader), idle)
+                except asyncio.TimeoutError:
+                    await self._error("idle_timeout", f"no event for {idle:g} s (wyoming.idle_timeout_s); closing")
+                    return
+                if event is None or not await self.handle_event(event):
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.info("wyoming: %s went away: %r", self._peer, exc)
+        except Exception:
+            log.exception("wyoming: connection from %s failed", self._peer)
+        finally:
+            self._drop()
+            self.writer.close()
+
+    async def handle_event(self, event: WyEvent) -> bool:
+        """Answer describe and ping; run transcribe / audio-start / audio-chunk… / audio-stop."""
+        if AudioChunk.is_type(event.type):
+            await self._chunk(AudioChunk.from_event(event))
+        elif Describe.is_type(event.type):
+            await self.write_event(self._server.info.event())
+        elif Transcribe.is_type(event.type):
+            self._transcribe = Transcribe.from_event(event)
+        elif AudioStart.is_type(event.type):
+            await self._start(AudioStart.from_event(event))
+        elif AudioStop.is_type(event.type):
+            await self._stop()
+        elif Ping.is_type(event.type):
+            await self.write_event(Pong(text=Ping.from_event(event).text).event())
+        else:
+            log.debug("wyoming: ignoring a %s event from %s", event.type, self._peer)
+        return True
+
+    async def _error(self, code: str, text: str) -> None:
+        log.warning("wyoming: %s: %s", self._peer, text)
+        await self.write_event(WyError(text=text, code=code).event())
+
+    async def _start(self, start: AudioStart) -> None:
+        transcribe, self._transcribe = self._transcribe or Transcribe(), None
+        if self._current is not None:
+            await self._error("bad_request", "audio-start while a transcription is open; send audio-stop first")
+            return
+        # Until audio-stop the stream belongs to this transcription, even a refused one (its chunks are dropped).
+        languages = self._server.info.asr[0].models[0].languages
+        self._current = current = _Transcription(self, vad=transcribe.vad_sensitivity is not None,
+                                                 language=languages[0] if len(languages) == 1 else None)
+        current.format = (start.rate, start.width, start.channels)
+        problem = self._server.refusal(start, transcribe)
+        if problem:
+            current.failed = True
+            await self._error(*problem)
+            return
+        try:
+            current.session = self._server.new_session(current.on_event, sample_rate=start.rate)
+        except AudioError as exc:
+            current.failed = True
+            await self._error("bad_audio", f"{exc}; send 8-192 kHz PCM, e.g. 16000 Hz, width 2, 1 channel")
+            return
+        context = transcribe.context or {}
+        prompt = context.get("prompt") if isinstance(context.get("prompt"), str) else None
+        if prompt:
+            current.session.worker.prompt = prompt[-MAX_CONTEXT:]
+        terms = [t for t in (transcribe.transcript_names or []) + (transcribe.transcript_terms or [])
+                 if isinstance(t, str)]
+        if terms:
+            current.session.worker.hotwords = " ".join(terms)[:MAX_CONTEXT]
+        self._server.admit(current)
+        log.info("wyoming transcription from %s: %d Hz, %d byte(s), %d channel(s); %d in use", self._peer,
+                 *current.format, len(self._server.sessions))
+        current.session.start()
+        current.start_emitter(f"wyoming-emit-{self._peer}")
+
+    async def _chunk(self, chunk: AudioChunk) -> None:
+        current = self._current
+        if current is None:
+            await self._error("bad_request", "audio-chunk without audio-start; send transcribe, audio-start first")
+            return
+        if current.failed or current.session is None:
+            return
+        frame = chunk.width * chunk.channels
+        if (chunk.rate, chunk.width, chunk.channels) != current.format or len(chunk.audio) % frame:
+            current.failed = True
+            current.cancel()
+            self._server.release(current)
+            await self._error("bad_audio", f"audio-chunk of {chunk.rate} Hz, width {chunk.width}, {chunk.channels} "
+                              f"channel(s), {len(chunk.audio)} bytes does not match audio-start "
+                              f"{current.format}; send whole frames in the announced format")
+            return
+        await current.session.feed(self._mono16(current, chunk))
+
+    @staticmethod
+    def _mono16(current: _Transcription, chunk: AudioChunk) -> bytes:
+        """The chunk as s16le mono at its own rate (the session resamples with soxr).
+
+        Channels are averaged here: audioop's tomono adds them, and clips where both are loud.
+        """
+        pcm = current.converter.convert(chunk).audio
+        if chunk.channels == 1:
+            return pcm
+        frames = np.frombuffer(pcm, dtype="<i2").reshape(-1, chunk.channels)
+        return frames.mean(axis=1).round().astype("<i2").tobytes()
+
+    async def _stop(self) -> None:
+        current, self._current = self._current, None
+        if current is None:
+            await self._error("bad_request", "audio-stop without audio-start")
+            return
+        if current.session is None or current.failed:
+            return
+        try:
+            await current.session.close(_CLOSE_S)
+            await current.finish()
+            # What was said goes to the client only, not to the system log.
+            log.info("wyoming transcription from %s: %.1f s of audio, %d word(s)", self._peer,
+                     current.session.samples / SAMPLE_RATE, len(current.finals.split()))
+        finally:
+            self._server.release(current)
+
+    def _drop(self) -> None:
+        """The connection ends: an open transcription is abandoned."""
+        current, self._current = self._current, None
+        if current is not None:
+            log.info("wyoming: the connection from %s ended in the middle of a transcription; abandoned it",
+                     self._peer)
+            current.cancel()
+            self._server.release(current)
+
+
+class WyomingServer:
+    """The Wyoming listener: start() binds wyoming.uri, close() ends every connection."""
+
+    def __init__(self, cfg: WyomingConfig, asr: Callable[[], AsrConfig], model: str,
+                 new_session: NewSession) -> None:
+        self.cfg = cfg
+        self._asr = asr  # the daemon's asr settings in effect (SIGHUP may change them)
+        self.info = info(asr(), model)
+        self._new_session = new_session
+        self._server: AsyncServer | None = None
+        self.sessions: set[_Transcription] = set()
+        self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                 thread_name_prefix="captiond-wyoming-gate")
+        """The gate of every Wyoming session runs here, off the event loop and the microphone's gate thread."""
+
+    def new_session(self, send: Callable[[Event], None], *, sample_rate: int) -> LiveSession:
+        """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`."""
+        return self._new_session(send, encoding="linear16", sample_rate=sample_rate, gate_thread=self.gate_thread)
+
+    def admit(self, current: _Transcription) -> None:
+        """Count a transcription that has begun."""
+        self.sessions.add(current)
+        self._pace_partials()
+
+    def release(self, current: _Transcription) -> None:
+        """Stop counting a transcription that ended or failed."""
+        self.sessions.discard(current)
+        self._pace_partials()
+
+    def _pace_partials(self) -> None:
+        """Space every open transcription's partials by asr.partial_interval_s times the number open.
+
+        Each partial decodes its whole utterance again, and the sessions share one model thread: with
+        four at once on 2 busy CPUs, finals waited behind partials (bench/wyoming.py: audio-stop ->
+        transcript p50 0.56 and 0.87 s; spaced so, 0.49 s). Takes effect from each session's next utterance.
+        """
+        asr = self._asr()
+        paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * max(1, len(self.sessions)))
+        for current in self.sessions:
+            if current.session is not None:
+                current.session.worker.reconfigure(paced)
+
+    def refusal(self, start: AudioStart, transcribe: Transcribe) -> tuple[str, str] | None:
+        """Why a transcription cannot begin (error code, message), or None."""
+        if len(self.sessions) >= self.cfg.max_sessions:
+            return "too_many_sessions", (f"{self.cfg.max_sessions} Wyoming transcriptions are running "
+                                         "(wyoming.max_sessions); try again later")
+        if start.width not in (1, 2, 3, 4) or not 1 <= start.channels <= _MAX_CHANNELS \
+                or not MIN_RATE <= start.rate <= MAX_RATE:
+            return "bad_audio", (f"audio-start of {start.rate} Hz, width {start.width}, {start.channels} channel(s) "
+                                 f"is not supported; send {MIN_RATE}-{MAX_RATE} Hz PCM, width 1-4 bytes, "
+                                 f"1-{_MAX_CHANNELS} channels (16000 Hz, width 2, mono is best)")
+        languages = self.info.asr[0].models[0].languages
+        wanted = (transcribe.language or "").split("-")[0].split("_")[0].lower()
+        if wanted and len(languages) == 1 and wanted != languages[0]:
+            return "unsupported_language", (f"language {transcribe.language!r} is not served: the model is "
+                                            f"set to {languages[0]!r} (asr.language, asr.model)")
+        return None
+
+    def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Handler:
+        return _Handler(reader, writer, self)
+
+    async def start(self) -> None:
+        """Bind wyoming.uri; an address in use is a clear error. Warns that Wyoming has no authentication."""
+        server = AsyncServer.from_uri(self.cfg.uri)
+        try:
+            await server.start(self._handler)
+        except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:
+                fix = "allow AF_INET AF_INET6 in the unit's RestrictAddressFamilies (systemctl edit captiond)"
+            else:
+                fix = "set wyoming.uri to a free port or path"
+            raise WyomingError(f"wyoming: cannot listen on {self.cfg.uri}: {exc.strerror}; {fix}, "
+                               "or set wyoming.enabled = false") from None
+        self._server = server
+        if self.cfg.remote:
+            log.warning("Wyoming server on %s, reachable from other machines: Wyoming has no authentication, "
+                        "so anyone who can reach this port can use the model", self.cfg.uri)
+        else:
+            log.info("Wyoming server on %s (no authentication: every local user and process may use it)",
+                     self.cfg.uri)
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting; abandon open transcriptions and close connections within `timeout`."""
+        if self._server is None:
+            return
+        for current in list(self.sessions):
+            current.cancel()
+        try:
+            await asyncio.wait_for(self._server.stop(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("wyoming: connections still open after %.0f s; dropping them", timeout)
+        self.gate_thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,427 @@
+"""The Wyoming server through the wyoming package's own client, driven the way Home Assistant's Wyoming
+integration drives a speech-to-text service: against the real daemon and model for transcripts, and
+against a Service with the fake decoder for the protocol's errors, limits and audio conversion."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from typing import Awaitable, Callable
+
+import numpy as np
+import pytest
+import soxr
+from wyoming.asr import Transcribe, Transcript, TranscriptChunk
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error as WyError
+from wyoming.event import Event, async_write_event
+from wyoming.info import Describe, Info
+
+from captiond.config import ConfigError, load
+from conftest import CORPUS, SPEECH, Daemon, Harness, clip, read_wav, silence
+
+RATE, WIDTH, CHANNELS = 16000, 2, 1  # what Home Assistant sends
+READ_S = 60.0  # the longest wait for one event: a busy machine decodes slowly, a broken server never answers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spoken(name: str) -> np.ndarray:
+    """A corpus clip with silence before it and enough after it for the gate to end the utterance."""
+    return np.concatenate([silence(0.5), read_wav(CORPUS / name), silence(1.5)])
+
+
+def key_words(name: str) -> set[str]:
+    """The reference's longer words, which tiny.en gets right on these clips."""
+    return {w.strip(".,!?;:\"'").lower() for w in clip(name)["text"].split() if len(w.strip(".,!?;:\"'")) >= 5}
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?;:\"'").lower() for w in text.split()}
+
+
+def to_bytes(pcm: np.ndarray, width: int = WIDTH, channels: int = CHANNELS) -> bytes:
+    """int16 mono samples as little-endian PCM of `width` bytes, the same signal on every channel."""
+    frames = np.repeat(pcm.astype(np.int32)[:, None], channels, axis=1)
+    if width == 2:
+        return frames.astype("<i2").tobytes()
+    if width == 4:
+        return (frames << 16).astype("<i4").tobytes()
+    raise ValueError(width)
+
+
+async def read_until(client: AsyncTcpClient, kind: str) -> list[Event]:
+    """Every event up to and including the first of type `kind`."""
+    got = []
+    while True:
+        event = await asyncio.wait_for(client.read_event(), READ_S)
+        assert event is not None, f"connection closed before {kind}; got {[e.type for e in got]}"
+        got.append(event)
+        if event.type == kind:
+            return got
+
+
+async def session(port: int, pcm: np.ndarray, *, rate: int = RATE, width: int = WIDTH, channels: int = CHANNELS,
+                  pace: float = 0.0, transcribe: Transcribe | None = None,
+                  before_stop: Callable[[list[Event]], Awaitable[None]] | None = None) -> list[Event]:
+    """One transcription as Home Assistant makes it: transcribe, audio-start, 100 ms chunks (sent every
+    `pace` s), audio-stop; events are read all along, as HA reads them, until transcript-stop."""
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        events: list[Event] = []
+
+        async def receive() -> None:
+            while True:
+                event = await asyncio.wait_for(client.read_event(), READ_S)
+                assert event is not None, f"connection closed; got {[e.type for e in events]}"
+                events.append(event)
+                if event.type in ("transcript-stop", "error"):
+                    return
+
+        reader = asyncio.create_task(receive(), name="test-wyoming-reader")
+        await client.write_event((transcribe or Transcribe(language="en")).event())
+        await client.write_event(AudioStart(rate=rate, width=width, channels=channels).event())
+        step = rate // 10
+        for i in range(0, len(pcm), step):
+            audio = to_bytes(pcm[i:i + step], width, channels)
+            await client.write_event(AudioChunk(rate=rate, width=width, channels=channels, audio=audio).event())
+            if pace:
+                await asyncio.sleep(pace)
+        if before_stop is not None:
+            await before_stop(events)
+        await client.write_event(AudioStop().event())
+        await reader
+        return events
+
+
+def transcript_of(events: list[Event]) -> tuple[str, list[str]]:
+    """The final transcript's text and the chunk texts, after checking the event order."""
+    types = [e.type for e in events]
+    assert "error" not in types, [e.data for e in events if e.type == "error"]
+    assert types.count("transcript") == 1 and types[-2:] == ["transcript", "transcript-stop"], types
+    chunks = [TranscriptChunk.from_event(e).text for e in events if e.type == "transcript-chunk"]
+    if chunks:
+        assert types.index("transcript-start") < types.index("transcript-chunk")
+    return Transcript.from_event(events[-2]).text, chunks
+
+
+async def until(pred: Callable[[], bool], timeout: float = READ_S) -> None:
+    async def poll() -> None:
+        while not pred():
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(poll(), timeout)
+
+
+# --- against the real daemon and model ------------------------------------------------------
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A real daemon (silent stdin as its microphone) with the Wyoming server on a free port."""
+    made = []
+
+    def start(*overrides: str) -> int:
+        port = free_port()
+        args = ["--source", "-", "--set", "wyoming.enabled=true", "--set", f"wyoming.uri=tcp://127.0.0.1:{port}"]
+        for override in overrides:
+            args += ["--set", override]
+        d = Daemon(tmp_path, *args, stdin=subprocess.PIPE)
+        made.append(d)
+        d.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
+        d.proc.stdin.flush()
+        d.connect().close()
+        return port
+
+    yield start
+    for d in made:
+        try:
+            assert d.proc.poll() is None, f"the daemon died:\n{d.stderr}"
+            d.proc.stdin.close()  # the end of its input: the daemon stops by itself
+            assert d.proc.wait(30) == 0, d.stderr
+        finally:
+            d.kill()
+
+
+@pytest.mark.slow
+def test_home_assistant_session_streams_settled_chunks_that_join_into_the_transcript(daemon):
+    port = daemon()
+
+    async def describe() -> Info:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Describe().event())
+            return Info.from_event((await read_until(client, "info"))[-1])
+
+    asr = asyncio.run(describe()).asr[0]
+    assert asr.supports_transcript_streaming and asr.installed
+    assert asr.models[0].languages == ["en"] and "tiny.en" in asr.models[0].name
+
+    async def chunk_before_stop(events: list[Event]) -> None:
+        # The utterance ended in the trailing silence: its text is streamed while the audio is still open.
+        await until(lambda: any(e.type == "transcript-chunk" for e in events))
+
+    name = "jfk_inaugural.wav"
+    events = asyncio.run(session(port, spoken(name), pace=0.1, before_stop=chunk_before_stop))
+    text, chunks = transcript_of(events)
+    assert "".join(chunks) == text
+    assert key_words(name) <= words(text), text
+
+
+@pytest.mark.slow
+def test_two_sessions_at_once_each_get_their_own_transcript(daemon):
+    port = daemon()
+    names = ["ps_forever.wav", "mfa_thoughts.wav"]
+
+    async def both() -> list[list[Event]]:
+        return await asyncio.gather(*(session(port, spoken(n), pace=0.1) for n in names))
+
+    for name, events in zip(names, asyncio.run(both())):
+        text, chunks = transcript_of(events)
+        assert "".join(chunks) == text
+        assert key_words(name) <= words(text), (name, text)
+        other = next(n for n in names if n != name)
+        assert not key_words(other) & words(text), (name, text)
+
+
+@pytest.mark.slow
+def test_a_client_that_vanishes_mid_stream_frees_its_session(daemon):
+    port = daemon("wyoming.max_sessions=1")
+    pcm = spoken("mfa_thoughts.wav")
+
+    async def vanish() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await async_write_event(Transcribe(language="en").event(), writer)
+        await async_write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event(), writer)
+        for i in range(0, len(pcm) // 2, RATE // 10):
+            await async_write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                               audio=to_bytes(pcm[i:i + RATE // 10])).event(), writer)
+            await asyncio.sleep(0.05)
+        writer.transport.abort()  # gone without audio-stop or a FIN: a satellite losing power
+
+    asyncio.run(vanish())
+    # The only session slot is free again and the model still answers.
+    text, chunks = transcript_of(asyncio.run(session(port, spoken("ps_forever.wav"), pace=0.05)))
+    assert "".join(chunks) == text and key_words("ps_forever.wav") <= words(text)
+
+
+# --- against a Service with the fake decoder (protocol, limits, conversion) -------------------
+
+@pytest.fixture
+def harness(tmp_path):
+    """A service with the Wyoming server on a free port; the fake decoder says how much audio it heard."""
+    made = []
+
+    def make(*overrides: str, delay: float = 0.0) -> Harness:
+        port = free_port()
+        config = load(None, ["server.stats_interval_s=0", "wyoming.enabled=true",
+                             f"wyoming.uri=tcp://127.0.0.1:{port}", *overrides])[0]
+        h = Harness(tmp_path, tmp_path / "t.log", config, decode_delay=delay)
+        h.port = port
+
+        async def bound() -> None:
+            while True:
+                try:
+                    client = AsyncTcpClient("127.0.0.1", port)
+                    await client.connect()
+                    await client.disconnect()
+                    return
+                except OSError:
+                    await asyncio.sleep(0.05)
+        asyncio.run(asyncio.wait_for(bound(), 30))
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.end()
+
+
+def heard_seconds(text: str) -> float:
+    """The fake decoder's final says `heard S.SS` for S.SS seconds of audio."""
+    assert text.startswith("heard "), text
+    return float(text.split()[-1])
+
+
+def test_fake_session_streams_a_chunk_before_audio_stop_and_they_join(harness):
+    h = harness()
+    pcm = np.concatenate([SPEECH, silence(1.0)])
+
+    async def chunk_before_stop(events: list[Event]) -> None:
+        await until(lambda: any(e.type == "transcript-chunk" for e in events))
+
+    text, chunks = transcript_of(asyncio.run(session(h.port, pcm, before_stop=chunk_before_stop)))
+    assert "".join(chunks) == text and heard_seconds(text) > 2.0
+
+
+def test_44100_hz_stereo_and_32_bit_input_is_heard_like_16_khz_mono(harness):
+    h = harness()
+    reference = heard_seconds(transcript_of(asyncio.run(session(h.port, SPEECH)))[0])
+    stereo = soxr.resample(SPEECH, RATE, 44100).astype(np.int16)
+    text, chunks = transcript_of(asyncio.run(session(h.port, stereo, rate=44100, width=4, channels=2)))
+    assert "".join(chunks) == text
+    # The same speech, so the gate cuts the same utterance (to within a few 30 ms frames); a wrong rate
+    # or channel count would stretch it 2-3 times.
+    assert abs(heard_seconds(text) - reference) <= 0.1, (text, reference)
+
+
+def test_transcribe_context_prompt_and_names_reach_the_decoder(harness):
+    h = harness()
+    ask = Transcribe(language="en", context={"prompt": "Kitchen lights, Zoë's room."}, transcript_names=["Zoë"],
+                     transcript_terms=["dimmer"])
+    transcript_of(asyncio.run(session(h.port, SPEECH, transcribe=ask)))
+    assert any(prompt and "Zoë's room" in prompt for *_, prompt in h.decoder.calls)
+    assert "Zoë dimmer" in h.decoder.hotwords_seen
+    transcript_of(asyncio.run(session(h.port, SPEECH)))  # the next transcription starts without them
+    assert h.decoder.hotwords_seen[-1] is None and not h.decoder.calls[-1][3]
+
+
+def test_wrong_audio_format_is_an_error_event_and_the_connection_stays(harness):
+    h = harness()
+
+    async def run() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(AudioStart(rate=16000, width=5, channels=1).event())
+            first = (await read_until(client, "error"))[-1]
+            await client.write_event(AudioStop().event())
+            # A chunk that does not match its audio-start (half a stereo frame)
+            await client.write_event(AudioStart(rate=RATE, width=2, channels=2).event())
+            await client.write_event(AudioChunk(rate=RATE, width=2, channels=2, audio=b"\x00" * 6).event())
+            second = (await read_until(client, "error"))[-1]
+            await client.write_event(AudioStop().event())
+            await client.write_event(Describe().event())
+            info = (await read_until(client, "info"))[-1]
+            return [first, second, info]
+
+    first, second, info = asyncio.run(run())
+    assert WyError.from_event(first).code == "bad_audio" and "width 5" in WyError.from_event(first).text
+    assert WyError.from_event(second).code == "bad_audio"
+    assert Info.from_event(info).asr
+
+
+def test_too_many_sessions_is_an_error_event_then_a_slot_frees(harness):
+    h = harness("wyoming.max_sessions=1")
+
+    async def run() -> tuple[list[Event], Event]:
+        first = AsyncTcpClient("127.0.0.1", h.port)
+        await first.connect()
+        await first.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+        await first.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                           audio=to_bytes(SPEECH)).event())
+        async with AsyncTcpClient("127.0.0.1", h.port) as second:
+            await second.write_event(Transcribe(language="en").event())
+            await second.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+            refused = (await read_until(second, "error"))[-1]
+        await first.write_event(AudioStop().event())
+        done = await read_until(first, "transcript-stop")
+        await first.disconnect()
+        return done, refused
+
+    done, refused = asyncio.run(run())
+    assert WyError.from_event(refused).code == "too_many_sessions"
+    assert heard_seconds(transcript_of(done)[0]) > 2.0
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))  # the slot is free again
+    assert heard_seconds(text) > 2.0
+
+
+def test_voice_events_only_when_the_client_asks_for_vad(harness):
+    h = harness()
+    plain = asyncio.run(session(h.port, SPEECH))
+    assert not {"voice-started", "voice-stopped"} & {e.type for e in plain}
+    vad = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="en", vad_sensitivity="default")))
+    types = [e.type for e in vad]
+    assert types.index("voice-started") < types.index("voice-stopped") < types.index("transcript")
+    assert vad[types.index("voice-started")].data["timestamp"] >= 0
+
+
+def test_unsupported_language_and_idle_connections_get_error_events(harness):
+    h = harness("wyoming.idle_timeout_s=1")
+
+    async def run() -> tuple[Event, list[Event]]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(Transcribe(language="de-DE").event())
+            await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+            language = (await read_until(client, "error"))[-1]
+            await client.write_event(AudioStop().event())
+            idle = await read_until(client, "error")
+            assert await asyncio.wait_for(client.read_event(), READ_S) is None  # then closed
+            return language, idle
+
+    language, idle = asyncio.run(run())
+    assert WyError.from_event(language).code == "unsupported_language"
+    assert WyError.from_event(idle[-1]).code == "idle_timeout"
+
+
+def test_a_non_loopback_address_needs_allow_remote():
+    with pytest.raises(ConfigError, match="wyoming.allow_remote"):
+        load(None, ["wyoming.uri=tcp://0.0.0.0:10300"])
+    assert load(None, ["wyoming.uri=tcp://0.0.0.0:10300", "wyoming.allow_remote=true"])[0].wyoming.remote
+    with pytest.raises(ConfigError, match="wyoming.uri"):
+        load(None, ["wyoming.uri=http://127.0.0.1:10300"])
+
+
+def test_chunks_carry_only_settled_text_across_utterances():
+    from captiond.events import Final, Partial
+    from captiond.wyoming_server import _Transcription
+
+    class Writer:
+        def __init__(self) -> None:
+            self.events: list[Event] = []
+
+        async def write_event(self, event: Event) -> None:
+            self.events.append(event)
+
+    def partial(utt: int, stable: str, unstable: str) -> Partial:
+        return Partial(utt, 1, 0.0, 1.0, stable, unstable, _join(stable, unstable))
+
+    def final(utt: int, text: str) -> Final:
+        return Final(utt, 0.0, 1.0, text, (), "en", 0.1, ())
+
+    def _join(a: str, b: str) -> str:
+        return f"{a} {b}".strip()
+
+    async def run() -> list[Event]:
+        writer = Writer()
+        t = _Transcription(writer, vad=False, language="en")  # type: ignore[arg-type]
+        t.start_emitter("test-emitter")
+        for event in [partial(1, "", "Turn of"), partial(1, "Turn", "on the"), partial(1, "Turn on", "the lights"),
+                      final(1, "Turn on the lights."), partial(2, "", "You"), partial(2, "", "You"),
+                      final(2, "")]:  # withheld: a guess on noise, nothing of it was stable
+            t.on_event(event)
+            await asyncio.sleep(0)  # let the emitter write what is settled so far
+        t.on_event(final(3, "Please."))
+        await t.finish()
+        return writer.events
+
+    events = asyncio.run(run())
+    chunks = [TranscriptChunk.from_event(e).text for e in events if e.type == "transcript-chunk"]
+    text, _ = transcript_of(events)
+    assert chunks[:3] == ["Turn", " on", " the lights."]  # unstable words never; settled ones once
+    assert "".join(chunks) == text == "Turn on the lights. Please."
+
+
+def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
+    from types import SimpleNamespace
+
+    from captiond.config import WyomingConfig
+    from captiond.wyoming_server import WyomingServer, _Transcription
+
+    asr = load(None, [])[0].asr
+    seen: dict[int, list[float]] = {}
+
+    def transcription(k: int) -> _Transcription:
+        t = _Transcription(None, vad=False, language="en")  # type: ignore[arg-type]
+        worker = SimpleNamespace(reconfigure=lambda cfg: seen.setdefault(k, []).append(cfg.partial_interval_s))
+        t.session = SimpleNamespace(worker=worker)  # type: ignore[assignment]
+        return t
+
+    server = WyomingServer(WyomingConfig(), lambda: asr, "tiny.en", lambda *a, **k: None)  # type: ignore[arg-type]
+    first, second = transcription(1), transcription(2)
+    server.admit(first)
+    server.admit(second)
+    server.release(second)
+    base = asr.partial_interval_s
+    assert seen == {1: [base, 2 * base, base], 2: [2 * base]}
+    server.gate_thread.shutdown()
