@@ -130,3 +130,10 @@ def test_any_file_text_gives_a_config_or_a_clear_error(tmp_path_factory, text):
         load(path)
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_prompt_and_hotwords_must_be_text_the_decoder_can_take():
+    # A --set value that is not UTF-8 reaches Python as lone surrogates (surrogateescape).
+    for key in ("asr.hotwords", "asr.initial_prompt"):
+        with pytest.raises(ConfigError, match=f"{key}: is not valid Unicode"):
+            load(None, [f"{key}=caf\udce9"])

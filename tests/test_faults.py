@@ -122,3 +122,24 @@ def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(
     assert max(s["lag"] for s in stats) > 0
     assert max(s["queue"] for s in stats) <= 5 / 0.03 + 1, "the queue to the decoder stays bounded"
     assert h.exit_code == 0
+
+
+def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(tmp_path):
+    import subprocess
+
+    daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    try:
+        daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
+        daemon.proc.stdin.flush()
+        events = daemon.connect()
+        for key in ("hotwords", "prompt"):
+            events.client.send({"cmd": "context", key: "\udc80"})  # valid JSON: "\\udc80"
+            error = events.wait_for(lambda e: e["type"] == "error" and key in e["message"])
+            assert error["code"] == "bad_command" and "surrogate" in error["message"]
+        daemon.proc.stdin.write(SPEECH.tobytes())
+        daemon.proc.stdin.close()
+        final = events.wait_for(lambda e: e["type"] == "final", timeout=120)
+        assert final["text"] and not final["flags"]
+        assert daemon.proc.wait(60) == 0
+    finally:
+        daemon.kill()

@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 from captiond.config import load
-from conftest import SPEECH, EventLog, Harness, silence
+from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
     h = Harness(tmp_path, Path("/dev/full"))
@@ -69,3 +69,34 @@ def test_context_command_reaches_the_decoder(tmp_path):
     later = [c for c in h.decoder.calls if c[3] and "webrtcvad" in c[3]]
     assert later and all(prompt == "captiond, webrtcvad" for *_, prompt in later)
     assert h.decoder.hotwords_seen[-1] == "librosa"
+
+
+class FailingDecoder(FakeDecoder):
+    """Raises as faster-whisper did on a lone surrogate in the hotwords, while `failing` is set."""
+
+    failing = True
+
+    def decode(self, audio, **kw):
+        if self.failing:
+            raise TypeError("TextInputSequence must be str")
+        return super().decode(audio, **kw)
+
+
+def test_a_decode_that_raises_costs_one_utterance_not_the_daemon(tmp_path):
+    decoder = FailingDecoder()
+    h = Harness(tmp_path, tmp_path / "t.log", decoder=decoder)
+    events = EventLog(h.sock)
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    failed = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    assert failed["flags"] == ["error"] and failed["text"] == ""
+    error = events.wait_for(lambda e: e["type"] == "error")
+    assert error["code"] == "decode_failed" and "TextInputSequence" in error["message"]
+    decoder.failing = False
+    h.say(SPEECH)
+    h.end()
+    second = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    assert second["text"].startswith("heard") and "error" not in second["flags"]
+    assert h.exit_code == 0
+    assert [line.split("\t")[1] for line in (tmp_path / "t.log").read_text().splitlines()] == ["2"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .events import text_problem
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
@@ -123,6 +125,9 @@ class AsrConfig:
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
         _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")
         _check(len(self.hotwords) <= 1000, "asr.hotwords", "must be at most 1000 characters")
+        for key in ("initial_prompt", "hotwords"):
+            problem = text_problem(getattr(self, key))
+            _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
         _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
 
 
