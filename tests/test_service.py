@@ -100,3 +100,20 @@ def test_a_decode_that_raises_costs_one_utterance_not_the_daemon(tmp_path):
     assert second["text"].startswith("heard") and "error" not in second["flags"]
     assert h.exit_code == 0
     assert [line.split("\t")[1] for line in (tmp_path / "t.log").read_text().splitlines()] == ["2"]
+
+
+def test_a_stop_with_a_subscriber_that_is_not_reading_logs_no_traceback(tmp_path, caplog):
+    import logging
+    import socket
+
+    h = Harness(tmp_path, tmp_path / "t.log")
+    greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    greedy.connect(str(h.sock))
+    greedy.sendall(b'{"cmd":"ping"}\n' * 20000)  # answers it never reads: more than the kernel holds
+    h.say(SPEECH)
+    with caplog.at_level(logging.DEBUG):
+        h.end()
+    assert h.exit_code == 0
+    assert "CancelledError" not in caplog.text and "Traceback" not in caplog.text
+    greedy.close()

@@ -324,6 +324,10 @@ class Server(Hub):
                 if not line:
                     return
                 self.handle_line(client, line)
+        except asyncio.CancelledError:
+            # Only shutdown cancels a connection's reader, and asyncio's stream callback would print a
+            # cancelled handler as an unhandled exception: this one has nothing left to do.
+            return
         finally:
             self.detach(client)
 
