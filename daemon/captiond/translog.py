@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from collections import deque
@@ -10,6 +11,20 @@ from pathlib import Path
 from .events import Final
 
 _PENDING_MAX = 10000  # lines held in memory while the disk refuses them
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append data with one or more write()s; if one fails, cut the file back so no fragment stays
+    (a disk that fills part way through a line would leave half of it, and the retry the whole)."""
+    before = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        with contextlib.suppress(OSError):  # shrinking works on a full disk; if not, the error stands
+            os.ftruncate(fd, before)
+        raise
 
 
 class TranscriptLog:
@@ -52,12 +67,14 @@ class TranscriptLog:
         self._backlog.append(self.format(final, ts))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
                 while self._backlog:
-                    fh.write(self._backlog[0])
-                    fh.flush()
+                    _append_whole(fd, self._backlog[0].encode("utf-8"))
                     self._backlog.popleft()
-                size = fh.tell()
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.error = f"cannot write transcript log {self.path}: {exc.strerror or exc}"
             return False
