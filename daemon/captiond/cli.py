@@ -193,7 +193,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return _fail(f"several files as {args.format} need --output-dir (one subtitle file per input)")
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        targets: dict[Path, str] = {}
+        for name in args.files:
+            target = out_dir / f"{Path(name).stem}.{args.format}"
+            if target in targets:
+                return _fail(f"{targets[target]} and {name} would both be written to {target}; "
+                             "rename one or transcribe them into different --output-dir folders")
+            targets[target] = name
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"--output-dir {out_dir}: cannot create it ({exc.strerror}); give a writable folder")
     decoder = WhisperDecoder(config.asr)
     try:
         decoder.load()
@@ -220,10 +230,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             continue
         if show_progress:
             print(file=sys.stderr)
+        if result.damage:
+            print(f"captiond: error: {result.damage}", file=sys.stderr)
+            failed += 1
         text = render(result, args.format)
         if out_dir:
             target = out_dir / f"{path.stem}.{args.format}"
-            target.write_text(text, encoding="utf-8")
+            try:
+                target.write_text(text, encoding="utf-8")
+            except OSError as exc:
+                print(f"captiond: error: cannot write {target}: {exc.strerror}", file=sys.stderr)
+                failed += 1 if not result.damage else 0
+                continue
             print(f"wrote {target}", file=sys.stderr)
         else:
             if len(args.files) > 1 and args.format == "txt":
@@ -231,7 +249,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
     if failed:
-        print(f"captiond: {failed} of {len(args.files)} file(s) failed", file=sys.stderr)
+        print(f"captiond: {failed} of {len(args.files)} file(s) failed or were damaged", file=sys.stderr)
     return 1 if failed else 0
 
 
