@@ -36,7 +36,12 @@ def setup_logging(debug: bool, quiet: bool = False) -> None:
         formatter: logging.Formatter = JournalFormatter("%(name)s: %(message)s")
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    handler = logging.StreamHandler(sys.stderr)
+    # Our own copy of stderr: capture points fd 2 at /dev/null while PortAudio probes (JACK writes
+    # there), on every device retry, and the daemon's log lines must not vanish meanwhile.
+    sys.stderr.flush()
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding,
+                       errors="backslashreplace", closefd=True)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -62,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
     from .gate import FeatureError
     from .server import Server, ServerError
-    from .service import Service
+    from .service import STOP_BOUND_S, Service
     from .translog import TranscriptLog
 
     setup_logging(args.debug)
@@ -88,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
                         keep_finals=cfg.keep_finals)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
-                          reload=lambda: _config(args)[0])
+                          reload=lambda: _config(args)[0], stop_bound_s=STOP_BOUND_S)
         return await service.run()
 
     try:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 3.0
 """How long shutdown waits for the open utterance's final before giving up on it; with the task and
 subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
+STOP_BOUND_S = 10.0
+"""Past this many seconds after a stop began, a daemon run from the command line exits whatever its
+threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
 _LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s", "asr.early_final")
@@ -66,8 +69,10 @@ class Service:
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
                  translog: TranscriptLog | None = None, gate: Gate | None = None,
-                 reload: Callable[[], Config] | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None) -> None:
         self.config = config
+        self._stop_bound_s = stop_bound_s
+        self._exit_timer: threading.Timer | None = None
         self._reload = reload
         self.source = source
         self.engine = engine
@@ -176,9 +181,27 @@ class Service:
         """Begin a clean shutdown: stop capturing, finish the open utterance, then exit."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self._arm_exit_bound()
             capture = self._tasks.get("capture")
             if capture is not None and not capture.done():
                 capture.cancel()
+
+    def _arm_exit_bound(self) -> None:
+        """From now on the process ends within the stop bound, even if a thread never returns."""
+        if self._stop_bound_s is None or self._exit_timer is not None:
+            return
+
+        def exit_now() -> None:
+            stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+            log.error("stop still not done after %.0f s (threads still running: %s); exiting anyway",
+                      self._stop_bound_s, ", ".join(stuck))
+            logging.shutdown()
+            os._exit(self.exit_code)
+
+        self._exit_timer = threading.Timer(self._stop_bound_s, exit_now)
+        self._exit_timer.daemon = True
+        self._exit_timer.name = "captiond-stop-bound"
+        self._exit_timer.start()
 
     async def _capture_loop(self) -> None:
         """Run the source; when a live device is lost, say so, keep everything else up and reopen it."""
@@ -386,6 +409,7 @@ class Service:
             self.exit_code = self.exit_code or 1
 
     async def _shutdown(self) -> None:
+        self._arm_exit_bound()
         self.set_state("stopping")
         sd_notify("STOPPING=1")
         for task in self._tasks.values():
