@@ -117,3 +117,27 @@ def test_a_stop_with_a_subscriber_that_is_not_reading_logs_no_traceback(tmp_path
     assert h.exit_code == 0
     assert "CancelledError" not in caplog.text and "Traceback" not in caplog.text
     greedy.close()
+
+
+def test_a_log_write_that_hangs_holds_up_nothing_on_the_event_loop(tmp_path):
+    import os
+
+    fifo = tmp_path / "t.log"
+    os.mkfifo(fifo)  # opening it for writing blocks until someone reads: a disk that does not answer
+    h = Harness(tmp_path, fifo)
+    events = EventLog(h.sock)
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    h.say(SPEECH)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    events.client.send({"cmd": "ping"})
+    events.wait_for(lambda e: e["type"] == "pong", timeout=10)
+    got = b""
+    while got.count(b"\n") < 2:  # the disk answers again: both lines arrive, whole (one open each)
+        with open(fifo, "rb") as reader:
+            got += reader.read()
+    h.end()
+    assert [line.split(b"\t")[1] for line in got.splitlines()] == [b"1", b"2"]
+    assert h.exit_code == 0

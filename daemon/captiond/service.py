@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,7 +24,7 @@ from .gate import Gate, GateEvent, UtteranceAudio
 from .server import Server
 from .session import LiveSession
 from .streaming import AsrWorker, gate_queue
-from .translog import TranscriptLog
+from .translog import LogWriter, TranscriptLog
 from .websocket import WebServer
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class Service:
         self.server = server
         if server is not None:
             server.hello, server.on_command = self.hello, self.on_command
-        self.translog = translog
+        self.logwriter = self._new_logwriter(translog) if translog is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
         self.gate = gate or Gate(config.gate)
@@ -103,18 +105,27 @@ class Service:
     # --- events out -----------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Send an event to every subscriber, and finals with words to the transcript log."""
+        """Send an event to the transcript log's writer (finals with words) and every subscriber."""
+        if isinstance(event, Final) and event.text and self.logwriter is not None:
+            self.logwriter.offer(event, time.time())
         if self.server is not None:
             self.server.publish(event)
-        if isinstance(event, Final) and event.text and self.translog is not None:
-            had_error = self.translog.error
-            if not self.translog.write(event, time.time()):
-                if had_error != self.translog.error:
-                    log.error("%s; %d line(s) held in memory until it works again",
-                              self.translog.error, self.translog.backlog)
-                    self.publish(Error("log_write_failed", self.translog.error or ""))
-            elif had_error:
-                log.info("transcript log %s is writable again", self.translog.path)
+
+    @property
+    def translog(self) -> TranscriptLog | None:
+        """The transcript log, None when it is off."""
+        return self.logwriter.log if self.logwriter is not None else None
+
+    def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
+        def report(error: str | None) -> None:  # on the writer's thread
+            if error is None:
+                log.info("transcript log %s is writable again", translog.path)
+                return
+            log.error("%s; %d line(s) held in memory until it works again", error, translog.backlog)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+                self._loop.call_soon_threadsafe(self.publish, Error("log_write_failed", error))
+
+        return LogWriter(translog, report)
 
     def set_state(self, state: str, detail: str = "") -> None:
         """Change the published state (status event, systemd STATUS line)."""
@@ -314,7 +325,9 @@ class Service:
 
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        if self.logwriter is not None:
+            self.logwriter.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
         main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
@@ -394,11 +407,15 @@ class Service:
 
     def _reopen_log(self, config: Config) -> None:
         if not config.log.enabled:
-            self.translog = None
-        elif self.translog is None:
-            self.translog = TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups)
+            if self.logwriter is not None:
+                self.logwriter.close(0)  # what it has queued is written; nothing waits for it
+            self.logwriter = None
+        elif self.logwriter is None:
+            self.logwriter = self._new_logwriter(
+                TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups))
+            self.logwriter.start()
         else:
-            self.translog.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
+            self.logwriter.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""
@@ -424,5 +441,7 @@ class Service:
             await self.server.close(_FLUSH_SUBSCRIBERS_S)
         if self.web is not None:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
+        if self.logwriter is not None:
+            self.logwriter.close(_FLUSH_SUBSCRIBERS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)
