@@ -5,25 +5,27 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any, Callable, Coroutine
 
 from . import __version__
+from . import reloader
 from .capture import Capture, CaptureError, Source
 from .config import Config, ConfigError, GateConfig, log_path
 from .engine import Engine
 from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
 from .gate import Gate, GateEvent, UtteranceAudio
+from .health import Health, State, Watchdog, sd_notify
+from .reloader import Handoff
 from .server import Server
 from .session import LiveSession
 from .streaming import AsrWorker, gate_queue
+from .supervisor import CaptureSupervisor
 from .translog import LogWriter, TranscriptLog
 from .websocket import WebServer
 
@@ -37,32 +39,9 @@ STOP_BOUND_S = 10.0
 threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
-_LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s", "asr.early_final")
-"""asr keys the worker reads per decode; the others shape the loaded model or the queue."""
-_RETRY_MIN_S = 0.25
-_RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
-_CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
-_CAPTURE_RETRY_STALL_S = 30.0
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
 _GATE_STALL_S = 15.0
 _IDLE_BATCH_FRAMES = 3  # 90 ms: later speech starts by at most 60 ms, the ends are not delayed
-_OVERLOADED_LAG_S = 5.0
-_RECOVERED_LAG_S = 1.0
-
-
-def sd_notify(message: str) -> None:
-    """Send a state line to systemd when run under Type=notify (NOTIFY_SOCKET set); no-op otherwise."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
 
 
 class Service:
@@ -89,18 +68,19 @@ class Service:
         self.capture = Capture(self.ring)
         self.queue = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
-        self.state = "starting"
-        self.detail = ""
+        self.health = Health(lambda: self.publish(self.status()))
+        self.supervisor = CaptureSupervisor(source, self.capture, self.health, self._device_lost)
+        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.paused), self._gate_stuck,
+                                  self._decoder_stuck])
         self.paused = False
         self.exit_code = 0
         self.started = time.monotonic()
         self._gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-gate")
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
-        self._source_done = False
         self._flush_gate = False
-        self._capture_tick = self._gate_tick = time.monotonic()
-        self._next_gate: GateConfig | None = None  # a reconfigured gate, swapped in between utterances
+        self._gate_tick = time.monotonic()
+        self._next_gate: Handoff[GateConfig] = Handoff()  # a reconfigured gate, swapped in between utterances
 
     # --- events out -----------------------------------------------------------------------
 
@@ -127,21 +107,18 @@ class Service:
 
         return LogWriter(translog, report)
 
-    def set_state(self, state: str, detail: str = "") -> None:
-        """Change the published state (status event, systemd STATUS line)."""
-        if (state, detail) == (self.state, self.detail):
-            return
-        self.state, self.detail = state, detail
-        self.publish(self.status())
-        sd_notify(f"STATUS={state}{': ' + detail if detail else ''}")
+    @property
+    def state(self) -> State:
+        """The published state."""
+        return self.health.state
 
     def hello(self) -> Hello:
         """The first event every subscriber gets."""
-        return Hello(__version__, self.engine.name, SAMPLE_RATE, self.state)
+        return Hello(__version__, self.engine.name, SAMPLE_RATE, self.health.state.value)
 
     def status(self) -> Status:
         """The daemon's state and health figures, as a status event."""
-        return Status(self.state, self.detail, self.engine.name, time.monotonic() - self.started,
+        return Status(self.health.state.value, self.health.detail, self.engine.name, time.monotonic() - self.started,
                       self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
 
     def on_command(self, cmd: Command) -> Event | None:
@@ -156,10 +133,10 @@ class Service:
             log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
         if cmd.cmd == "pause" and not self.paused:
             self.paused = True
-            self.set_state("paused", "paused by a client; send resume to listen again")
+            self.health.set(State.PAUSED, "paused by a client; send resume to listen again")
         elif cmd.cmd == "resume" and self.paused:
             self.paused = False
-            self.set_state("listening", self.source.description)
+            self.health.set(State.LISTENING, self.source.description)
         return self.status()
 
     def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
@@ -214,46 +191,13 @@ class Service:
         self._exit_timer.name = "captiond-stop-bound"
         self._exit_timer.start()
 
-    async def _capture_loop(self) -> None:
-        """Run the source; when a live device is lost, say so, keep everything else up and reopen it."""
-        delay = _RETRY_MIN_S
-        try:
-            while True:
-                self._capture_tick = time.monotonic()
-                self.capture.started.clear()
-                loop = asyncio.get_running_loop()
-                run = loop.create_task(self.source.run(self.capture), name="capture-source")
-                try:
-                    flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
-                    await asyncio.wait([run, flowing], return_when=asyncio.FIRST_COMPLETED)
-                    flowing.cancel()
-                    if self.capture.started.is_set() and self.state == "device_lost":
-                        log.info("%s is back", self.source.description)
-                        self.set_state("listening", self.source.description)
-                    await run
-                    return  # a file or pipe ended
-                except CaptureError as exc:
-                    if not self.source.live:
-                        raise
-                    if self.capture.started.is_set():  # it had worked: retry quickly again
-                        delay = _RETRY_MIN_S
-                    if self.state != "device_lost":
-                        log.error("%s; retrying until it comes back", exc)
-                        self.set_state("device_lost", str(exc))
-                        self._flush_gate = True  # the open utterance gets its final now
-                        self.capture.frames_ready.set()
-                finally:
-                    run.cancel()
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _RETRY_MAX_S)
-        finally:
-            self._source_done = True
-            self.capture.frames_ready.set()
+    def _device_lost(self) -> None:
+        self._flush_gate = True  # the open utterance gets its final now
+        self.capture.frames_ready.set()
 
     def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
-        if self._next_gate is not None and not self.gate.in_speech:
-            self.gate = Gate(self._next_gate, first_utt=self.gate.next_utt)
-            self._next_gate = None
+        if not self.gate.in_speech and (cfg := self._next_gate.take()) is not None:
+            self.gate = Gate(cfg, first_utt=self.gate.next_utt)
         return self.gate.feed(frames, close)
 
     async def _gate_loop(self) -> None:
@@ -261,10 +205,10 @@ class Service:
         while True:
             await self.capture.frames_ready.wait()
             self.capture.frames_ready.clear()
-            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self._source_done
+            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self.supervisor.done
                     and not self.paused and not self._flush_gate):
                 continue  # silence: take frames three at a time, a third of the wake-ups
-            last = self._source_done
+            last = self.supervisor.done
             frames = []
             while (frame := self.ring.pop()) is not None:
                 frames.append(frame)
@@ -283,43 +227,23 @@ class Service:
                 await self.queue.put(None)
                 return
 
-    def stuck(self) -> str | None:
-        """What keeps the pipeline from moving, or None when it moves (the watchdog pings only then)."""
-        now = time.monotonic()
-        if self.source.live and not self.paused:
-            if self.state == "device_lost":
-                if now - self._capture_tick > _CAPTURE_RETRY_STALL_S:
-                    return f"capture has not retried its device for {now - self._capture_tick:.0f} s"
-            elif now - self.capture.last_chunk > _CAPTURE_STALL_S:
-                return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
+    def _gate_stuck(self, now: float) -> str | None:
         if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
             return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
+        return None
+
+    def _decoder_stuck(self, now: float) -> str | None:
         busy = self.engine.busy_since
         if busy is not None and now - busy > _WORKER_STALL_S:
             return f"the decoder has been busy with one decode for {now - busy:.0f} s"
         return None
-
-    async def _watchdog_loop(self, interval: float) -> None:
-        """Ping systemd's watchdog while the pipeline moves; stop pinging (and say why) when it does not."""
-        complained = None
-        while True:
-            problem = self.stuck()
-            if problem is None:
-                sd_notify("WATCHDOG=1")
-            elif problem != complained:
-                log.error("watchdog: %s; no longer telling systemd we are alive", problem)
-            complained = problem
-            await asyncio.sleep(interval)
 
     async def _stats_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             lag = self.worker.lag
             self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize()))
-            if self.state == "listening" and lag > _OVERLOADED_LAG_S:
-                self.set_state("overloaded", f"{lag:.1f} s of speech waiting for the decoder")
-            elif self.state == "overloaded" and lag < _RECOVERED_LAG_S:
-                self.set_state("listening", self.source.description)
+            self.health.lag(lag, self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------
 
@@ -340,7 +264,7 @@ class Service:
                 await self.web.start()
             # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
-            capture = self._spawn(self._capture_loop(), "capture")
+            capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
             gate = self._spawn(self._gate_loop(), "gate")
             if self.config.server.stats_interval_s:
@@ -351,13 +275,13 @@ class Service:
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
             if self.capture.started.is_set():
-                self.set_state("listening", self.source.description)
+                self.health.set(State.LISTENING, self.source.description)
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
                 sd_notify("READY=1")
             watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
             if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-                self._spawn(self._watchdog_loop(watchdog_usec / 2e6), "watchdog")
+                self._spawn(self.watchdog.run(watchdog_usec / 2e6), "watchdog")
             await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],
                                return_when=asyncio.FIRST_COMPLETED)
             await self._drain([gate, asr])
@@ -384,25 +308,19 @@ class Service:
         except ConfigError as exc:
             log.error("SIGHUP: config not reloaded, the running one stays: %s", exc)
             return
-        old = self.config
-        changed = {f"{section}.{key}": value
-                   for section in vars(new) for key, value in vars(getattr(new, section)).items()
-                   if getattr(getattr(old, section), key) != value}
-        applied = {k: v for k, v in changed.items() if k.split(".")[0] in ("gate", "log") or k in _LIVE_ASR_KEYS}
-        later = sorted(set(changed) - set(applied))
-        asr = dataclasses.replace(old.asr, **{k.split(".")[1]: v for k, v in applied.items() if k.startswith("asr.")})
-        self.config = dataclasses.replace(old, gate=new.gate, log=new.log, asr=asr)
-        self.worker.reconfigure(asr)
-        if any(k.startswith("gate.") for k in applied):
-            self._next_gate = new.gate
-        if any(k.startswith("log.") for k in applied):
-            self._reopen_log(new)
-        if applied:
-            log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in applied.items()))
-        if later:
+        change = reloader.plan(self.config, new)
+        self.config = change.config
+        self.worker.reconfigure(change.config.asr)
+        if change.touches("gate"):
+            self._next_gate.put(change.config.gate)
+        if change.touches("log"):
+            self._reopen_log(change.config)
+        if change.applied:
+            log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in change.applied.items()))
+        if change.later:
             log.warning("SIGHUP: %s changed but take(s) effect only after a restart (systemctl restart captiond)",
-                        ", ".join(later))
-        if not changed:
+                        ", ".join(change.later))
+        if not change.applied and not change.later:
             log.info("SIGHUP: config re-read, nothing changed")
 
     def _reopen_log(self, config: Config) -> None:
@@ -427,7 +345,7 @@ class Service:
 
     async def _shutdown(self) -> None:
         self._arm_exit_bound()
-        self.set_state("stopping")
+        self.health.set(State.STOPPING)
         sd_notify("STOPPING=1")
         for task in self._tasks.values():
             if not task.done():
