@@ -326,9 +326,32 @@ def abandonable(fn: Callable[..., Any], *args: Any, lock: threading.Lock | None 
     return future
 
 
+_PORTAUDIO_CALLS: set[asyncio.Future[Any]] = set()
+
+
 def portaudio(fn: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
     """abandonable(), one PortAudio call at a time."""
-    return abandonable(fn, *args, lock=_PORTAUDIO, abandoned=abandoned)
+    call = abandonable(fn, *args, lock=_PORTAUDIO, abandoned=abandoned)
+    _PORTAUDIO_CALLS.add(call)
+    call.add_done_callback(_PORTAUDIO_CALLS.discard)
+    return call
+
+
+async def portaudio_settled(timeout: float) -> bool:
+    """Wait up to timeout seconds for PortAudio calls under way (a microphone being closed); True when none is.
+
+    The interpreter must not exit while a thread is inside PortAudio: its teardown then crashed
+    (SIGSEGV) under PyAudio's callback thread.
+    """
+    pending = [c for c in _PORTAUDIO_CALLS if not c.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return portaudio_idle()
+
+
+def portaudio_idle() -> bool:
+    """True when no PortAudio call is under way (a hung audio server leaves one for ever)."""
+    return not _PORTAUDIO.locked() and all(c.done() for c in _PORTAUDIO_CALLS)
 
 
 def _close(pa: Any, stream: Any) -> None:

@@ -63,7 +63,7 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
-    from .capture import CaptureError, make_source
+    from .capture import CaptureError, make_source, portaudio_idle
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
     from .gate import FeatureError
     from .server import Server, ServerError
@@ -101,6 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ServerError, ModelError, FeatureError) as exc:
         return _fail(str(exc))
     log.info("stopped (exit %d)", code)
+    if not portaudio_idle():
+        # A thread is still inside a hung audio server: the interpreter's own teardown would crash
+        # under it or wait for ever, so leave without one.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
     return code
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Coroutine
 
 from . import __version__
 from . import reloader
-from .capture import Capture, CaptureError, Source
+from .capture import Capture, CaptureError, Source, portaudio_settled
 from .config import Config, ConfigError, GateConfig, log_path
 from .engine import Engine
 from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
@@ -361,5 +361,8 @@ class Service:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
         if self.logwriter is not None:
             self.logwriter.close(_FLUSH_SUBSCRIBERS_S)
+        if not await portaudio_settled(_STOP_TASKS_S):
+            log.error("shutdown: the audio device did not close in %.0f s (is the audio server hung?); "
+                      "abandoning it", _STOP_TASKS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)
