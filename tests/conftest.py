@@ -211,9 +211,10 @@ SPEECH = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), sile
 class Harness:
     """A Service on a real socket in a background event loop, fed through a pipe the test writes."""
 
-    def __init__(self, tmp: Path, log_path: Path, config: Config | None = None, decode_delay: float = 0.0):
+    def __init__(self, tmp: Path, log_path: Path, config: Config | None = None, decode_delay: float = 0.0,
+                 decoder: FakeDecoder | None = None):
         self.config = config or load(None, ["server.stats_interval_s=0"])[0]
-        self.decode_delay = decode_delay
+        self.decoder = decoder or FakeDecoder(decode_delay)
         self.read_fd, self.write_fd = os.pipe()
         self.sock = tmp / "s.sock"
         self.exit_code = None
@@ -226,7 +227,6 @@ class Harness:
     async def _main(self, log_path):
         self.loop = asyncio.get_running_loop()
         server = Server(self.sock)
-        self.decoder = FakeDecoder(self.decode_delay)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
                           engine=Engine(self.decoder), server=server,
                           translog=TranscriptLog(log_path, 100_000, 1))

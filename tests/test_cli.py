@@ -138,3 +138,12 @@ def test_logs_suit_journald_or_a_terminal(tmp_path):
     terminal = captiond(*args, "--debug", tmp=tmp_path).stderr.decode().splitlines()
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z]+ ", line) for line in terminal), terminal
     assert any(" DEBUG " in line for line in terminal)
+
+
+def test_log_lines_still_reach_stderr_while_capture_mutes_fd_2():
+    code = ("import logging; from captiond.cli import setup_logging; from captiond.capture import _stderr_muted\n"
+            "setup_logging(False)\n"
+            "with _stderr_muted():\n"
+            "    logging.getLogger('captiond.service').error('device lost while PortAudio probes')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "device lost while PortAudio probes" in result.stderr

@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from dataclasses import fields
 
@@ -130,3 +131,32 @@ def test_any_file_text_gives_a_config_or_a_clear_error(tmp_path_factory, text):
         load(path)
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_prompt_and_hotwords_must_be_text_the_decoder_can_take():
+    # A --set value that is not UTF-8 reaches Python as lone surrogates (surrogateescape).
+    for key in ("asr.hotwords", "asr.initial_prompt"):
+        with pytest.raises(ConfigError, match=f"{key}: is not valid Unicode"):
+            load(None, [f"{key}=caf\udce9"])
+
+
+def test_language_must_be_a_whisper_code_or_auto():
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    assert cfgmod.WHISPER_LANGUAGES == set(_LANGUAGE_CODES)
+    for bad in ('""', "zz", "english"):
+        with pytest.raises(ConfigError, match="asr.language: .* is not a Whisper language code"):
+            load(None, [f"asr.language={bad}"])
+    assert load(None, ["asr.language=auto"])[0].asr.language == "auto"
+    assert load(None, ["asr.language=de"])[0].asr.language == "de"
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'[asr]\ninitial_prompt = "caf\xe9"\n')  # Latin-1
+    with pytest.raises(ConfigError, match=r"c.toml: not UTF-8 text \(byte \d+ is 0xe9\); save it as UTF-8"):
+        load(path)
+    cli = subprocess.run([sys.executable, "-m", "captiond", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip().splitlines() == [f"captiond: error: {path}: not UTF-8 text (byte 27 is 0xe9); save it as UTF-8"]

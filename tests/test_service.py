@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 from captiond.config import load
-from conftest import SPEECH, EventLog, Harness, silence
+from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
     h = Harness(tmp_path, Path("/dev/full"))
@@ -69,3 +69,75 @@ def test_context_command_reaches_the_decoder(tmp_path):
     later = [c for c in h.decoder.calls if c[3] and "webrtcvad" in c[3]]
     assert later and all(prompt == "captiond, webrtcvad" for *_, prompt in later)
     assert h.decoder.hotwords_seen[-1] == "librosa"
+
+
+class FailingDecoder(FakeDecoder):
+    """Raises as faster-whisper did on a lone surrogate in the hotwords, while `failing` is set."""
+
+    failing = True
+
+    def decode(self, audio, **kw):
+        if self.failing:
+            raise TypeError("TextInputSequence must be str")
+        return super().decode(audio, **kw)
+
+
+def test_a_decode_that_raises_costs_one_utterance_not_the_daemon(tmp_path):
+    decoder = FailingDecoder()
+    h = Harness(tmp_path, tmp_path / "t.log", decoder=decoder)
+    events = EventLog(h.sock)
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    failed = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    assert failed["flags"] == ["error"] and failed["text"] == ""
+    error = events.wait_for(lambda e: e["type"] == "error")
+    assert error["code"] == "decode_failed" and "TextInputSequence" in error["message"]
+    decoder.failing = False
+    h.say(SPEECH)
+    h.end()
+    second = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    assert second["text"].startswith("heard") and "error" not in second["flags"]
+    assert h.exit_code == 0
+    assert [line.split("\t")[1] for line in (tmp_path / "t.log").read_text().splitlines()] == ["2"]
+
+
+def test_a_stop_with_a_subscriber_that_is_not_reading_logs_no_traceback(tmp_path, caplog):
+    import logging
+    import socket
+
+    h = Harness(tmp_path, tmp_path / "t.log")
+    greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    greedy.connect(str(h.sock))
+    greedy.sendall(b'{"cmd":"ping"}\n' * 20000)  # answers it never reads: more than the kernel holds
+    h.say(SPEECH)
+    with caplog.at_level(logging.DEBUG):
+        h.end()
+    assert h.exit_code == 0
+    assert "CancelledError" not in caplog.text and "Traceback" not in caplog.text
+    greedy.close()
+
+
+def test_a_log_write_that_hangs_holds_up_nothing_on_the_event_loop(tmp_path):
+    import os
+
+    fifo = tmp_path / "t.log"
+    os.mkfifo(fifo)  # opening it for writing blocks until someone reads: a disk that does not answer
+    h = Harness(tmp_path, fifo)
+    events = EventLog(h.sock)
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    h.say(SPEECH)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    events.client.send({"cmd": "ping"})
+    events.wait_for(lambda e: e["type"] == "pong", timeout=10)
+    got = b""
+    while got.count(b"\n") < 2:  # the disk answers again: both lines arrive, whole (one open each)
+        with open(fifo, "rb") as reader:
+            got += reader.read()
+    h.end()
+    assert [line.split(b"\t")[1] for line in got.splitlines()] == [b"1", b"2"]
+    assert h.exit_code == 0

@@ -121,3 +121,50 @@ def test_progress_bar_only_on_a_terminal():
     os.close(master)
     assert b"ps_forever.wav [" in shown and b"100%" in shown
     assert b"[" not in proc.stdout.read()  # stdout has only the transcript
+
+
+def damaged_mp3(path, pcm):
+    """An MP3 of pcm whose second half is overwritten with garbage."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mp3", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + np.random.default_rng(1).bytes(len(data) - len(data) // 2))
+    return path
+
+
+@pytest.mark.slow
+def test_damaged_and_truncated_files_give_what_they_have_and_say_so(tmp_path):
+    from conftest import read_wav
+
+    full = (CORPUS / "jfk_inaugural.wav").read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full[:len(full) // 2])
+    mp3 = damaged_mp3(tmp_path / "damaged.mp3", read_wav(CORPUS / "jfk_inaugural.wav"))
+    for path, says in [(cut, "looks truncated"), (mp3, "audio before the damage was used")]:
+        result = run(str(path))
+        err = result.stderr.decode()
+        assert result.returncode == 1 and says in err and "Traceback" not in err, err
+        assert "fellow" in result.stdout.decode().lower(), "the words before the damage are printed"
+
+
+def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder should go")
+    result = run(str(CORPUS / "ps_forever.wav"), "--output-dir", str(tmp_path / "taken" / "out"))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "--output-dir" in err and "cannot create it (Not a directory)" in err
+
+
+def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "talk.wav").write_bytes((CORPUS / "ps_forever.wav").read_bytes())
+    result = run(str(tmp_path / "a/talk.wav"), str(tmp_path / "b/talk.wav"), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and b"would both be written to" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,7 @@
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from captiond.events import Final
 from captiond.translog import TranscriptLog
@@ -45,3 +48,32 @@ def test_dev_full_gives_enospc(tmp_path):
     log = TranscriptLog(Path("/dev/full"), 10_000, 1)
     assert not log.write(final(1), 1.0)
     assert "No space left on device" in log.error
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 KiB tmpfs, so writes fail part way through as on a disk that fills up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_line_is_in_the_log_whole_or_not_at_all_when_the_disk_fills(small_disk):
+    filler = small_disk / "filler"
+    filler.write_bytes(b"x" * 16384)
+    log = TranscriptLog(small_disk / "t.log", 1 << 20, 1)
+    utt = 0
+    while log.write(final(utt + 1, f"line {utt + 1} " + "word " * 200), 1.0):
+        utt += 1
+        assert utt < 100, "the disk never filled"
+    assert "No space left" in log.error
+    full = (small_disk / "t.log").read_bytes()
+    assert full.endswith(b"\n") and len(full.splitlines()) == utt, "no fragment of the refused line"
+    filler.unlink()
+    assert log.write(final(utt + 2, "after"), 2.0)
+    lines = (small_disk / "t.log").read_text().splitlines()
+    assert [line.split("\t")[1] for line in lines] == [str(i) for i in range(1, utt + 3)]
+    assert all(line.split("\t")[2].startswith(f"line {i}") for i, line in enumerate(lines[:-1], 1))

@@ -332,3 +332,13 @@ def test_session_does_not_starve_the_microphone(harness):
         mine = [e for e in events_until(ws, "final", timeout=60)]
         assert mine[-1]["text"].startswith("heard")
     unix.close()
+
+
+def test_events_refuse_a_context_text_the_decoder_cannot_take(harness):
+    h = harness()
+    with connect(f"ws://{h.base}/events") as ws:
+        json.loads(ws.recv(timeout=10))  # hello
+        ws.send(json.dumps({"cmd": "context", "hotwords": "\udc80"}))
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["code"] == "bad_command" and "hotwords" in error["message"]
+    assert h.service.worker.hotwords == ""

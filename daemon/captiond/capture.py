@@ -9,10 +9,11 @@ import ctypes.util
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -221,13 +222,37 @@ class MicSource:
                            "check it with `captiond devices`")
 
     async def run(self, capture: Capture) -> None:
-        """Record until cancelled; raise CaptureError if the device stops delivering audio."""
+        """Record until cancelled; raise CaptureError if the device stops delivering audio.
+
+        Every PortAudio call runs on an abandonable thread (see blocking()): with the audio server
+        hung, they never return, and neither a stop nor the lost-device check may wait for them.
+        """
+        loop = asyncio.get_running_loop()
+        pa, stream = await portaudio(self._open, loop, capture, abandoned=_close_later)
+        try:
+            log.info("recording from %s", self.description)
+            opened = time.monotonic()
+            while True:
+                # Only frames count: asking PortAudio whether the stream is active can hang as well.
+                await asyncio.sleep(min(1.0, self._timeout / 2))
+                if capture.started.is_set():
+                    silent_for, limit = time.monotonic() - capture.last_chunk, self._timeout
+                else:  # PulseAudio through ALSA takes ~2 s to deliver the first chunk
+                    silent_for, limit = time.monotonic() - opened, max(self._timeout, _FIRST_AUDIO_S)
+                if silent_for > limit:
+                    raise CaptureError(f"{self.description} stopped delivering audio "
+                                       f"({silent_for:.1f} s without a frame); was it unplugged?")
+        finally:
+            # Not awaited: stop_stream() blocks for as long as the audio server is hung. The next
+            # open waits for it (PortAudio calls are serialised), a stop does not.
+            _close_later((pa, stream))
+
+    def _open(self, loop: asyncio.AbstractEventLoop, capture: Capture) -> tuple[Any, Any]:
+        """Create PyAudio, pick the device and rate, open and start the stream (all blocking calls)."""
         import pyaudio
         import soxr
 
-        loop = asyncio.get_running_loop()
-        pa = await loop.run_in_executor(None, self._factory)
-        stream = None
+        pa = self._factory()
         try:
             dev = pick_device(list_input_devices(pa), self._wanted)
             rate = self._rate(pa, dev)
@@ -245,35 +270,106 @@ class MicSource:
 
             self.description = f"microphone #{dev.index} {dev.name!r} at {rate} Hz"
             try:
-                stream = await loop.run_in_executor(None, lambda: pa.open(
-                    format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev.index,
-                    frames_per_buffer=_MIC_BUFFER_FRAMES * rate * FRAME_SAMPLES // SAMPLE_RATE, stream_callback=callback, start=False))
+                stream = pa.open(format=pyaudio.paInt16, channels=1, rate=rate, input=True, input_device_index=dev.index,
+                                 frames_per_buffer=_MIC_BUFFER_FRAMES * rate * FRAME_SAMPLES // SAMPLE_RATE,
+                                 stream_callback=callback, start=False)
             except OSError as exc:
                 raise CaptureError(f"cannot open {self.description} for recording ({exc}); "
                                    "is another program holding it? check with `captiond devices`") from None
-            log.info("recording from %s", self.description)
-            await loop.run_in_executor(None, stream.start_stream)
-            opened = time.monotonic()
-            while True:
-                await asyncio.sleep(min(1.0, self._timeout / 2))
-                if capture.started.is_set():
-                    silent_for, limit = time.monotonic() - capture.last_chunk, self._timeout
-                else:  # PulseAudio through ALSA takes ~2 s to deliver the first chunk
-                    silent_for, limit = time.monotonic() - opened, max(self._timeout, _FIRST_AUDIO_S)
-                if silent_for > limit or not stream.is_active():
-                    raise CaptureError(f"{self.description} stopped delivering audio "
-                                       f"({silent_for:.1f} s without a frame); was it unplugged?")
-        finally:
-            await loop.run_in_executor(None, self._close, pa, stream)
+            try:
+                stream.start_stream()
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    stream.close()
+                raise CaptureError(f"cannot start recording from {self.description} ({exc}); "
+                                   "check it with `captiond devices`") from None
+        except BaseException:
+            pa.terminate()
+            raise
+        return pa, stream
 
-    @staticmethod
-    def _close(pa: Any, stream: Any) -> None:
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.stop_stream()
-            with contextlib.suppress(OSError):
-                stream.close()
-        pa.terminate()
+
+_PORTAUDIO = threading.Lock()
+"""PortAudio is not safe to initialise or terminate while another thread is inside it."""
+
+
+def abandonable(fn: Callable[..., Any], *args: Any, lock: threading.Lock | None = None,
+                abandoned: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
+    """Run a call that may block for ever on a daemon thread of its own; cancelling the await abandons it.
+
+    Not asyncio's default executor: asyncio.run joins its threads without a bound at exit, so one
+    call stuck in a hung audio server (or a silent pipe) kept a stopped daemon alive for ever.
+    `abandoned` gets the result of a call that returned after its awaiter gave up on it.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.cancelled():
+            if exc is None and abandoned is not None:
+                abandoned(result)
+        elif exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        with lock or contextlib.nullcontext():
+            try:
+                result, exc = fn(*args), None
+            except BaseException as error:  # handed to the awaiting coroutine
+                result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for this call any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=work, name=f"captiond-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return future
+
+
+_PORTAUDIO_CALLS: set[asyncio.Future[Any]] = set()
+
+
+def portaudio(fn: Callable[..., Any], *args: Any, abandoned: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
+    """abandonable(), one PortAudio call at a time."""
+    call = abandonable(fn, *args, lock=_PORTAUDIO, abandoned=abandoned)
+    _PORTAUDIO_CALLS.add(call)
+    call.add_done_callback(_PORTAUDIO_CALLS.discard)
+    return call
+
+
+async def portaudio_settled(timeout: float) -> bool:
+    """Wait up to timeout seconds for PortAudio calls under way (a microphone being closed); True when none is.
+
+    The interpreter must not exit while a thread is inside PortAudio: its teardown then crashed
+    (SIGSEGV) under PyAudio's callback thread.
+    """
+    pending = [c for c in _PORTAUDIO_CALLS if not c.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return portaudio_idle()
+
+
+def portaudio_idle() -> bool:
+    """True when no PortAudio call is under way (a hung audio server leaves one for ever)."""
+    return not _PORTAUDIO.locked() and all(c.done() for c in _PORTAUDIO_CALLS)
+
+
+def _close(pa: Any, stream: Any) -> None:
+    if stream is not None:
+        with contextlib.suppress(OSError):
+            stream.stop_stream()
+        with contextlib.suppress(OSError):
+            stream.close()
+    pa.terminate()
+
+
+def _close_later(opened: tuple[Any, Any]) -> None:
+    """Close a PyAudio and its stream without waiting: that can take as long as the audio server hangs."""
+    def report(closing: asyncio.Future[Any]) -> None:
+        if not closing.cancelled() and closing.exception() is not None:
+            log.warning("closing the microphone failed: %r", closing.exception())
+
+    portaudio(_close, *opened).add_done_callback(report)
 
 
 # --- files and pipes ---------------------------------------------------------------------------
@@ -378,10 +474,10 @@ class StdinSource:
 
     async def run(self, capture: Capture) -> None:
         """Read until end of file; an odd trailing byte is dropped (it cannot be a sample)."""
-        loop = asyncio.get_running_loop()
         fd = (self._stream or sys.stdin.buffer).fileno()
         carry = b""
-        while data := await loop.run_in_executor(None, os.read, fd, 2 * _FILE_CHUNK):
+        # On an abandonable thread: a writer that keeps the pipe open but silent must not hold up a stop.
+        while data := await abandonable(os.read, fd, 2 * _FILE_CHUNK):
             data = carry + data
             cut = len(data) - len(data) % 2
             carry = data[cut:]

@@ -36,7 +36,12 @@ def setup_logging(debug: bool, quiet: bool = False) -> None:
         formatter: logging.Formatter = JournalFormatter("%(name)s: %(message)s")
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    handler = logging.StreamHandler(sys.stderr)
+    # Our own copy of stderr: capture points fd 2 at /dev/null while PortAudio probes (JACK writes
+    # there), on every device retry, and the daemon's log lines must not vanish meanwhile.
+    sys.stderr.flush()
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding,
+                       errors="backslashreplace", closefd=True)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -58,11 +63,11 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
-    from .capture import CaptureError, make_source
+    from .capture import CaptureError, make_source, portaudio_idle
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
     from .gate import FeatureError
     from .server import Server, ServerError
-    from .service import Service
+    from .service import STOP_BOUND_S, Service
     from .translog import TranscriptLog
 
     setup_logging(args.debug)
@@ -88,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
                         keep_finals=cfg.keep_finals)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
-                          reload=lambda: _config(args)[0])
+                          reload=lambda: _config(args)[0], stop_bound_s=STOP_BOUND_S)
         return await service.run()
 
     try:
@@ -96,6 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ServerError, ModelError, FeatureError) as exc:
         return _fail(str(exc))
     log.info("stopped (exit %d)", code)
+    if not portaudio_idle():
+        # A thread is still inside a hung audio server: the interpreter's own teardown would crash
+        # under it or wait for ever, so leave without one.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
     return code
 
 
@@ -193,7 +204,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return _fail(f"several files as {args.format} need --output-dir (one subtitle file per input)")
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        targets: dict[Path, str] = {}
+        for name in args.files:
+            target = out_dir / f"{Path(name).stem}.{args.format}"
+            if target in targets:
+                return _fail(f"{targets[target]} and {name} would both be written to {target}; "
+                             "rename one or transcribe them into different --output-dir folders")
+            targets[target] = name
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"--output-dir {out_dir}: cannot create it ({exc.strerror}); give a writable folder")
     decoder = WhisperDecoder(config.asr)
     try:
         decoder.load()
@@ -220,10 +241,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             continue
         if show_progress:
             print(file=sys.stderr)
+        if result.damage:
+            print(f"captiond: error: {result.damage}", file=sys.stderr)
+            failed += 1
         text = render(result, args.format)
         if out_dir:
             target = out_dir / f"{path.stem}.{args.format}"
-            target.write_text(text, encoding="utf-8")
+            try:
+                target.write_text(text, encoding="utf-8")
+            except OSError as exc:
+                print(f"captiond: error: cannot write {target}: {exc.strerror}", file=sys.stderr)
+                failed += 1 if not result.damage else 0
+                continue
             print(f"wrote {target}", file=sys.stderr)
         else:
             if len(args.files) > 1 and args.format == "txt":
@@ -231,7 +260,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
     if failed:
-        print(f"captiond: {failed} of {len(args.files)} file(s) failed", file=sys.stderr)
+        print(f"captiond: {failed} of {len(args.files)} file(s) failed or were damaged", file=sys.stderr)
     return 1 if failed else 0
 
 

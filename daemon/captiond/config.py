@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .events import text_problem
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
@@ -76,6 +78,14 @@ class GateConfig:
         _check(0 <= self.min_sustain_ms <= 1000, "gate.min_sustain_ms", "must be between 0 and 1000 ms")
 
 
+WHISPER_LANGUAGES = frozenset((
+    "af am ar as az ba be bg bn bo br bs ca cs cy da de el en es et eu fa fi fo fr gl gu ha haw he hi hr ht hu "
+    "hy id is it ja jw ka kk km kn ko la lb ln lo lt lv mg mi mk ml mn mr ms mt my ne nl nn no oc pa pl ps pt ro "
+    "ru sa sd si sk sl sn so sq sr su sv sw ta te tg th tk tl tr tt uk ur uz vi yi yo zh yue").split())
+"""Whisper's language codes, as faster_whisper.tokenizer lists them (copied: importing faster-whisper
+takes seconds, too long for check-config; a test keeps the two equal)."""
+
+
 @dataclass(frozen=True)
 class AsrConfig:
     model: str = "bundled"
@@ -118,6 +128,9 @@ class AsrConfig:
         _check(self.device in ("cpu", "cuda", "auto"), "asr.device", "must be cpu, cuda or auto")
         _check(self.compute_type in ("int8", "int8_float16", "int8_float32", "int16", "float16", "float32", "default"),
                "asr.compute_type", "must be int8, int8_float16, int8_float32, int16, float16, float32 or default")
+        _check(self.language == "auto" or self.language in WHISPER_LANGUAGES, "asr.language",
+               f"{self.language!r} is not a Whisper language code; use auto or one of en, de, fr, es, zh, "
+               "... (the full list: python -c 'import faster_whisper.tokenizer as t; print(t._LANGUAGE_CODES)')")
         _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
@@ -127,6 +140,9 @@ class AsrConfig:
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
         _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")
         _check(len(self.hotwords) <= 1000, "asr.hotwords", "must be at most 1000 characters")
+        for key in ("initial_prompt", "hotwords"):
+            problem = text_problem(getattr(self, key))
+            _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
         _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
 
 
@@ -344,6 +360,9 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{chosen}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                              "save it as UTF-8") from None
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
     for text in overrides:

@@ -132,6 +132,13 @@ def short_window(features: np.ndarray, window: Window = SHORT) -> np.ndarray:
     return np.ascontiguousarray(features[..., :keep])
 
 
+def _missing_from_cache(exc: BaseException) -> bool:
+    """True when a local_files_only load failed only because the model is not downloaded yet."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    return isinstance(exc, LocalEntryNotFoundError)
+
+
 def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
@@ -150,8 +157,9 @@ def _load_whisper(cfg: AsrConfig) -> Any:
         # Use the local hub cache if the model is there; fetch it only if not.
         try:
             return WhisperModel(ref.target, local_files_only=True, **kwargs)
-        except Exception:
-            pass
+        except Exception as exc:
+            if not _missing_from_cache(exc):  # a bad compute_type, no CUDA, a broken model: not the network
+                raise ModelError(f"asr.model = {cfg.model!r}: cannot load it from the local cache: {exc}") from None
         try:
             return WhisperModel(ref.target, **kwargs)
         except Exception as exc:
@@ -341,12 +349,27 @@ class Engine:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         self.busy_since = time.monotonic()
+        running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
+            audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
+            fallback=fallback, window=window))
         try:
-            return await self.run(self.decoder.decode, audio, beam_size=beam_size, words=words, prompt=prompt,
-                                  hotwords=hotwords, prefix=prefix, fallback=fallback, window=window)
-        finally:
-            self.busy_since = None
-            self._pass_turn()
+            result = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # The thread decodes on whatever we do: the turn passes (and the watchdog stops seeing
+            # a busy decoder) only when it has finished.
+            running.add_done_callback(self._decode_done)
+            raise
+        except BaseException:
+            self._decode_done(running)
+            raise
+        self._decode_done(running)
+        return result
+
+    def _decode_done(self, running: asyncio.Future[Any]) -> None:
+        if not running.cancelled():
+            running.exception()  # retrieved: an abandoned decode's error was its caller's to see
+        self.busy_since = None
+        self._pass_turn()
 
     async def _turn(self, priority: int) -> None:
         if not self._busy:

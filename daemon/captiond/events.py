@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -202,6 +203,17 @@ class Command:
     """For context: new words to favour (None leaves them as they are)."""
 
 
+def text_problem(text: str) -> str | None:
+    """Why a client's text cannot go to the decoder (lone surrogates, control characters), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate)"
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
+        return "holds control characters"
+    return None
+
+
 def parse_command(line: bytes) -> Command:
     """Parse one client line, raising ProtocolError with a clear message when it is not a command."""
     if len(line) > MAX_LINE:
@@ -223,6 +235,9 @@ def parse_command(line: bytes) -> Command:
             value = obj.get(key)
             if value is not None and (not isinstance(value, str) or len(value) > MAX_CONTEXT):
                 raise ProtocolError("bad_command", f"context: \"{key}\" must be a string of at most {MAX_CONTEXT} characters")
+            problem = text_problem(value) if value is not None else None
+            if problem:
+                raise ProtocolError("bad_command", f"context: \"{key}\" {problem}; send plain UTF-8 text")
             values[key] = value
         return Command("context", **values)
     if cmd != "subscribe":

@@ -20,6 +20,7 @@ from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError,
 log = logging.getLogger(__name__)
 
 _WRITE_BUFFER = 16 * 1024
+_BACKLOG = 1024  # bursts of connects (a dashboard's reconnect storm) queue rather than get EAGAIN
 
 
 class ServerError(RuntimeError):
@@ -53,7 +54,7 @@ class Client:
     closing: bool = False
 
     def offer(self, item: _Item, reply: bool = False) -> None:
-        """Queue an event; when full, drop a partial (or the oldest) before ever dropping a final.
+        """Queue an event; when full, drop the oldest partial, then the oldest other event, a final last.
 
         Replies to this client's own commands skip its subscription filter, not the bound.
         """
@@ -61,12 +62,28 @@ class Client:
             return
         if len(self.queue) >= self.capacity:
             self.lost += 1
-            if item.type != "final":
+            victim = self._victim(item)
+            if victim is None:
                 return
-            victim = next((i for i in self.queue if i.type != "final"), self.queue[0])
             self.queue.remove(victim)
         self.queue.append(item)
         self.wake.set()
+
+
+    def _victim(self, item: _Item) -> _Item | None:
+        """What a full queue drops to take `item`, None to drop `item` itself.
+
+        A newer partial replaces an older one (it says more); a final outranks everything else.
+        """
+        partial = next((i for i in self.queue if i.type == "partial"), None)
+        if partial is not None:
+            return partial
+        if item.type == "partial":
+            return None  # everything queued matters more than a partial
+        other = next((i for i in self.queue if i.type != "final"), None)
+        if other is not None:
+            return other
+        return self.queue[0] if item.type == "final" else None
 
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> str:
@@ -173,11 +190,10 @@ class Hub:
             return
         if cmd.cmd == "subscribe":
             client.types = cmd.types
-            if cmd.since is not None:
+            if cmd.since is not None and (cmd.types is None or "final" in cmd.types):
                 for item in self._finals:
-                    if item.seq > cmd.since and (cmd.types is None or "final" in cmd.types):
-                        client.queue.append(item)
-                client.wake.set()
+                    if item.seq > cmd.since:
+                        client.offer(item, reply=True)  # through the bound, like every other event
             return
         answer = self.on_command(cmd)
         if answer is not None:
@@ -230,28 +246,62 @@ class Server(Hub):
         self._inode: int | None = None  # of the socket file we bound; only that one is ours to remove
 
     async def start(self) -> None:
-        """Check for a live or stale socket, then bind with the configured mode."""
+        """Check for a live or stale socket, then bind with the configured mode (and group)."""
+        gid = -1
+        if self._group:  # before anything is made, so a bad name leaves nothing behind
+            try:
+                gid = grp.getgrnam(self._group).gr_gid
+            except KeyError:
+                raise ServerError(f"server.group: no such group {self._group!r}; "
+                                  "create it (groupadd) or set server.group to an existing one") from None
+        folder = self.path.parent
+        made = not folder.exists()
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ServerError(f"cannot create socket folder {self.path.parent}: {exc.strerror}; "
+            raise ServerError(f"cannot create socket folder {folder}: {exc.strerror}; "
                               "set server.socket to a writable path") from None
+        if gid != -1:
+            self._share_folder(folder, gid, made)
         _check_existing(self.path)
         old = os.umask(0o177)  # never let the socket exist, even briefly, with wider permissions
         try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1)
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1,
+                                                           backlog=_BACKLOG)
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.path}: {exc.strerror}; set server.socket to a writable path") from None
         finally:
             os.umask(old)
-        if self._group:
-            try:
-                os.chown(self.path, -1, grp.getgrnam(self._group).gr_gid)
-            except KeyError:
-                raise ServerError(f"server.group: no such group {self._group!r}") from None
-        os.chmod(self.path, self._mode)
+        try:
+            if gid != -1:
+                os.chown(self.path, -1, gid)
+            os.chmod(self.path, self._mode)
+        except OSError as exc:
+            self._server.close()
+            self.path.unlink(missing_ok=True)
+            raise ServerError(f"cannot give {self.path} group {self._group!r} and mode {self._mode:04o}: "
+                              f"{exc.strerror}; run as a member of that group or unset server.group") from None
         self._inode = self.path.stat().st_ino
         log.info("listening on %s (mode %04o)", self.path, self._mode)
+
+    def _share_folder(self, folder: Path, gid: int, made: bool) -> None:
+        """Let the group reach the socket: members need search (x) on its folder, or connect gets EACCES."""
+        if made:
+            try:
+                os.chown(folder, -1, gid)
+                os.chmod(folder, 0o710)
+            except OSError as exc:
+                log.warning("server.group %r: cannot give socket folder %s that group (%s); members will get "
+                            "'permission denied'; make the folder group-searchable or run as a member",
+                            self._group, folder, exc.strerror)
+                return
+            log.info("socket folder %s made 0710 with group %r so members can connect", folder, self._group)
+            return
+        st = folder.stat()
+        if not (st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010)):
+            log.warning("server.group %r: socket folder %s (mode %04o) does not let that group in, so members "
+                        "will get 'permission denied'; chgrp %s and chmod g+x it", self._group, folder,
+                        stat.S_IMODE(st.st_mode), self._group)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A small transport buffer keeps a stalled reader's backlog in our queue, where it is counted.
@@ -274,6 +324,10 @@ class Server(Hub):
                 if not line:
                     return
                 self.handle_line(client, line)
+        except asyncio.CancelledError:
+            # Only shutdown cancels a connection's reader, and asyncio's stream callback would print a
+            # cancelled handler as an unhandled exception: this one has nothing left to do.
+            return
         finally:
             self.detach(client)
 

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
+import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any, Callable, Coroutine
 
 from . import __version__
-from .capture import Capture, CaptureError, Source
+from . import reloader
+from .capture import Capture, CaptureError, Source, portaudio_settled
 from .config import Config, ConfigError, GateConfig, log_path
 from .engine import Engine
 from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
 from .gate import Gate, GateEvent, UtteranceAudio
+from .health import Health, State, Watchdog, sd_notify
+from .reloader import Handoff
 from .server import Server
 from .session import LiveSession
 from .streaming import AsrWorker, gate_queue
-from .translog import TranscriptLog
+from .supervisor import CaptureSupervisor
+from .translog import LogWriter, TranscriptLog
 from .websocket import WebServer
 from .wyoming_server import WyomingServer
 
@@ -32,34 +35,14 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 3.0
 """How long shutdown waits for the open utterance's final before giving up on it; with the task and
 subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
+STOP_BOUND_S = 10.0
+"""Past this many seconds after a stop began, a daemon run from the command line exits whatever its
+threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
-_LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partial_interval_s", "asr.early_final")
-"""asr keys the worker reads per decode; the others shape the loaded model or the queue."""
-_RETRY_MIN_S = 0.25
-_RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
-_CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
-_CAPTURE_RETRY_STALL_S = 30.0
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
 _GATE_STALL_S = 15.0
 _IDLE_BATCH_FRAMES = 3  # 90 ms: later speech starts by at most 60 ms, the ends are not delayed
-_OVERLOADED_LAG_S = 5.0
-_RECOVERED_LAG_S = 1.0
-
-
-def sd_notify(message: str) -> None:
-    """Send a state line to systemd when run under Type=notify (NOTIFY_SOCKET set); no-op otherwise."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
 
 
 class Service:
@@ -67,15 +50,18 @@ class Service:
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
                  translog: TranscriptLog | None = None, gate: Gate | None = None,
-                 reload: Callable[[], Config] | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None) -> None:
         self.config = config
+        self._stop_bound_s = stop_bound_s
+        self._exit_timer: threading.Timer | None = None
         self._reload = reload
         self.source = source
         self.engine = engine
         self.server = server
         if server is not None:
             server.hello, server.on_command = self.hello, self.on_command
-        self.translog = translog
+        self.logwriter = self._new_logwriter(translog) if translog is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
         self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
@@ -85,50 +71,57 @@ class Service:
         self.capture = Capture(self.ring)
         self.queue = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
-        self.state = "starting"
-        self.detail = ""
+        self.health = Health(lambda: self.publish(self.status()))
+        self.supervisor = CaptureSupervisor(source, self.capture, self.health, self._device_lost)
+        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.paused), self._gate_stuck,
+                                  self._decoder_stuck])
         self.paused = False
         self.exit_code = 0
         self.started = time.monotonic()
         self._gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-gate")
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
-        self._source_done = False
         self._flush_gate = False
-        self._capture_tick = self._gate_tick = time.monotonic()
-        self._next_gate: GateConfig | None = None  # a reconfigured gate, swapped in between utterances
+        self._gate_tick = time.monotonic()
+        self._next_gate: Handoff[GateConfig] = Handoff()  # a reconfigured gate, swapped in between utterances
 
     # --- events out -----------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Send an event to every subscriber, and finals with words to the transcript log."""
+        """Send an event to the transcript log's writer (finals with words) and every subscriber."""
+        if isinstance(event, Final) and event.text and self.logwriter is not None:
+            self.logwriter.offer(event, time.time())
         if self.server is not None:
             self.server.publish(event)
-        if isinstance(event, Final) and event.text and self.translog is not None:
-            had_error = self.translog.error
-            if not self.translog.write(event, time.time()):
-                if had_error != self.translog.error:
-                    log.error("%s; %d line(s) held in memory until it works again",
-                              self.translog.error, self.translog.backlog)
-                    self.publish(Error("log_write_failed", self.translog.error or ""))
-            elif had_error:
-                log.info("transcript log %s is writable again", self.translog.path)
 
-    def set_state(self, state: str, detail: str = "") -> None:
-        """Change the published state (status event, systemd STATUS line)."""
-        if (state, detail) == (self.state, self.detail):
-            return
-        self.state, self.detail = state, detail
-        self.publish(self.status())
-        sd_notify(f"STATUS={state}{': ' + detail if detail else ''}")
+    @property
+    def translog(self) -> TranscriptLog | None:
+        """The transcript log, None when it is off."""
+        return self.logwriter.log if self.logwriter is not None else None
+
+    def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
+        def report(error: str | None) -> None:  # on the writer's thread
+            if error is None:
+                log.info("transcript log %s is writable again", translog.path)
+                return
+            log.error("%s; %d line(s) held in memory until it works again", error, translog.backlog)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+                self._loop.call_soon_threadsafe(self.publish, Error("log_write_failed", error))
+
+        return LogWriter(translog, report)
+
+    @property
+    def state(self) -> State:
+        """The published state."""
+        return self.health.state
 
     def hello(self) -> Hello:
         """The first event every subscriber gets."""
-        return Hello(__version__, self.engine.name, SAMPLE_RATE, self.state)
+        return Hello(__version__, self.engine.name, SAMPLE_RATE, self.health.state.value)
 
     def status(self) -> Status:
         """The daemon's state and health figures, as a status event."""
-        return Status(self.state, self.detail, self.engine.name, time.monotonic() - self.started,
+        return Status(self.health.state.value, self.health.detail, self.engine.name, time.monotonic() - self.started,
                       self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
 
     def on_command(self, cmd: Command) -> Event | None:
@@ -143,10 +136,10 @@ class Service:
             log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
         if cmd.cmd == "pause" and not self.paused:
             self.paused = True
-            self.set_state("paused", "paused by a client; send resume to listen again")
+            self.health.set(State.PAUSED, "paused by a client; send resume to listen again")
         elif cmd.cmd == "resume" and self.paused:
             self.paused = False
-            self.set_state("listening", self.source.description)
+            self.health.set(State.LISTENING, self.source.description)
         return self.status()
 
     def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
@@ -179,50 +172,35 @@ class Service:
         """Begin a clean shutdown: stop capturing, finish the open utterance, then exit."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self._arm_exit_bound()
             capture = self._tasks.get("capture")
             if capture is not None and not capture.done():
                 capture.cancel()
 
-    async def _capture_loop(self) -> None:
-        """Run the source; when a live device is lost, say so, keep everything else up and reopen it."""
-        delay = _RETRY_MIN_S
-        try:
-            while True:
-                self._capture_tick = time.monotonic()
-                self.capture.started.clear()
-                loop = asyncio.get_running_loop()
-                run = loop.create_task(self.source.run(self.capture), name="capture-source")
-                try:
-                    flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
-                    await asyncio.wait([run, flowing], return_when=asyncio.FIRST_COMPLETED)
-                    flowing.cancel()
-                    if self.capture.started.is_set() and self.state == "device_lost":
-                        log.info("%s is back", self.source.description)
-                        self.set_state("listening", self.source.description)
-                    await run
-                    return  # a file or pipe ended
-                except CaptureError as exc:
-                    if not self.source.live:
-                        raise
-                    if self.capture.started.is_set():  # it had worked: retry quickly again
-                        delay = _RETRY_MIN_S
-                    if self.state != "device_lost":
-                        log.error("%s; retrying until it comes back", exc)
-                        self.set_state("device_lost", str(exc))
-                        self._flush_gate = True  # the open utterance gets its final now
-                        self.capture.frames_ready.set()
-                finally:
-                    run.cancel()
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _RETRY_MAX_S)
-        finally:
-            self._source_done = True
-            self.capture.frames_ready.set()
+    def _arm_exit_bound(self) -> None:
+        """From now on the process ends within the stop bound, even if a thread never returns."""
+        if self._stop_bound_s is None or self._exit_timer is not None:
+            return
+
+        def exit_now() -> None:
+            stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+            log.error("stop still not done after %.0f s (threads still running: %s); exiting anyway",
+                      self._stop_bound_s, ", ".join(stuck))
+            logging.shutdown()
+            os._exit(self.exit_code)
+
+        self._exit_timer = threading.Timer(self._stop_bound_s, exit_now)
+        self._exit_timer.daemon = True
+        self._exit_timer.name = "captiond-stop-bound"
+        self._exit_timer.start()
+
+    def _device_lost(self) -> None:
+        self._flush_gate = True  # the open utterance gets its final now
+        self.capture.frames_ready.set()
 
     def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
-        if self._next_gate is not None and not self.gate.in_speech:
-            self.gate = Gate(self._next_gate, first_utt=self.gate.next_utt)
-            self._next_gate = None
+        if not self.gate.in_speech and (cfg := self._next_gate.take()) is not None:
+            self.gate = Gate(cfg, first_utt=self.gate.next_utt)
         return self.gate.feed(frames, close)
 
     async def _gate_loop(self) -> None:
@@ -230,10 +208,10 @@ class Service:
         while True:
             await self.capture.frames_ready.wait()
             self.capture.frames_ready.clear()
-            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self._source_done
+            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self.supervisor.done
                     and not self.paused and not self._flush_gate):
                 continue  # silence: take frames three at a time, a third of the wake-ups
-            last = self._source_done
+            last = self.supervisor.done
             frames = []
             while (frame := self.ring.pop()) is not None:
                 frames.append(frame)
@@ -252,49 +230,31 @@ class Service:
                 await self.queue.put(None)
                 return
 
-    def stuck(self) -> str | None:
-        """What keeps the pipeline from moving, or None when it moves (the watchdog pings only then)."""
-        now = time.monotonic()
-        if self.source.live and not self.paused:
-            if self.state == "device_lost":
-                if now - self._capture_tick > _CAPTURE_RETRY_STALL_S:
-                    return f"capture has not retried its device for {now - self._capture_tick:.0f} s"
-            elif now - self.capture.last_chunk > _CAPTURE_STALL_S:
-                return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
+    def _gate_stuck(self, now: float) -> str | None:
         if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
             return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
+        return None
+
+    def _decoder_stuck(self, now: float) -> str | None:
         busy = self.engine.busy_since
         if busy is not None and now - busy > _WORKER_STALL_S:
             return f"the decoder has been busy with one decode for {now - busy:.0f} s"
         return None
-
-    async def _watchdog_loop(self, interval: float) -> None:
-        """Ping systemd's watchdog while the pipeline moves; stop pinging (and say why) when it does not."""
-        complained = None
-        while True:
-            problem = self.stuck()
-            if problem is None:
-                sd_notify("WATCHDOG=1")
-            elif problem != complained:
-                log.error("watchdog: %s; no longer telling systemd we are alive", problem)
-            complained = problem
-            await asyncio.sleep(interval)
 
     async def _stats_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             lag = self.worker.lag
             self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize()))
-            if self.state == "listening" and lag > _OVERLOADED_LAG_S:
-                self.set_state("overloaded", f"{lag:.1f} s of speech waiting for the decoder")
-            elif self.state == "overloaded" and lag < _RECOVERED_LAG_S:
-                self.set_state("listening", self.source.description)
+            self.health.lag(lag, self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        if self.logwriter is not None:
+            self.logwriter.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
         main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
@@ -309,7 +269,7 @@ class Service:
                 await self.wyoming.start()
             # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
-            capture = self._spawn(self._capture_loop(), "capture")
+            capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
             gate = self._spawn(self._gate_loop(), "gate")
             if self.config.server.stats_interval_s:
@@ -320,13 +280,13 @@ class Service:
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
             if self.capture.started.is_set():
-                self.set_state("listening", self.source.description)
+                self.health.set(State.LISTENING, self.source.description)
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
                 sd_notify("READY=1")
             watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
             if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-                self._spawn(self._watchdog_loop(watchdog_usec / 2e6), "watchdog")
+                self._spawn(self.watchdog.run(watchdog_usec / 2e6), "watchdog")
             await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],
                                return_when=asyncio.FIRST_COMPLETED)
             await self._drain([gate, asr])
@@ -353,34 +313,32 @@ class Service:
         except ConfigError as exc:
             log.error("SIGHUP: config not reloaded, the running one stays: %s", exc)
             return
-        old = self.config
-        changed = {f"{section}.{key}": value
-                   for section in vars(new) for key, value in vars(getattr(new, section)).items()
-                   if getattr(getattr(old, section), key) != value}
-        applied = {k: v for k, v in changed.items() if k.split(".")[0] in ("gate", "log") or k in _LIVE_ASR_KEYS}
-        later = sorted(set(changed) - set(applied))
-        asr = dataclasses.replace(old.asr, **{k.split(".")[1]: v for k, v in applied.items() if k.startswith("asr.")})
-        self.config = dataclasses.replace(old, gate=new.gate, log=new.log, asr=asr)
-        self.worker.reconfigure(asr)
-        if any(k.startswith("gate.") for k in applied):
-            self._next_gate = new.gate
-        if any(k.startswith("log.") for k in applied):
-            self._reopen_log(new)
-        if applied:
-            log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in applied.items()))
-        if later:
+        change = reloader.plan(self.config, new)
+        self.config = change.config
+        self.worker.reconfigure(change.config.asr)
+        if change.touches("gate"):
+            self._next_gate.put(change.config.gate)
+        if change.touches("log"):
+            self._reopen_log(change.config)
+        if change.applied:
+            log.info("SIGHUP: applied %s", ", ".join(f"{k}={v!r}" for k, v in change.applied.items()))
+        if change.later:
             log.warning("SIGHUP: %s changed but take(s) effect only after a restart (systemctl restart captiond)",
-                        ", ".join(later))
-        if not changed:
+                        ", ".join(change.later))
+        if not change.applied and not change.later:
             log.info("SIGHUP: config re-read, nothing changed")
 
     def _reopen_log(self, config: Config) -> None:
         if not config.log.enabled:
-            self.translog = None
-        elif self.translog is None:
-            self.translog = TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups)
+            if self.logwriter is not None:
+                self.logwriter.close(0)  # what it has queued is written; nothing waits for it
+            self.logwriter = None
+        elif self.logwriter is None:
+            self.logwriter = self._new_logwriter(
+                TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups))
+            self.logwriter.start()
         else:
-            self.translog.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
+            self.logwriter.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""
@@ -391,7 +349,8 @@ class Service:
             self.exit_code = self.exit_code or 1
 
     async def _shutdown(self) -> None:
-        self.set_state("stopping")
+        self._arm_exit_bound()
+        self.health.set(State.STOPPING)
         sd_notify("STOPPING=1")
         for task in self._tasks.values():
             if not task.done():
@@ -407,5 +366,10 @@ class Service:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
         if self.wyoming is not None:
             await self.wyoming.close(_FLUSH_SUBSCRIBERS_S)
+        if self.logwriter is not None:
+            self.logwriter.close(_FLUSH_SUBSCRIBERS_S)
+        if not await portaudio_settled(_STOP_TASKS_S):
+            log.error("shutdown: the audio device did not close in %.0f s (is the audio server hung?); "
+                      "abandoning it", _STOP_TASKS_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)

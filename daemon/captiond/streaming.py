@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import AsrConfig
 from .engine import SHORT, Engine, Transcript, Window
-from .events import Event, Final, Partial, SpeechEnd, SpeechStart, Word
+from .events import Error, Event, Final, Partial, SpeechEnd, SpeechStart, Word
 from .frames import FRAME_MS, SAMPLE_RATE, int16_to_float
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from .rules import PUNCTUATION, WHISPER, TextRules, bare, doubtful, guessed, loop, looping, tail_guesses
@@ -324,6 +324,7 @@ class AsrWorker:
         """Such decodes thrown away because speech went on."""
         self.finals_bound = 0
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
+        self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
 
     def reconfigure(self, cfg: AsrConfig) -> None:
         """Use new beam sizes and partial interval from the next decode / utterance on."""
@@ -359,18 +360,23 @@ class AsrWorker:
             if spec is not None and stream is not None and stream.start + stream.samples > spec.audio_end + _RESUMED:
                 self._discard(spec)  # speech went on after the pause; its decode is not the final
                 self._speculation = None
-            if stream is not None and stream.partial_due() and self._speculation is None:
+            if (stream is not None and stream.partial_due() and self._speculation is None
+                    and stream.utt != self._partials_failed):
                 if self.queue.empty():
                     covered = stream.samples
                     check = stream.wants_check()
                     # No temperature fallback for a partial: it would take seconds on hard audio, and
-                    # the final follows anyway.
-                    # A check is decoded as the final will be; a greedy partial only shows what is heard.
-                    glance = Window(self._cfg.partial_pad_s)
-                    t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
-                                           else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
-                                           prefix=stream.prefix, fallback=False, priority=self._priority + 2,
-                                           window=self._final_window if check else glance)
+                    # the final follows anyway. A check is decoded as the final will be; a greedy
+                    # partial only shows what is heard.
+                    try:
+                        t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
+                                               else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
+                                               prefix=stream.prefix, fallback=False, priority=self._priority + 2,
+                                               window=self._final_window if check else Window(self._cfg.partial_pad_s))
+                    except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
+                        self._partials_failed = stream.utt
+                        self._decode_failed(stream.utt, "partial", exc)
+                        continue
                     partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
                     if partial.text:
                         self._publish(partial)
@@ -385,6 +391,11 @@ class AsrWorker:
                                   prompt=stream.prompt, prefix=stream.prefix if bound else "",
                                   window=self._final_window, priority=self._priority,
                                   fallback=self._cfg.temperature_fallback)
+
+    def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
+        log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
+        self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
+                                             "the daemon goes on with the next utterance"))
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
@@ -430,19 +441,25 @@ class AsrWorker:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
             spec, self._speculation = self._speculation, None
-            if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
-                self.speculations_used += 1
-                log.debug("utterance %d ended at its pause; final decode %s", item.utt,
-                          "already done" if spec.decode.done() else "under way")
-                t = await spec.decode
-            else:
-                log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
-                          "none" if spec is None else "speech went on")
-                self._discard(spec)
-                t = await self._final_decode(stream, item.audio_end)
-            if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
-                self.finals_bound += 1
-                t = await self._final_decode(stream, item.audio_end, bound=True)
+            try:
+                if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
+                    self.speculations_used += 1
+                    log.debug("utterance %d ended at its pause; final decode %s", item.utt,
+                              "already done" if spec.decode.done() else "under way")
+                    t = await spec.decode
+                else:
+                    log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
+                              "none" if spec is None else "speech went on")
+                    self._discard(spec)
+                    t = await self._final_decode(stream, item.audio_end)
+                if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
+                    self.finals_bound += 1
+                    t = await self._final_decode(stream, item.audio_end, bound=True)
+            except Exception as exc:  # a decode that raises costs this one utterance, never the worker
+                self._decode_failed(item.utt, "final", exc)
+                self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
+                                    max(0.0, self._clock() - item.voiced_captured), ("error",)))
+                return
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio

@@ -8,6 +8,7 @@ more), decoded with word timestamps, and mapped back to the file's own time line
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .capture import decode_file
+from .capture import CaptureError, decode_file
 from .config import Config
 from .engine import SHORT, Segment, WhisperDecoder
 from .events import Word
@@ -44,18 +45,39 @@ class FileTranscript:
     duration: float
     language: str
     segments: tuple[Segment, ...]
+    damage: str = ""
+    """Why the file could not be read to its end (corrupt or truncated); what came before is transcribed."""
 
 
-def speech_pieces(path: Path, config: Config) -> Iterator[Piece]:
-    """The file's speech, utterance by utterance, as the daemon's gate cuts it."""
+@dataclass
+class Reading:
+    """How far a file was decoded, and why it stopped early if it did."""
+
+    samples: int = 0
+    damage: str = ""
+
+
+def speech_pieces(path: Path, config: Config, reading: Reading | None = None) -> Iterator[Piece]:
+    """The file's speech, utterance by utterance, as the daemon's gate cuts it.
+
+    Damage part way through ends the file there (noted in `reading`); with nothing decodable before
+    it, the CaptureError is raised.
+    """
     gate = Gate(config.gate)
     asm = FrameAssembler()
+    reading = reading if reading is not None else Reading()
 
     def gate_events() -> Iterator[GateEvent]:
-        for chunk in decode_file(path):
-            for frame in asm.insert(chunk, 0.0):
-                gate.insert(frame)
-            yield from gate.process()
+        try:
+            for chunk in decode_file(path):
+                reading.samples += len(chunk)
+                for frame in asm.insert(chunk, 0.0):
+                    gate.insert(frame)
+                yield from gate.process()
+        except CaptureError as exc:
+            if not reading.samples:
+                raise
+            reading.damage = str(exc)
         for frame in asm.finish(0.0):
             gate.insert(frame)
         yield from gate.finish()
@@ -114,6 +136,35 @@ def probe_duration(path: Path) -> float:
         return 0.0
 
 
+def _truncated(path: Path, decoded: float, duration: float) -> str:
+    """Why a file that decoded without an error looks cut short, or "" if it does not.
+
+    A file cut short decodes cleanly: only its header says there should be more. FFmpeg trims a
+    WAV's stated length to the file's size, so its data chunk is read here.
+    """
+    short = f"{path}: the file looks truncated (what is there was transcribed): "
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            size = os.fstat(fh.fileno()).st_size
+            while head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    break
+                length = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"data":
+                    present = size - fh.tell()
+                    if length != 0xFFFFFFFF and present < length:
+                        return short + f"its header states {length} bytes of audio, it holds {present}"
+                    break
+                fh.seek(length + (length & 1), os.SEEK_CUR)
+    except OSError:
+        pass
+    if duration and decoded < duration - max(0.5, 0.02 * duration):
+        return short + f"only {decoded:.1f} s of the {duration:.1f} s its header states could be read"
+    return ""
+
+
 def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
                     progress: Callable[[float], None] = lambda done: None) -> FileTranscript:
     """Transcribe one file; progress(fraction) is called after each chunk. Raises CaptureError for bad files."""
@@ -121,7 +172,8 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
     segments: list[Segment] = []
     language = config.asr.language
     end = 0.0
-    for group in pack(speech_pieces(path, config)):
+    reading = Reading()
+    for group in pack(speech_pieces(path, config, reading)):
         pcm = np.concatenate([part for piece in group for part in (_GAP, piece.pcm)][1:])
         # With the temperature fallback whatever asr.temperature_fallback says: on the dev corpus as one
         # 592 s file it took WER 0.317 to 0.29-0.30, for a quarter more time (live finals: no gain).
@@ -136,7 +188,11 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         if duration:
             progress(min(1.0, end / duration))
     progress(1.0)
-    return FileTranscript(str(path), duration or end, language, tuple(segments))
+    decoded = reading.samples / SAMPLE_RATE
+    damage = reading.damage
+    if not damage:
+        damage = _truncated(path, decoded, duration)
+    return FileTranscript(str(path), duration or end, language, tuple(segments), damage)
 
 
 # --- output formats ------------------------------------------------------------------------------

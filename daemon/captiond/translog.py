@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import queue
+import threading
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from .events import Final
 
 _PENDING_MAX = 10000  # lines held in memory while the disk refuses them
+_QUEUE_MAX = 1000  # finals waiting for the writer thread; past it the disk is hung, not slow
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append data with one or more write()s; if one fails, cut the file back so no fragment stays
+    (a disk that fills part way through a line would leave half of it, and the retry the whole)."""
+    before = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        with contextlib.suppress(OSError):  # shrinking works on a full disk; if not, the error stands
+            os.ftruncate(fd, before)
+        raise
 
 
 class TranscriptLog:
@@ -52,12 +71,14 @@ class TranscriptLog:
         self._backlog.append(self.format(final, ts))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
                 while self._backlog:
-                    fh.write(self._backlog[0])
-                    fh.flush()
+                    _append_whole(fd, self._backlog[0].encode("utf-8"))
                     self._backlog.popleft()
-                size = fh.tell()
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.error = f"cannot write transcript log {self.path}: {exc.strerror or exc}"
             return False
@@ -84,3 +105,60 @@ class TranscriptLog:
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         except OSError as exc:
             self.error = f"cannot rotate transcript log {self.path}: {exc.strerror or exc}"
+
+
+class LogWriter:
+    """The transcript log as an ordinary subscriber: finals go into a bounded queue that a thread of
+    its own writes, so no disk call (open, write, rotate) ever runs on the event loop.
+
+    `report(error)` is called on that thread when the log's health changes: the new error text, or
+    None once it is writable again.
+    """
+
+    def __init__(self, translog: TranscriptLog, report: Callable[[str | None], None],
+                 capacity: int = _QUEUE_MAX) -> None:
+        self.log = translog
+        self._report = report
+        self._queue: queue.Queue[tuple[Final, float] | None] = queue.Queue(maxsize=capacity)
+        self._lock = threading.Lock()
+        self._next: tuple[Path, int, int] | None = None  # a reconfiguration, applied between two lines
+        self.dropped = 0
+        """Finals never written because the writer was this far behind (a disk that hangs)."""
+        self._thread = threading.Thread(target=self._run, name="captiond-translog", daemon=True)
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def offer(self, final: Final, ts: float) -> None:
+        """Queue a final emitted at wall-clock ts for the log, never waiting."""
+        try:
+            self._queue.put_nowait((final, ts))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                self._report(f"transcript log {self.log.path} is {self._queue.maxsize} lines behind "
+                             "(a disk that does not answer?); dropping lines until it catches up")
+
+    def reconfigure(self, path: Path, max_bytes: int, backups: int) -> None:
+        """Write to a new path and/or rotate differently from the next line on."""
+        with self._lock:
+            self._next = (path, max_bytes, backups)
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued within timeout seconds, then stop (a hung disk's thread is abandoned)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            with self._lock:
+                if self._next is not None:
+                    self.log.reconfigure(*self._next)
+                    self._next = None
+            had_error = self.log.error
+            self.log.write(*item)
+            if self.log.error != had_error:
+                self._report(self.log.error)

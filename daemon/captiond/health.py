@@ -1,0 +1,93 @@
+"""The daemon's published state (an Enum), the overload state machine, and the systemd watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from enum import Enum
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+OVERLOADED_LAG_S = 5.0
+"""Speech waiting for the decoder, in seconds, past which a listening daemon says it is overloaded."""
+RECOVERED_LAG_S = 1.0
+"""Speech waiting, in seconds, below which an overloaded daemon is listening again."""
+
+
+class State(str, Enum):
+    """What the daemon is doing, as status events and systemd's STATUS line name it."""
+
+    STARTING = "starting"
+    LISTENING = "listening"
+    PAUSED = "paused"
+    DEVICE_LOST = "device_lost"
+    OVERLOADED = "overloaded"
+    STOPPING = "stopping"
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd when run under Type=notify (NOTIFY_SOCKET set); no-op otherwise."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)
+
+
+class Health:
+    """The current state and its detail; every change is announced once through `changed`."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.state = State.STARTING
+        self.detail = ""
+        self._changed = changed
+
+    def set(self, state: State, detail: str = "") -> None:
+        """Change the state (a status event for subscribers, a STATUS line for systemd)."""
+        if (state, detail) == (self.state, self.detail):
+            return
+        self.state, self.detail = state, detail
+        self._changed()
+        sd_notify(f"STATUS={state.value}{': ' + detail if detail else ''}")
+
+    def lag(self, lag: float, listening_detail: str) -> None:
+        """The overload state machine: overloaded past OVERLOADED_LAG_S of waiting speech, listening
+        again below RECOVERED_LAG_S (the gap keeps it from flapping)."""
+        if self.state is State.LISTENING and lag > OVERLOADED_LAG_S:
+            self.set(State.OVERLOADED, f"{lag:.1f} s of speech waiting for the decoder")
+        elif self.state is State.OVERLOADED and lag < RECOVERED_LAG_S:
+            self.set(State.LISTENING, listening_detail)
+
+
+class Watchdog:
+    """Pings systemd's watchdog while every check passes; each check returns what is stuck, or None."""
+
+    def __init__(self, checks: list[Callable[[float], str | None]]) -> None:
+        self._checks = checks
+
+    def problem(self) -> str | None:
+        """The first thing that keeps the pipeline from moving, or None."""
+        now = time.monotonic()
+        return next((p for check in self._checks if (p := check(now)) is not None), None)
+
+    async def run(self, interval: float) -> None:
+        """Ping every interval seconds while nothing is stuck; say once what is, and stop pinging."""
+        complained = None
+        while True:
+            problem = self.problem()
+            if problem is None:
+                sd_notify("WATCHDOG=1")
+            elif problem != complained:
+                log.error("watchdog: %s; no longer telling systemd we are alive", problem)
+            complained = problem
+            await asyncio.sleep(interval)

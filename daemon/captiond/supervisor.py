@@ -1,0 +1,80 @@
+"""The capture supervisor: runs the audio source and, when a live device is lost, says so and reopens it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from .capture import Capture, CaptureError, Source
+from .health import Health, State
+
+log = logging.getLogger(__name__)
+
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
+_CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
+_CAPTURE_RETRY_STALL_S = 30.0
+
+
+class CaptureSupervisor:
+    """Keeps a source running into a Capture; everything else stays up while a device is away.
+
+    `lost()` is called once per loss, so the open utterance can be finalised at once.
+    """
+
+    def __init__(self, source: Source, capture: Capture, health: Health, lost: Callable[[], None]) -> None:
+        self.source = source
+        self.capture = capture
+        self._health = health
+        self._lost = lost
+        self.done = False
+        """Set when the source has ended for good (a file or pipe at its end, or a stop)."""
+        self._tick = time.monotonic()  # the last (re)open attempt
+
+    async def run(self) -> None:
+        """Run the source until it ends; a live device that fails is retried until it comes back."""
+        delay = _RETRY_MIN_S
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._tick = time.monotonic()
+                self.capture.started.clear()
+                run = loop.create_task(self.source.run(self.capture), name="capture-source")
+                try:
+                    flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
+                    await asyncio.wait([run, flowing], return_when=asyncio.FIRST_COMPLETED)
+                    flowing.cancel()
+                    if self.capture.started.is_set() and self._health.state is State.DEVICE_LOST:
+                        log.info("%s is back", self.source.description)
+                        self._health.set(State.LISTENING, self.source.description)
+                    await run
+                    return  # a file or pipe ended
+                except CaptureError as exc:
+                    if not self.source.live:
+                        raise
+                    if self.capture.started.is_set():  # it had worked: retry quickly again
+                        delay = _RETRY_MIN_S
+                    if self._health.state is not State.DEVICE_LOST:
+                        log.error("%s; retrying until it comes back", exc)
+                        self._health.set(State.DEVICE_LOST, str(exc))
+                        self._lost()
+                finally:
+                    run.cancel()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _RETRY_MAX_S)
+        finally:
+            self.done = True
+            self.capture.frames_ready.set()
+
+    def stuck(self, now: float, paused: bool) -> str | None:
+        """What is wrong with capture for the watchdog, or None."""
+        if not self.source.live or paused:
+            return None
+        if self._health.state is State.DEVICE_LOST:
+            if now - self._tick > _CAPTURE_RETRY_STALL_S:
+                return f"capture has not retried its device for {now - self._tick:.0f} s"
+        elif now - self.capture.last_chunk > _CAPTURE_STALL_S:
+            return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
+        return None

@@ -1,0 +1,132 @@
+"""The small parts split out of the service: health and its overload machine, the SIGHUP plan, the gate
+handoff, the capture supervisor (with a real Capture and a source that fails as a lost device does)."""
+
+import asyncio
+import threading
+
+import numpy as np
+
+from captiond.capture import Capture, CaptureError
+from captiond.config import load
+from captiond.frames import FrameRing
+from captiond.health import OVERLOADED_LAG_S, RECOVERED_LAG_S, Health, State, Watchdog
+from captiond.reloader import Handoff, plan
+from captiond.supervisor import CaptureSupervisor
+
+
+def test_health_announces_each_change_once_and_overload_has_a_gap():
+    changes = []
+    health = Health(lambda: changes.append((health.state, health.detail)))
+    health.set(State.LISTENING, "mic")
+    health.set(State.LISTENING, "mic")
+    assert changes == [(State.LISTENING, "mic")] and health.state.value == "listening"
+    health.lag(OVERLOADED_LAG_S + 1, "mic")
+    assert health.state is State.OVERLOADED
+    health.lag((OVERLOADED_LAG_S + RECOVERED_LAG_S) / 2, "mic")  # between the two: no flapping
+    assert health.state is State.OVERLOADED
+    health.lag(RECOVERED_LAG_S / 2, "mic")
+    assert changes[-1] == (State.LISTENING, "mic") and len(changes) == 3
+    health.set(State.PAUSED)
+    health.lag(OVERLOADED_LAG_S + 1, "mic")  # a paused daemon is not overloaded
+    assert health.state is State.PAUSED
+
+
+def test_watchdog_names_the_first_stuck_part():
+    assert Watchdog([lambda now: None]).problem() is None
+    assert Watchdog([lambda now: None, lambda now: "gate", lambda now: "decoder"]).problem() == "gate"
+
+
+def test_reload_plan_applies_live_keys_and_names_the_rest():
+    old = load(None, [])[0]
+    new = load(None, ["gate.hangover_ms=700", "asr.beam_size=3", "asr.model=/elsewhere", "log.max_bytes=2048"])[0]
+    change = plan(old, new)
+    assert change.applied == {"gate.hangover_ms": 700, "asr.beam_size": 3, "log.max_bytes": 2048}
+    assert change.later == ("asr.model",)
+    assert change.config.asr.beam_size == 3 and change.config.asr.model == old.asr.model
+    assert change.touches("gate") and change.touches("log") and not change.touches("server")
+    assert plan(old, old).applied == {} and plan(old, old).later == ()
+
+
+def test_handoff_keeps_the_latest_put_and_gives_it_once():
+    handoff = Handoff()
+    assert handoff.take() is None
+    handoff.put(1)
+    handoff.put(2)
+    assert handoff.take() == 2 and handoff.take() is None
+    # Puts from one thread while another takes: the last put is never lost.
+    taken = []
+    stop = threading.Event()
+
+    def taker():
+        while not stop.is_set():
+            if (v := handoff.take()) is not None:
+                taken.append(v)
+
+    thread = threading.Thread(target=taker)
+    thread.start()
+    for i in range(1, 20001):
+        handoff.put(i)
+    stop.set()
+    thread.join()
+    last = handoff.take()
+    assert (taken and taken[-1] == 20000) or last == 20000
+    assert taken == sorted(set(taken))
+
+
+class FlakyMic:
+    """A live source that delivers one chunk, then fails as an unplugged device does, `failures` times."""
+
+    live = True
+    description = "flaky mic"
+
+    def __init__(self, failures):
+        self.failures = failures
+        self.runs = 0
+
+    def check(self):
+        pass
+
+    async def run(self, capture):
+        self.runs += 1
+        capture.put_nowait(np.zeros(480, np.int16), 0.0)
+        if self.runs <= self.failures:
+            raise CaptureError("flaky mic stopped delivering audio")
+        await asyncio.Event().wait()
+
+
+def test_supervisor_reports_a_lost_device_once_and_its_return():
+    states = []
+    health = Health(lambda: states.append(health.state))
+    health.set(State.LISTENING)
+    source = FlakyMic(failures=3)
+    lost = []
+
+    async def main():
+        capture = Capture(FrameRing(100))
+        supervisor = CaptureSupervisor(source, capture, health, lambda: lost.append(True))
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        while source.runs < 4 or health.state is not State.LISTENING:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return supervisor
+
+    supervisor = asyncio.run(main())
+    assert states == [State.LISTENING, State.DEVICE_LOST, State.LISTENING, State.DEVICE_LOST, State.LISTENING,
+                      State.DEVICE_LOST, State.LISTENING]
+    assert len(lost) == 3 and supervisor.done
+
+
+def test_supervisor_lets_a_file_source_failure_through():
+    class BrokenFile(FlakyMic):
+        live = False
+
+    async def main():
+        supervisor = CaptureSupervisor(BrokenFile(failures=1), Capture(FrameRing(100)), Health(lambda: None),
+                                       lambda: None)
+        try:
+            await supervisor.run()
+        except CaptureError:
+            return "raised"
+
+    assert asyncio.run(main()) == "raised"
