@@ -64,10 +64,10 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
     worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None)
     task = asyncio.get_running_loop().create_task(worker.run(), name="replay-worker")
     for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
-        await queue.put(event)
+        await worker.put(event)
         while not (worker.waiting and queue.empty()):  # the pace a decoder that keeps up takes audio at
             await asyncio.sleep(0.001)
-    await queue.put(None)
+    await worker.put(None)
     await task
     return " ".join(f.text for f in finals if f.text)
 

@@ -19,7 +19,7 @@ from .config import Config, ConfigError, GateConfig, log_path
 from .engine import Engine
 from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
-from .gate import Gate, GateEvent, UtteranceAudio
+from .gate import Gate, GateEvent
 from .health import Health, State, Watchdog, sd_notify
 from .reloader import Handoff
 from .server import Server
@@ -223,11 +223,9 @@ class Service:
             self._flush_gate = False
             events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, close)
             for event in events:
-                if isinstance(event, UtteranceAudio):
-                    self.worker.queued_samples += len(event.pcm)
-                await self.queue.put(event)
+                await self.worker.put(event)
             if last:
-                await self.queue.put(None)
+                await self.worker.put(None)
                 return
 
     def _gate_stuck(self, now: float) -> str | None:

@@ -18,7 +18,7 @@ from .config import Config
 from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
-from .gate import Gate, UtteranceAudio
+from .gate import Gate
 from .streaming import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,7 @@ class LiveSession:
                 self.samples += len(item)
                 frames, close = self._frames.insert(item, now), False
             for event in await loop.run_in_executor(self._gate_thread, self._gate.feed, frames, close):
-                if isinstance(event, UtteranceAudio):
-                    self.worker.queued_samples += len(event.pcm)
-                await self._events.put(event)
+                await self.worker.put(event)
             if item is None:
-                await self._events.put(None)
+                await self.worker.put(None)
                 return

@@ -304,7 +304,7 @@ class AsrWorker:
         self._clock = clock
         self._stream: UtteranceStream | None = None
         self.queued_samples = 0
-        """Audio waiting in the queue, in samples (the gate driver adds, the worker subtracts)."""
+        """Audio waiting in the queue, in samples (put() adds, the worker subtracts)."""
         self.partials_skipped = 0
         self.finals = 0
         self.rtf = 0.0
@@ -329,6 +329,12 @@ class AsrWorker:
     def reconfigure(self, cfg: AsrConfig) -> None:
         """Use new beam sizes and partial interval from the next decode / utterance on."""
         self._cfg = cfg
+
+    async def put(self, event: GateEvent | None) -> None:
+        """Queue a gate event for the worker (None ends the stream), counting the audio that waits."""
+        if isinstance(event, UtteranceAudio):
+            self.queued_samples += len(event.pcm)
+        await self.queue.put(event)
 
     @property
     def lag(self) -> float:
