@@ -6,7 +6,7 @@ audio (as a microphone would if the decoder keeps up). Each recording is replaye
 configured, and as the naive baseline (each utterance decoded once at its end, beam 5, no context).
 Both are held against the whole recording decoded offline (faster-whisper's defaults, full window:
 what recording and transcribing afterwards gives; bench/corpora.py). Prints the recordings where
-streamed and naive differ, then the WER of each and their ratios, and the decode time spent.
+streamed and naive differ, then the WER of each and their ratios, and the CPU time each spent.
 
 tiny.en answers the same speech cut 5 samples later with other words, so --phases N replays every
 recording at N alignments of the gate's 30 ms frames and pools the words.
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -46,15 +47,10 @@ NAIVE = dict(partial_interval_s=30.0, early_final=False, carry_over_s=0.0)
 """The naive baseline: the same worker decoding each utterance only once it has ended, with no context."""
 
 
-class Counting(WhisperDecoder):
-    """The decoder, adding up the seconds its decodes take."""
-
-    spent = 0.0
-
-    def decode(self, *args, **kwargs):
-        t = super().decode(*args, **kwargs)
-        self.spent += t.decode_seconds
-        return t
+def cpu_seconds() -> float:
+    """CPU time this process has used, all its threads (the model's) included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray) -> str:
@@ -85,8 +81,7 @@ async def main() -> None:
     args = parser.parse_args()
     config = load(None, args.set)[0]
     modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
-    decoder = Counting(config.asr)
-    engine = Engine(decoder)
+    engine = Engine(WhisperDecoder(config.asr))
     await engine.load()
     whole = WholeReference(resolve_model(config.asr.model).target, config.asr.compute_type, config.asr.cpu_threads)
     recs: list[Recording] = [r for r in recordings(args.corpus, args.part) if (args.only or "") in r.id]
@@ -101,9 +96,9 @@ async def main() -> None:
             pcm = np.concatenate([shift, silence(1.0), rec.pcm, silence(1.0)])
             texts = {"whole": reference}
             for mode, asr in modes.items():
-                before = decoder.spent
+                before = cpu_seconds()
                 texts[mode] = await replay(engine, config, asr, pcm)
-                cost[mode] += decoder.spent - before
+                cost[mode] += cpu_seconds() - before
             for m in pairs:
                 pairs[m].append((rec.text, texts[m]))
             errors = {m: round(wer(rec.text, texts[m]) * len(normalize(rec.text))) for m in pairs}
@@ -117,7 +112,7 @@ async def main() -> None:
           f"{audio / args.phases:.0f} s, {words} words, {args.phases} alignment(s); "
           f"{' '.join(args.set) or 'defaults'}; {time.monotonic() - started:.0f} s")
     w = {m: corpus_wer(pairs[m]) for m in pairs}
-    print("| mode | WER | / whole recording | / naive | decode s per audio s |\n|---|---|---|---|---|")
+    print("| mode | WER | / whole recording | / naive | CPU s per audio s |\n|---|---|---|---|---|")
     for m in pairs:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
         print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")

@@ -210,7 +210,10 @@ class UtteranceStream:
         self.committed += hypothesis[:agreed]
         self._pending = hypothesis[agreed:]
         if covered - self.base > self._max_window:
-            if self.committed and timed and rest is not None:
+            if self.committed and timed and rest is not None and checked:
+                # Cut where a check places the words: a greedy partial's word times can be off by a
+                # word, and a cut there lost the audio of words not yet stable ("dial 500 to attempt
+                # an [... 20 words ...] internet" with greedy partials on a 2 s pad).
                 self._trim(timed)
             elif not self.committed and t.no_speech_prob > self._rules.max_no_speech:
                 # Noise the gate let through (music, a long rumble) with nothing stable to cut at: what
