@@ -21,7 +21,6 @@ from .rules import PUNCTUATION, WHISPER, TextRules, bare, doubtful, guessed, loo
 log = logging.getLogger(__name__)
 
 _PROMPT_CHARS = 200
-_SETTLE_S = 1.0  # a word becomes stable only once this much audio after it has been decoded
 _PAUSING_MS = 90
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
@@ -103,8 +102,9 @@ class UtteranceStream:
     """
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
-                 max_window_s: float = 1e9, rules: TextRules = WHISPER) -> None:
+                 max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0) -> None:
         self.utt = utt
+        self._settle_s = stable_after_s
         self._rules = rules
         self.start = start
         self._context = context
@@ -204,8 +204,8 @@ class UtteranceStream:
             # Whisper's own doubt: a guess made twice is still a guess (greedy partials said "I'm …"
             # or "I don't know" to breaths, p ~0.1), and once stable it is forced into the final.
             agreed = 0
-        if timed:  # and only words the decoder heard at least _SETTLE_S of audio after
-            settled = (covered - self.base) / SAMPLE_RATE - _SETTLE_S
+        if timed:  # and only words the decoder heard at least stable_after_s of audio after
+            settled = (covered - self.base) / SAMPLE_RATE - self._settle_s
             agreed = min(agreed, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
         self.committed += hypothesis[:agreed]
         self._pending = hypothesis[agreed:]
@@ -261,7 +261,7 @@ class UtteranceStream:
             flags.append("empty")
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
-        # Stable words are never cut: they end a second or more before the voiced end (_SETTLE_S).
+        # Stable words are never cut: they end asr.stable_after_s or more before the voiced end.
         n = len(t.words)
         cut = t.without(n - tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n)
         looped = loop([w.word for w in cut.words], rules)
@@ -428,7 +428,7 @@ class AsrWorker:
             recent = item.start - self._last_end <= self._cfg.carry_over_s * SAMPLE_RATE
             context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
-                                           self._cfg.max_window_s, self._engine.rules)
+                                           self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s)
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
