@@ -13,7 +13,8 @@ from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from captiond.rules import TINY_EN, looping
-from captiond.streaming import AsrWorker, UtteranceStream
+from captiond.streaming import UtteranceStream
+from captiond.worker import AsrWorker
 from conftest import CORPUS, FakeDecoder, clip, read_wav, silence, trimmed
 from wer import wer
 

@@ -24,7 +24,7 @@ from .health import Health, State, Watchdog, sd_notify
 from .reloader import Handoff
 from .server import Server
 from .session import LiveSession
-from .streaming import AsrWorker, gate_queue
+from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
 from .translog import LogWriter, TranscriptLog
 from .websocket import WebServer

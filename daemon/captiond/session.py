@@ -19,7 +19,7 @@ from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
 from .gate import Gate
-from .streaming import SESSION, AsrWorker, gate_queue
+from .worker import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,237 @@
+"""The ASR worker: takes gate events off a bounded queue, schedules decodes on the engine (finals
+first, partials when nothing waits, a final begun early at a pause) and publishes the events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import AsrConfig
+from .engine import SHORT, Engine, Transcript, Window
+from .events import Error, Event, Final, SpeechEnd, SpeechStart
+from .frames import FRAME_MS, SAMPLE_RATE
+from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
+from .streaming import UtteranceStream
+
+log = logging.getLogger(__name__)
+
+_RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
+_BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
+
+MIC, SESSION = 0, 1
+"""Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
+
+@dataclass(frozen=True)
+class _Speculation:
+    """A final's decode begun at a pause, before the gate closed the utterance."""
+
+    utt: int
+    voiced_end: int
+    audio_end: int
+    decode: asyncio.Task[Transcript]
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
+    """The bounded queue between a gate and its worker, sized by asr.queue_seconds of 30 ms frames."""
+    return asyncio.Queue(maxsize=max(16, round(cfg.queue_seconds * 1000 / FRAME_MS)))
+
+
+class AsrWorker:
+    """Async driver: takes gate events off a bounded queue, decodes on the engine thread, publishes events.
+
+    Finals come first: a partial is decoded only when the queue is empty, so a worker that
+    falls behind skips partials (counted) and never a final.
+    """
+
+    def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
+                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
+                 priority: int = MIC) -> None:
+        self._engine = engine
+        self._priority = priority
+        self._cfg = cfg
+        self.queue = queue
+        self._publish = publish
+        self._clock = clock
+        self._stream: UtteranceStream | None = None
+        self.queued_samples = 0
+        """Audio waiting in the queue, in samples (put() adds, the worker subtracts)."""
+        self.partials_skipped = 0
+        self.finals = 0
+        self.rtf = 0.0
+        """Decode seconds per audio second of recent finals (exponential average)."""
+        self.prompt = cfg.initial_prompt
+        """Context text given to the decoder before every utterance (names, jargon, spelling)."""
+        self.hotwords = cfg.hotwords
+        """Words the decoder should favour."""
+        self._last_text = ""
+        self._last_end = -(1 << 62)
+        self._speculation: _Speculation | None = None
+        self.waiting = False
+        """True while the worker waits for gate events (a replay feeds it at the pace it takes them)."""
+        self.speculations_used = 0
+        """Finals whose decode began at a pause, before the gate closed the utterance."""
+        self.speculations_wasted = 0
+        """Such decodes thrown away because speech went on."""
+        self.finals_bound = 0
+        """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
+        self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
+
+    def reconfigure(self, cfg: AsrConfig) -> None:
+        """Use new beam sizes and partial interval from the next decode / utterance on."""
+        self._cfg = cfg
+
+    async def put(self, event: GateEvent | None) -> None:
+        """Queue a gate event for the worker (None ends the stream), counting the audio that waits."""
+        if isinstance(event, UtteranceAudio):
+            self.queued_samples += len(event.pcm)
+        await self.queue.put(event)
+
+    @property
+    def lag(self) -> float:
+        """Seconds of speech audio waiting for the decoder."""
+        return self.queued_samples / SAMPLE_RATE
+
+    async def run(self) -> None:
+        """Consume gate events until the None that marks the end of the stream."""
+        try:
+            await self._run()
+        finally:
+            if self._speculation is not None:  # stopping: not a decode wasted on speech that went on
+                self._speculation.decode.cancel()
+                self._speculation = None
+
+    async def _run(self) -> None:
+        while True:
+            self.waiting = True
+            batch = [await self.queue.get()]
+            self.waiting = False
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for item in batch:
+                if item is None:
+                    return
+                await self._handle(item)
+            stream = self._stream
+            spec = self._speculation
+            if spec is not None and stream is not None and stream.start + stream.samples > spec.audio_end + _RESUMED:
+                self._discard(spec)  # speech went on after the pause; its decode is not the final
+                self._speculation = None
+            if (stream is not None and stream.partial_due() and self._speculation is None
+                    and stream.utt != self._partials_failed):
+                if self.queue.empty():
+                    covered = stream.samples
+                    check = stream.wants_check()
+                    # No temperature fallback for a partial: it would take seconds on hard audio, and
+                    # the final follows anyway. A check is decoded as the final will be; a greedy
+                    # partial only shows what is heard.
+                    try:
+                        t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
+                                               else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
+                                               prefix=stream.prefix, fallback=False, priority=self._priority + 2,
+                                               window=self._final_window if check else Window(self._cfg.partial_pad_s))
+                    except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
+                        self._partials_failed = stream.utt
+                        self._decode_failed(stream.utt, "partial", exc)
+                        continue
+                    partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
+                    if partial.text:
+                        self._publish(partial)
+                else:
+                    self.partials_skipped += 1
+
+    async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False) -> Transcript:
+        """The final's decode: free, as the naive decoder would hear the window; `bound` makes it begin
+        with the stable words, for when the free one does not (a prefix that already holds all that was
+        said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
+        return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
+                                  prompt=stream.prompt, prefix=stream.prefix if bound else "",
+                                  window=self._final_window, priority=self._priority,
+                                  fallback=self._cfg.temperature_fallback)
+
+    def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
+        log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
+        self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
+                                             "the daemon goes on with the next utterance"))
+
+    def _discard(self, spec: _Speculation | None) -> None:
+        if spec is not None:
+            spec.decode.cancel()
+            self.speculations_wasted += 1
+
+    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
+                      priority: int, fallback: bool, window: Window | None) -> Transcript:
+        return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                                         hotwords=self.hotwords or None, prefix=prefix or None,
+                                         fallback=fallback, window=window, priority=priority)
+
+    @property
+    def _final_window(self) -> Window | None:
+        return SHORT if self._cfg.short_window else None
+
+    async def _handle(self, item: GateEvent) -> None:
+        if isinstance(item, UtteranceStart):
+            # Carry the previous final over as context only across a short pause: conditioning on
+            # old text across silence is how Whisper streamers repeat themselves.
+            recent = item.start - self._last_end <= self._cfg.carry_over_s * SAMPLE_RATE
+            context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
+            self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
+                                           self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s)
+            self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
+        elif isinstance(item, UtteranceAudio):
+            self.queued_samples -= len(item.pcm)
+            if self._stream is not None and self._stream.utt == item.utt:
+                self._stream.insert(item)
+        elif isinstance(item, UtterancePause):
+            # Start the final's decode while the gate waits out the rest of its hangover; if the
+            # utterance does end here the decode is already done or under way. Not when behind.
+            stream = self._stream
+            if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
+                self._discard(self._speculation)
+                decode = asyncio.get_running_loop().create_task(self._final_decode(stream, item.audio_end),
+                                                                name=f"speculative-final-{item.utt}")
+                decode.add_done_callback(_log_failure)
+                self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, decode)
+        elif isinstance(item, UtteranceEnd):
+            stream, self._stream = self._stream, None
+            if stream is None or stream.utt != item.utt:
+                return
+            self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
+            spec, self._speculation = self._speculation, None
+            try:
+                if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
+                    self.speculations_used += 1
+                    log.debug("utterance %d ended at its pause; final decode %s", item.utt,
+                              "already done" if spec.decode.done() else "under way")
+                    t = await spec.decode
+                else:
+                    log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
+                              "none" if spec is None else "speech went on")
+                    self._discard(spec)
+                    t = await self._final_decode(stream, item.audio_end)
+                if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
+                    self.finals_bound += 1
+                    t = await self._final_decode(stream, item.audio_end, bound=True)
+            except Exception as exc:  # a decode that raises costs this one utterance, never the worker
+                self._decode_failed(item.utt, "final", exc)
+                self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
+                                    max(0.0, self._clock() - item.voiced_captured), ("error",)))
+                return
+            if t.audio_seconds > 0:
+                ratio = t.decode_seconds / t.audio_seconds
+                self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
+            self.finals += 1
+            final = stream.final(t, item, max(0.0, self._clock() - item.voiced_captured))
+            if final.text and not {"possible_hallucination", "repetition"} & set(final.flags):
+                self._last_text, self._last_end = final.text, item.end
+            self._publish(final)
