@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup system-deps demo test test-fast docs bench bench-heldout soak clean
+.PHONY: help setup system-deps demo test test-fast docs bench bench-continuous replay bench-heldout soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
@@ -13,6 +13,8 @@ help:
 	@echo "make test-fast  the suite without the slow model/microphone tests"
 	@echo "make docs       regenerate docs/configuration.md from the config dataclasses"
 	@echo "make bench      streaming benchmark through the virtual microphone, with a naive baseline (prints a table)"
+	@echo "make bench-continuous  the same on continuous speech (the held-out part), against the whole recordings decoded offline"
+	@echo "make replay     continuous speech replayed through the gate and worker, no microphone: WER and CPU (tune and held-out parts)"
 	@echo "make bench-heldout  the same on speech nothing was tuned on (bench/heldout; alsa-utils' voice if installed)"
 	@echo "make soak       replay speech into one daemon for an hour; RSS and latency drift"
 
@@ -41,6 +43,13 @@ docs: setup
 
 bench: setup
 	$(PY) bench/session.py
+
+bench-continuous: setup
+	$(PY) bench/session.py --corpus continuous --part heldout --clips 46 --phases 2
+
+replay: setup
+	$(PY) bench/replay.py --corpus continuous --part tune --quiet
+	$(PY) bench/replay.py --corpus continuous --part heldout --quiet
 
 bench-heldout: setup
 	$(PY) bench/session.py --verbose --audio-dir bench/heldout/librispeech \
