@@ -353,7 +353,7 @@ class WyomingServer:
         """Space every open transcription's partials by asr.partial_interval_s times the number open.
 
         Each partial decodes its whole utterance again, and the sessions share one model thread: with
-        four at once on 2 busy CPUs, finals waited behind partials (bench/wyoming.py: audio-stop ->
+        four at once on 2 busy CPUs, finals waited behind partials (bench/wyoming_bench.py: audio-stop ->
         transcript p50 0.56 and 0.87 s; spaced so, 0.49 s). Takes effect from each session's next utterance.
         """
         asr = self._asr()

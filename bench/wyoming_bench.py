@@ -7,7 +7,7 @@ Measured per server, with 1 and with 4 clients at once (the clips shared out bet
 audio-stop -> transcript p50/p95, WER against the corpus references, and the server's CPU seconds per
 second of audio sent. The servers take turns; the idle one uses no CPU.
 
-    .venv/bin/python bench/wyoming.py [--clips N] [--wfw-venv /tmp/captiond-wfw] [--set section.key=value ...]
+    .venv/bin/python bench/wyoming_bench.py [--clips N] [--wfw-venv /tmp/captiond-wfw] [--set section.key=value ...]
 
 wyoming-faster-whisper is installed from PyPI into --wfw-venv (once, with pip) and started by the
 bench on the bundled tiny.en folder, with captiond's decode settings (int8, beam 5, 2 threads, en).
@@ -30,9 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# This file's name is the package's: bench/ goes last, so `import wyoming` finds the package.
-sys.path = [str(ROOT / "tests"), str(ROOT / "scripts"), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"),
-            str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from wyoming.asr import Transcribe, Transcript  # noqa: E402
