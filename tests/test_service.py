@@ -44,6 +44,8 @@ def test_pause_stops_listening_until_resume(tmp_path):
     events.wait_for(lambda e: e["type"] == "status" and e["state"] == "listening" and e["seq"] > reply["seq"])
     h.say(SPEECH)
     h.end()
+    # The daemon has stopped, but this client may not have read its last events yet (seen under load).
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
     finals = events.of("final")
     assert [f["utt"] for f in finals] == [1, 2]
     assert finals[1]["start"] > (2 * len(SPEECH)) / 16000, "the second final is the speech after resume"

@@ -224,6 +224,8 @@ def _heard(segments: list[Any], seconds: float, rules: TextRules) -> tuple[list[
     found = [Segment(float(seg.start), float(seg.end), seg.text.strip(), _words(seg.words or ())) for seg in segments]
     words = [w for seg in found for w in seg.words]
     drop = unheard(words, seconds, rules)
+    if not drop:  # decodes without word times among them
+        return found, ()
     return kept(found, len(words) - drop), tuple(w.word for w in words[len(words) - drop:])
 
 
