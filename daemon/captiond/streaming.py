@@ -162,9 +162,14 @@ class UtteranceStream:
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
         rest = _after(" ".join(self.committed), " ".join(said))
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
-        hypothesis = [w for w in rest.split() if _letters(w)] if rest is not None else said
+        # A check is decoded free, as the final is: when it does not begin with the stable words it
+        # changes nothing (the final will be bound to them).
+        hypothesis = [w for w in rest.split() if _letters(w)] if rest is not None else list(self._pending)
         skip = len(said) - len(hypothesis)
-        agreed = _agreed(self._pending, hypothesis[:-1]) if checked else 0
+        looped = loop(hypothesis, self._rules)
+        if looped:  # a loop's repeats are never shown or made stable ("Hello. Hello. Hello. …")
+            hypothesis = hypothesis[:looped[0]]
+        agreed = _agreed(self._pending, hypothesis[:-1]) if checked and rest is not None else 0
         if t.no_speech_prob > self._rules.max_no_speech:
             # Whisper doubts there is speech at all ("You" on a noise burst): show nothing new, and make
             # nothing stable, which would force it into the final past the no-speech check there.
@@ -180,9 +185,10 @@ class UtteranceStream:
         self._pending = hypothesis[agreed:]
         if covered - self.base > self._max_window:
             if self.committed and timed and rest is not None and checked:
-                # Cut where a check places the words: a greedy partial's word times can be off by a
-                # word, and a cut there lost the audio of words not yet stable ("dial 500 to attempt
-                # an [... 20 words ...] internet" with greedy partials on a 2 s pad).
+                # Cut where a free check places the words: a greedy partial's word times can be off by
+                # a word, and a decode made to begin with wrong stable words stretches them over speech
+                # nobody transcribed; cuts there lost the audio of words not yet stable ("dial 500 to
+                # attempt an [20 words] internet"; "I needed to die. [19 words] Chicago also").
                 self._trim(timed)
             elif not self.committed and t.no_speech_prob > self._rules.max_no_speech:
                 # Noise the gate let through (music, a long rumble) with nothing stable to cut at: what
