@@ -512,3 +512,15 @@ def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_i
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
     assert stable and final.text.startswith(stable)  # never retracted
     assert worker.finals_bound == 1 and decoder.prefixes[-2] is None and decoder.prefixes[-1] == stable.rstrip(".")
+
+
+def test_a_loop_in_partials_is_never_made_stable_and_a_disagreeing_check_changes_nothing():
+    stream = UtteranceStream(1, 0, 0.5, rules=TINY_EN)
+    looping_text = _transcript(_timed("Hello. " * 7 + "I didn't know you were there."))
+    stream.partial(looping_text, 5 * SAMPLE_RATE, checked=False)
+    p = stream.partial(looping_text, 6 * SAMPLE_RATE, checked=True)
+    assert stream.stable == "" and p.text == "Hello."  # one saying, shown; the loop is neither
+    stream.partial(_transcript(_timed("Hello. I didn't know")), 7 * SAMPLE_RATE, checked=True)
+    assert stream.stable == "Hello."
+    p = stream.partial(_transcript(_timed("Oh, hello. I didn't know you")), 8 * SAMPLE_RATE, checked=True)
+    assert stream.stable == "Hello." and p.text == "Hello. I didn't know"  # does not begin with it: nothing changes
