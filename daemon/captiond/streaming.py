@@ -142,8 +142,11 @@ class UtteranceStream:
         return int16_to_float(pcm)
 
     def wants_check(self) -> bool:
-        """True when the next partial should be decoded as the final would be (its beam): there are
-        words waiting to become stable, and _CHECK_EVERY greedy partials have come since the last check."""
+        """True when the next partial should be decoded as the final would be: there are words waiting
+        to become stable and _CHECK_EVERY greedy partials have come since the last check, or the
+        window is past asr.max_window_s (it is cut only where a check places the words)."""
+        if self._samples - self.base > self._max_window:
+            return True
         return bool(self._pending) and self._greedy_since_check >= _CHECK_EVERY
 
     def partial(self, t: Transcript, covered: int, checked: bool = True) -> Partial:
