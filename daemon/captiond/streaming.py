@@ -127,12 +127,10 @@ class UtteranceStream:
         self._samples += len(audio.pcm)
         self._unvoiced_ms = audio.unvoiced_ms
 
-    def partial_due(self, min_gap: int = 0) -> bool:
-        """True when the partial interval's audio (at least `min_gap` samples) has come since the
-        last partial, and speech is not pausing: a pause brings no new words, and a partial decode
-        begun there would delay the final's."""
-        return (self._samples - self._decoded_at >= max(self._interval, min_gap)
-                and self._unvoiced_ms < _PAUSING_MS)
+    def partial_due(self) -> bool:
+        """True when enough new audio has come since the last partial, and speech is not pausing:
+        a pause brings no new words, and a partial decode begun there would delay the final's."""
+        return self._samples - self._decoded_at >= self._interval and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:
         """The window's audio as float32, up to stream sample `until` when given."""

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 _RESUMED = SAMPLE_RATE // 2  # audio past a pause's audio_end with no end of utterance: speech went on
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
-_PARTIAL_SHARE = 0.5  # partials may keep the decoder busy this share of the time: their gap follows their cost
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
@@ -78,7 +77,6 @@ class AsrWorker:
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
-        self._partial_cost = 0.0  # seconds a partial decode takes (exponential average)
         self.waiting = False
         """True while the worker waits for gate events (a replay feeds it at the pace it takes them)."""
         self.speculations_used = 0
@@ -129,11 +127,7 @@ class AsrWorker:
             if spec is not None and stream is not None and stream.start + stream.samples > spec.audio_end + _RESUMED:
                 self._discard(spec)  # speech went on after the pause; its decode is not the final
                 self._speculation = None
-            # Slow partials (a long window, a bigger model, a busy machine) come less often, so the
-            # decoder keeps time for finals: live on continuous speech, partials every 0.4 s of audio
-            # at ~0.3-0.8 s each left 5 s of speech waiting and a final p95 of 3.7 s.
-            gap = round(self._partial_cost / _PARTIAL_SHARE * SAMPLE_RATE)
-            if (stream is not None and stream.partial_due(gap) and self._speculation is None
+            if (stream is not None and stream.partial_due() and self._speculation is None
                     and stream.utt != self._partials_failed):
                 if self.queue.empty():
                     covered = stream.samples
@@ -151,7 +145,6 @@ class AsrWorker:
                         self._partials_failed = stream.utt
                         self._decode_failed(stream.utt, "partial", exc)
                         continue
-                    self._partial_cost = 0.7 * self._partial_cost + 0.3 * t.decode_seconds
                     partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
                     if partial.text:
                         self._publish(partial)
