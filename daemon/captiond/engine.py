@@ -63,7 +63,7 @@ class Transcript:
         words = self.words
         if end <= first:
             return self
-        head, tail = kept(self.segments, first), [w for w in words[end:]]
+        head, tail = kept(self.segments, first), list(words[end:])
         segments = (*head, Segment(tail[0].start, tail[-1].end, " ".join(w.word for w in tail), tuple(tail))) \
             if tail else tuple(head)
         dropped = tuple(w.word for w in words[first:end])

@@ -165,8 +165,8 @@ class UtteranceStream:
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
         rest = _after(" ".join(self.committed), " ".join(said))
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
-        # A check is decoded free, as the final is: when it does not begin with the stable words it
-        # changes nothing (the final will be bound to them).
+        # A decode that does not begin with the stable words changes nothing (the final will be bound
+        # to them).
         hypothesis = [w for w in rest.split() if _letters(w)] if rest is not None else list(self._pending)
         skip = len(said) - len(hypothesis)
         looped = loop(hypothesis, self._rules)
