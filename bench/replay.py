@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray) -> str:
-    """The recording's finals, joined, as a worker with `asr` publishes them."""
+async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray, decodes: Counter[str]) -> str:
+    """The recording's finals, joined, as a worker with `asr` publishes them; adds its decodes by kind
+    (and their seconds, as "KIND s") to `decodes`."""
     finals: list[Final] = []
     queue = gate_queue(asr)
     worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None)
@@ -65,6 +67,9 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
             await asyncio.sleep(0.001)
     await worker.put(None)
     await task
+    decodes.update(worker.decodes)
+    decodes.update({f"{k} s": v for k, v in worker.decode_seconds.items()})
+    decodes.update(speculations_wasted=worker.speculations_wasted)
     return " ".join(f.text for f in finals if f.text)
 
 
@@ -88,6 +93,7 @@ async def main() -> None:
     recs = recs[: args.clips or None]
     pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in (*modes, "whole")}
     cost = dict.fromkeys(modes, 0.0)
+    decodes: dict[str, Counter[str]] = {m: Counter() for m in modes}
     started = time.monotonic()
     for rec in recs:
         reference = whole.text(rec)
@@ -97,7 +103,7 @@ async def main() -> None:
             texts = {"whole": reference}
             for mode, asr in modes.items():
                 before = cpu_seconds()
-                texts[mode] = await replay(engine, config, asr, pcm)
+                texts[mode] = await replay(engine, config, asr, pcm, decodes[mode])
                 cost[mode] += cpu_seconds() - before
             for m in pairs:
                 pairs[m].append((rec.text, texts[m]))
@@ -116,6 +122,12 @@ async def main() -> None:
     for m in pairs:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
         print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")
+    kinds = ("partial", "check", "speculation", "final", "bound")
+    print("\n| mode | " + " | ".join(kinds) + " | speculations wasted |\n|---" * 1 + "|---" * (len(kinds) + 1) + "|")
+    for m in modes:
+        d = decodes[m]
+        print(f"| {m} | " + " | ".join(f"{d[k]} ({d[k + ' s'] / audio:.3f} s/s)" for k in kinds)
+              + f" | {d['speculations_wasted']} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,6 +87,10 @@ class AsrWorker:
         self.finals_bound = 0
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
         self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
+        self.decodes: Counter[str] = Counter()
+        """Decodes finished, by kind: partial, check, final, bound (a final decoded again), speculation."""
+        self.decode_seconds: Counter[str] = Counter()
+        """Seconds the model spent on them, by kind."""
 
     def reconfigure(self, cfg: AsrConfig) -> None:
         """Use new beam sizes and partial interval from the next decode / utterance on."""
@@ -137,9 +142,9 @@ class AsrWorker:
                     # are made to begin with the stable words (free checks left the window uncut when
                     # they disagreed with them: an e2e utterance of 19.5 s was never cut to 8 s).
                     try:
-                        t = await self._decode(stream.audio(), beam_size=self._cfg.beam_size if check
-                                               else self._cfg.partial_beam_size, words=True, prompt=stream.prompt,
-                                               prefix=stream.prefix, fallback=False,
+                        t = await self._decode("check" if check else "partial", stream.audio(),
+                                               beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
+                                               words=True, prompt=stream.prompt, prefix=stream.prefix, fallback=False,
                                                priority=self._priority + 2,
                                                window=self._final_window if check else Window(self._cfg.partial_pad_s))
                     except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
@@ -152,13 +157,14 @@ class AsrWorker:
                 else:
                     self.partials_skipped += 1
 
-    async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False) -> Transcript:
+    async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
+                            kind: str = "final") -> Transcript:
         """The final's decode: free, as the naive decoder would hear the window; `bound` makes it begin
         with the stable words, for when the free one does not (a prefix that already holds all that was
         said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
-        return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
-                                  prompt=stream.prompt, prefix=stream.prefix if bound else "",
-                                  window=self._final_window, priority=self._priority,
+        return await self._decode("bound" if bound else kind, stream.audio(until=audio_end),
+                                  beam_size=self._cfg.beam_size, words=True, prompt=stream.prompt,
+                                  prefix=stream.prefix if bound else "", window=self._final_window, priority=self._priority,
                                   fallback=self._cfg.temperature_fallback)
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
@@ -171,11 +177,18 @@ class AsrWorker:
             spec.decode.cancel()
             self.speculations_wasted += 1
 
-    async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int, fallback: bool, window: Window | None) -> Transcript:
-        return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                         hotwords=self.hotwords or None, prefix=prefix or None,
-                                         fallback=fallback, window=window, priority=priority)
+    async def _decode(self, kind: str, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
+                      prefix: str, priority: int, fallback: bool, window: Window | None) -> Transcript:
+        asked = self._clock()
+        t = await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                                      hotwords=self.hotwords or None, prefix=prefix or None,
+                                      fallback=fallback, window=window, priority=priority)
+        self.decodes[kind] += 1
+        self.decode_seconds[kind] += t.decode_seconds
+        # What a final's latency is made of: the wait for the model thread, then the decode itself.
+        log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds, beam_size,
+                  ", bound" if prefix else "", self._clock() - asked - t.decode_seconds, t.decode_seconds)
+        return t
 
     @property
     def _final_window(self) -> Window | None:
@@ -200,8 +213,8 @@ class AsrWorker:
             stream = self._stream
             if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
                 self._discard(self._speculation)
-                decode = asyncio.get_running_loop().create_task(self._final_decode(stream, item.audio_end),
-                                                                name=f"speculative-final-{item.utt}")
+                decode = asyncio.get_running_loop().create_task(
+                    self._final_decode(stream, item.audio_end, kind="speculation"), name=f"speculative-final-{item.utt}")
                 decode.add_done_callback(_log_failure)
                 self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, decode)
         elif isinstance(item, UtteranceEnd):
