@@ -1,5 +1,6 @@
 import asyncio
 import time
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,13 +11,15 @@ import pytest
 from captiond.config import AsrConfig
 from captiond.engine import Engine, Segment, Transcript, WhisperDecoder
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
-from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE
+from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from captiond.rules import TINY_EN, looping
 from captiond.streaming import UtteranceStream
 from captiond.worker import AsrWorker
 from conftest import CORPUS, FakeDecoder, clip, read_wav, silence, trimmed
 from wer import wer
+
+SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "captiond" / "samples" / "demo.wav"
 
 
 def utterance(utt, start, seconds, captured=0.0):
@@ -471,6 +474,57 @@ def test_improbable_words_run_on_past_the_last_voiced_frame_are_cut_from_the_fin
     assert stream.final(_transcript(inside), late, 0.1).text == "or 8 for more options. now."
     # the rules fitted to tiny.en are off for other models
     assert UtteranceStream(1, 0, 0.4).final(_transcript(words), end, 0.1).text == "or 8 for more options. as."
+
+
+def test_the_tail_rule_never_cuts_a_stable_word():
+    # Had it cut "options." the final would have said the stable words, then the whole decode again.
+    stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
+    stream.committed = "or 8 for more options.".split()
+    words = (*_timed("or 8 for more"), Word("options.", 1.5, 1.7, 0.06))
+    end = UtteranceEnd(1, round(1.6 * SAMPLE_RATE), round(1.8 * SAMPLE_RATE), "silence", 0.0)
+    assert stream.final(_transcript(words), end, 0.1).text == "or 8 for more options."
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The bundled model, loaded once for this file's real-model tests."""
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    return decoder
+
+
+@pytest.mark.slow
+def test_a_final_bound_to_stable_words_says_them_once_with_the_real_model(tiny):
+    # The sample's first 6 s with a second of silence: decoded bound to all it says, tiny.en ends on an
+    # improbable "happened." at the voiced end, which the tail rule used to cut, doubling the final.
+    pcm = read_wav(SAMPLE)[:6 * SAMPLE_RATE]
+    audio = int16_to_float(np.concatenate([pcm, silence(1.0)]))
+    decoder = tiny
+    said = decoder.decode(audio, beam_size=5, words=True).text
+    stream = UtteranceStream(1, 0, 0.4, rules=decoder.rules)
+    stream.committed = said.split()
+    bound = decoder.decode(audio, beam_size=5, words=True, prefix=stream.prefix)
+    final = stream.final(bound, UtteranceEnd(1, len(pcm), len(audio), "silence", 0.0), 0.1)
+    letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
+    assert letters(final.text).startswith(letters(said)) and len(letters(final.text)) < 1.3 * len(letters(said)), \
+        (said, final.text)
+
+
+@pytest.mark.slow
+def test_a_decode_that_loops_reaches_no_final_with_the_real_model(tiny):
+    # 48 s (two of Whisper's windows) decoded bound to all the sample says: tiny.en goes on
+    # "Thank you. Thank you. Bye bye. Bye bye. …" to the end of the first window.
+    pcm = read_wav(SAMPLE)
+    audio = int16_to_float(np.concatenate([pcm, silence(3.0)]))
+    decoder = tiny
+    said = decoder.decode(audio, beam_size=5, words=True).text
+    looped = decoder.decode(audio, beam_size=5, words=True, prefix=said)
+    assert looping(looped.text.split(), decoder.rules), looped.text  # the real model really loops here
+    stream = UtteranceStream(1, 0, 0.4, rules=decoder.rules)
+    stream.committed = said.split()
+    final = stream.final(looped, UtteranceEnd(1, len(pcm), len(audio), "silence", 0.0), 0.1)
+    assert not looping(final.text.split(), decoder.rules) and final.text.lower().count("bye") <= 2, final.text
+    assert "repetition" in final.flags
 
 
 def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():

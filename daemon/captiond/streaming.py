@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Sequence
 
 import numpy as np
 
@@ -54,6 +55,17 @@ def _after(stable: str, text: str) -> str | None:
 
 def _letters(word: str) -> int:
     return sum(c.isalnum() for c in word)
+
+
+def _holding(words: Sequence[Word], stable: list[str]) -> int:
+    """How many of a decode's first words it takes to say the stable words (the decoder may split
+    or join words otherwise than they were made stable: "flower-fattened")."""
+    need, have = sum(_letters(w) for w in stable), 0
+    for i, w in enumerate(words):
+        if have >= need:
+            return i
+        have += _letters(w.word)
+    return len(words)
 
 
 class UtteranceStream:
@@ -239,11 +251,13 @@ class UtteranceStream:
             flags.append("empty")
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
-        # Stable words are never cut: they end asr.stable_after_s or more before the voiced end.
-        n = len(t.words)
-        cut = t.without(n - tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n)
+        # Stable words are never cut (the final must begin with them): had the tail rule cut the last
+        # one, the final would have said the stable words and then the whole decode again.
+        n, held = len(t.words), _holding(t.words, self.committed)
+        tail = min(tail_guesses(t.words, (end.end - self.start - self.base) / SAMPLE_RATE, rules), n - held)
+        cut = t.without(n - tail, n)
         looped = loop([w.word for w in cut.words], rules)
-        if looped and looped[0] < len(self.committed):
+        if looped and looped[0] < held:
             looped = None
         if looped or looping([*t.text.split(), *t.unheard], rules):
             flags.append("repetition")
