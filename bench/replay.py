@@ -44,7 +44,7 @@ from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
 from captiond.gate import Gate  # noqa: E402
 from captiond.worker import AsrWorker, gate_queue  # noqa: E402
 
-NAIVE = dict(partial_interval_s=30.0, early_final=False, carry_over_s=0.0)
+NAIVE = dict(partials=False, early_final=False, carry_over_s=0.0)
 """The naive baseline: the same worker decoding each utterance only once it has ended, with no context."""
 
 

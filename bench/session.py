@@ -181,7 +181,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-NAIVE = ["asr.partial_interval_s=30", "asr.early_final=false", "asr.carry_over_s=0"]
+NAIVE = ["asr.partials=false", "asr.early_final=false", "asr.carry_over_s=0"]
 """The naive baseline: the same daemon decoding each utterance only once it has ended, with no context."""
 
 

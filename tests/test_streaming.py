@@ -49,6 +49,17 @@ def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.
     return asyncio.run(main()), published
 
 
+def test_with_partials_off_each_utterance_is_decoded_once_at_its_end():
+    async def feed(queue, worker):
+        for item in utterance(1, 16000, 3.0):
+            await queue.put(item)
+            await asyncio.sleep(0.001)
+
+    worker, events = run_worker(FakeDecoder(), feed, cfg=AsrConfig(partials=False, early_final=False))
+    assert [type(e) for e in events] == [SpeechStart, SpeechEnd, Final] and events[-1].text
+    assert dict(worker.decodes) == {"final": 1}
+
+
 def test_partials_then_speech_end_then_final_with_stream_times():
     decoder = FakeDecoder()
 

@@ -108,6 +108,8 @@ class AsrConfig:
     """Encode finals, files and the partials that make words stable with 7 s of silence after the audio (10 s at least) instead of Whisper's full 30 s window: ~3x faster."""
     partial_pad_s: float = 7.0
     """Silence after the audio that greedy partials encode (never the full window), in seconds: less is faster, rougher."""
+    partials: bool = True
+    """Decode partials while someone speaks; false: finals only, each utterance decoded once at its end (least CPU)."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
     stable_after_s: float = 1.0

@@ -132,7 +132,7 @@ class AsrWorker:
             if spec is not None and stream is not None and stream.start + stream.samples > spec.audio_end + _RESUMED:
                 self._discard(spec)  # speech went on after the pause; its decode is not the final
                 self._speculation = None
-            if (stream is not None and stream.partial_due() and self._speculation is None
+            if (self._cfg.partials and stream is not None and stream.partial_due() and self._speculation is None
                     and stream.utt != self._partials_failed):
                 if self.queue.empty():
                     covered = stream.samples
