@@ -151,7 +151,7 @@ def test_a_final_whisper_hears_no_speech_in_and_is_unsure_of_is_withheld_not_pub
 
     def final(t, stable=()):
         stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
-        stream.committed = list(stable)
+        stream.words.committed = list(stable)
         return stream.final(t, UtteranceEnd(1, 16000, 16000, "silence", 0.0), 0.1)
 
     withheld = final(transcript(0.009))  # tiny.en on a noise burst, as logged by the daemon
@@ -295,7 +295,7 @@ def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
     # Held-out LibriSpeech: stable "... peppered, flower", final "... peppered, flower-fattened sauce."
     # used to be published as the stable words followed by the whole final again.
     stream = UtteranceStream(1, 0, 0.5)
-    stream.committed = "in thick, peppered, flower".split()
+    stream.words.committed = "in thick, peppered, flower".split()
     said = "In thick, peppered, flower-fattened sauce."
     t = Transcript(said, (Segment(0.0, 3.0, said, ()),), "en", -0.2, 1.2, 0.01, 3.0, 0.0)
     assert stream.keeps_stable(t)
@@ -309,7 +309,7 @@ def test_a_sentence_end_after_the_stable_words_is_not_given_to_the_decoder():
     # Dev corpus mfa_surround: with prefix "... very bad aligner." tiny.en stopped there, and
     # "but what are you gonna do" was lost from every later partial and from the final.
     stream = UtteranceStream(1, 0, 0.5)
-    stream.committed = "This one is going to be forced very bad aligner.".split()
+    stream.words.committed = "This one is going to be forced very bad aligner.".split()
     assert stream.prefix == "This one is going to be forced very bad aligner"
     said = "This one is going to be forced, very bad aligner, but what are you going to do?"
     t = Transcript(said, (Segment(0.0, 5.0, said, ()),), "en", -0.2, 1.2, 0.01, 5.0, 0.0)
@@ -341,7 +341,7 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
         def decode(self, audio, *, beam_size, words, prompt=None, prefix=None, **_):
             self.calls.append((len(audio), beam_size, words, prompt))
             self.prefixes.append(prefix)
-            begin, end = stream.base / SAMPLE_RATE, stream.base / SAMPLE_RATE + len(audio) / SAMPLE_RATE
+            begin, end = stream.window.base / SAMPLE_RATE, stream.window.base / SAMPLE_RATE + len(audio) / SAMPLE_RATE
             heard = [Word(w, 0.5 * i - begin, 0.5 * i + 0.4 - begin, 0.9)
                      for i, w in enumerate(said) if begin <= 0.5 * i and 0.5 * i + 0.4 <= end]
             text = " ".join(w.word for w in heard)
@@ -360,7 +360,7 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
         assert partial.text == f"{partial.stable} {partial.unstable}".strip()
         published = partial.stable.split()
     windows = [n / SAMPLE_RATE for n, *_ in decoder.calls]
-    assert max(windows) <= 10.4 and stream.base > 0
+    assert max(windows) <= 10.4 and stream.window.base > 0
     cut_off = stream.stable[:len(stream.stable) - len(stream.prefix)].strip()  # stable words no longer heard
     assert cut_off and stream.prompt == f"Reading aloud. {cut_off}"[-200:]  # they are the decoder's context
     t = decoder.decode(stream.audio(), beam_size=5, words=True, prompt=stream.prompt, prefix=stream.prefix)
@@ -391,7 +391,7 @@ def test_a_long_stretch_whisper_hears_no_speech_in_is_not_kept_past_the_window()
         p = stream.partial(decoder.decode(stream.audio(), beam_size=1, words=False, prefix=stream.prefix),
                            stream.samples)
         assert p.text == ""
-    assert max(n for n, *_ in decoder.calls) <= 10.4 * SAMPLE_RATE and stream.base >= 30 * SAMPLE_RATE
+    assert max(n for n, *_ in decoder.calls) <= 10.4 * SAMPLE_RATE and stream.window.base >= 30 * SAMPLE_RATE
     stream.insert(UtteranceAudio(1, np.full(SAMPLE_RATE, 7, np.int16), 0))  # then someone speaks
     assert len(stream.audio()) < 11 * SAMPLE_RATE and stream.audio()[-1] > 0
 
@@ -416,7 +416,7 @@ def test_final_begun_before_late_stable_words_is_decoded_again():
             await queue.put(item)
         await queue.put(pause_before(items[-1]))
         await asyncio.sleep(0.1)  # the speculative decode is done, with no stable words yet
-        worker._stream.committed = "the cat sat on the".split()  # as a partial in the hangover would
+        worker._stream.words.committed = "the cat sat on the".split()  # as a partial in the hangover would
         await queue.put(items[-1])
 
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
@@ -490,7 +490,7 @@ def test_improbable_words_run_on_past_the_last_voiced_frame_are_cut_from_the_fin
 def test_the_tail_rule_never_cuts_a_stable_word():
     # Had it cut "options." the final would have said the stable words, then the whole decode again.
     stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
-    stream.committed = "or 8 for more options.".split()
+    stream.words.committed = "or 8 for more options.".split()
     words = (*_timed("or 8 for more"), Word("options.", 1.5, 1.7, 0.06))
     end = UtteranceEnd(1, round(1.6 * SAMPLE_RATE), round(1.8 * SAMPLE_RATE), "silence", 0.0)
     assert stream.final(_transcript(words), end, 0.1).text == "or 8 for more options."
@@ -513,7 +513,7 @@ def test_a_final_bound_to_stable_words_says_them_once_with_the_real_model(tiny):
     decoder = tiny
     said = decoder.decode(audio, beam_size=5, words=True).text
     stream = UtteranceStream(1, 0, 0.4, rules=decoder.rules)
-    stream.committed = said.split()
+    stream.words.committed = said.split()
     bound = decoder.decode(audio, beam_size=5, words=True, prefix=stream.prefix)
     final = stream.final(bound, UtteranceEnd(1, len(pcm), len(audio), "silence", 0.0), 0.1)
     letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
@@ -532,7 +532,7 @@ def test_a_decode_that_loops_reaches_no_final_with_the_real_model(tiny):
     looped = decoder.decode(audio, beam_size=5, words=True, prefix=said)
     assert looping(looped.text.split(), decoder.rules), looped.text  # the real model really loops here
     stream = UtteranceStream(1, 0, 0.4, rules=decoder.rules)
-    stream.committed = said.split()
+    stream.words.committed = said.split()
     final = stream.final(looped, UtteranceEnd(1, len(pcm), len(audio), "silence", 0.0), 0.1)
     assert not looping(final.text.split(), decoder.rules) and final.text.lower().count("bye") <= 2, final.text
     assert "repetition" in final.flags

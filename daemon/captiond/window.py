@@ -1,0 +1,48 @@
+"""The open utterance's audio window: what its decodes hear, cut at the front as speech goes on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .frames import SAMPLE_RATE, int16_to_float
+
+
+class AudioWindow:
+    """The utterance's audio from `base` on; `start` and sample numbers are in stream samples."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self._chunks: list[np.ndarray] = []
+        self.samples = 0
+        """Samples of the utterance received so far."""
+        self.base = 0
+        """Samples cut off the front of the utterance: decodes hear its audio from here on."""
+
+    @property
+    def length(self) -> int:
+        """Samples in the window now."""
+        return self.samples - self.base
+
+    @property
+    def offset(self) -> float:
+        """Seconds from the utterance's start to the window's."""
+        return self.base / SAMPLE_RATE
+
+    def insert(self, pcm: np.ndarray) -> None:
+        """Append the next int16 samples of the utterance."""
+        self._chunks.append(pcm)
+        self.samples += len(pcm)
+
+    def audio(self, until: int | None = None) -> np.ndarray:
+        """The window's audio as float32, up to stream sample `until` when given."""
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        pcm = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.int16)
+        if until is not None:
+            pcm = pcm[:max(0, until - self.start - self.base)]
+        return int16_to_float(pcm)
+
+    def cut(self, samples: int) -> None:
+        """Drop the window's first `samples`."""
+        self.base += samples
+        self._chunks = [np.concatenate(self._chunks)[samples:]] if self._chunks else []
