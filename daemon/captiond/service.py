@@ -15,13 +15,13 @@ from typing import Any, Callable, Coroutine
 from . import __version__
 from . import reloader
 from .capture import Capture, CaptureError, Source, portaudio_settled
-from .config import Config, ConfigError, GateConfig, log_path
+from .commands import Commands
+from .config import Config, ConfigError, log_path
 from .engine import Engine
-from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
-from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
-from .gate import Gate, GateEvent
+from .events import Error, Event, Final, Hello, Stats, Status
+from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
+from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
-from .reloader import Handoff
 from .server import Server
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
@@ -41,15 +41,13 @@ threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
-_GATE_STALL_S = 15.0
-_IDLE_BATCH_FRAMES = 3  # 90 ms: later speech starts by at most 60 ms, the ends are not delayed
 
 
 class Service:
     """One running daemon. Dependencies come in through the constructor so tests can swap them."""
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
-                 translog: TranscriptLog | None = None, gate: Gate | None = None,
+                 translog: TranscriptLog | None = None,
                  reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None) -> None:
         self.config = config
         self._stop_bound_s = stop_bound_s
@@ -58,32 +56,31 @@ class Service:
         self.source = source
         self.engine = engine
         self.server = server
-        if server is not None:
-            server.hello, server.on_command = self.hello, self.on_command
         self.logwriter = self._new_logwriter(translog) if translog is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
         self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
             if config.wyoming.enabled else None
-        self.gate = gate or Gate(config.gate)
+        self.stage = GateStage(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
         self.queue = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
         self.health = Health(lambda: self.publish(self.status()))
-        self.supervisor = CaptureSupervisor(source, self.capture, self.health, self._device_lost)
-        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.paused), self._gate_stuck,
-                                  self._decoder_stuck])
-        self.paused = False
+        self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
+        self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
+        if server is not None:
+            server.hello = self.hello
+            server.on_command = Commands(self.worker, self.feed, self.health, self.status,
+                                         lambda: self.source.description)
+        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.feed.paused),
+                                  lambda now: self.feed.stuck(now, self.queue.full()), self._decoder_stuck])
         self.exit_code = 0
         self.started = time.monotonic()
         self._gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-gate")
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
-        self._flush_gate = False
-        self._gate_tick = time.monotonic()
-        self._next_gate: Handoff[GateConfig] = Handoff()  # a reconfigured gate, swapped in between utterances
 
     # --- events out -----------------------------------------------------------------------
 
@@ -123,24 +120,6 @@ class Service:
         """The daemon's state and health figures, as a status event."""
         return Status(self.health.state.value, self.health.detail, self.engine.name, time.monotonic() - self.started,
                       self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
-
-    def on_command(self, cmd: Command) -> Event | None:
-        """Answer a client command (subscribe is handled by the server itself)."""
-        if cmd.cmd == "ping":
-            return Pong()
-        if cmd.cmd == "context":
-            if cmd.prompt is not None:
-                self.worker.prompt = cmd.prompt
-            if cmd.hotwords is not None:
-                self.worker.hotwords = cmd.hotwords
-            log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
-        if cmd.cmd == "pause" and not self.paused:
-            self.paused = True
-            self.health.set(State.PAUSED, "paused by a client; send resume to listen again")
-        elif cmd.cmd == "resume" and self.paused:
-            self.paused = False
-            self.health.set(State.LISTENING, self.source.description)
-        return self.status()
 
     def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
         return LiveSession(self.engine, self.config, send, **audio)
@@ -194,45 +173,6 @@ class Service:
         self._exit_timer.name = "captiond-stop-bound"
         self._exit_timer.start()
 
-    def _device_lost(self) -> None:
-        self._flush_gate = True  # the open utterance gets its final now
-        self.capture.frames_ready.set()
-
-    def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
-        if not self.gate.in_speech and (cfg := self._next_gate.take()) is not None:
-            self.gate = Gate(cfg, first_utt=self.gate.next_utt)
-        return self.gate.feed(frames, close)
-
-    async def _gate_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.capture.frames_ready.wait()
-            self.capture.frames_ready.clear()
-            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self.supervisor.done
-                    and not self.paused and not self._flush_gate):
-                continue  # silence: take frames three at a time, a third of the wake-ups
-            last = self.supervisor.done
-            frames = []
-            while (frame := self.ring.pop()) is not None:
-                frames.append(frame)
-            self.capture.made_room()
-            self._gate_tick = time.monotonic()
-            if self.paused:
-                frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            close = last or self.paused or self._flush_gate
-            self._flush_gate = False
-            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, close)
-            for event in events:
-                await self.worker.put(event)
-            if last:
-                await self.worker.put(None)
-                return
-
-    def _gate_stuck(self, now: float) -> str | None:
-        if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
-            return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
-        return None
-
     def _decoder_stuck(self, now: float) -> str | None:
         busy = self.engine.busy_since
         if busy is not None and now - busy > _WORKER_STALL_S:
@@ -269,11 +209,11 @@ class Service:
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
             capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
-            gate = self._spawn(self._gate_loop(), "gate")
+            gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
             if self.config.server.stats_interval_s:
                 self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
             log.info("loading model %s and warming up", self.config.asr.model)
-            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.gate.warm_up))
+            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.stage.warm_up))
             # Ready means audio is flowing, not merely that a device was opened.
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
@@ -315,7 +255,7 @@ class Service:
         self.config = change.config
         self.worker.reconfigure(change.config.asr)
         if change.touches("gate"):
-            self._next_gate.put(change.config.gate)
+            self.stage.reconfigure(change.config.gate)
         if change.touches("log"):
             self._reopen_log(change.config)
         if change.applied:
