@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import socket
+import threading
 import time
 
 import numpy as np
@@ -63,14 +64,29 @@ def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(vmic, though
         daemon.kill()
 
 
-def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(vmic, thoughts, tmp_path):
+def test_sigkill_the_moment_a_final_is_read_finds_it_in_the_log_and_restart_replaces_the_socket(
+        vmic, thoughts, tmp_path):
+    from captiond.client import Client
+
     daemon = mic_daemon(vmic, tmp_path)
-    events = daemon.connect()
+    daemon.connect()
+    finals = []
+
+    def read_then_kill():
+        for event in Client(daemon.socket):
+            if event["type"] == "final" and event["text"]:
+                finals.append(event["text"])
+                if len(finals) == 2:
+                    daemon.proc.kill()  # at once: no time for a log line written after the final went out
+
+    reader = threading.Thread(target=read_then_kill, daemon=True)
+    reader.start()
     say(vmic, thoughts, times=2)
-    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
-    finals = [e["text"] for e in events.of("final")]
-    daemon.proc.kill()
-    daemon.proc.wait()
+    try:
+        daemon.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"two finals never came: {finals}\n{daemon.stderr}")
+    reader.join(10)
     assert daemon.socket.exists(), "a killed daemon leaves its socket behind"
     logged = [line.split("\t")[2] for line in daemon.log.read_text().splitlines()]
     assert logged == finals

@@ -18,10 +18,11 @@ from .capture import Capture, CaptureError, Source, portaudio_settled
 from .commands import Commands
 from .config import Config, ConfigError, log_path
 from .engine import Engine
-from .events import Error, Event, Final, Hello, Stats, Status
+from .events import Error, Event, Hello, Stats, Status
 from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
 from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
+from .outbox import Outbox
 from .server import Server
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 3.0
 """How long shutdown waits for the open utterance's final before giving up on it; with the task and
-subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
+subscriber bounds below (and 1 s for the last finals' log lines), a stop takes at most ~6 s (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
@@ -56,7 +57,8 @@ class Service:
         self.source = source
         self.engine = engine
         self.server = server
-        self.logwriter = self._new_logwriter(translog) if translog is not None else None
+        self.outbox = Outbox(server.publish if server is not None else lambda event: None)
+        self.outbox.log = self._new_logwriter(translog) if translog is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
@@ -85,16 +87,13 @@ class Service:
     # --- events out -----------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Send an event to the transcript log's writer (finals with words) and every subscriber."""
-        if isinstance(event, Final) and event.text and self.logwriter is not None:
-            self.logwriter.offer(event, time.time())
-        if self.server is not None:
-            self.server.publish(event)
+        """Send an event to every subscriber, in order; a final with words once its log line is written."""
+        self.outbox.publish(event)
 
     @property
     def translog(self) -> TranscriptLog | None:
         """The transcript log, None when it is off."""
-        return self.logwriter.log if self.logwriter is not None else None
+        return self.outbox.log.log if self.outbox.log is not None else None
 
     def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
         def report(error: str | None) -> None:  # on the writer's thread
@@ -191,8 +190,8 @@ class Service:
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = self._loop = asyncio.get_running_loop()
-        if self.logwriter is not None:
-            self.logwriter.start()
+        if self.outbox.log is not None:
+            self.outbox.log.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
         main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
@@ -268,15 +267,15 @@ class Service:
 
     def _reopen_log(self, config: Config) -> None:
         if not config.log.enabled:
-            if self.logwriter is not None:
-                self.logwriter.close(0)  # what it has queued is written; nothing waits for it
-            self.logwriter = None
-        elif self.logwriter is None:
-            self.logwriter = self._new_logwriter(
+            if self.outbox.log is not None:
+                self.outbox.log.close(0)  # what it has queued is written; nothing waits for it
+            self.outbox.log = None
+        elif self.outbox.log is None:
+            self.outbox.log = self._new_logwriter(
                 TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups))
-            self.logwriter.start()
+            self.outbox.log.start()
         else:
-            self.logwriter.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
+            self.outbox.log.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""
@@ -298,14 +297,15 @@ class Service:
             _, stuck = await asyncio.wait(pending, timeout=_STOP_TASKS_S)
             for task in stuck:
                 log.error("shutdown: task %s did not stop", task.get_name())
+        await self.outbox.flush(_FLUSH_SUBSCRIBERS_S)  # the last finals, once their lines are written
         if self.server is not None:  # its subscribers on the WebSocket get their last events here too
             await self.server.close(_FLUSH_SUBSCRIBERS_S)
         if self.web is not None:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
         if self.wyoming is not None:
             await self.wyoming.close(_FLUSH_SUBSCRIBERS_S)
-        if self.logwriter is not None:
-            self.logwriter.close(_FLUSH_SUBSCRIBERS_S)
+        if self.outbox.log is not None:
+            self.outbox.log.close(_FLUSH_SUBSCRIBERS_S)
         if not await portaudio_settled(_STOP_TASKS_S):
             log.error("shutdown: the audio device did not close in %.0f s (is the audio server hung?); "
                       "abandoning it", _STOP_TASKS_S)
