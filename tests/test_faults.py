@@ -190,3 +190,32 @@ def test_a_frozen_audio_server_is_a_lost_device_and_a_stop_is_still_bounded(own_
         assert "Traceback" not in daemon.stderr
     finally:
         daemon.kill()
+
+
+def test_an_audio_server_frozen_before_the_first_open_is_a_lost_device_until_it_continues(own_vmic, thoughts,
+                                                                                          tmp_path):
+    os.kill(own_vmic._proc.pid, signal.SIGSTOP)  # frozen before the daemon ever reaches it
+    daemon = Daemon(tmp_path, "--source", "mic", "--set", "audio.read_timeout_s=2", env=own_vmic.env)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.socket.exists():
+            assert daemon.proc.poll() is None, daemon.stderr
+            assert time.monotonic() < deadline, f"no socket while the audio server is frozen:\n{daemon.stderr}"
+            time.sleep(0.1)
+        events = EventLog(daemon.socket)
+        lost = None
+        while lost is None:
+            assert time.monotonic() < deadline, f"never device_lost: {events.of('status')}\n{daemon.stderr}"
+            events.client.send({"cmd": "status"})
+            time.sleep(0.5)
+            lost = next((e for e in events.of("status") if e["state"] == "device_lost"), None)
+        assert "does not answer" in lost["detail"], lost
+        assert "the audio server did not answer" in daemon.stderr  # the start-up check said so too
+        os.kill(own_vmic._proc.pid, signal.SIGCONT)
+        events.wait_for(lambda e: e["type"] == "status" and e["state"] == "listening", timeout=60)
+        assert own_vmic.play(thoughts).wait(60) == 0
+        events.wait_for(lambda e: e["type"] == "final" and e["text"], timeout=60)  # heard again
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.stderr
+    finally:
+        daemon.kill()
