@@ -67,6 +67,19 @@ def test_new_settings_take_over_between_utterances_and_numbering_goes_on(caplog)
     assert "from utterance 2 on: hangover_ms=300" in caplog.text
 
 
+def test_reloads_faster_than_a_start_window_leave_the_gate_hearing_the_start_and_its_preroll():
+    config = dataclasses.replace(CONFIG, preroll_ms=90)
+    audio = frames_of(quiet(10), speech(20))
+    plain = [e for e in GateStage(config, LoudVad()).feed(audio) if isinstance(e, UtteranceStart)]
+    stage = GateStage(config, LoudVad())
+    events = []
+    for i, frame in enumerate(audio):  # new settings before every frame (a SIGHUP storm)
+        stage.reconfigure(dataclasses.replace(config, hangover_ms=150 + 30 * (i % 2)))
+        events += stage.feed([frame])
+    assert [e for e in events if isinstance(e, UtteranceStart)] == plain and len(plain) == 1
+    assert plain[0].start == 7 * FRAME_SAMPLES, "three frames of pre-roll before the first voiced one"
+
+
 def test_segment_is_the_gate_fed_the_whole_stream_with_its_last_partial_frame():
     pcm = SPEECH[: 2 * 16000 + 100]  # cut off in mid-word, not on a frame's edge
     chunks = [pcm[i:i + 1000] for i in range(0, len(pcm), 1000)]

@@ -40,7 +40,8 @@ class Batch:
 
 class GateStage:
     """A Gate whose settings can be replaced from another thread: the new gate takes over between two
-    utterances (one open at the change ends under the settings it began with), numbering on."""
+    utterances (one open at the change ends under the settings it began with), numbering on, and
+    first hears the frames the old one held for a start."""
 
     def __init__(self, config: GateConfig, vad: Vad | None = None) -> None:
         self._config = config
@@ -66,10 +67,12 @@ class GateStage:
         if not self._gate.in_speech and (config := self._next.take()) is not None:
             changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                        if getattr(config, f.name) != getattr(self._config, f.name)}
-            self._gate = Gate(config, self._vad, first_utt=self._gate.next_utt)
-            self._config = config
+            old, self._gate, self._config = self._gate, Gate(config, self._vad, first_utt=self._gate.next_utt), config
             log.info("gate: new settings from utterance %d on: %s", self._gate.next_utt,
                      ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none changed")
+            # The new gate hears what the old one kept for a start: a reload as speech begins (or
+            # reloads faster than a start window) must not make the gate deaf to it.
+            return self._gate.feed(old.heard) + self._gate.feed(frames, close)
         return self._gate.feed(frames, close)
 
 
