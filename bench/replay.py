@@ -40,8 +40,8 @@ from wer import corpus_wer, normalize, wer  # noqa: E402
 from captiond.config import AsrConfig, Config, load  # noqa: E402
 from captiond.engine import Engine, WhisperDecoder, resolve_model  # noqa: E402
 from captiond.events import Final  # noqa: E402
-from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
-from captiond.gate import Gate  # noqa: E402
+from captiond.frames import FRAME_SAMPLES  # noqa: E402
+from captiond.gatedriver import segment  # noqa: E402
 from captiond.worker import AsrWorker, gate_queue  # noqa: E402
 
 NAIVE = dict(partials=False, early_final=False, carry_over_s=0.0)
@@ -61,7 +61,7 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
     queue = gate_queue(asr)
     worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None)
     task = asyncio.get_running_loop().create_task(worker.run(), name="replay-worker")
-    for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
+    for event in segment([pcm], config.gate):
         await worker.put(event)
         while not (worker.waiting and queue.empty()):  # the pace a decoder that keeps up takes audio at
             await asyncio.sleep(0.001)

@@ -48,8 +48,9 @@ from wer import corpus_wer, normalize  # noqa: E402
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
 from captiond.engine import SHORT, WhisperDecoder, resolve_model  # noqa: E402
-from captiond.frames import FRAME_SAMPLES, FrameAssembler, int16_to_float  # noqa: E402
-from captiond.gate import Gate, UtteranceEnd, UtteranceStart  # noqa: E402
+from captiond.frames import FRAME_SAMPLES, int16_to_float  # noqa: E402
+from captiond.gate import UtteranceEnd, UtteranceStart  # noqa: E402
+from captiond.gatedriver import segment  # noqa: E402
 
 GAPS_S = (0.8, 1.5, 3.0, 8.0)  # a short pause, sentence pauses, a long silence
 IDLE_S = 10.0
@@ -122,7 +123,7 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
         shift = k * FRAME_SAMPLES // phases
         pcm = np.concatenate([np.zeros(shift, dtype=np.int16), recorded])
         starts, per_clip = {}, {item["file"]: [] for item, _, _ in spans}
-        for event in Gate(config.gate).feed(FrameAssembler().insert(pcm, 0.0), close=True):
+        for event in segment([pcm], config.gate):
             if isinstance(event, UtteranceStart):
                 starts[event.utt] = event.start
             elif isinstance(event, UtteranceEnd):

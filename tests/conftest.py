@@ -212,7 +212,7 @@ class Harness:
     """A Service on a real socket in a background event loop, fed through a pipe the test writes."""
 
     def __init__(self, tmp: Path, log_path: Path, config: Config | None = None, decode_delay: float = 0.0,
-                 decoder: FakeDecoder | None = None):
+                 decoder: FakeDecoder | None = None, translog: TranscriptLog | None = None):
         self.config = config or load(None, ["server.stats_interval_s=0"])[0]
         self.decoder = decoder or FakeDecoder(decode_delay)
         self.read_fd, self.write_fd = os.pipe()
@@ -220,16 +220,17 @@ class Harness:
         self.exit_code = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main(log_path)), daemon=True)
+        translog = translog or TranscriptLog(log_path, 100_000, 1)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main(translog)), daemon=True)
         self.thread.start()
         assert self.ready.wait(30)
 
-    async def _main(self, log_path):
+    async def _main(self, translog):
         self.loop = asyncio.get_running_loop()
         server = Server(self.sock)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
                           engine=Engine(self.decoder), server=server,
-                          translog=TranscriptLog(log_path, 100_000, 1))
+                          translog=translog)
         self.service = service
         task = asyncio.create_task(service.run())
         while not self.sock.exists() or (service.web is not None and not service.web.listening):

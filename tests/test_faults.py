@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import socket
+import threading
 import time
 
 import numpy as np
@@ -63,14 +64,109 @@ def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(vmic, though
         daemon.kill()
 
 
-def test_sigkill_then_restart_keeps_every_final_and_replaces_the_socket(vmic, thoughts, tmp_path):
+def write_atomically(path, text):
+    """Replace a config file whole, so a SIGHUP never reads it half written."""
+    part = path.with_suffix(".part")
+    part.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(part, path)
+
+
+def test_sighups_racing_live_speech_lose_no_final_and_the_last_settings_win(vmic, thoughts, tmp_path):
+    config = tmp_path / "c.toml"
+    write_atomically(config, "[gate]\nhangover_ms = 500\n")
+    daemon = mic_daemon(vmic, tmp_path, "--config", str(config))
+    try:
+        events = daemon.connect()
+        speaker = threading.Thread(target=say, args=(vmic, thoughts, 3))
+        speaker.start()
+        sent = 0
+        while speaker.is_alive():  # a reload every ~20 ms while speech plays: gate and log settings both
+            write_atomically(config, f"[gate]\nhangover_ms = {500 + 30 * (sent % 2)}\n"
+                                     f"[log]\nmax_bytes = {100000 + sent % 2}\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.02)
+        speaker.join()
+        write_atomically(config, "[gate]\nhangover_ms = 570\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_log(daemon, "gate.hangover_ms=570")
+        events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3, timeout=60)
+        say(vmic, thoughts)
+        events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 4, timeout=60)
+        assert sent > 100 and daemon.stderr.count("SIGHUP: applied") > 10, (sent, daemon.stderr[-3000:])
+        starts = [e["utt"] for e in events.of("speech_start")]
+        finals = events.of("final")
+        assert starts == [1, 2, 3, 4] and [f["utt"] for f in finals] == [1, 2, 3, 4], "none lost, none twice"
+        assert all(f["text"] for f in finals)
+        assert [line.split("\t")[2] for line in daemon.log.read_text().splitlines()] == [f["text"] for f in finals]
+        swaps = [line for line in daemon.stderr.splitlines() if "gate: new settings" in line]
+        assert swaps and "from utterance 4 on" in swaps[-1] and "hangover_ms=570" in swaps[-1], swaps[-3:]
+        events.client.send({"cmd": "ping"})
+        events.wait_for(lambda e: e["type"] == "pong")
+        assert daemon.proc.poll() is None
+        assert "Traceback" not in daemon.stderr and "config not reloaded" not in daemon.stderr
+        assert "error" not in [e["type"] for e in events.events]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_a_reload_with_a_config_that_is_not_utf8_or_has_a_bad_key_keeps_the_running_one(vmic, tmp_path):
+    config = tmp_path / "c.toml"
+    good = "[gate]\nhangover_ms = 600\n"
+    write_atomically(config, good)
+    daemon = mic_daemon(vmic, tmp_path, "--config", str(config))
+    try:
+        events = daemon.connect()
+        bad = {b"[gate]\nhangover_ms = 700 # caf\xe9, saved as Latin-1\n": ("not UTF-8 text", "save it as UTF-8"),
+               b"[gate]\nhangover_ms = 700\nhang_over_ms = 700\n": ("gate.hang_over_ms: unknown key",
+                                                                    "known keys in [gate]: ")}
+        for n, (text, (cause, fix)) in enumerate(bad.items(), 1):
+            write_atomically(config, text)
+            daemon.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while daemon.stderr.count("config not reloaded") < n:
+                assert time.monotonic() < deadline, daemon.stderr
+                time.sleep(0.1)
+            line = [line for line in daemon.stderr.splitlines() if "config not reloaded" in line][-1]
+            assert cause in line and fix in line, line
+        assert "Traceback" not in daemon.stderr and daemon.proc.poll() is None
+        before = events.of("status")
+        events.client.send({"cmd": "status"})
+        answer = events.wait_for(lambda e: e["type"] == "status" and e not in before)
+        assert answer["state"] == "listening", "a refused reload is not a state: status stays as it was"
+        write_atomically(config, good)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_log(daemon, "config re-read, nothing changed")  # so hangover_ms = 700 was never applied
+        assert "SIGHUP: applied" not in daemon.stderr
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_sigkill_the_moment_a_final_is_read_finds_it_in_the_log_and_restart_replaces_the_socket(
+        vmic, thoughts, tmp_path):
+    from captiond.client import Client
+
     daemon = mic_daemon(vmic, tmp_path)
-    events = daemon.connect()
+    daemon.connect()
+    finals = []
+
+    def read_then_kill():
+        for event in Client(daemon.socket):
+            if event["type"] == "final" and event["text"]:
+                finals.append(event["text"])
+                if len(finals) == 2:
+                    daemon.proc.kill()  # at once: no time for a log line written after the final went out
+
+    reader = threading.Thread(target=read_then_kill, daemon=True)
+    reader.start()
     say(vmic, thoughts, times=2)
-    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
-    finals = [e["text"] for e in events.of("final")]
-    daemon.proc.kill()
-    daemon.proc.wait()
+    try:
+        daemon.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"two finals never came: {finals}\n{daemon.stderr}")
+    reader.join(10)
     assert daemon.socket.exists(), "a killed daemon leaves its socket behind"
     logged = [line.split("\t")[2] for line in daemon.log.read_text().splitlines()]
     assert logged == finals
@@ -171,6 +267,35 @@ def test_a_frozen_audio_server_is_a_lost_device_and_a_stop_is_still_bounded(own_
         except subprocess.TimeoutExpired:
             raise AssertionError(f"SIGTERM did not stop a daemon whose audio server is frozen:\n{daemon.stderr}")
         assert code == 0, daemon.stderr
+        assert "Traceback" not in daemon.stderr
+    finally:
+        daemon.kill()
+
+
+def test_an_audio_server_frozen_before_the_first_open_is_a_lost_device_until_it_continues(own_vmic, thoughts,
+                                                                                          tmp_path):
+    os.kill(own_vmic._proc.pid, signal.SIGSTOP)  # frozen before the daemon ever reaches it
+    daemon = Daemon(tmp_path, "--source", "mic", "--set", "audio.read_timeout_s=2", env=own_vmic.env)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.socket.exists():
+            assert daemon.proc.poll() is None, daemon.stderr
+            assert time.monotonic() < deadline, f"no socket while the audio server is frozen:\n{daemon.stderr}"
+            time.sleep(0.1)
+        events = EventLog(daemon.socket)
+        lost = None
+        while lost is None:
+            assert time.monotonic() < deadline, f"never device_lost: {events.of('status')}\n{daemon.stderr}"
+            events.client.send({"cmd": "status"})
+            time.sleep(0.5)
+            lost = next((e for e in events.of("status") if e["state"] == "device_lost"), None)
+        assert "does not answer" in lost["detail"], lost
+        assert "the audio server did not answer" in daemon.stderr  # the start-up check said so too
+        os.kill(own_vmic._proc.pid, signal.SIGCONT)
+        events.wait_for(lambda e: e["type"] == "status" and e["state"] == "listening", timeout=60)
+        assert own_vmic.play(thoughts).wait(60) == 0
+        events.wait_for(lambda e: e["type"] == "final" and e["text"], timeout=60)  # heard again
+        assert daemon.stop() == 0
         assert "Traceback" not in daemon.stderr
     finally:
         daemon.kill()

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 from captiond.config import load
+from captiond.translog import TranscriptLog
 from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
@@ -143,3 +144,35 @@ def test_a_log_write_that_hangs_holds_up_nothing_on_the_event_loop(tmp_path):
     h.end()
     assert [line.split(b"\t")[1] for line in got.splitlines()] == [b"1", b"2"]
     assert h.exit_code == 0
+
+
+class SlowLog(TranscriptLog):
+    """A disk that takes a fifth of a second per line (a busy one)."""
+
+    def write(self, final, ts):
+        time.sleep(0.2)
+        return super().write(final, ts)
+
+
+def test_a_client_sees_a_final_only_once_its_line_is_in_the_log(tmp_path):
+    import threading
+
+    from captiond.client import Client
+
+    path = tmp_path / "t.log"
+    h = Harness(tmp_path, path, translog=SlowLog(path, 100_000, 1))
+    seen = []  # (utt, whether its line was in the log the moment the client read the final)
+
+    def read():
+        for event in Client(h.sock):
+            if event["type"] == "final":
+                logged = path.read_text().splitlines() if path.exists() else []
+                seen.append((event["utt"], any(line.split("\t")[1] == str(event["utt"]) for line in logged)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    h.say(SPEECH)
+    h.say(SPEECH)
+    h.end()
+    reader.join(30)
+    assert seen == [(1, True), (2, True)]

@@ -77,3 +77,69 @@ def test_a_line_is_in_the_log_whole_or_not_at_all_when_the_disk_fills(small_disk
     lines = (small_disk / "t.log").read_text().splitlines()
     assert [line.split("\t")[1] for line in lines] == [str(i) for i in range(1, utt + 3)]
     assert all(line.split("\t")[2].startswith(f"line {i}") for i, line in enumerate(lines[:-1], 1))
+
+
+class HeldLog:
+    """A log writer whose lines are written when the test says so."""
+
+    def __init__(self, accept=True):
+        self.accept = accept
+        self.pending = []
+
+    def offer(self, final, ts, written):
+        self.pending.append(written)
+        return self.accept
+
+
+def test_the_outbox_sends_a_final_only_once_its_line_is_written_and_keeps_the_order():
+    import asyncio
+    import threading
+
+    from captiond.events import SpeechEnd, SpeechStart
+    from captiond.outbox import Outbox
+
+    async def main():
+        sent = []
+        outbox = Outbox(sent.append, hold_s=30)
+        outbox.log = HeldLog()
+        outbox.publish(SpeechEnd(1, 1.0))
+        outbox.publish(final(1))
+        outbox.publish(SpeechStart(2, 2.0))  # after the final: waits behind it
+        outbox.publish(final(2, ""))  # an empty final has no line to wait for, but keeps its place
+        await asyncio.sleep(0.05)
+        assert [e.type for e in sent] == ["speech_end"]
+        threading.Thread(target=outbox.log.pending[0]).start()  # the writer thread wrote line 1
+        while len(sent) < 4:
+            await asyncio.sleep(0.01)
+        assert [(e.type, getattr(e, "utt", 0)) for e in sent] == [("speech_end", 1), ("final", 1),
+                                                                    ("speech_start", 2), ("final", 2)]
+        outbox.log.accept = False  # a writer this far behind drops the line: nothing waits for it
+        outbox.publish(final(3))
+        assert sent[-1].utt == 3
+
+    asyncio.run(main())
+
+
+def test_a_log_slower_than_the_hold_holds_nothing_until_it_catches_up_and_a_flush_sends_all():
+    import asyncio
+
+    from captiond.outbox import Outbox
+
+    async def main():
+        sent = []
+        outbox = Outbox(sent.append, hold_s=0.1)
+        outbox.log = HeldLog()
+        outbox.publish(final(1))
+        outbox.publish(final(2))
+        while len(sent) < 2:  # the disk hangs: both go after the hold, in order
+            await asyncio.sleep(0.01)
+        outbox.publish(final(3))
+        assert [e.utt for e in sent] == [1, 2, 3], "stalled: not held at all"
+        outbox.log.pending[0]()  # a write completes: the log keeps up again
+        await asyncio.sleep(0.01)
+        outbox.publish(final(4))
+        assert [e.utt for e in sent] == [1, 2, 3], "held again"
+        await outbox.flush(0.01)  # shutdown: whatever is held goes now
+        assert [e.utt for e in sent] == [1, 2, 3, 4]
+
+    asyncio.run(main())

@@ -196,16 +196,27 @@ class MicSource:
         self._wanted = device
         self._timeout = read_timeout_s
         self._factory = pyaudio_factory
+        self._opening: asyncio.Future[tuple[Any, Any]] | None = None  # an open still inside PortAudio
         self.description = f"microphone {device!r}" if device else "default microphone"
 
     def check(self) -> None:
-        """Make sure the device exists (opening it is left to run())."""
-        pa = self._factory()
+        """Make sure the device exists (opening it is left to run()); an audio server that does not
+        answer within audio.read_timeout_s is not a missing device: run() then retries until it does."""
         try:
-            dev = pick_device(list_input_devices(pa), self._wanted)
-        finally:
-            pa.terminate()
+            dev = _bounded(self._find, self._timeout)
+        except TimeoutError:
+            log.warning("%s: the audio server did not answer in %.0f s (hung or frozen?); starting anyway, "
+                        "the device is retried until it answers", self.description, self._timeout)
+            return
         self.description = f"microphone #{dev.index} {dev.name!r}"
+
+    def _find(self) -> InputDevice:
+        with _PORTAUDIO:
+            pa = self._factory()
+            try:
+                return pick_device(list_input_devices(pa), self._wanted)
+            finally:
+                pa.terminate()
 
     def _rate(self, pa: Any, dev: InputDevice) -> int:
         """16 kHz if the device takes it, else a rate it does (real hardware often refuses 16 kHz: -9997)."""
@@ -228,7 +239,18 @@ class MicSource:
         hung, they never return, and neither a stop nor the lost-device check may wait for them.
         """
         loop = asyncio.get_running_loop()
-        pa, stream = await portaudio(self._open, loop, capture, abandoned=_close_later)
+        # An open that hangs (a frozen audio server) is a lost device after audio.read_timeout_s; the
+        # next attempt waits for that same open rather than queue another one behind it.
+        if self._opening is None or self._opening.done():
+            self._opening = portaudio(self._open, loop, capture, abandoned=_close_later)
+        try:
+            pa, stream = await asyncio.wait_for(asyncio.shield(self._opening), self._timeout)
+        except asyncio.TimeoutError:
+            raise CaptureError(f"{self.description} did not open in {self._timeout:.0f} s: the audio server "
+                               "does not answer (hung or frozen?)") from None
+        except asyncio.CancelledError:
+            self._opening.cancel()  # stopping: a late result is closed, not kept
+            raise
         try:
             log.info("recording from %s", self.description)
             opened = time.monotonic()
@@ -291,6 +313,27 @@ class MicSource:
 
 _PORTAUDIO = threading.Lock()
 """PortAudio is not safe to initialise or terminate while another thread is inside it."""
+
+
+def _bounded(fn: Callable[[], Any], timeout: float) -> Any:
+    """fn() on a daemon thread of its own, for code with no event loop; TimeoutError when it has not
+    returned in timeout seconds (the thread is abandoned)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        done.set()
+
+    threading.Thread(target=work, name=f"captiond-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def abandonable(fn: Callable[..., Any], *args: Any, lock: threading.Lock | None = None,

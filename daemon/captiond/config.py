@@ -35,7 +35,7 @@ class AudioConfig:
     ring_seconds: float = 10.0
     """Capture ring buffer between the microphone and the gate, in seconds of audio; overflow counts as dropped frames."""
     read_timeout_s: float = 5.0
-    """Seconds without a single frame from a microphone before it is reported lost."""
+    """Seconds without a single frame from a microphone, or of its audio server not answering an open, before it is reported lost."""
 
     def __post_init__(self) -> None:
         _check(self.source == "mic" or self.source == "-" or self.source.startswith(("mic:", "file:")),

@@ -199,6 +199,12 @@ class Gate:
         """True while an utterance is open."""
         return self._open
 
+    @property
+    def heard(self) -> list[Frame]:
+        """The frames since the last utterance that a new one could still begin with (start window and
+        pre-roll), oldest first; none while an utterance is open."""
+        return [] if self._open else [frame for frame, _ in self._history]
+
     def warm_up(self) -> None:
         """Run the feature code once so its first real call does not wait for the filterbank's design."""
         features(np.zeros(SAMPLE_RATE // 2, dtype=np.int16))

@@ -15,13 +15,14 @@ from typing import Any, Callable, Coroutine
 from . import __version__
 from . import reloader
 from .capture import Capture, CaptureError, Source, portaudio_settled
-from .config import Config, ConfigError, GateConfig, log_path
+from .commands import Commands
+from .config import Config, ConfigError, log_path
 from .engine import Engine
-from .events import Command, Error, Event, Final, Hello, Pong, Stats, Status
-from .frames import FRAME_MS, SAMPLE_RATE, Frame, FrameRing
-from .gate import Gate, GateEvent
+from .events import Error, Event, Hello, Stats, Status
+from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
+from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
-from .reloader import Handoff
+from .outbox import Outbox
 from .server import Server
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
@@ -34,22 +35,20 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 3.0
 """How long shutdown waits for the open utterance's final before giving up on it; with the task and
-subscriber bounds below, a stop takes at most ~5 s (systemd's TimeoutStopSec is 15 s)."""
+subscriber bounds below (and 1 s for the last finals' log lines), a stop takes at most ~6 s (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
-_GATE_STALL_S = 15.0
-_IDLE_BATCH_FRAMES = 3  # 90 ms: later speech starts by at most 60 ms, the ends are not delayed
 
 
 class Service:
     """One running daemon. Dependencies come in through the constructor so tests can swap them."""
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
-                 translog: TranscriptLog | None = None, gate: Gate | None = None,
+                 translog: TranscriptLog | None = None,
                  reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None) -> None:
         self.config = config
         self._stop_bound_s = stop_bound_s
@@ -58,46 +57,43 @@ class Service:
         self.source = source
         self.engine = engine
         self.server = server
-        if server is not None:
-            server.hello, server.on_command = self.hello, self.on_command
-        self.logwriter = self._new_logwriter(translog) if translog is not None else None
+        self.outbox = Outbox(server.publish if server is not None else lambda event: None)
+        self.outbox.log = self._new_logwriter(translog) if translog is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
         self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
             if config.wyoming.enabled else None
-        self.gate = gate or Gate(config.gate)
+        self.stage = GateStage(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
         self.queue = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
         self.health = Health(lambda: self.publish(self.status()))
-        self.supervisor = CaptureSupervisor(source, self.capture, self.health, self._device_lost)
-        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.paused), self._gate_stuck,
-                                  self._decoder_stuck])
-        self.paused = False
+        self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
+        self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
+        if server is not None:
+            server.hello = self.hello
+            server.on_command = Commands(self.worker, self.feed, self.health, self.status,
+                                         lambda: self.source.description)
+        self.watchdog = Watchdog([lambda now: self.supervisor.stuck(now, self.feed.paused),
+                                  lambda now: self.feed.stuck(now, self.queue.full()), self._decoder_stuck])
         self.exit_code = 0
         self.started = time.monotonic()
         self._gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-gate")
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
-        self._flush_gate = False
-        self._gate_tick = time.monotonic()
-        self._next_gate: Handoff[GateConfig] = Handoff()  # a reconfigured gate, swapped in between utterances
 
     # --- events out -----------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Send an event to the transcript log's writer (finals with words) and every subscriber."""
-        if isinstance(event, Final) and event.text and self.logwriter is not None:
-            self.logwriter.offer(event, time.time())
-        if self.server is not None:
-            self.server.publish(event)
+        """Send an event to every subscriber, in order; a final with words once its log line is written."""
+        self.outbox.publish(event)
 
     @property
     def translog(self) -> TranscriptLog | None:
         """The transcript log, None when it is off."""
-        return self.logwriter.log if self.logwriter is not None else None
+        return self.outbox.log.log if self.outbox.log is not None else None
 
     def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
         def report(error: str | None) -> None:  # on the writer's thread
@@ -123,24 +119,6 @@ class Service:
         """The daemon's state and health figures, as a status event."""
         return Status(self.health.state.value, self.health.detail, self.engine.name, time.monotonic() - self.started,
                       self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
-
-    def on_command(self, cmd: Command) -> Event | None:
-        """Answer a client command (subscribe is handled by the server itself)."""
-        if cmd.cmd == "ping":
-            return Pong()
-        if cmd.cmd == "context":
-            if cmd.prompt is not None:
-                self.worker.prompt = cmd.prompt
-            if cmd.hotwords is not None:
-                self.worker.hotwords = cmd.hotwords
-            log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
-        if cmd.cmd == "pause" and not self.paused:
-            self.paused = True
-            self.health.set(State.PAUSED, "paused by a client; send resume to listen again")
-        elif cmd.cmd == "resume" and self.paused:
-            self.paused = False
-            self.health.set(State.LISTENING, self.source.description)
-        return self.status()
 
     def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
         return LiveSession(self.engine, self.config, send, **audio)
@@ -194,45 +172,6 @@ class Service:
         self._exit_timer.name = "captiond-stop-bound"
         self._exit_timer.start()
 
-    def _device_lost(self) -> None:
-        self._flush_gate = True  # the open utterance gets its final now
-        self.capture.frames_ready.set()
-
-    def _feed_gate(self, frames: list[Frame], close: bool) -> list[GateEvent]:
-        if not self.gate.in_speech and (cfg := self._next_gate.take()) is not None:
-            self.gate = Gate(cfg, first_utt=self.gate.next_utt)
-        return self.gate.feed(frames, close)
-
-    async def _gate_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.capture.frames_ready.wait()
-            self.capture.frames_ready.clear()
-            if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self.supervisor.done
-                    and not self.paused and not self._flush_gate):
-                continue  # silence: take frames three at a time, a third of the wake-ups
-            last = self.supervisor.done
-            frames = []
-            while (frame := self.ring.pop()) is not None:
-                frames.append(frame)
-            self.capture.made_room()
-            self._gate_tick = time.monotonic()
-            if self.paused:
-                frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            close = last or self.paused or self._flush_gate
-            self._flush_gate = False
-            events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, close)
-            for event in events:
-                await self.worker.put(event)
-            if last:
-                await self.worker.put(None)
-                return
-
-    def _gate_stuck(self, now: float) -> str | None:
-        if len(self.ring) and not self.queue.full() and now - self._gate_tick > _GATE_STALL_S:
-            return f"the gate has not taken a frame for {now - self._gate_tick:.0f} s"
-        return None
-
     def _decoder_stuck(self, now: float) -> str | None:
         busy = self.engine.busy_since
         if busy is not None and now - busy > _WORKER_STALL_S:
@@ -251,8 +190,8 @@ class Service:
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = self._loop = asyncio.get_running_loop()
-        if self.logwriter is not None:
-            self.logwriter.start()
+        if self.outbox.log is not None:
+            self.outbox.log.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
         main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
@@ -269,11 +208,11 @@ class Service:
             # (gate and worker threads run their warm-up first), so start-up loses no audio.
             capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
-            gate = self._spawn(self._gate_loop(), "gate")
+            gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
             if self.config.server.stats_interval_s:
                 self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
             log.info("loading model %s and warming up", self.config.asr.model)
-            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.gate.warm_up))
+            await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.stage.warm_up))
             # Ready means audio is flowing, not merely that a device was opened.
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
@@ -315,7 +254,7 @@ class Service:
         self.config = change.config
         self.worker.reconfigure(change.config.asr)
         if change.touches("gate"):
-            self._next_gate.put(change.config.gate)
+            self.stage.reconfigure(change.config.gate)
         if change.touches("log"):
             self._reopen_log(change.config)
         if change.applied:
@@ -328,15 +267,15 @@ class Service:
 
     def _reopen_log(self, config: Config) -> None:
         if not config.log.enabled:
-            if self.logwriter is not None:
-                self.logwriter.close(0)  # what it has queued is written; nothing waits for it
-            self.logwriter = None
-        elif self.logwriter is None:
-            self.logwriter = self._new_logwriter(
+            if self.outbox.log is not None:
+                self.outbox.log.close(0)  # what it has queued is written; nothing waits for it
+            self.outbox.log = None
+        elif self.outbox.log is None:
+            self.outbox.log = self._new_logwriter(
                 TranscriptLog(log_path(config.log), config.log.max_bytes, config.log.backups))
-            self.logwriter.start()
+            self.outbox.log.start()
         else:
-            self.logwriter.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
+            self.outbox.log.reconfigure(log_path(config.log), config.log.max_bytes, config.log.backups)
 
     async def _drain(self, tasks: list[asyncio.Task]) -> None:
         """Wait, with a bound, for the gate and worker to finish what was heard; name what is stuck."""
@@ -358,14 +297,15 @@ class Service:
             _, stuck = await asyncio.wait(pending, timeout=_STOP_TASKS_S)
             for task in stuck:
                 log.error("shutdown: task %s did not stop", task.get_name())
+        await self.outbox.flush(_FLUSH_SUBSCRIBERS_S)  # the last finals, once their lines are written
         if self.server is not None:  # its subscribers on the WebSocket get their last events here too
             await self.server.close(_FLUSH_SUBSCRIBERS_S)
         if self.web is not None:
             await self.web.close(_FLUSH_SUBSCRIBERS_S)
         if self.wyoming is not None:
             await self.wyoming.close(_FLUSH_SUBSCRIBERS_S)
-        if self.logwriter is not None:
-            self.logwriter.close(_FLUSH_SUBSCRIBERS_S)
+        if self.outbox.log is not None:
+            self.outbox.log.close(_FLUSH_SUBSCRIBERS_S)
         if not await portaudio_settled(_STOP_TASKS_S):
             log.error("shutdown: the audio device did not close in %.0f s (is the audio server hung?); "
                       "abandoning it", _STOP_TASKS_S)

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .config import Config
 from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
-from .gate import Gate
+from .gatedriver import Batch, GateStage, drive
 from .worker import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class LiveSession:
         self._pipe: _Pipe | None = None
         self._audio: asyncio.Queue[np.ndarray | _Finalize | None] = asyncio.Queue(maxsize=_AUDIO_QUEUE)
         self._frames = FrameAssembler()
-        self._gate = Gate(config.gate)
+        self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION)
         self.failed = False
@@ -133,7 +133,8 @@ class LiveSession:
     def start(self) -> None:
         """Start the session's tasks (and the decoder thread for WebM)."""
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._pump(), name="session-gate"))
+        self._tasks.append(loop.create_task(drive(self._batches(), self._stage, self.worker, self._gate_thread),
+                                            name="session-gate"))
         self._tasks.append(loop.create_task(self.worker.run(), name="session-worker"))
         if self._encoding == "webm":
             self._pipe = _Pipe()
@@ -236,21 +237,16 @@ class LiveSession:
             except queue.Empty:
                 pass
 
-    async def _pump(self) -> None:
-        """Audio queue → frames → gate (on the shared gate thread) → the worker's queue."""
-        loop = asyncio.get_running_loop()
+    async def _batches(self) -> AsyncIterator[Batch]:
+        """The audio queue as frames for the gate: Finalize closes the utterance, None ends the stream."""
         while True:
             item = await self._audio.get()
             now = time.monotonic()
             if item is None:
-                frames, close = self._frames.finish(now), True
-            elif isinstance(item, _Finalize):
-                frames, close = [], True
+                yield Batch(self._frames.finish(now), last=True)
+                return
+            if isinstance(item, _Finalize):
+                yield Batch([], close=True)
             else:
                 self.samples += len(item)
-                frames, close = self._frames.insert(item, now), False
-            for event in await loop.run_in_executor(self._gate_thread, self._gate.feed, frames, close):
-                await self.worker.put(event)
-            if item is None:
-                await self.worker.put(None)
-                return
+                yield Batch(self._frames.insert(item, now))

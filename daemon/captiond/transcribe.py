@@ -20,8 +20,9 @@ from .capture import CaptureError, decode_file
 from .config import Config
 from .engine import SHORT, Segment, WhisperDecoder
 from .events import Word
-from .frames import SAMPLE_RATE, FrameAssembler, int16_to_float
-from .gate import Gate, GateEvent, UtteranceAudio, UtteranceEnd, UtteranceStart
+from .frames import SAMPLE_RATE, int16_to_float
+from .gate import UtteranceAudio, UtteranceEnd, UtteranceStart
+from .gatedriver import segment
 
 CHUNK_S = 15.0
 _GAP = np.zeros(SAMPLE_RATE * 3 // 10, dtype=np.int16)  # 0.3 s between packed pieces keeps words apart
@@ -63,27 +64,20 @@ def speech_pieces(path: Path, config: Config, reading: Reading | None = None) ->
     Damage part way through ends the file there (noted in `reading`); with nothing decodable before
     it, the CaptureError is raised.
     """
-    gate = Gate(config.gate)
-    asm = FrameAssembler()
     reading = reading if reading is not None else Reading()
 
-    def gate_events() -> Iterator[GateEvent]:
+    def chunks() -> Iterator[np.ndarray]:
         try:
             for chunk in decode_file(path):
                 reading.samples += len(chunk)
-                for frame in asm.insert(chunk, 0.0):
-                    gate.insert(frame)
-                yield from gate.process()
+                yield chunk
         except CaptureError as exc:
             if not reading.samples:
                 raise
             reading.damage = str(exc)
-        for frame in asm.finish(0.0):
-            gate.insert(frame)
-        yield from gate.finish()
 
     start, audio = 0, []
-    for event in gate_events():
+    for event in segment(chunks(), config.gate):
         if isinstance(event, UtteranceStart):
             start, audio = event.start, []
         elif isinstance(event, UtteranceAudio):

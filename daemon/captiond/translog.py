@@ -119,7 +119,7 @@ class LogWriter:
                  capacity: int = _QUEUE_MAX) -> None:
         self.log = translog
         self._report = report
-        self._queue: queue.Queue[tuple[Final, float] | None] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[tuple[Final, float, Callable[[], None]] | None] = queue.Queue(maxsize=capacity)
         self._lock = threading.Lock()
         self._next: tuple[Path, int, int] | None = None  # a reconfiguration, applied between two lines
         self.dropped = 0
@@ -130,15 +130,21 @@ class LogWriter:
         """Start the writer thread."""
         self._thread.start()
 
-    def offer(self, final: Final, ts: float) -> None:
-        """Queue a final emitted at wall-clock ts for the log, never waiting."""
+    def offer(self, final: Final, ts: float, written: Callable[[], None] = lambda: None) -> bool:
+        """Queue a final emitted at wall-clock ts for the log, never waiting; False when it was dropped.
+
+        `written()` is called on the writer's thread once the line is in the file, or in the backlog
+        of a disk that refused it.
+        """
         try:
-            self._queue.put_nowait((final, ts))
+            self._queue.put_nowait((final, ts, written))
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1:
                 self._report(f"transcript log {self.log.path} is {self._queue.maxsize} lines behind "
                              "(a disk that does not answer?); dropping lines until it catches up")
+            return False
+        return True
 
     def reconfigure(self, path: Path, max_bytes: int, backups: int) -> None:
         """Write to a new path and/or rotate differently from the next line on."""
@@ -158,7 +164,9 @@ class LogWriter:
                 if self._next is not None:
                     self.log.reconfigure(*self._next)
                     self._next = None
+            final, ts, written = item
             had_error = self.log.error
-            self.log.write(*item)
+            self.log.write(final, ts)
+            written()
             if self.log.error != had_error:
                 self._report(self.log.error)

@@ -1,0 +1,45 @@
+"""Client commands (ping, status, pause, resume, context) answered against the running daemon's parts;
+`subscribe` is the hub's own. Commands arrive validated (events.parse_command)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .events import Command, Event, Pong, Status
+from .gatedriver import CaptureFeed
+from .health import Health, State
+from .worker import AsrWorker
+
+log = logging.getLogger(__name__)
+
+
+class Commands:
+    """Answers one command at a time on the event loop; `status()` makes the daemon's status event and
+    `listening()` names the source for the `listening` state's detail."""
+
+    def __init__(self, worker: AsrWorker, feed: CaptureFeed, health: Health, status: Callable[[], Status],
+                 listening: Callable[[], str]) -> None:
+        self._worker = worker
+        self._feed = feed
+        self._health = health
+        self._status = status
+        self._listening = listening
+
+    def __call__(self, cmd: Command) -> Event | None:
+        """The answer to a client's command."""
+        if cmd.cmd == "ping":
+            return Pong()
+        if cmd.cmd == "context":
+            if cmd.prompt is not None:
+                self._worker.prompt = cmd.prompt
+            if cmd.hotwords is not None:
+                self._worker.hotwords = cmd.hotwords
+            log.info("context set by a client: prompt %r, hotwords %r", self._worker.prompt, self._worker.hotwords)
+        if cmd.cmd == "pause" and not self._feed.paused:
+            self._feed.paused = True
+            self._health.set(State.PAUSED, "paused by a client; send resume to listen again")
+        elif cmd.cmd == "resume" and self._feed.paused:
+            self._feed.paused = False
+            self._health.set(State.LISTENING, self._listening())
+        return self._status()
