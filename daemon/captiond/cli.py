@@ -77,7 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                              config.audio.read_timeout_s)
         source.check()
         resolve_model(config.asr.model)
-    except (CaptureError, ModelError) as exc:
+        if config.asr.backend == "openai":
+            from .remote import read_key
+            read_key(config.asr)
+    except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     translog = None
     if config.log.enabled:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -25,6 +25,13 @@ _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is be
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
+
+class FinalDecoder(Protocol):
+    """What decodes a worker's finals: the Engine itself, or remote.RemoteFinals (a server, the
+    Engine when it fails); called with Engine.decode's arguments."""
+
+    async def decode(self, audio: np.ndarray, **kwargs: Any) -> Transcript: ...
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,9 @@ class AsrWorker:
 
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 priority: int = MIC) -> None:
+                 priority: int = MIC, finals: FinalDecoder | None = None) -> None:
         self._engine = engine
+        self._finals = finals or engine
         self._priority = priority
         self._cfg = cfg
         self.queue = queue
@@ -159,7 +167,7 @@ class AsrWorker:
         return await self._decode(stream.audio(until=audio_end), beam_size=self._cfg.beam_size, words=True,
                                   prompt=stream.prompt, prefix=stream.prefix if bound else "",
                                   window=self._final_window, priority=self._priority,
-                                  fallback=self._cfg.temperature_fallback)
+                                  fallback=self._cfg.temperature_fallback, on=self._finals)
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
@@ -172,8 +180,9 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str, prefix: str,
-                      priority: int, fallback: bool, window: Window | None) -> Transcript:
-        return await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                      priority: int, fallback: bool, window: Window | None,
+                      on: FinalDecoder | None = None) -> Transcript:
+        return await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                          hotwords=self.hotwords or None, prefix=prefix or None,
                                          fallback=fallback, window=window, priority=priority)
 
@@ -221,7 +230,8 @@ class AsrWorker:
                               "none" if spec is None else "speech went on")
                     self._discard(spec)
                     t = await self._final_decode(stream, item.audio_end)
-                if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
+                # the free decode disagrees with a stable word (a server's cannot be bound: flag unbound)
+                if not stream.keeps_stable(t) and t.origin != "remote":
                     self.finals_bound += 1
                     t = await self._final_decode(stream, item.audio_end, bound=True)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
