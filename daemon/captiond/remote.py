@@ -192,10 +192,10 @@ def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
     """An HTTP error answer as a short message, quoting the server's own message when it gives one."""
     message = ""
     with contextlib.suppress(UnicodeDecodeError, ValueError, AttributeError):
-        data = json.loads(body.decode("utf-8"))
-        error = data.get("error", data.get("detail", data)) if isinstance(data, dict) else data
-        if isinstance(error, dict):
-            error = error.get("message", error.get("error", ""))
+        error = json.loads(body.decode("utf-8"))
+        for _ in range(4):  # OpenAI: {"error": {"message"}}; FastAPI: {"detail": ...}, maybe nested
+            if isinstance(error, dict):
+                error = next((error[k] for k in ("message", "error", "detail") if k in error), "")
         message = error if isinstance(error, str) else ""
     message = "".join(c for c in " ".join(message.split()) if c.isprintable())[:_MAX_ERROR]
     return RemoteError(f"HTTP {status} {reason[:40]}" + (f": {message}" if message else ""))
