@@ -163,7 +163,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
         p = _number(w, "probability", f"words[{i}]", 1.0)
         if not 0 <= p <= 1:
             raise RemoteError(f"the server's answer has a bad words[{i}].probability: {p}")
-        if said := _text(w.get("word"), f"words[{i}].word"):
+        if said := _text(w.get("word", w.get("text")), f"words[{i}].word"):  # some services say "text"
             words.append(Word(said, start, end, p))
     segments, logprob, ratio, no_speech = [], 0.0, 0.0, 0.0
     raw = _items(data, "segments")
