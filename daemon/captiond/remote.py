@@ -402,20 +402,18 @@ class RemoteFinals:
         return result.result()
 
     async def _until(self, aw: Any, deadline: float) -> bool:
-        """Await aw until the deadline (HURRY_S from now at most once stopping); False when it passed."""
+        """Await aw until the deadline, or HURRY_S after the daemon began to stop; False when it passed."""
         task = asyncio.ensure_future(aw)
         hurry = asyncio.ensure_future(self._hurry.wait())
         try:
             while not task.done():
+                if hurry.done():
+                    deadline = min(deadline, self._clock() + HURRY_S)
                 left = deadline - self._clock()
-                if self._hurry.is_set():
-                    left = min(left, HURRY_S)
                 if left <= 0:
                     return False
-                await asyncio.wait([task, hurry] if not hurry.done() else [task], timeout=left,
+                await asyncio.wait([task] if hurry.done() else [task, hurry], timeout=left,
                                    return_when=asyncio.FIRST_COMPLETED)
-                if hurry.done() and not task.done():
-                    deadline = min(deadline, self._clock() + HURRY_S)
             return True
         finally:
             hurry.cancel()
