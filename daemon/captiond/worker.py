@@ -183,8 +183,8 @@ class AsrWorker:
                       priority: int, fallback: bool, window: Window | None,
                       on: FinalDecoder | None = None) -> Transcript:
         return await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                         hotwords=self.hotwords or None, prefix=prefix or None,
-                                         fallback=fallback, window=window, priority=priority)
+                                                 hotwords=self.hotwords or None, prefix=prefix or None,
+                                                 fallback=fallback, window=window, priority=priority)
 
     @property
     def _final_window(self) -> Window | None:
