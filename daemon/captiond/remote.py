@@ -197,8 +197,11 @@ def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
             if isinstance(error, dict):
                 error = next((error[k] for k in ("message", "error", "detail") if k in error), "")
         message = error if isinstance(error, str) else ""
-    message = "".join(c for c in " ".join(message.split()) if c.isprintable())[:_MAX_ERROR]
-    return RemoteError(f"HTTP {status} {reason[:40]}" + (f": {message}" if message else ""))
+    def printable(text: str, n: int) -> str:
+        return "".join(c for c in " ".join(text.split()) if c.isprintable())[:n]
+
+    message = printable(message, _MAX_ERROR)
+    return RemoteError(f"HTTP {status} {printable(reason, 40)}" + (f": {message}" if message else ""))
 
 
 # --- one request, on its own thread -------------------------------------------------------------
