@@ -77,7 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                              config.audio.read_timeout_s)
         source.check()
         resolve_model(config.asr.model)
-    except (CaptureError, ModelError) as exc:
+        if config.asr.backend == "openai":
+            from .remote import read_key
+            read_key(config.asr)
+    except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     translog = None
     if config.log.enabled:
@@ -307,7 +310,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         make_source(config.audio.source)
         resolve_model(config.asr.model)
-    except (CaptureError, ModelError) as exc:
+        if config.asr.backend == "openai":
+            from .remote import read_key
+            read_key(config.asr)
+    except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     print(f"# config OK ({path or 'built-in defaults; no config file found'})")
     print(f"# socket: {socket_path(config.server)}\n# transcript log: {log_path(config.log)}")

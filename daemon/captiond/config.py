@@ -126,6 +126,18 @@ class AsrConfig:
     """Words or phrases the decoder should favour, space-separated; empty for none."""
     carry_over_s: float = 0.0
     """Give the previous final to the decoder as context when the pause before the next utterance is at most this long, in seconds; 0 turns it off."""
+    backend: str = "local"
+    """Who decodes finals: local (the model above) or openai (an OpenAI-compatible server at remote_url; partials stay local)."""
+    remote_url: str = ""
+    """Base URL of the OpenAI-compatible API, e.g. http://gpu-box:8000/v1; finals go to {remote_url}/audio/transcriptions."""
+    remote_model: str = "whisper-1"
+    """Model name sent with each request, as the server names it (e.g. openai/whisper-large-v3 on vLLM)."""
+    remote_key_file: str = ""
+    """File holding the server's API key (one line); empty reads $CAPTIOND_REMOTE_KEY, and with that unset sends no key."""
+    remote_timeout_s: float = 5.0
+    """Seconds a final's request may take before the final is decoded here instead (flag fallback)."""
+    remote_max_in_flight: int = 2
+    """Requests to the server at once; a final that finds none free within its timeout is decoded here."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model.strip()), "asr.model", "must not be empty (use bundled for the default model)")
@@ -149,6 +161,24 @@ class AsrConfig:
             problem = text_problem(getattr(self, key))
             _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
         _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
+        _check(self.backend in ("local", "openai"), "asr.backend", "must be local or openai")
+        if self.backend == "openai" or self.remote_url:
+            url = urlsplit(self.remote_url)
+            _check(url.scheme in ("http", "https") and bool(url.hostname), "asr.remote_url",
+                   f"{self.remote_url!r} is not an http(s) base URL such as http://gpu-box:8000/v1"
+                   if self.remote_url else "must be set with asr.backend = openai, e.g. http://gpu-box:8000/v1")
+            _check(url.username is None and url.password is None, "asr.remote_url",
+                   "must not hold a user or password (they would be logged); put the key in asr.remote_key_file")
+            _check(not url.query and not url.fragment, "asr.remote_url", "must not have a query or fragment")
+            try:
+                url.port
+            except ValueError:
+                raise ConfigError(f"asr.remote_url: {self.remote_url!r} has a bad port") from None
+        _check(0 < len(self.remote_model) <= 200 and text_problem(self.remote_model) is None
+               and not any(c.isspace() for c in self.remote_model), "asr.remote_model",
+               "must be a model name of 1 to 200 characters without spaces, e.g. whisper-1")
+        _check(0.5 <= self.remote_timeout_s <= 300, "asr.remote_timeout_s", "must be between 0.5 and 300 seconds")
+        _check(1 <= self.remote_max_in_flight <= 64, "asr.remote_max_in_flight", "must be between 1 and 64")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class Transcript:
     decode_seconds: float
     unheard: tuple[str, ...] = ()
     """Words left out of text and segments: placed after the audio, or cut by a text rule (rules.py)."""
+    origin: str = "local"
+    """Who decoded it: local, remote (an inference server, remote.py: it cannot be made to begin with
+    the stable words), or fallback (here, because the server failed)."""
 
     @property
     def words(self) -> tuple[Word, ...]:

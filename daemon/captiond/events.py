@@ -102,6 +102,9 @@ class Stats(Event):
     rtf: float
     dropped_frames: int
     queue: int
+    remote_latency: float = 0.0
+    remote_requests: int = 0
+    fallbacks: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
 from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
 from .outbox import Outbox
+from .remote import RemoteFinals
 from .server import Server
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
@@ -49,7 +50,8 @@ class Service:
 
     def __init__(self, config: Config, *, source: Source, engine: Engine, server: Server | None = None,
                  translog: TranscriptLog | None = None,
-                 reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, stop_bound_s: float | None = None,
+                 remote: RemoteFinals | None = None) -> None:
         self.config = config
         self._stop_bound_s = stop_bound_s
         self._exit_timer: threading.Timer | None = None
@@ -68,7 +70,10 @@ class Service:
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))
         self.capture = Capture(self.ring)
         self.queue = gate_queue(config.asr)
-        self.worker = AsrWorker(engine, config.asr, self.queue, self.publish)
+        # Finals of the microphone only: /listen and Wyoming sessions decode theirs here.
+        self.remote = remote or (RemoteFinals(config.asr, engine, changed=lambda: self.publish(self.status()))
+                                 if config.asr.backend == "openai" else None)
+        self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote)
         self.health = Health(lambda: self.publish(self.status()))
         self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
         self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
@@ -117,7 +122,8 @@ class Service:
 
     def status(self) -> Status:
         """The daemon's state and health figures, as a status event."""
-        return Status(self.health.state.value, self.health.detail, self.engine.name, time.monotonic() - self.started,
+        detail = "; ".join(d for d in (self.health.detail, self.remote and self.remote.problem) if d)
+        return Status(self.health.state.value, detail, self.engine.name, time.monotonic() - self.started,
                       self.server.clients if self.server else 0, self.worker.lag, self.ring.overruns)
 
     def _new_session(self, send: Callable[[Event], None], **audio: Any) -> LiveSession:
@@ -151,6 +157,8 @@ class Service:
         if not self._stopping.is_set():
             self._stopping.set()
             self._arm_exit_bound()
+            if self.remote is not None:
+                self.remote.hurry()
             capture = self._tasks.get("capture")
             if capture is not None and not capture.done():
                 capture.cancel()
@@ -182,7 +190,9 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             lag = self.worker.lag
-            self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize()))
+            r = self.remote
+            self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize(),
+                               *((r.latency, r.requests, r.fallbacks) if r is not None else ())))
             self.health.lag(lag, self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------

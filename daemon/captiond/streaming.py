@@ -146,6 +146,8 @@ class UtteranceStream:
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
+        if t.origin == "fallback":
+            flags.append("fallback")
         t = cut.without(*looped) if looped else cut
         if t.unheard:
             log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
@@ -160,6 +162,12 @@ class UtteranceStream:
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
         committed = " ".join(self.words.committed)
         rest = after(committed, t.text)
-        said = (committed + rest).strip() if rest is not None else " ".join(self.words.committed + t.text.split())
+        if rest is not None:
+            said = (committed + rest).strip()
+        elif t.origin == "remote":  # an inference server heard the stable words otherwise: its text stands
+            said = t.text
+            flags.append("unbound")
+        else:
+            said = " ".join(self.words.committed + t.text.split())
         text = " ".join([*self.words.done, said]).strip()
         return Final(self.utt, offset, end.end / SAMPLE_RATE, text, words, t.language, latency, tuple(flags))

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -26,6 +26,13 @@ _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is be
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
+
+
+class FinalDecoder(Protocol):
+    """What decodes a worker's finals: the Engine itself, or remote.RemoteFinals (a server, the
+    Engine when it fails); called with Engine.decode's arguments."""
+
+    async def decode(self, audio: np.ndarray, **kwargs: Any) -> Transcript: ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,9 @@ class AsrWorker:
 
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 priority: int = MIC) -> None:
+                 priority: int = MIC, finals: FinalDecoder | None = None) -> None:
         self._engine = engine
+        self._finals = finals or engine
         self._priority = priority
         self._cfg = cfg
         self.queue = queue
@@ -164,8 +172,8 @@ class AsrWorker:
         said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
         return await self._decode("bound" if bound else kind, stream.audio(until=audio_end),
                                   beam_size=self._cfg.beam_size, words=True, prompt=stream.prompt,
-                                  prefix=stream.prefix if bound else "", window=self._final_window, priority=self._priority,
-                                  fallback=self._cfg.temperature_fallback)
+                                  prefix=stream.prefix if bound else "", window=self._final_window,
+                                  priority=self._priority, fallback=self._cfg.temperature_fallback, on=self._finals)
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
@@ -178,11 +186,12 @@ class AsrWorker:
             self.speculations_wasted += 1
 
     async def _decode(self, kind: str, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
-                      prefix: str, priority: int, fallback: bool, window: Window | None) -> Transcript:
+                      prefix: str, priority: int, fallback: bool, window: Window | None,
+                      on: FinalDecoder | None = None) -> Transcript:
         asked = self._clock()
-        t = await self._engine.decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
-                                      hotwords=self.hotwords or None, prefix=prefix or None,
-                                      fallback=fallback, window=window, priority=priority)
+        t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                                              hotwords=self.hotwords or None, prefix=prefix or None,
+                                              fallback=fallback, window=window, priority=priority)
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds
         # What a final's latency is made of: the wait for the model thread, then the decode itself.
@@ -234,7 +243,8 @@ class AsrWorker:
                               "none" if spec is None else "speech went on")
                     self._discard(spec)
                     t = await self._final_decode(stream, item.audio_end)
-                if not stream.keeps_stable(t):  # the free decode disagrees with a stable word
+                # the free decode disagrees with a stable word (a server's cannot be bound: flag unbound)
+                if not stream.keeps_stable(t) and t.origin != "remote":
                     self.finals_bound += 1
                     t = await self._final_decode(stream, item.audio_end, bound=True)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker

@@ -1,0 +1,329 @@
+"""Unit tests of remote.py: the answer's validation, the key, the request, fallback and backoff."""
+
+import asyncio
+import io
+import json
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from captiond.config import AsrConfig, ConfigError, from_dict
+from captiond.engine import Engine, Segment, Transcript
+from captiond.remote import (BACKOFF_FIRST_S, HURRY_S, KEY_ENV, RemoteError, RemoteFinals, _server_error,
+                             multipart, parse_transcript, read_key, wav_bytes)
+from captiond.streaming import UtteranceStream
+from captiond.gate import UtteranceEnd
+from captiond.frames import SAMPLE_RATE
+from captiond.worker import AsrWorker
+from conftest import FakeDecoder
+from test_streaming import scripted, utterance
+
+OPENAI = {  # the shape of OpenAI's verbose_json with word and segment granularities
+    "task": "transcribe", "language": "english", "duration": 2.8, "text": "Feels like these days go on forever.",
+    "words": [{"word": w, "start": s, "end": e} for w, s, e in
+              [("Feels", 0.0, 0.5), ("like", 0.5, 0.8), ("these", 0.8, 1.1), ("days", 1.1, 1.4),
+               ("go", 1.5, 1.8), ("on", 1.8, 2.1), ("forever.", 2.1, 2.7)]],
+    "segments": [{"id": 0, "start": 0.0, "end": 1.45, "text": " Feels like these days", "avg_logprob": -0.3,
+                  "compression_ratio": 1.1, "no_speech_prob": 0.02},
+                 {"id": 1, "start": 1.45, "end": 2.7, "text": " go on forever.", "avg_logprob": -0.5,
+                  "compression_ratio": 0.9, "no_speech_prob": 0.1}],
+}
+
+
+def answer(**changes):
+    return json.dumps({**OPENAI, **changes}).encode()
+
+
+def test_an_openai_answer_becomes_the_transcript_a_local_decode_gives():
+    t = parse_transcript(answer(), 2.8, 0.3, "en")
+    assert t.text == "Feels like these days go on forever."
+    assert [s.text for s in t.segments] == ["Feels like these days", "go on forever."]
+    assert [w.word for w in t.segments[0].words] == ["Feels", "like", "these", "days"]
+    assert [w.word for w in t.segments[1].words] == ["go", "on", "forever."]
+    assert t.words[-1].start == 2.1 and t.words[-1].end == 2.7 and t.words[-1].p == 1.0  # OpenAI gives no p
+    assert (t.avg_logprob, t.compression_ratio, t.no_speech_prob) == (-0.5, 1.1, 0.1)
+    assert t.language == "en" and t.origin == "remote" and t.decode_seconds == 0.3
+    # the transcript cuts like a local one (a tail the stream drops)
+    assert t.without(6, 7).text == "Feels like these days go on"
+
+
+def test_answers_without_word_times_or_segments_still_give_text():
+    segments_only = parse_transcript(answer(words=None, language="de"), 2.8, 0.3, "en")  # faster-whisper-server
+    assert segments_only.text == OPENAI["text"] and segments_only.words == () and segments_only.language == "de"
+    text_only = parse_transcript(b'{"text": " hello  there "}', 1.0, 0.1, "en")
+    assert text_only.text == "hello there" and text_only.segments == (Segment(0.0, 1.0, "hello there", ()),)
+    words_only = parse_transcript(answer(segments=[]), 2.8, 0.3, "en")
+    assert len(words_only.words) == 7 and len(words_only.segments) == 1
+    assert parse_transcript(b'{"text": ""}', 1.0, 0.1, "en").segments == ()
+
+
+def bad_word(**w):
+    return answer(words=[{"word": "x", "start": 0.0, "end": 0.5, **w}], segments=[])
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"<html>502 Bad Gateway</html>", "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+    (b'["text"]', "not a JSON object"),
+    (b'{"segments": []}', "no usable text"),
+    (b'{"text": 5}', "no usable text"),
+    (json.dumps({"text": "a" * 20_001}).encode(), "no usable text"),
+    (b'{"text": "a\\u0000b"}', "not plain text"),
+    (b'{"text": "ok", "segments": {"start": 0}}', "bad segments"),
+    (b'{"text": "ok", "words": ["x"]}', "bad words"),
+    (json.dumps({"text": "ok", "words": [{"word": "x", "start": 0, "end": 0}] * 5001}).encode(), "bad words"),
+    (bad_word(start=float("nan")), "bad words[0].start"),
+    (b'{"text": "x", "words": [{"word": "x", "start": Infinity, "end": 1}]}', "bad words[0].start"),
+    (bad_word(start=True), "bad words[0].start"),
+    (bad_word(start="0"), "bad words[0].start"),
+    (bad_word(start=-1.0), "from -1.0"),
+    (bad_word(start=0.6), "from 0.6 to 0.5"),
+    (bad_word(end=1e9), "s of audio"),
+    (bad_word(probability=2.0), "probability"),
+    (bad_word(word=None), "words[0].word"),
+    (answer(words=list(reversed(OPENAI["words"]))), "out of order"),
+    (answer(segments=[{"start": 0, "end": 1, "text": 7}]), "segments[0].text"),
+    (answer(segments=[{"start": 0, "end": 1, "text": "x", "avg_logprob": "low"}]), "avg_logprob"),
+])
+def test_a_malformed_answer_is_refused_saying_what_is_wrong(body, why):
+    with pytest.raises(RemoteError, match=why.replace("[", r"\[").replace("]", r"\]")):
+        parse_transcript(body, 2.8, 0.3, "en")
+
+
+def test_an_error_answer_quotes_the_servers_message_short_and_printable():
+    assert str(_server_error(401, "Unauthorized", b'{"error": {"message": "Incorrect API key\\n provided"}}')) \
+        == "HTTP 401 Unauthorized: Incorrect API key provided"
+    assert str(_server_error(400, "Bad Request", b'{"detail": {"error": {"message": "unknown model: x"}}}')) \
+        == "HTTP 400 Bad Request: unknown model: x"
+    assert str(_server_error(502, "Bad Gateway", b"<html>" + b"x" * 5000)) == "HTTP 502 Bad Gateway"
+    assert len(str(_server_error(500, "Oops", json.dumps({"error": "\x1b[2J" + "y" * 900}).encode()))) < 260
+
+
+def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printable_line(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-abc123\n")
+    assert read_key(AsrConfig(remote_key_file=str(key)), {}) == "sk-abc123"
+    assert read_key(AsrConfig(), {KEY_ENV: "sk-env"}) == "sk-env"
+    assert read_key(AsrConfig(), {"OPENAI_API_KEY": "sk-other"}) == ""  # never sent to an arbitrary server
+    key.write_text("sk-abc\r\nX-Injected: 1")
+    with pytest.raises(ConfigError, match="asr.remote_key_file.*one line of printable ASCII") as err:
+        read_key(AsrConfig(remote_key_file=str(key)), {})
+    assert "sk-abc" not in str(err.value)
+    key.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_key(AsrConfig(remote_key_file=str(key)), {})
+    with pytest.raises(ConfigError, match="cannot read.*No such file"):
+        read_key(AsrConfig(remote_key_file=str(tmp_path / "none")), {})
+
+
+@pytest.mark.parametrize("asr, why", [
+    ({"backend": "openai"}, "asr.remote_url: must be set"),
+    ({"backend": "openai", "remote_url": "gpu-box:8000/v1"}, "asr.remote_url: 'gpu-box:8000/v1' is not"),
+    ({"backend": "openai", "remote_url": "http://me:sk-1@gpu/v1"}, "asr.remote_url: must not hold a user"),
+    ({"backend": "openai", "remote_url": "http://gpu:99999/v1"}, "asr.remote_url: .* bad port"),
+    ({"backend": "openai", "remote_url": "http://gpu/v1?key=1"}, "asr.remote_url: must not have a query"),
+    ({"backend": "remote"}, "asr.backend: must be local or openai"),
+    ({"remote_model": "large v3"}, "asr.remote_model"),
+    ({"remote_timeout_s": 0}, "asr.remote_timeout_s"),
+    ({"remote_max_in_flight": 0}, "asr.remote_max_in_flight"),
+    ({"remote_key": "sk-1"}, "asr.remote_key: unknown key"),  # the key itself never goes in the TOML
+])
+def test_bad_remote_settings_are_refused_by_name(asr, why):
+    with pytest.raises(ConfigError, match=why):
+        from_dict({"asr": asr})
+
+
+def test_the_request_carries_the_audio_as_wav_and_the_fields():
+    audio = (np.sin(np.arange(8000) / 10) * 0.5).astype(np.float32)
+    with wave.open(io.BytesIO(wav_bytes(audio))) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (SAMPLE_RATE, 1, 2, 8000)
+        back = np.frombuffer(w.readframes(8000), "<i2").astype(np.float32) / 32768
+    assert np.abs(back - audio).max() < 1e-4
+    body, kind = multipart([("model", "whisper-1"), ("timestamp_granularities[]", "word")], b"RIFF")
+    boundary = kind.split("boundary=")[1]
+    assert body.count(f"--{boundary}".encode()) == 4 and body.endswith(f"--{boundary}--\r\n".encode())
+    assert b'name="timestamp_granularities[]"\r\n\r\nword\r\n' in body
+    assert b'filename="audio.wav"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n' in body
+
+
+class FakeClient:
+    """Stands in for the HTTP client: answers, raises, or blocks until released (unit tests only)."""
+
+    url = "http://fake/v1/audio/transcriptions"
+
+    def __init__(self):
+        self.outcomes = []
+        self.calls = 0
+        self.release = threading.Event()
+        self.aborted = []
+
+    def transcribe(self, audio, prompt, call):
+        self.calls += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if outcome == "block":
+            self.release.wait(30)
+            self.aborted.append(call.aborted)
+            raise RemoteError("abandoned")
+        if isinstance(outcome, Exception):
+            raise outcome
+        return Transcript(f"remote {prompt}", (), "en", -0.1, 1.0, 0.0, 1.0, 0.05, origin="remote")
+
+
+def remote_finals(client, timeout=5.0, in_flight=2, real_time=False):
+    now = [0.0]
+    changes = []
+    cfg = AsrConfig(backend="openai", remote_url="http://fake/v1", remote_timeout_s=timeout,
+                    remote_max_in_flight=in_flight)
+    engine = Engine(FakeDecoder())
+    finals = RemoteFinals(cfg, engine, client=client, changed=lambda: changes.append(finals.problem),
+                          clock=time.monotonic if real_time else lambda: now[0])
+    return finals, engine, now, changes
+
+
+ARGS = dict(beam_size=5, words=True, fallback=False, window=None)
+
+
+def test_a_failing_server_costs_no_final_backs_off_and_recovers():
+    client = FakeClient()
+    client.outcomes = [RemoteError("connection refused"), RemoteError("HTTP 500 Internal Server Error")]
+    finals, engine, now, changes = remote_finals(client)
+    audio = np.zeros(SAMPLE_RATE, np.float32)
+
+    async def main():
+        got = [await finals.decode(audio, prompt="ctx", **ARGS)]  # refused: decoded here
+        got.append(await finals.decode(audio, prompt="ctx", **ARGS))  # backing off: not even tried
+        now[0] += BACKOFF_FIRST_S
+        got.append(await finals.decode(audio, prompt="ctx", **ARGS))  # 500: here again, backoff doubles
+        now[0] += BACKOFF_FIRST_S
+        got.append(await finals.decode(audio, prompt="ctx", **ARGS))  # still backing off
+        now[0] += BACKOFF_FIRST_S
+        got.append(await finals.decode(audio, prompt="ctx", hotwords="Anya", **ARGS))  # answers again
+        return got
+
+    got = asyncio.run(main())
+    engine.close()
+    assert [t.origin for t in got] == ["fallback"] * 4 + ["remote"]
+    assert got[0].text == "heard 1.00" and got[-1].text == "remote Anya ctx"
+    assert client.calls == 3 and finals.fallbacks == 4 and finals.requests == 1
+    assert changes[0].startswith("remote ASR http://fake/v1/audio/transcriptions unreachable (connection refused)")
+    assert "HTTP 500" in changes[1] and changes[2] == "" and finals.problem == ""
+
+
+def test_a_server_past_the_timeout_is_abandoned_and_a_bound_decode_stays_here():
+    client = FakeClient()
+    client.outcomes = ["block"]
+    finals, engine, now, changes = remote_finals(client, timeout=0.5, real_time=True)
+
+    async def main():
+        t = await finals.decode(np.zeros(SAMPLE_RATE, np.float32), **ARGS)
+        bound = await finals.decode(np.zeros(SAMPLE_RATE, np.float32), prefix="heard", **ARGS)
+        return t, bound
+
+    t, bound = asyncio.run(main())
+    client.release.set()
+    engine.close()
+    assert t.origin == "fallback" and "no answer within 0.5 s" in finals.problem
+    assert bound.origin == "fallback" and engine.decoder.prefixes[-1] == "heard"
+    assert client.calls == 1 and finals.fallbacks == 1  # the bound decode is the same final's
+
+
+def test_no_free_request_means_a_local_final_without_backoff_and_a_cancelled_one_is_no_failure():
+    client = FakeClient()
+    client.outcomes = ["block", "ok"]
+    finals, engine, now, changes = remote_finals(client, timeout=0.5, in_flight=1, real_time=True)
+    audio = np.zeros(SAMPLE_RATE, np.float32)
+
+    async def main():
+        first = asyncio.create_task(finals.decode(audio, **ARGS))
+        while client.calls == 0:
+            await asyncio.sleep(0.01)
+        first.cancel()  # a speculative final thrown away: its thread holds the one request until it ends
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        busy = await finals.decode(audio, **ARGS)
+        client.release.set()
+        while finals._running:
+            await asyncio.sleep(0.01)
+        return busy, await finals.decode(audio, **ARGS)
+
+    busy, after = asyncio.run(main())
+    engine.close()
+    assert busy.origin == "fallback" and after.origin == "remote"
+    assert client.aborted == [True] and changes == [] and finals.problem == ""
+
+
+def test_a_stop_hurries_a_slow_request_into_a_local_final():
+    client = FakeClient()
+    client.outcomes = ["block"]
+    finals, engine, now, changes = remote_finals(client, timeout=60, real_time=True)
+
+    async def main():
+        task = asyncio.create_task(finals.decode(np.zeros(SAMPLE_RATE, np.float32), **ARGS))
+        while client.calls == 0:
+            await asyncio.sleep(0.01)
+        began = time.monotonic()
+        finals.hurry()
+        t = await asyncio.wait_for(task, 30)
+        return t, time.monotonic() - began
+
+    t, took = asyncio.run(main())
+    client.release.set()
+    engine.close()
+    assert t.origin == "fallback" and took < 60 - HURRY_S
+
+
+def test_a_servers_final_that_disagrees_with_the_stable_words_stands_flagged_unbound():
+    stream = UtteranceStream(1, 0, 0.5)
+    stream.words.committed = ["Fields", "like"]
+    end = UtteranceEnd(1, SAMPLE_RATE, SAMPLE_RATE, "silence", 0.0)
+    served = Transcript("Feels like these days.", (Segment(0.0, 1.0, "Feels like these days.", ()),), "en",
+                        -0.2, 1.0, 0.0, 1.0, 0.1, origin="remote")
+    final = stream.final(served, end, 0.1)
+    assert final.text == "Feels like these days." and final.flags == ("unbound",)
+    agrees = stream.final(Transcript("Fields, like these days.", served.segments, "en", -0.2, 1.0, 0.0, 1.0, 0.1,
+                                     origin="remote"), end, 0.1)
+    assert agrees.text == "Fields like these days." and agrees.flags == ()
+    local = stream.final(Transcript("Feels like it.", served.segments, "en", -0.2, 1.0, 0.0, 1.0, 0.1,
+                                    origin="fallback"), end, 0.1)
+    assert local.flags == ("fallback",) and local.text.startswith("Fields like")
+
+
+def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_servers():
+    class Served:
+        def __init__(self):
+            self.prefixes = []
+
+        async def decode(self, audio, *, prefix=None, **_):
+            self.prefixes.append(prefix)
+            return Transcript("something else entirely", (), "en", -0.2, 1.0, 0.0, 1.0, 0.1, origin="remote")
+
+    served = Served()
+    partials = scripted(["one two three four five six seven eight"])
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 6.0):
+            await worker.put(item)
+            await asyncio.sleep(0.002)
+
+    published = []
+
+    async def main():
+        queue = asyncio.Queue(maxsize=10000)
+        engine = Engine(partials)
+        worker = AsrWorker(engine, AsrConfig(partial_interval_s=0.4, early_final=False), queue, published.append,
+                           finals=served)
+        task = asyncio.create_task(worker.run())
+        await feed(queue, worker)
+        await queue.put(None)
+        await asyncio.wait_for(task, 60)
+        engine.close()
+
+    asyncio.run(main())
+    stable = [p.stable for p in published if p.type == "partial" and p.stable]
+    final = [e for e in published if e.type == "final"][0]
+    assert stable, "the scripted partials made words stable"
+    assert served.prefixes == [None]  # one free request, no bound one
+    assert final.text == "something else entirely" and "unbound" in final.flags
