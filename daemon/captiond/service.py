@@ -82,6 +82,7 @@ class Service:
         self._tasks: dict[str, asyncio.Task] = {}
         self._stopping = asyncio.Event()
         self._flush_gate = False
+        self._finalize = False  # a client's finalize: close the open utterance with the frames heard so far
         self._gate_tick = time.monotonic()
         self._next_gate: Handoff[GateConfig] = Handoff()  # a reconfigured gate, swapped in between utterances
 
@@ -134,6 +135,9 @@ class Service:
             if cmd.hotwords is not None:
                 self.worker.hotwords = cmd.hotwords
             log.info("context set by a client: prompt %r, hotwords %r", self.worker.prompt, self.worker.hotwords)
+        if cmd.cmd == "finalize" and not self.paused:  # paused, nothing is open and nothing is heard
+            self._finalize = True  # the gate closes the open utterance after what it has heard
+            self.capture.frames_ready.set()
         if cmd.cmd == "pause" and not self.paused:
             self.paused = True
             self.health.set(State.PAUSED, "paused by a client; send resume to listen again")
@@ -209,7 +213,7 @@ class Service:
             await self.capture.frames_ready.wait()
             self.capture.frames_ready.clear()
             if (len(self.ring) < _IDLE_BATCH_FRAMES and not self.gate.in_speech and not self.supervisor.done
-                    and not self.paused and not self._flush_gate):
+                    and not self.paused and not self._flush_gate and not self._finalize):
                 continue  # silence: take frames three at a time, a third of the wake-ups
             last = self.supervisor.done
             frames = []
@@ -217,9 +221,12 @@ class Service:
                 frames.append(frame)
             self.capture.made_room()
             self._gate_tick = time.monotonic()
-            if self.paused:
-                frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            close = last or self.paused or self._flush_gate
+            finalize, self._finalize = self._finalize, False
+            if self.paused and not finalize:
+                # Not heard at all; an utterance open at the pause is closed and finalised. A finalize
+                # sent just before the pause (push-to-talk's stop) keeps the frames that came before it.
+                frames = []
+            close = last or self.paused or self._flush_gate or finalize
             self._flush_gate = False
             events = await loop.run_in_executor(self._gate_thread, self._feed_gate, frames, close)
             for event in events:
