@@ -134,9 +134,11 @@ def run_clip(rig: Rig, item: dict, mode: str) -> dict:
     player = rig.mic.play(wav)
     player.wait(120)
     played = time.monotonic()
+    command_s = None
     if mode == "ptt":
         start = played
         rig.ptt("stop")
+        command_s = time.monotonic() - start
     else:  # trimmed() keeps 0.1 s after the last loud frame
         start = played - TAIL_S - 0.1
     started = rig.events.of("speech_start")[starts_before:]
@@ -147,7 +149,7 @@ def run_clip(rig: Rig, item: dict, mode: str) -> dict:
     arrived = [f["ts"] - rig.clock - start for f in finals]
     return {"clip": item["file"], "ref": item["text"], "finals": finals,
             "latency": None if last is None else last - start,
-            "final_at": max(arrived) if arrived else None,
+            "final_at": max(arrived) if arrived else None, "command_s": command_s,
             "end_of_stream": any("end_of_stream" in f["flags"] for f in finals)}
 
 
@@ -207,8 +209,9 @@ def main() -> None:
 
     print(f"\ndictation bench: {platform.machine()}, {os.cpu_count()} cores, `captiond type --with xdotool` into a Tk "
           f"field under Xvfb; overrides: {' '.join(args.set) or 'none'}")
-    print("\n| from | clips | typed | p50 (s) | p95 (s) | max (s) | of which the final's arrival, p50 (s) | finalised by ptt stop | WER of the field |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| from | clips | typed | p50 (s) | p95 (s) | max (s) | of which: the final's arrival, p50 (s) | "
+          "the `ptt stop` command's run, p50 (s) | finalised by ptt stop | WER of the field |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, rows in results.items():
         lat = [r["latency"] for r in rows if r["latency"] is not None]
         arrive = [r["final_at"] for r in rows if r["final_at"] is not None]
@@ -216,8 +219,9 @@ def main() -> None:
                           for r in rows])
         origin = "end of speech" if mode == "vad" else "`captiond ptt stop`"
         eos = f"{sum(r['end_of_stream'] for r in rows)}/{len(rows)}" if mode == "ptt" else "—"
+        command = f"{pct([r['command_s'] for r in rows], 50):.2f}" if mode == "ptt" else "—"
         print(f"| {origin} | {len(rows)} | {len(lat)} | {pct(lat, 50):.2f} | {pct(lat, 95):.2f} | "
-              f"{max(lat) if lat else float('nan'):.2f} | {pct(arrive, 50):.2f} | {eos} | {wer:.3f} |")
+              f"{max(lat) if lat else float('nan'):.2f} | {pct(arrive, 50):.2f} | {command} | {eos} | {wer:.3f} |")
     print(f"\nthe field holds exactly what the finals compose to: {'yes' if field == expected else 'NO'} "
           f"({len(field)} characters)")
     if quiet:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -63,6 +62,8 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
+    import asyncio  # here: `captiond ptt`, run on a key press, starts faster without it
+
     from .capture import CaptureError, make_source, portaudio_idle
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
     from .gate import FeatureError
