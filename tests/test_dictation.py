@@ -92,6 +92,7 @@ def test_spoken_commands(said, typed):
 def test_command_phrases_come_from_the_config():
     phrases = DictationConfig(commands=True, period="full stop", scratch_that="").phrases()
     assert dictate("It works full stop", "Scratch that.", phrases=phrases) == "It works. Scratch that."
+    assert dictate("A period of time, comma", phrases=phrases) == "A period of time,"
     assert DictationConfig().phrases() == {}, "spoken commands are off by default"
 
 

@@ -129,3 +129,24 @@ def test_push_to_talk_off_types_nothing_and_stop_types_at_once(vmic, daemon, fie
     assert ptt(daemon, "stop") == "paused"  # nothing is open: nothing more to type
     assert len(events.of("final")) == 1 and field.text == text
     assert ptt(daemon, "start") == "listening"
+
+
+def test_spoken_commands_press_return_and_backspace_in_a_real_window(xserver, tmp_path):
+    from captiond.config import DictationConfig
+    from captiond.dictation import Typist
+    from captiond.events import Final
+
+    box = xserver.field(tmp_path / "commands.txt")
+    try:
+        composer, typist = Composer(DictationConfig(commands=True).phrases()), Typist(
+            "xdotool", 4, run=lambda argv, **kw: subprocess.run(argv, env=xserver.env, **kw))
+        for said in ["Dear John, new line.", "It was great.", "Scratch that.", "Thanks a lot.", "Comma.",
+                     "new paragraph see you"]:
+            keys = composer.take(Final(1, 0.0, 1.0, said, (), "en", 0.1, ()))
+            if keys is not None:
+                typist.press(keys)
+        expected = "Dear John,\nThanks a lot,\n\nSee you"
+        assert composer.text == expected
+        box.wait_for(lambda t: t == expected, timeout=30)
+    finally:
+        box.close()

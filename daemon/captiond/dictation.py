@@ -69,6 +69,13 @@ class _Field:
         return gone[: len(gone) - undone]
 
 
+@dataclass(frozen=True)
+class _Spoken:
+    """A spoken command found among a final's words (a plain str is a word to type)."""
+
+    cmd: str
+
+
 def _bare(token: str) -> str:
     return re.sub(r"[^\w']+", "", token.lower())
 
@@ -100,7 +107,12 @@ class Composer:
         erased = ""  # what this final deleted of the text before it
         first = True  # the first word of the final (or after a command): its capital is Whisper's guess
         for piece in self._pieces(final.text.split()):
-            if piece == "scratch_that":
+            if not isinstance(piece, _Spoken):
+                field.add(self._spaced(field.text, piece, first))
+                first = False
+                continue
+            first = True
+            if piece.cmd == "scratch_that":
                 # What this final said before it, else the last final typed.
                 edit = _Edit(erased, field.text[start:])
                 if not edit.typed and not edit.erased:
@@ -108,20 +120,14 @@ class Composer:
                 field.remove(len(edit.typed))
                 field.add(edit.erased)
                 start, erased = len(field.text), ""
-                first = True
-            elif piece in ("new_line", "new_paragraph"):
-                field.add("\n" if piece == "new_line" else "\n\n")
-                first = True
-            elif piece in ("period", "comma"):
+            elif piece.cmd in ("new_line", "new_paragraph"):
+                field.add("\n" if piece.cmd == "new_line" else "\n\n")
+            else:  # period, comma
                 if field.text and field.text[-1] in _PUNCT:  # in place of Whisper's own punctuation
                     gone = field.remove(1)
                     if len(field.text) < start:
                         erased, start = gone + erased, len(field.text)
-                field.add("." if piece == "period" else ",")
-                first = True
-            else:
-                field.add(self._spaced(field.text, piece, first))
-                first = False
+                field.add("." if piece.cmd == "period" else ",")
         if not field.typed and not field.erase:
             return None
         if field.text[start:] or erased:
@@ -129,16 +135,16 @@ class Composer:
         self._tail = field.text[-_TAIL:]
         return Keys(field.erase, field.typed)
 
-    def _pieces(self, tokens: Sequence[str]) -> list[str]:
+    def _pieces(self, tokens: Sequence[str]) -> list[str | _Spoken]:
         """The final's words, with spoken command phrases replaced by the command's name."""
         bare = [_bare(t) for t in tokens]
-        out: list[str] = []
+        out: list[str | _Spoken] = []
         i = 0
         while i < len(tokens):
             for phrase, cmd in self._phrases:
                 n = len(phrase)
                 if tuple(bare[i:i + n]) == phrase or bare[i] == "".join(phrase):  # "newline" too
-                    out.append(cmd)
+                    out.append(_Spoken(cmd))
                     i += n if tuple(bare[i:i + n]) == phrase else 1
                     break
             else:
