@@ -222,3 +222,16 @@ def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_p
     assert notes[0].startswith("connected: typing finals with recorder")
     assert "connection to captiond lost; reconnecting" in notes and "waiting for it" in notes[-1]
     assert [n for n in notes if n.startswith("typed: ")] == [f"typed: {final['text']}", f"typed: {second['text']}"]
+
+
+def test_dictation_keys_are_checked_and_never_make_the_daemon_restart():
+    from captiond.config import Config, ConfigError, from_dict
+    from captiond.reloader import plan
+
+    for table, key in [({"typer": "xdotol"}, "dictation.typer"), ({"key_delay_ms": -1}, "dictation.key_delay_ms"),
+                       ({"comma": "co,mma"}, "dictation.comma"), ({"period": "comma"}, "dictation.period"),
+                       ({"scratch": "x"}, "dictation.scratch")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            from_dict({"dictation": table})
+    change = plan(Config(), from_dict({"dictation": {"commands": True, "key_delay_ms": 20}}))
+    assert not change.applied and not change.later
