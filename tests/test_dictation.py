@@ -235,3 +235,19 @@ def test_dictation_keys_are_checked_and_never_make_the_daemon_restart():
             from_dict({"dictation": table})
     change = plan(Config(), from_dict({"dictation": {"commands": True, "key_delay_ms": 20}}))
     assert not change.applied and not change.later
+
+
+def test_ptt_against_a_daemon_that_never_answers_gives_up_with_one_line(tmp_path):
+    import socket
+
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(tmp_path / "mute.sock"))
+    mute.listen(1)  # accepts, never says hello
+    try:
+        result = subprocess.run([sys.executable, "-m", "captiond", "ptt", "stop", "--set",
+                                 f"server.socket={tmp_path}/mute.sock"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=60)
+    finally:
+        mute.close()
+    assert result.returncode == 1
+    assert result.stderr == "captiond: error: captiond did not answer within 10 s; see `captiond status`\n"

@@ -214,18 +214,24 @@ def cmd_type(args: argparse.Namespace) -> int:
     return 0
 
 
+_PTT_TIMEOUT_S = 10.0
+
+
 def cmd_ptt(args: argparse.Namespace) -> int:
     """Push-to-talk: start or stop listening (a stop types what was just said at once)."""
-    from .client import NotRunning
+    from .client import Client, NotRunning
     from .dictation import push_to_talk
 
+    config, _ = _config(args)
     try:
-        client = _client(args)
+        client = Client(socket_path(config.server), timeout=_PTT_TIMEOUT_S)  # a key binding must not hang
     except NotRunning as exc:
         return _fail(str(exc), 1)
     with client:
         try:
             state = push_to_talk(client, args.action)
+        except TimeoutError:
+            return _fail(f"captiond did not answer within {_PTT_TIMEOUT_S:.0f} s; see `captiond status`", 1)
         except (ConnectionError, OSError) as exc:
             return _fail(str(exc), 1)
     print(state)
