@@ -64,7 +64,7 @@ def test_parser_never_fails_any_other_way(line):
     except ProtocolError as exc:
         assert exc.code and str(exc)
     else:
-        assert cmd.cmd in ("subscribe", "ping", "pause", "resume", "status", "context")
+        assert cmd.cmd in ("subscribe", "ping", "pause", "resume", "status", "context", "finalize")
         assert cmd.types is None or cmd.types <= set(EVENT_TYPES)
 
 

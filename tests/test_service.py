@@ -176,3 +176,69 @@ def test_a_client_sees_a_final_only_once_its_line_is_in_the_log(tmp_path):
     h.end()
     reader.join(30)
     assert seen == [(1, True), (2, True)]
+
+
+def _open_utterance(h, events, seconds=1.5):
+    """Say the first `seconds` of a clip and stop there: the utterance stays open (the pipe stalls)."""
+    from conftest import CORPUS, read_wav, trimmed
+
+    h.say(silence(0.3))
+    events.wait_for(lambda e: e.get("state") == "listening")
+    h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[: int(seconds * 16000)])
+    return events.wait_for(lambda e: e["type"] == "speech_start")
+
+
+def test_finalize_ends_the_open_utterance_at_once_and_listening_goes_on(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log")
+    events = EventLog(h.sock)
+    _open_utterance(h, events)
+    events.client.send({"cmd": "finalize"})
+    final = events.wait_for(lambda e: e["type"] == "final", timeout=30)
+    assert final["utt"] == 1 and "end_of_stream" in final["flags"] and final["text"].startswith("heard")
+    assert events.of("speech_end")[0]["utt"] == 1
+    events.client.send({"cmd": "status"})
+    answer = events.wait_for(lambda e: e["type"] == "status" and e["ts"] >= final["ts"])
+    assert answer["state"] == "listening"
+    events.client.send({"cmd": "finalize"})  # nothing open now: only an answer
+    events.client.send({"cmd": "ping"})
+    events.wait_for(lambda e: e["type"] == "pong")
+    h.say(SPEECH)
+    second = events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    assert "end_of_stream" not in second["flags"], "after a finalize the gate ends utterances at pauses again"
+    h.end()
+    assert len(events.of("final")) == 2 and h.exit_code == 0
+
+
+def test_finalize_then_pause_keeps_every_frame_heard_before_the_pause(tmp_path):
+    import threading
+
+    from conftest import CORPUS, read_wav, trimmed
+
+    h = Harness(tmp_path, tmp_path / "t.log")
+    events = EventLog(h.sock)
+    _open_utterance(h, events, seconds=1.0)
+    # Hold the gate's thread so that what is said next waits in the capture ring, as it does when
+    # push-to-talk's stop arrives before the gate took the last frames.
+    hold = threading.Event()
+    h.service._gate_thread.submit(hold.wait)
+    h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[16000:32000])
+    deadline = time.monotonic() + 30
+    while len(h.service.ring) < 15 and time.monotonic() < deadline:  # the source reads 16 frames at a time
+        time.sleep(0.01)
+    events.client.send({"cmd": "finalize"})
+    events.client.send({"cmd": "pause"})
+    events.wait_for(lambda e: e["type"] == "status" and e["state"] == "paused")
+    hold.set()
+    final = events.wait_for(lambda e: e["type"] == "final", timeout=30)
+    assert "end_of_stream" in final["flags"]
+    assert final["end"] >= 0.3 + 2.0 - 0.3, f"the last second said was dropped: {final}"
+    events.client.send({"cmd": "finalize"})  # while paused: nothing is heard, nothing opens
+    h.say(SPEECH)
+    h.say(silence(3.0))
+    while len(h.service.ring):
+        time.sleep(0.01)
+    events.client.send({"cmd": "ping"})
+    events.wait_for(lambda e: e["type"] == "pong")
+    assert len(events.of("speech_start")) == 1
+    h.end()
+    assert h.exit_code == 0

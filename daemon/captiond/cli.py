@@ -1,9 +1,8 @@
-"""Command line: captiond run | listen | captions | devices | check-config."""
+"""Command line: captiond run | listen | captions | status | type | ptt | transcribe | devices | check-config."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -63,6 +62,8 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
+    import asyncio  # here: `captiond ptt`, run on a key press, starts faster without it
+
     from .capture import CaptureError, make_source, portaudio_idle
     from .engine import Engine, ModelError, WhisperDecoder, resolve_model
     from .gate import FeatureError
@@ -189,6 +190,54 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"lag:          {status.lag:.1f} s\n"
           f"dropped:      {status.dropped_frames} frames\n"
           f"version:      {hello.event.version} (protocol {hello.event.protocol})")
+    return 0
+
+
+def cmd_type(args: argparse.Namespace) -> int:
+    """Type each final into the focused window until Ctrl-C."""
+    from .dictation import Composer, TypistError, choose_typist, type_finals
+
+    config, _ = _config(args)
+    dictation = config.dictation
+    if args.commands:
+        dictation = dataclasses.replace(dictation, commands=True)
+    try:
+        typist = choose_typist(args.tool or dictation.typer, os.environ, dictation.key_delay_ms)
+    except TypistError as exc:
+        return _fail(str(exc))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def note(text: str) -> None:
+        print(f"[{text}]", file=sys.stderr, flush=True)
+
+    try:
+        type_finals(socket_path(config.server), Composer(dictation.phrases()), typist, note)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+_PTT_TIMEOUT_S = 10.0
+
+
+def cmd_ptt(args: argparse.Namespace) -> int:
+    """Push-to-talk: start or stop listening (a stop types what was just said at once)."""
+    from .client import Client, NotRunning
+    from .dictation import push_to_talk
+
+    config, _ = _config(args)
+    try:
+        client = Client(socket_path(config.server), timeout=_PTT_TIMEOUT_S)  # a key binding must not hang
+    except NotRunning as exc:
+        return _fail(str(exc), 1)
+    with client:
+        try:
+            state = push_to_talk(client, args.action)
+        except TimeoutError:
+            return _fail(f"captiond did not answer within {_PTT_TIMEOUT_S:.0f} s; see `captiond status`", 1)
+        except (ConnectionError, OSError) as exc:
+            return _fail(str(exc), 1)
+    print(state)
     return 0
 
 
@@ -383,6 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "version. Exits 3 when the daemon is not running.")
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
     status.set_defaults(func=cmd_status)
+    typing = sub.add_parser(
+        "type", parents=[common], help="dictation: type what is said into the focused window",
+        description="Type each final into the window that has the keyboard focus, with the spaces and capitals "
+        "a person would put between sentences; finals flagged withheld, possible_hallucination, repetition, "
+        "error or empty are never typed. Types with wtype on Wayland, xdotool on X11, else ydotool "
+        "(dictation.typer, or --with). Waits for the daemon and reconnects by itself; prints what it typed "
+        "on stderr. Ctrl-C quits.",
+        epilog="push-to-talk: bind a key to `captiond ptt start` (press) and `captiond ptt stop` (release), or "
+        "one key to `captiond ptt toggle`; README.md shows GNOME, KDE, sway and i3.")
+    typing.add_argument("--with", dest="tool", choices=("wtype", "xdotool", "ydotool"),
+                        help="the typing tool to use (default: dictation.typer, auto)")
+    typing.add_argument("--commands", action="store_true",
+                        help='act on spoken commands: "new line", "new paragraph", "period", "comma", "scratch that"')
+    typing.set_defaults(func=cmd_type)
+    ptt = sub.add_parser("ptt", parents=[common], help="push-to-talk: start, stop or toggle listening",
+                         description="start: the daemon listens (resume). stop: the utterance being said is "
+                         "finalised at once (typed by `captiond type`) and the daemon stops listening (pause). "
+                         "toggle: stop when listening, else start. Prints the new state. Exits 1 when the daemon "
+                         "is not running.",
+                         epilog="example for sway: `bindsym --no-repeat $mod+space exec captiond ptt start` and "
+                         "`bindsym --release $mod+space exec captiond ptt stop`")
+    ptt.add_argument("action", choices=("start", "stop", "toggle"))
+    ptt.set_defaults(func=cmd_ptt)
     transcribe = sub.add_parser(
         "transcribe", parents=[common], help="transcribe audio/video files to txt, srt, vtt or json",
         description="Transcribe files with the daemon's gate and model. Any format PyAV (FFmpeg) decodes. "

@@ -15,14 +15,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 from .config import ServerConfig, socket_path
 from .events import MAX_LINE, Envelope, decode
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 class NotRunning(ConnectionError):
@@ -110,6 +112,8 @@ class AsyncClient:
 
     async def connect(self) -> "AsyncClient":
         """Open the connection, raising NotRunning when no daemon answers."""
+        import asyncio  # only here: blocking clients (`captiond ptt` on a key press) start faster without it
+
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=4 * MAX_LINE)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:

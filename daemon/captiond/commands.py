@@ -1,4 +1,4 @@
-"""Client commands (ping, status, pause, resume, context) answered against the running daemon's parts;
+"""Client commands (ping, status, pause, resume, finalize, context) answered against the running daemon's parts;
 `subscribe` is the hub's own. Commands arrive validated (events.parse_command)."""
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class Commands:
             if cmd.hotwords is not None:
                 self._worker.hotwords = cmd.hotwords
             log.info("context set by a client: prompt %r, hotwords %r", self._worker.prompt, self._worker.hotwords)
+        if cmd.cmd == "finalize" and not self._feed.paused:  # paused, nothing is open and nothing is heard
+            self._feed.finalize()
         if cmd.cmd == "pause" and not self._feed.paused:
             self._feed.paused = True
             self._health.set(State.PAUSED, "paused by a client; send resume to listen again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -312,6 +313,51 @@ class WyomingConfig:
         return url.scheme == "tcp" and url.hostname not in _LOOPBACK
 
 
+TYPERS = ("auto", "wtype", "xdotool", "ydotool")
+_COMMANDS = ("new_line", "new_paragraph", "period", "comma", "scratch_that")
+
+
+@dataclass(frozen=True)
+class DictationConfig:
+    """Read by `captiond type` (and `captiond ptt`), not by the daemon."""
+
+    typer: str = "auto"
+    """How to type: auto (wtype on Wayland, xdotool on X11, else ydotool), wtype, xdotool or ydotool; --with overrides it."""
+    key_delay_ms: int = 4
+    """Pause between two typed keys, in ms (some programs drop keys typed faster)."""
+    commands: bool = False
+    """Act on spoken commands (the phrases below) instead of typing them; --commands turns them on too."""
+    new_line: str = "new line"
+    """Phrase that types a line break; empty turns it off."""
+    new_paragraph: str = "new paragraph"
+    """Phrase that types two line breaks; empty turns it off."""
+    period: str = "period"
+    """Phrase that types a full stop in place of the punctuation before it; empty turns it off."""
+    comma: str = "comma"
+    """Phrase that types a comma in place of the punctuation before it; empty turns it off."""
+    scratch_that: str = "scratch that"
+    """Phrase that deletes the last final typed (with BackSpace keys); empty turns it off."""
+
+    def __post_init__(self) -> None:
+        _check(self.typer in TYPERS, "dictation.typer", f"{self.typer!r} is not one of {', '.join(TYPERS)}")
+        _check(0 <= self.key_delay_ms <= 1000, "dictation.key_delay_ms", "must be between 0 and 1000 ms")
+        seen: dict[str, str] = {}
+        for key in _COMMANDS:
+            phrase = " ".join(getattr(self, key).lower().split())
+            if not phrase:
+                continue
+            _check(re.fullmatch(r"[^\W\d_]+('[^\W\d_]+)?( [^\W\d_]+('[^\W\d_]+)?){0,3}", phrase) is not None,
+                   f"dictation.{key}", f"{getattr(self, key)!r} must be one to four words of letters, or \"\" to turn it off")
+            _check(phrase not in seen, f"dictation.{key}", f"{phrase!r} is already the phrase of dictation.{seen.get(phrase)}")
+            seen[phrase] = key
+
+    def phrases(self) -> dict[str, str]:
+        """Spoken command -> phrase (lower case, single spaces) for the commands that are on."""
+        if not self.commands:
+            return {}
+        return {key: " ".join(getattr(self, key).lower().split()) for key in _COMMANDS if getattr(self, key).strip()}
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration, one attribute per TOML table."""
@@ -323,6 +369,7 @@ class Config:
     log: LogConfig = LogConfig()
     websocket: WebSocketConfig = WebSocketConfig()
     wyoming: WyomingConfig = WyomingConfig()
+    dictation: DictationConfig = DictationConfig()
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}

@@ -186,7 +186,7 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-COMMANDS = ("subscribe", "pause", "resume", "status", "ping", "context")
+COMMANDS = ("subscribe", "pause", "resume", "status", "ping", "context", "finalize")
 MAX_CONTEXT = 1000
 """Longest prompt or hotwords text a context command may set, in characters."""
 

@@ -107,6 +107,7 @@ class CaptureFeed:
         self._stage = stage
         self._ended = ended
         self._flush = False
+        self._finalize = False  # a client's finalize: close the open utterance with the frames heard so far
         self.paused = False
         """Set while a client has paused listening."""
         self.tick = time.monotonic()
@@ -117,6 +118,13 @@ class CaptureFeed:
         self._flush = True
         self._capture.frames_ready.set()
 
+    def finalize(self) -> None:
+        """Close the open utterance after the frames captured so far, even those still in the ring when
+        a pause follows at once (push-to-talk's stop); separate from flush(), so that a device lost
+        while paused never feeds frames heard during the pause."""
+        self._finalize = True
+        self._capture.frames_ready.set()
+
     async def batches(self) -> AsyncIterator[Batch]:
         """Batches until the source has ended for good."""
         capture, ring = self._capture, self._capture.ring
@@ -125,16 +133,17 @@ class CaptureFeed:
             capture.frames_ready.clear()
             ended = self._ended()
             if (len(ring) < _IDLE_BATCH_FRAMES and not self._stage.in_speech and not ended and not self.paused
-                    and not self._flush):
+                    and not self._flush and not self._finalize):
                 continue
             frames = []
             while (frame := ring.pop()) is not None:
                 frames.append(frame)
             capture.made_room()
             self.tick = time.monotonic()
-            if self.paused:
+            finalize, self._finalize = self._finalize, False
+            if self.paused and not finalize:
                 frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            close, self._flush = self.paused or self._flush, False
+            close, self._flush = self.paused or self._flush or finalize, False
             yield Batch(frames, close=close, last=ended)
             if ended:
                 return

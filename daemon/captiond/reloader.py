@@ -13,6 +13,7 @@ LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partials", "asr.
                  "asr.partial_pad_s", "asr.stable_after_s", "asr.carry_over_s")
 """asr keys the worker reads per decode; the others shape the loaded model or the queue."""
 _LIVE_SECTIONS = ("gate", "log")
+_NOT_THE_DAEMONS = ("dictation",)  # read by `captiond type`, so never a reason to restart the daemon
 T = TypeVar("T")
 
 
@@ -35,7 +36,8 @@ class Reload:
 def plan(old: Config, new: Config) -> Reload:
     """Compare the running config with a re-read one."""
     changed = {f"{section}.{key}": value
-               for section in vars(new) for key, value in vars(getattr(new, section)).items()
+               for section in vars(new) if section not in _NOT_THE_DAEMONS
+               for key, value in vars(getattr(new, section)).items()
                if getattr(getattr(old, section), key) != value}
     applied = {k: v for k, v in changed.items() if k.split(".")[0] in _LIVE_SECTIONS or k in LIVE_ASR_KEYS}
     asr = dataclasses.replace(old.asr, **{k.split(".")[1]: v for k, v in applied.items() if k.startswith("asr.")})

@@ -1,0 +1,326 @@
+"""Dictation: each final typed into the focused window, as a person would type it; push-to-talk.
+
+Composer (pure: finals in, keys out) decides what to type; a Typist (wtype, xdotool or ydotool in a
+subprocess) presses the keys; type_finals() connects the two to the daemon's socket.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from .client import Client, NotRunning
+from .events import Final, Hello, Pong, Status
+
+NOT_TYPED = ("withheld", "possible_hallucination", "repetition", "error", "empty")
+"""Final flags that keep a final from being typed (docs/protocol.md#final)."""
+
+_UNDO = 100  # finals "scratch that" can reach back through
+_TAIL = 4096  # characters of what was typed kept for spacing, capitals and undo
+_PUNCT = ".,!?;:"
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+_I_WORD = re.compile(r"I('[a-z]+)?$")  # "I", "I'm", "I'll": capital wherever they stand
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What to press: `erase` BackSpaces, then `text` ("\\n" is the Return key)."""
+
+    erase: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """One final's change to the text field, kept so that "scratch that" can undo it."""
+
+    erased: str
+    typed: str
+
+
+class _Field:
+    """The end of the text field as this session typed it, and the keys that made it so."""
+
+    def __init__(self, tail: str) -> None:
+        self.text = tail
+        self.erase = 0
+        """BackSpaces to press first."""
+        self.typed = ""
+        """Then the text to type."""
+
+    def add(self, text: str) -> None:
+        self.text += text
+        self.typed += text
+
+    def remove(self, count: int) -> str:
+        """Delete `count` characters from the end; returns those of them that were there before this final."""
+        undone = min(count, len(self.typed))  # just typed: simply not typed after all
+        self.typed = self.typed[: len(self.typed) - undone]
+        self.erase += count - undone
+        kept = max(0, len(self.text) - count)
+        gone = self.text[kept:]
+        self.text = self.text[:kept]
+        return gone[: len(gone) - undone]
+
+
+@dataclass(frozen=True)
+class _Spoken:
+    """A spoken command found among a final's words (a plain str is a word to type)."""
+
+    cmd: str
+
+
+def _bare(token: str) -> str:
+    return re.sub(r"[^\w']+", "", token.lower())
+
+
+class Composer:
+    """Turns finals into keys: spaces and capitals between finals as a person would type, spoken commands.
+
+    `phrases` maps the commands that are on (new_line, new_paragraph, period, comma, scratch_that) to
+    their lower-case phrase; empty: every word is typed as said.
+    """
+
+    def __init__(self, phrases: Mapping[str, str] | None = None) -> None:
+        self._phrases = sorted(((tuple(p.split()), cmd) for cmd, p in (phrases or {}).items()),
+                               key=lambda item: -len(item[0]))  # the longest phrase wins
+        self._tail = ""
+        self._edits: deque[_Edit] = deque(maxlen=_UNDO)
+
+    @property
+    def text(self) -> str:
+        """The end of what this composer typed, as the field should now show it."""
+        return self._tail
+
+    def take(self, final: Final) -> Keys | None:
+        """The keys for one final; None when nothing is to be typed (flagged, empty, nothing changes)."""
+        if set(final.flags) & set(NOT_TYPED) or not final.text.strip():
+            return None
+        field = _Field(self._tail)
+        start = len(self._tail)  # where this final's own text begins in field.text
+        erased = ""  # what this final deleted of the text before it
+        first = True  # the first word of the final (or after a command): its capital is Whisper's guess
+        for piece in self._pieces(final.text.split()):
+            if not isinstance(piece, _Spoken):
+                field.add(self._spaced(field.text, piece, first))
+                first = False
+                continue
+            first = True
+            if piece.cmd == "scratch_that":
+                # What this final said before it, else the last final typed.
+                edit = _Edit(erased, field.text[start:])
+                if not edit.typed and not edit.erased:
+                    edit = self._edits.pop() if self._edits else edit
+                field.remove(len(edit.typed))
+                field.add(edit.erased)
+                start, erased = len(field.text), ""
+            elif piece.cmd in ("new_line", "new_paragraph"):
+                field.add("\n" if piece.cmd == "new_line" else "\n\n")
+            else:  # period, comma
+                if field.text and field.text[-1] in _PUNCT:  # in place of Whisper's own punctuation
+                    gone = field.remove(1)
+                    if len(field.text) < start:
+                        erased, start = gone + erased, len(field.text)
+                field.add("." if piece.cmd == "period" else ",")
+        if not field.typed and not field.erase:
+            return None
+        if field.text[start:] or erased:
+            self._edits.append(_Edit(erased, field.text[start:]))
+        self._tail = field.text[-_TAIL:]
+        return Keys(field.erase, field.typed)
+
+    def _pieces(self, tokens: Sequence[str]) -> list[str | _Spoken]:
+        """The final's words, with spoken command phrases replaced by the command's name."""
+        bare = [_bare(t) for t in tokens]
+        out: list[str | _Spoken] = []
+        i = 0
+        while i < len(tokens):
+            for phrase, cmd in self._phrases:
+                n = len(phrase)
+                if tuple(bare[i:i + n]) == phrase or bare[i] == "".join(phrase):  # "newline" too
+                    out.append(_Spoken(cmd))
+                    i += n if tuple(bare[i:i + n]) == phrase else 1
+                    break
+            else:
+                out.append(tokens[i])
+                i += 1
+        return out
+
+    @staticmethod
+    def _spaced(before: str, word: str, first: bool) -> str:
+        """The word with the space and capital it needs after `before`."""
+        line = before.rstrip(" ")
+        if not line or line.endswith("\n") or _SENTENCE_END.search(line):
+            word = word[:1].upper() + word[1:]
+        elif first and word[:1].isupper() and word[1:] == word[1:].lower() and not _I_WORD.match(word):
+            word = word[:1].lower() + word[1:]  # Whisper starts every utterance with a capital
+        if not before or before[-1].isspace() or word[:1] in _PUNCT:
+            return word
+        return " " + word
+
+
+# --- typing tools ---------------------------------------------------------------------------------
+
+class TypistError(RuntimeError):
+    """No way to type, or a typing tool failed; the message says what to install or fix."""
+
+
+_PACKAGE = {"wtype": "wtype", "xdotool": "xdotool", "ydotool": "ydotool"}  # Debian package of each tool
+_TOOL_TIMEOUT_S = 10.0
+
+
+class Typist:
+    """Presses keys with one of the typing tools, one subprocess per run of text or keys."""
+
+    def __init__(self, name: str, key_delay_ms: int = 4,
+                 run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
+        self.name = name
+        self._delay = str(key_delay_ms)
+        self._run = run
+
+    def commands(self, keys: Keys) -> list[tuple[list[str], str | None]]:
+        """The tool's command lines for these keys, in order, each with what it reads on stdin."""
+        out: list[tuple[list[str], str | None]] = []
+        if keys.erase:
+            out.append(self._keys("BackSpace", keys.erase))
+        for i, line in enumerate(keys.text.split("\n")):
+            if i:
+                out.append(self._keys("Return", 1))
+            if line:
+                out.append(self._text(line))
+        return out
+
+    def _keys(self, key: str, times: int) -> tuple[list[str], None]:
+        if self.name == "xdotool":
+            return ["xdotool", "key", "--delay", self._delay, *[key] * times], None
+        if self.name == "wtype":
+            return ["wtype", "-d", self._delay, *[a for _ in range(times) for a in ("-k", key)]], None
+        # ydotool 0.1 (Debian's) names keys after Linux's KEY_* codes.
+        name = {"Return": "enter", "BackSpace": "backspace"}[key]
+        return ["ydotool", "key", "--delay", "0", "--key-delay", self._delay, *[name] * times], None
+
+    def _text(self, text: str) -> tuple[list[str], str | None]:
+        if self.name == "xdotool":
+            return ["xdotool", "type", "--delay", self._delay, "--", text], None
+        if self.name == "wtype":
+            return ["wtype", "-d", self._delay, "--", text], None
+        return ["ydotool", "type", "--delay", "0", "--key-delay", self._delay, "--file", "-"], text
+
+    def press(self, keys: Keys) -> None:
+        """Type the keys into the focused window; TypistError when the tool fails."""
+        for argv, stdin in self.commands(keys):
+            presses = len(stdin or argv[-1]) + len(argv)  # at least the keys it presses
+            try:
+                done = self._run(argv, input=stdin, capture_output=True, text=True,
+                                 timeout=_TOOL_TIMEOUT_S + presses * (int(self._delay) + 5) / 1000)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise TypistError(f"{self.name} failed: {exc}") from None
+            if done.returncode != 0:
+                why = (done.stderr or "").strip().splitlines()
+                raise TypistError(f"{self.name} exited {done.returncode}: {why[-1] if why else 'no message'}")
+
+
+def choose_typist(name: str, env: Mapping[str, str], key_delay_ms: int = 4,
+                  which: Callable[[str], str | None] = shutil.which) -> Typist:
+    """The typing tool to use: `name`, or for auto the one that fits the session; TypistError says what to install."""
+    wayland, x11 = bool(env.get("WAYLAND_DISPLAY")), bool(env.get("DISPLAY"))
+    if name == "auto":
+        if wayland and which("wtype"):
+            return Typist("wtype", key_delay_ms)
+        if x11 and not wayland and which("xdotool"):
+            return Typist("xdotool", key_delay_ms)
+        if which("ydotool"):
+            return Typist("ydotool", key_delay_ms)
+        if wayland:
+            raise TypistError("no typing tool for this Wayland session: install wtype (apt install wtype), or "
+                              "ydotool on GNOME, whose Wayland lacks the protocol wtype needs (apt install ydotool)")
+        if x11:
+            raise TypistError("no typing tool for this X11 session: install xdotool (apt install xdotool)")
+        raise TypistError("no display ($WAYLAND_DISPLAY and $DISPLAY are unset) and no ydotool: run this in your "
+                          "desktop session, or install ydotool (apt install ydotool)")
+    if not which(name):
+        raise TypistError(f"--with {name}: {name} is not installed; install it with apt install {_PACKAGE[name]}")
+    if name == "xdotool" and not x11:
+        raise TypistError("--with xdotool: $DISPLAY is not set; xdotool types into an X11 session "
+                          "(on Wayland use wtype or ydotool)")
+    if name == "wtype" and not wayland:
+        raise TypistError("--with wtype: $WAYLAND_DISPLAY is not set; wtype types into a Wayland session "
+                          "(on X11 use xdotool)")
+    return Typist(name, key_delay_ms)
+
+
+# --- the subscriber ---------------------------------------------------------------------------------
+
+def type_finals(path: Path, composer: Composer, typist: Typist, note: Callable[[str], None],
+                retry_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Type every final for ever, reconnecting when the daemon goes away.
+
+    Finals said while disconnected are not typed later: text from the past landing in whatever window
+    has the focus now would be worse than missing.
+    """
+    waiting = False
+    while True:
+        try:
+            client = Client(path)
+        except NotRunning as exc:
+            if not waiting:
+                note(f"{exc}; waiting for it")
+                waiting = True
+            sleep(retry_s)
+            continue
+        waiting = False
+        with client:
+            client.subscribe(["final"])
+            for env in client.events():
+                if isinstance(env.event, Hello):
+                    note(f"connected: typing finals with {typist.name}; Ctrl-C to quit")
+                elif isinstance(env.event, Final):
+                    _type(env.event, composer, typist, note)
+        note("connection to captiond lost; reconnecting")
+
+
+def _type(final: Final, composer: Composer, typist: Typist, note: Callable[[str], None]) -> None:
+    skip = [f for f in final.flags if f in NOT_TYPED]
+    keys = composer.take(final)
+    if keys is None:
+        if skip and final.text:
+            note(f"not typed ({', '.join(skip)}): {final.text}")
+        return
+    try:
+        typist.press(keys)
+    except TypistError as exc:
+        note(f"could not type {keys.text!r}: {exc}")  # the words are still here, in the terminal
+        return
+    note(f"typed: {final.text}")
+
+
+# --- push-to-talk -----------------------------------------------------------------------------------
+
+PTT_ACTIONS = ("start", "stop", "toggle")
+
+
+def push_to_talk(client: Client, action: str) -> str:
+    """start: resume listening; stop: finalise the open utterance and pause; toggle: whichever fits. The new state."""
+    events = client.events()
+    hello = next(events, None)
+    if hello is None or not isinstance(hello.event, Hello):
+        raise ConnectionError("the daemon closed the connection before saying hello")
+    if action == "toggle":
+        action = "start" if hello.event.state == "paused" else "stop"
+    commands = [{"cmd": "resume"}] if action == "start" else [{"cmd": "finalize"}, {"cmd": "pause"}]
+    # Only answers from now on; the pong says the commands before it were all answered.
+    for command in [{"cmd": "subscribe", "types": []}, *commands, {"cmd": "ping"}]:
+        client.send(command)
+    state = hello.event.state
+    for env in events:
+        if isinstance(env.event, Status):
+            state = env.event.state
+        elif isinstance(env.event, Pong):
+            return state
+    raise ConnectionError("the daemon closed the connection before answering")
