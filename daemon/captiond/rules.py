@@ -111,13 +111,13 @@ def _runs(said: list[str], longest: int):
             yield i, n, k
 
 
-def loop(words: Sequence[str], rules: TextRules) -> tuple[int, int] | None:
-    """(first, end) when words[first:end] only say again, loop_cut_repeats times or more in all, a
-    phrase of up to loop_cut_words words that ends at `first`; None when nothing loops. Real
-    speech repeats itself too ("Hello? Hello?", "five five five"), so a loop needs at least
-    loop_cut_min_words words in all."""
+def loop(words: Sequence[str], rules: TextRules, after: int = 0) -> tuple[int, int] | None:
+    """(first, end) of the first loop with first >= `after`: words[first:end] only say again,
+    loop_cut_repeats times or more in all, a phrase of up to loop_cut_words words that ends at
+    `first`; None when nothing loops. Real speech repeats itself too ("Hello? Hello?", "five five
+    five"), so a loop needs at least loop_cut_min_words words in all."""
     for i, n, k in _runs([bare(w) for w in words], rules.loop_cut_words):
-        if k >= rules.loop_cut_repeats and n * k >= rules.loop_cut_min_words:
+        if k >= rules.loop_cut_repeats and n * k >= rules.loop_cut_min_words and i + n >= after:
             return i + n, i + k * n
     return None
 

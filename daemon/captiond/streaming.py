@@ -146,16 +146,19 @@ class UtteranceStream:
         n, held = len(t.words), holding(t.words, self.words.committed)
         tail = min(tail_guesses(t.words, (end.end - self.start) / SAMPLE_RATE - self.window.offset, rules), n - held)
         cut = t.without(n - tail, n)
-        looped = loop([w.word for w in cut.words], rules)
-        if looped and looped[0] < held:
-            looped = None
+        # Every loop after the stable words is cut back to one saying, one after another: a decode
+        # bound to all that was said went "… Thank you. Thank you. Thank you. Bye bye." and "Bye bye."
+        # forty times more.
+        looped, kept = False, cut
+        while (found := loop([w.word for w in kept.words], rules, after=held)) is not None:
+            looped, kept = True, kept.without(*found)
         if looped or looping([*t.text.split(), *t.unheard], rules):
             flags.append("repetition")
         if end.reason != "silence":
             flags.append(end.reason)
         if t.origin == "fallback":
             flags.append("fallback")
-        t = cut.without(*looped) if looped else cut
+        t = kept
         if t.unheard:
             log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
         offset = self.start / SAMPLE_RATE
