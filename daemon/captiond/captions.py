@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .client import Client, NotRunning
+from .client import connect_when_running
 from .events import Envelope, Error, Final, Hello, Partial, Status
 
 _DIM = "\x1b[2m"
@@ -68,18 +68,8 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
            sleep: Callable[[float], None] = time.sleep) -> None:
     """Show captions for ever: reconnect when the daemon goes away, catching up on missed finals."""
     last_seq: int | None = None
-    waiting = False
     while True:
-        try:
-            client = Client(path)
-        except NotRunning as exc:
-            if not waiting:
-                view.note(f"{exc}; waiting for it")
-                waiting = True
-            sleep(retry_s)
-            continue
-        waiting = False
-        with client:
+        with connect_when_running(path, view.note, retry_s, sleep) as client:
             events = client.events()
             hello = next(events, None)
             if hello is None:

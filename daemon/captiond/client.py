@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 from .config import ServerConfig, socket_path
 from .events import MAX_LINE, Envelope, decode
@@ -151,3 +152,17 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def connect_when_running(path: Path, note: Callable[[str], None], retry_s: float = 1.0,
+                         sleep: Callable[[float], None] = time.sleep) -> Client:
+    """A client of the daemon at `path`, once it runs: until then retry every retry_s, saying so once."""
+    waiting = False
+    while True:
+        try:
+            return Client(path)
+        except NotRunning as exc:
+            if not waiting:
+                note(f"{exc}; waiting for it")
+                waiting = True
+            sleep(retry_s)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .client import Client, NotRunning
+from .client import Client, connect_when_running
 from .events import Final, Hello, Pong, Status
 
 NOT_TYPED = ("withheld", "possible_hallucination", "repetition", "error", "empty")
@@ -264,18 +264,8 @@ def type_finals(path: Path, composer: Composer, typist: Typist, note: Callable[[
     Finals said while disconnected are not typed later: text from the past landing in whatever window
     has the focus now would be worse than missing.
     """
-    waiting = False
     while True:
-        try:
-            client = Client(path)
-        except NotRunning as exc:
-            if not waiting:
-                note(f"{exc}; waiting for it")
-                waiting = True
-            sleep(retry_s)
-            continue
-        waiting = False
-        with client:
+        with connect_when_running(path, note, retry_s, sleep) as client:
             client.subscribe(["final"])
             for env in client.events():
                 if isinstance(env.event, Hello):
