@@ -115,7 +115,7 @@ class AsrConfig:
     """New audio between two partial decodes of an open utterance, in seconds."""
     stable_after_s: float = 1.0
     """Audio a check must have heard after a word before the word becomes stable, in seconds (more: later, surer)."""
-    max_window_s: float = 10.0
+    max_window_s: float = 15.0
     """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True
     """Begin the final's decode at a 90 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
