@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from conftest import CORPUS, Daemon, EventLog, manifest, read_wav, silence, trimmed, write_wav  # noqa: E402
+from conftest import CORPUS, Daemon, manifest, read_wav, silence, trimmed, write_wav  # noqa: E402
 from vmic import VirtualMic  # noqa: E402
 from wer import corpus_wer  # noqa: E402
 from xsession import TextField, XServer  # noqa: E402
