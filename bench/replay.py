@@ -122,7 +122,7 @@ async def main() -> None:
     for m in pairs:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
         print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")
-    kinds = ("partial", "check", "speculation", "final", "bound")
+    kinds = ("partial", "check", "speculation", "whole speculation", "final", "whole final", "bound")
     print("\n| mode | " + " | ".join(kinds) + " | speculations wasted |\n|---" * 1 + "|---" * (len(kinds) + 1) + "|")
     for m in modes:
         d = decodes[m]

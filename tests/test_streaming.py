@@ -609,3 +609,48 @@ def test_a_loop_in_partials_is_never_made_stable_and_a_disagreeing_check_changes
     assert stream.stable == "Hello."
     p = stream.partial(_transcript(_timed("Oh, hello. I didn't know you")), 8 * SAMPLE_RATE, checked=True)
     assert stream.stable == "Hello." and p.text == "Hello. I didn't know"  # does not begin with it: nothing changes
+
+
+@pytest.mark.parametrize("whole_agrees", [True, False])
+def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees):
+    # Someone reads 20 s: word i at 0.5 i s, a sentence end every 8 words; windows are cut at 8 s.
+    # Every frame's samples hold its number, so the decoder knows what audio it was given.
+    said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(40)]
+    tail = ["Thanks", "for", "watching."]
+
+    class Reader(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, prefix=None, **_):
+            self.calls.append((len(audio), beam_size, words, prompt))
+            begin = (round(audio[0] * 32768) - 1) * FRAME_SAMPLES / SAMPLE_RATE
+            seconds = len(audio) / SAMPLE_RATE
+            heard = [Word(w, 0.5 * i - begin, 0.5 * i + 0.4 - begin, 0.9)
+                     for i, w in enumerate(said) if begin <= 0.5 * i and 0.5 * i + 0.4 <= begin + seconds]
+            if begin == 0 and seconds > 12 and not whole_agrees:  # all 20 s heard otherwise than the checks did
+                heard[0] = Word("x0", heard[0].start, heard[0].end, 0.9)
+            if begin > 0 and beam_size > 1 and not prefix:  # a window's free decode runs on at the end
+                heard += [Word(w, seconds - 0.3 + 0.1 * k, seconds - 0.25 + 0.1 * k, 0.9) for k, w in enumerate(tail)]
+            text = " ".join(w.word for w in heard)
+            if prefix:
+                assert text.startswith(prefix)
+            return Transcript(text, (Segment(0.0, seconds, text, tuple(heard)),), "en", -0.2, 1.2, 0.01, seconds, 0.0)
+
+    async def feed(queue, worker):
+        await queue.put(UtteranceStart(1, 0))
+        frames = int(20.5 * SAMPLE_RATE) // FRAME_SAMPLES
+        for k in range(frames):
+            await queue.put(UtteranceAudio(1, np.full(FRAME_SAMPLES, k + 1, np.int16), (k + 1) * FRAME_SAMPLES))
+            await asyncio.sleep(0.002)
+        await queue.put(UtteranceEnd(1, frames * FRAME_SAMPLES, frames * FRAME_SAMPLES, "silence", 0.0))
+
+    decoder = Reader()
+    cfg = AsrConfig(partial_interval_s=0.4, max_window_s=8.0, early_final=False)
+    worker, events = run_worker(decoder, feed, cfg=cfg)
+    final = events[-1]
+    stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
+    assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 8.5 * SAMPLE_RATE  # it was cut
+    assert worker.decodes["whole final"] == 1 and final.text.startswith(stable)
+    if whole_agrees:  # the whole utterance's decode is the final: no run-on tail, words timed from its start
+        assert final.text.split() == said and worker.decodes["final"] == 0
+        assert [w.start for w in final.words] == [0.5 * i for i in range(40)]
+    else:  # it would retract a stable word: the window's decode is the final, as before
+        assert worker.decodes["final"] == 1 and final.text.split()[-3:] == tail

@@ -108,9 +108,20 @@ class StableWords:
         """What the decoder is told came before the window: context, then the words cut off it."""
         return " ".join(t for t in (self._context, *self.done) if t)[-_PROMPT_CHARS:]
 
-    def kept_by(self, text: str) -> bool:
-        """True when a decode's text begins with every stable word in the window (a final's must)."""
-        return after(" ".join(self.committed), text) is not None
+    @property
+    def context(self) -> str:
+        """What the decoder is told came before the utterance."""
+        return self._context[-_PROMPT_CHARS:]
+
+    def kept_by(self, text: str, cut_off: bool = False) -> bool:
+        """True when a decode's text begins with every stable word in the window (a final's must),
+        and with those cut off it too if `cut_off` (a decode of the whole utterance)."""
+        return after(self.text if cut_off else " ".join(self.committed), text) is not None
+
+    def uncut(self) -> None:
+        """Make the words cut off the window stable words in it again (the window is the whole utterance)."""
+        self.committed = self.done + self.committed
+        self.done, self.done_words = [], []
 
     def hear(self, t: Transcript, heard_s: float, checked: bool) -> bool:
         """Take a partial decode of `heard_s` seconds of the window; True when it began with the

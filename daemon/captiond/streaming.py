@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _PAUSING_MS = 90
 _CHECK_EVERY = 2  # greedy partials between two decoded at the final's beam (the only ones that make words stable)
+_WHOLE = 30 * SAMPLE_RATE  # Whisper's window: an utterance up to this long is heard in one encoder pass
 
 
 class UtteranceStream:
@@ -42,6 +43,7 @@ class UtteranceStream:
         self.rev = 0
         self._greedy_since_check = 0
         self._unvoiced_ms = 0
+        self._noise_cut = False  # the window was cut at no stable word: what Whisper heard no speech in
 
     @property
     def start(self) -> int:
@@ -68,9 +70,29 @@ class UtteranceStream:
         """What the decoder is told came before the window (StableWords.prompt)."""
         return self.words.prompt
 
-    def keeps_stable(self, t: Transcript) -> bool:
-        """True when a decode begins with every stable word in the window (a final must)."""
-        return self.words.kept_by(t.text)
+    def keeps_stable(self, t: Transcript, whole: bool = False) -> bool:
+        """True when a decode begins with every stable word in the window (a final must), those cut off
+        it included for a decode of the `whole` utterance."""
+        return self.words.kept_by(t.text, cut_off=whole)
+
+    def fits_whole(self, until: int) -> bool:
+        """True when the window was cut at stable words and the utterance up to stream sample `until`
+        fits Whisper's window: its final may then hear all of it, as the naive decoder would.
+
+        After a cut the window's decode hears only the rest, with the words cut off as its prompt;
+        at the end of speech that made tiny.en go on "… return to the conference. Thank you for
+        watching. Thanks for watching." where the whole 17 s of the same speech decode cleanly.
+        """
+        return bool(self.words.done) and not self._noise_cut and until - self.start <= _WHOLE
+
+    def whole(self, until: int) -> tuple[np.ndarray, str]:
+        """The whole utterance's audio up to stream sample `until`, and the prompt for it."""
+        return self.window.audio(until, whole=True), self.words.context
+
+    def uncut(self) -> None:
+        """Take a decode of the whole utterance as the final's: the window is all of it again."""
+        self.window.uncut()
+        self.words.uncut()
 
     def insert(self, audio: UtteranceAudio) -> None:
         """Append the next piece of the utterance's audio."""
@@ -120,6 +142,7 @@ class UtteranceStream:
                 # Whisper hears no speech in is not kept past the window, or decodes would grow to the
                 # gate's 60 s limit. Half a window stays, so speech just beginning is not cut into.
                 window.cut(covered - window.base - self._max_window // 2)
+                self._noise_cut = True
                 log.debug("utterance %d: no speech heard in the window; it now begins at %.1f s",
                           self.utt, window.offset)
         done, committed, pending = self.words.done, self.words.committed, self.words.pending

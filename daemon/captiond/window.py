@@ -1,4 +1,7 @@
-"""The open utterance's audio window: what its decodes hear, cut at the front as speech goes on."""
+"""The open utterance's audio window: what its decodes hear, cut at the front as speech goes on.
+
+The audio cut off stays (the gate bounds an utterance at gate.max_utterance_s, under 2 MB at 60 s):
+a final may hear the whole utterance again."""
 
 from __future__ import annotations
 
@@ -33,16 +36,19 @@ class AudioWindow:
         self._chunks.append(pcm)
         self.samples += len(pcm)
 
-    def audio(self, until: int | None = None) -> np.ndarray:
-        """The window's audio as float32, up to stream sample `until` when given."""
+    def audio(self, until: int | None = None, whole: bool = False) -> np.ndarray:
+        """The window's audio (the utterance's, if `whole`) as float32, up to stream sample `until` when given."""
         if len(self._chunks) > 1:
             self._chunks = [np.concatenate(self._chunks)]
         pcm = self._chunks[0] if self._chunks else np.zeros(0, dtype=np.int16)
-        if until is not None:
-            pcm = pcm[:max(0, until - self.start - self.base)]
-        return int16_to_float(pcm)
+        begin = 0 if whole else self.base
+        end = len(pcm) if until is None else max(begin, until - self.start)
+        return int16_to_float(pcm[begin:end])
 
     def cut(self, samples: int) -> None:
-        """Drop the window's first `samples`."""
+        """Move the window's front on by `samples`."""
         self.base += samples
-        self._chunks = [np.concatenate(self._chunks)[samples:]] if self._chunks else []
+
+    def uncut(self) -> None:
+        """Make the window the whole utterance again."""
+        self.base = 0

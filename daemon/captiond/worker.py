@@ -42,6 +42,8 @@ class _Speculation:
     utt: int
     voiced_end: int
     audio_end: int
+    whole: bool
+    """It decodes the whole utterance (UtteranceStream.fits_whole), not the window."""
     decode: asyncio.Task[Transcript]
 
 
@@ -96,7 +98,8 @@ class AsrWorker:
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
         self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
         self.decodes: Counter[str] = Counter()
-        """Decodes finished, by kind: partial, check, final, bound (a final decoded again), speculation."""
+        """Decodes finished, by kind: partial, check, speculation, final, "whole" ones of these two (of
+        the whole utterance, not the window), bound (a final decoded again)."""
         self.decode_seconds: Counter[str] = Counter()
         """Seconds the model spent on them, by kind."""
 
@@ -166,12 +169,14 @@ class AsrWorker:
                     self.partials_skipped += 1
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
-                            kind: str = "final") -> Transcript:
-        """The final's decode: free, as the naive decoder would hear the window; `bound` makes it begin
-        with the stable words, for when the free one does not (a prefix that already holds all that was
-        said makes tiny.en run on past the speech: "… or 8 to exit. Thank you very much for watching")."""
-        return await self._decode("bound" if bound else kind, stream.audio(until=audio_end),
-                                  beam_size=self._cfg.beam_size, words=True, prompt=stream.prompt,
+                            kind: str = "final", whole: bool = False) -> Transcript:
+        """The final's decode: free, as the naive decoder would hear the window (the `whole` utterance
+        if asked); `bound` makes it begin with the stable words, for when the free one does not (a
+        prefix that already holds all that was said makes tiny.en run on past the speech: "… or 8 to
+        exit. Thank you very much for watching")."""
+        audio, prompt = stream.whole(audio_end) if whole else (stream.audio(until=audio_end), stream.prompt)
+        return await self._decode("bound" if bound else f"whole {kind}" if whole else kind, audio,
+                                  beam_size=self._cfg.beam_size, words=True, prompt=prompt,
                                   prefix=stream.prefix if bound else "", window=self._final_window,
                                   priority=self._priority, fallback=self._cfg.temperature_fallback, on=self._finals)
 
@@ -222,10 +227,12 @@ class AsrWorker:
             stream = self._stream
             if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
                 self._discard(self._speculation)
+                whole = stream.fits_whole(item.audio_end)
                 decode = asyncio.get_running_loop().create_task(
-                    self._final_decode(stream, item.audio_end, kind="speculation"), name=f"speculative-final-{item.utt}")
+                    self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
+                    name=f"speculative-final-{item.utt}")
                 decode.add_done_callback(_log_failure)
-                self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, decode)
+                self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, whole, decode)
         elif isinstance(item, UtteranceEnd):
             stream, self._stream = self._stream, None
             if stream is None or stream.utt != item.utt:
@@ -237,11 +244,16 @@ class AsrWorker:
                     self.speculations_used += 1
                     log.debug("utterance %d ended at its pause; final decode %s", item.utt,
                               "already done" if spec.decode.done() else "under way")
-                    t = await spec.decode
+                    whole, t = spec.whole, await spec.decode
                 else:
                     log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
                               "none" if spec is None else "speech went on")
                     self._discard(spec)
+                    whole = stream.fits_whole(item.audio_end)
+                    t = await self._final_decode(stream, item.audio_end, whole=whole)
+                if whole and stream.keeps_stable(t, whole=True):
+                    stream.uncut()
+                elif whole:  # the whole utterance heard otherwise than the stable words: the window's decode
                     t = await self._final_decode(stream, item.audio_end)
                 # the free decode disagrees with a stable word (a server's cannot be bound: flag unbound)
                 if not stream.keeps_stable(t) and t.origin != "remote":
