@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import socket
 import threading
 import time
 import wave
@@ -12,8 +13,8 @@ import pytest
 
 from captiond.config import AsrConfig, ConfigError, from_dict
 from captiond.engine import Engine, Segment, Transcript
-from captiond.remote import (BACKOFF_FIRST_S, HURRY_S, KEY_ENV, RemoteError, RemoteFinals, _server_error,
-                             multipart, parse_transcript, read_key, wav_bytes)
+from captiond.remote import (BACKOFF_FIRST_S, HURRY_S, KEY_ENV, Call, RemoteError, RemoteFinals,
+                             TranscriptionClient, _server_error, multipart, parse_transcript, read_key, wav_bytes)
 from captiond.streaming import UtteranceStream
 from captiond.gate import UtteranceEnd
 from captiond.frames import SAMPLE_RATE
@@ -228,6 +229,19 @@ def test_a_server_past_the_timeout_is_abandoned_and_a_bound_decode_stays_here():
     assert t.origin == "fallback" and "no answer within 0.5 s" in finals.problem
     assert bound.origin == "fallback" and engine.decoder.prefixes[-1] == "heard"
     assert client.calls == 1 and finals.fallbacks == 1  # the bound decode is the same final's
+
+
+def test_a_socket_timing_out_names_the_same_cause_as_the_loop_s_deadline():
+    # Under load the loop's deadline and the socket's timeout can come together; either way the status
+    # must say one thing (CI once saw the socket's own wording win the race).
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    try:
+        cfg = AsrConfig(backend="openai", remote_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+                        remote_timeout_s=0.5)
+        with pytest.raises(RemoteError, match=r"^no answer within 0.5 s$"):
+            TranscriptionClient(cfg, "").transcribe(np.zeros(1600, np.float32), "", Call())
+    finally:
+        listener.close()
 
 
 def test_no_free_request_means_a_local_final_without_backoff_and_a_cancelled_one_is_no_failure():

@@ -44,6 +44,7 @@ which would then go to whatever server remote_url names)."""
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 60.0
 HURRY_S = 1.0
 """Once the daemon stops, what a request may still take (the drain also needs time for a local decode)."""
+_BACKSTOP_S = 2.0  # the socket's timeout past asr.remote_timeout_s, which the event loop enforces
 _MAX_BODY = 4 << 20  # bytes of answer read: a verbose_json of 30 s of speech is ~20 KB
 _MAX_TEXT = 20_000
 _MAX_ITEMS = 5_000  # segments or words in one answer
@@ -238,9 +239,12 @@ class TranscriptionClient:
         headers = {"Content-Type": content_type, "Accept": "application/json", "User-Agent": "captiond"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        conn = (http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+        # The event loop owns the deadline; the socket's own timeout is a backstop past it, so a busy loop
+        # and a socket timing out at the same moment report one cause.
+        backstop = self._timeout + _BACKSTOP_S
+        conn = (http.client.HTTPSConnection(self._host, self._port, timeout=backstop,
                                             context=ssl.create_default_context())
-                if self._https else http.client.HTTPConnection(self._host, self._port, timeout=self._timeout))
+                if self._https else http.client.HTTPConnection(self._host, self._port, timeout=backstop))
         try:
             call.attach(conn)
             conn.request("POST", self._path, body=body, headers=headers)
@@ -256,16 +260,16 @@ class TranscriptionClient:
         except (OSError, http.client.HTTPException) as exc:
             if call.aborted:
                 raise RemoteError("abandoned") from None
-            raise RemoteError(_network_error(exc)) from None
+            raise RemoteError(_network_error(exc, self._timeout)) from None
         finally:
             conn.close()
         return parse_transcript(answer, len(audio) / SAMPLE_RATE, time.monotonic() - started,
                                 "" if self._language == "auto" else self._language)
 
 
-def _network_error(exc: BaseException) -> str:
+def _network_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "no answer in time"
+        return f"no answer within {timeout:g} s"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
