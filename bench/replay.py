@@ -40,8 +40,8 @@ from wer import corpus_wer, normalize, wer  # noqa: E402
 from captiond.config import AsrConfig, Config, load  # noqa: E402
 from captiond.engine import Engine, WhisperDecoder, resolve_model  # noqa: E402
 from captiond.events import Final  # noqa: E402
-from captiond.frames import FRAME_SAMPLES  # noqa: E402
-from captiond.gatedriver import segment  # noqa: E402
+from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
+from captiond.gatedriver import GateStage  # noqa: E402
 from captiond.worker import AsrWorker, gate_queue  # noqa: E402
 
 NAIVE = dict(partials=False, early_final=False, carry_over_s=0.0)
@@ -56,14 +56,21 @@ def cpu_seconds() -> float:
 
 async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray, decodes: Counter[str]) -> str:
     """The recording's finals, joined, as a worker with `asr` publishes them; adds its decodes by kind
-    (and their seconds, as "KIND s") to `decodes`."""
+    (and their seconds, as "KIND s") to `decodes`. Frames reach the gate one at a time, each once the
+    worker has taken all before it and finished a final begun at a pause: the pace of a decoder that
+    keeps up, whose early final is done before gate.sentence_end_ms can end the utterance on it."""
     finals: list[Final] = []
     queue = gate_queue(asr)
-    worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None)
+    stage = GateStage(config.gate)
+    worker = AsrWorker(engine, asr, queue, lambda e: finals.append(e) if isinstance(e, Final) else None,
+                       end_at_pause=stage.end_at_pause)
     task = asyncio.get_running_loop().create_task(worker.run(), name="replay-worker")
-    for event in segment([pcm], config.gate):
-        await worker.put(event)
-        while not (worker.waiting and queue.empty()):  # the pace a decoder that keeps up takes audio at
+    frames = FrameAssembler()
+    for i in range(0, len(pcm) + 1, FRAME_SAMPLES):
+        last = i >= len(pcm)
+        for event in stage.feed(frames.finish(0.0) if last else frames.insert(pcm[i:i + FRAME_SAMPLES], 0.0), last):
+            await worker.put(event)
+        while not (worker.waiting and queue.empty() and not worker.speculating):
             await asyncio.sleep(0.001)
     await worker.put(None)
     await task

@@ -84,8 +84,9 @@ class FakeDecoder:
     name = "fake"
     rules = TINY_EN  # the bundled model's rules, which the tests of them assume
 
-    def __init__(self, delay=0.0):
+    def __init__(self, delay=0.0, ending=""):
         self.delay = delay
+        self.ending = ending  # after the text, e.g. "." for a decode that ends a sentence
         self.calls = []
         self.hotwords_seen = []
         self.prefixes = []
@@ -101,7 +102,7 @@ class FakeDecoder:
         self.fallbacks.append(fallback)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
-        text = f"heard {secs:.2f}"
+        text = f"heard {secs:.2f}{self.ending}"
         if prefix and not text.startswith(prefix):  # the model is made to begin with the prefix
             text = f"{prefix} {text}"
         found = (Word("heard", 0.0, 0.3, 0.9), Word(f"{secs:.2f}", 0.3, secs, 0.9)) if words else ()

@@ -4,7 +4,7 @@ import pytest
 from captiond.config import GateConfig
 from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler
 from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart, features
-from conftest import CORPUS, manifest, read_wav, silence
+from conftest import CORPUS, manifest, read_wav, silence, trimmed
 
 rng = np.random.default_rng(7)
 t = np.arange(5 * SAMPLE_RATE) / SAMPLE_RATE
@@ -153,3 +153,42 @@ def test_pause_hint_names_the_last_voiced_frame_the_utterance_ends_with():
     assert pauses[-1].voiced_end == ends[0].end and pauses[-1].utt == ends[0].utt
     assert pauses[-1].audio_end == ends[0].end + 3 * FRAME_SAMPLES  # all the audio there was at the pause
     assert events.index(pauses[-1]) < events.index(ends[0])
+
+
+def _pause_then_end(pcm, cfg, ask):
+    """Frames one at a time; at each pause hint ask(gate, hint) may ask for the end; the events."""
+    from captiond.gate import UtterancePause
+
+    gate, events = Gate(cfg), []
+    for frame in FrameAssembler().insert(pcm, 0.0):
+        gate.insert(frame)
+        for event in gate.process():
+            events.append(event)
+            if isinstance(event, UtterancePause):
+                ask(gate, event)
+    return events + gate.finish()
+
+
+def test_a_pause_after_a_sentence_ends_the_utterance_sooner_unless_speech_comes_first():
+    speech = read_wav(CORPUS / "mfa_thoughts.wav")
+    cfg = GateConfig(hangover_ms=500, sentence_end_ms=300)
+    once = np.concatenate([silence(0.5), speech, silence(1.5)])
+
+    def end_here(gate, pause):
+        gate.end_at_pause(pause.utt, pause.voiced_end)
+
+    for ask, reason, after in ((end_here, "sentence_end", 10), (lambda gate, pause: None, "silence", 17),
+                               (lambda gate, pause: gate.end_at_pause(pause.utt, pause.voiced_end - 1), "silence", 17)):
+        events = _pause_then_end(once, cfg, ask)
+        ends = [e for e in events if isinstance(e, UtteranceEnd)]
+        assert [e.reason for e in ends] == [reason]
+        audio = [e for e in events if isinstance(e, UtteranceAudio)]
+        closed_at = audio[-1].end  # the frame that closed the utterance was the last one sent to it
+        assert closed_at - ends[0].end == after * FRAME_SAMPLES
+
+    # Asked at every pause, but the ~200 ms pause between the two sayings (each trimmed to 100 ms of
+    # quiet) is shorter than 300 ms: speech came first, and the two stay one utterance.
+    twice = np.concatenate([silence(0.5), trimmed(speech), trimmed(speech), silence(1.5)])
+    ends = [e for e in _pause_then_end(twice, cfg, end_here) if isinstance(e, UtteranceEnd)]
+    assert len(ends) == 1 and ends[0].reason == "sentence_end"
+    assert ends[0].end > 0.5 * SAMPLE_RATE + len(trimmed(speech))

@@ -33,13 +33,13 @@ def utterance(utt, start, seconds, captured=0.0):
     return items
 
 
-def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic):
+def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic, end_at_pause=None):
     published = []
 
     async def main():
         queue = asyncio.Queue(maxsize=10000)
         engine = Engine(decoder)
-        worker = AsrWorker(engine, cfg, queue, published.append, clock=clock)
+        worker = AsrWorker(engine, cfg, queue, published.append, clock=clock, end_at_pause=end_at_pause)
         task = asyncio.create_task(worker.run())
         await feed(queue, worker)
         await queue.put(None)
@@ -221,6 +221,27 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0
     assert [beam for _, beam, _, _ in decoder.calls] == [5]  # one final decode, not two
     assert decoder.calls[0][0] == end.end + 3 * FRAME_SAMPLES and events[-1].text.startswith("heard")
+
+
+@pytest.mark.parametrize("ending, went_on, asked", [(".", False, True), ("?", False, True), ("", False, False),
+                                                   ("...", False, False), (".", True, False)])
+def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_at_its_pause(ending, went_on, asked):
+    items = utterance(1, 0, 3.0)
+    pause = UtterancePause(1, 40 * FRAME_SAMPLES, 43 * FRAME_SAMPLES)
+    asks = []
+
+    async def feed(queue, worker):
+        for item in items[:43] + [pause]:
+            await queue.put(item)
+        if went_on:  # speech went on before the decode was done: it is not the final, nothing is asked
+            for item in items[43:]:
+                await queue.put(item)
+        await asyncio.sleep(0.3)
+
+    worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=AsrConfig(partial_interval_s=30),
+                                end_at_pause=lambda utt, voiced_end: asks.append((utt, voiced_end)))
+    assert asks == ([(1, 40 * FRAME_SAMPLES)] if asked else [])
+    assert worker.speculations_wasted == int(went_on)
 
 
 def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():

@@ -56,6 +56,8 @@ class GateConfig:
     """Window in which start_ms of voiced frames must fall, in ms."""
     hangover_ms: int = 500
     """Unvoiced audio that closes an utterance, in ms."""
+    sentence_end_ms: int = 300
+    """Unvoiced audio that closes an utterance whose words so far end a sentence, in ms (0: off; no effect at or above hangover_ms)."""
     preroll_ms: int = 300
     """Audio kept from before the speech start and prepended to the utterance, in ms."""
     max_utterance_s: float = 60.0
@@ -73,6 +75,8 @@ class GateConfig:
         _check(30 <= self.start_ms <= self.start_window_ms, "gate.start_ms",
                "must be at least 30 ms and not more than gate.start_window_ms")
         _check(60 <= self.hangover_ms <= 10000, "gate.hangover_ms", "must be between 60 and 10000 ms")
+        _check(self.sentence_end_ms == 0 or 90 <= self.sentence_end_ms <= 10000, "gate.sentence_end_ms",
+               "must be 0 (off) or between 90 and 10000 ms")
         _check(0 <= self.preroll_ms <= 3000, "gate.preroll_ms", "must be between 0 and 3000 ms")
         _check(2.0 <= self.max_utterance_s <= 120.0, "gate.max_utterance_s", "must be between 2 and 120 seconds")
         _check(0.0 <= self.min_modulation_db <= 40.0, "gate.min_modulation_db", "must be between 0 and 40 dB")

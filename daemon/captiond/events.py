@@ -93,6 +93,8 @@ class SpeechEnd(Event):
     type: ClassVar[str] = "speech_end"
     utt: int
     end: float
+    reason: str = "silence"
+    """What ended it: UtteranceEnd.reason."""
 
 
 @dataclass(frozen=True)

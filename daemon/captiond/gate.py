@@ -140,7 +140,7 @@ class UtteranceEnd:
     audio_end: int
     """Sample up to which the utterance's audio belongs to it (a little past `end`, or the split point)."""
     reason: str
-    """silence, max_length or end_of_stream."""
+    """silence, sentence_end (a shorter pause after words that end a sentence), max_length or end_of_stream."""
     voiced_captured: float
     """monotonic time the last voiced frame arrived: where latency is measured from."""
 
@@ -174,6 +174,8 @@ class Gate:
         self._window_frames = max(self._start_frames, round(config.start_window_ms / FRAME_MS))
         self._preroll_frames = round(config.preroll_ms / FRAME_MS)
         self._hangover_frames = max(1, round(config.hangover_ms / FRAME_MS))
+        self._sentence_end_frames = round(config.sentence_end_ms / FRAME_MS) or self._hangover_frames
+        self._end_asked: tuple[int, int] | None = None  # (utt, voiced_end) of end_at_pause()
         self._max_frames = round(config.max_utterance_s * 1000 / FRAME_MS)
         self._min_sustain = config.min_sustain_ms
         self._history: deque[tuple[Frame, bool]] = deque(maxlen=self._preroll_frames + self._window_frames)
@@ -204,6 +206,11 @@ class Gate:
         """The frames since the last utterance that a new one could still begin with (start window and
         pre-roll), oldest first; none while an utterance is open."""
         return [] if self._open else [frame for frame, _ in self._history]
+
+    def end_at_pause(self, utt: int, voiced_end: int) -> None:
+        """Close utterance `utt` once it has been unvoiced for gate.sentence_end_ms since `voiced_end`,
+        unless speech comes first: its words up to that pause end a sentence (any thread may ask)."""
+        self._end_asked = (utt, voiced_end)
 
     def warm_up(self) -> None:
         """Run the feature code once so its first real call does not wait for the filterbank's design."""
@@ -297,6 +304,9 @@ class Gate:
             out.append(UtterancePause(self._utt, self._last_voiced.end, frame.end))
         if self._unvoiced_run >= self._hangover_frames:
             self._close("silence", out)
+        elif (self._unvoiced_run >= self._sentence_end_frames and self._last_voiced is not None
+              and self._end_asked == (self._utt, self._last_voiced.end)):
+            self._close("sentence_end", out)
         elif len(self._speech) >= self._max_frames:
             self._split(out)
 

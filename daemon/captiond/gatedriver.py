@@ -58,6 +58,10 @@ class GateStage:
         """Use these settings from the next utterance on; the latest call wins (any thread)."""
         self._next.put(config)
 
+    def end_at_pause(self, utt: int, voiced_end: int) -> None:
+        """Gate.end_at_pause on the gate in use (any thread)."""
+        self._gate.end_at_pause(utt, voiced_end)
+
     def warm_up(self) -> None:
         """Run the gate's feature code once, so the first real frames do not wait for it."""
         self._gate.warm_up()

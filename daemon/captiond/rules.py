@@ -85,6 +85,12 @@ def unheard(words: Sequence[Word], seconds: float, rules: TextRules) -> int:
     return trailing if trailing and len(said) > 1 and said[-1] == said[-2] else 0
 
 
+def ends_sentence(text: str) -> bool:
+    """True when text ends as a sentence does (. ? !), not trailing off ("...", "…") or mid-clause."""
+    text = text.rstrip(" \"')]")
+    return text.endswith((".", "?", "!")) and not text.endswith(("..", "…"))
+
+
 def tail_guesses(words: Sequence[Word], voiced_end: float, rules: TextRules) -> int:
     """How many of the last words begin at most tail_s before the last voiced frame's end
     (`voiced_end`, seconds into the decoded audio) and are more likely wrong than right: the

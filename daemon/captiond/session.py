@@ -122,7 +122,8 @@ class LiveSession:
         self._frames = FrameAssembler()
         self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
-        self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION)
+        self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
+                                end_at_pause=self._stage.end_at_pause)
         self.failed = False
         """Set when the client's audio could not be decoded; the session then ends."""
         self.samples = 0

@@ -177,7 +177,7 @@ class UtteranceStream:
             looped, kept = True, kept.without(*found)
         if looped or looping([*t.text.split(), *t.unheard], rules):
             flags.append("repetition")
-        if end.reason != "silence":
+        if end.reason in ("max_length", "end_of_stream"):  # a pause did not end it
             flags.append(end.reason)
         if t.origin == "fallback":
             flags.append("fallback")

@@ -4,6 +4,7 @@ first, partials when nothing waits, a final begun early at a pause) and publishe
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from .engine import SHORT, Engine, Transcript, Window
 from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
+from .rules import ends_sentence
 from .streaming import UtteranceStream
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ class AsrWorker:
 
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 priority: int = MIC, finals: FinalDecoder | None = None) -> None:
+                 priority: int = MIC, finals: FinalDecoder | None = None,
+                 end_at_pause: Callable[[int, int], None] | None = None) -> None:
         self._engine = engine
+        self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
         self._finals = finals or engine
         self._priority = priority
         self._cfg = cfg
@@ -180,6 +184,18 @@ class AsrWorker:
                                   prefix=stream.prefix if bound else "", window=self._final_window,
                                   priority=self._priority, fallback=self._cfg.temperature_fallback, on=self._finals)
 
+    def _sentence_ended(self, spec: _Speculation, decode: asyncio.Task[Transcript]) -> None:
+        # Its words end a sentence: the gate may end the utterance after a shorter pause than its
+        # hangover (the final is this decode, already done), unless speech comes first.
+        if (self._end_at_pause is not None and self._speculation is spec and not decode.cancelled()
+                and decode.exception() is None and ends_sentence(decode.result().text)):
+            self._end_at_pause(spec.utt, spec.voiced_end)
+
+    @property
+    def speculating(self) -> bool:
+        """True while a final's decode begun at a pause is under way."""
+        return self._speculation is not None and not self._speculation.decode.done()
+
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
         self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
@@ -233,11 +249,12 @@ class AsrWorker:
                     name=f"speculative-final-{item.utt}")
                 decode.add_done_callback(_log_failure)
                 self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, whole, decode)
+                decode.add_done_callback(functools.partial(self._sentence_ended, self._speculation))
         elif isinstance(item, UtteranceEnd):
             stream, self._stream = self._stream, None
             if stream is None or stream.utt != item.utt:
                 return
-            self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE))
+            self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE, item.reason))
             spec, self._speculation = self._speculation, None
             try:
                 if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
