@@ -64,7 +64,7 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
     pause = silence(0.25)
     speech = np.concatenate([x for n in SESSION for x in (trimmed(read_wav(CORPUS / n)), pause)])
     daemon = daemon_factory("--source", "mic", "--debug", "--set", "asr.max_window_s=8", "--set", "gate.hangover_ms=1500",
-                            env=vmic.env)
+                            "--set", "gate.sentence_end_ms=0", env=vmic.env)
     events = daemon.connect()
     assert vmic.play(write_wav(tmp_path / "long.wav", np.concatenate([silence(0.8), speech, silence(2.0)]))).wait(120) == 0
     final = events.wait_for(lambda e: e["type"] == "final" and e["end"] - e["start"] > 18, timeout=30)
@@ -84,6 +84,24 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
             stable = partial["stable"]
     letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
     assert len(stable) > 100 and letters(final["text"]).startswith(letters(stable))  # binding, letter by letter
+    assert daemon.stop() == 0
+
+
+def test_a_pause_after_a_finished_sentence_ends_the_utterance_before_the_hangover(vmic, daemon_factory, tmp_path):
+    # Two sentences 2.5 s apart, with a 4 s hangover: only the sentence ends can part them (the early
+    # final, begun 90 ms into the pause, has 2.4 s to finish however busy the machine is).
+    names = ["mfa_doc_english_slow.wav", "jfk_inaugural.wav"]
+    daemon = daemon_factory("--source", "mic", "--set", "gate.hangover_ms=4000", "--set", "gate.sentence_end_ms=300",
+                            env=vmic.env)
+    events = daemon.connect()
+    assert vmic.play(session_wav(tmp_path, names, gap=2.5)).wait(120) == 0
+    events.wait_for(lambda e: e["type"] == "final" and "country" in e["text"].lower(), timeout=30)
+    assert [e["reason"] for e in events.of("speech_end")] == ["sentence_end", "sentence_end"]
+    finals = events.of("final")
+    assert len(finals) == 2 and not any(f["flags"] for f in finals)
+    for name, final in zip(names, finals):
+        error = corpus_wer([(clip(name)["text"], final["text"])])
+        assert error <= WER_BOUND, f"WER {error:.2f}: {final['text']}"
     assert daemon.stop() == 0
 
 

@@ -26,8 +26,9 @@ SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "captiond" / "samples"
 def utterance(utt, start, seconds, captured=0.0):
     n = int(seconds * SAMPLE_RATE) // FRAME_SAMPLES
     items = [UtteranceStart(utt, start)]
-    for i in range(n):
-        items.append(UtteranceAudio(utt, np.full(FRAME_SAMPLES, 100, np.int16), start + (i + 1) * FRAME_SAMPLES))
+    for i in range(n):  # the last 10 frames unvoiced, as the gate's hangover
+        items.append(UtteranceAudio(utt, np.full(FRAME_SAMPLES, 100, np.int16), start + (i + 1) * FRAME_SAMPLES,
+                                    max(0, i + 11 - n) * 30))
     end = start + n * FRAME_SAMPLES
     items.append(UtteranceEnd(utt, end - 10 * FRAME_SAMPLES, end - 3 * FRAME_SAMPLES, "silence", captured))
     return items
@@ -230,11 +231,13 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
     pause = UtterancePause(1, 40 * FRAME_SAMPLES, 43 * FRAME_SAMPLES)
     asks = []
 
+    items[41:44] = [dataclasses.replace(a, unvoiced_ms=30 * k) for k, a in enumerate(items[41:44], 1)]
+
     async def feed(queue, worker):
-        for item in items[:43] + [pause]:
+        for item in items[:44] + [pause]:
             await queue.put(item)
         if went_on:  # speech went on before the decode was done: it is not the final, nothing is asked
-            for item in items[43:]:
+            for item in items[44:]:
                 await queue.put(item)
         await asyncio.sleep(0.3)
 
