@@ -96,12 +96,16 @@ def test_a_pause_after_a_finished_sentence_ends_the_utterance_before_the_hangove
     events = daemon.connect()
     assert vmic.play(session_wav(tmp_path, names, gap=2.5)).wait(120) == 0
     events.wait_for(lambda e: e["type"] == "final" and "country" in e["text"].lower(), timeout=30)
-    assert [e["reason"] for e in events.of("speech_end")] == ["sentence_end", "sentence_end"]
+    # Each sentence ends at its own end (tiny.en may also end "my fellow Americans." at the pause
+    # inside the second, and whether that early final is done in time depends on the machine).
+    reasons = [e["reason"] for e in events.of("speech_end")]
+    assert len(reasons) >= 2 and set(reasons) == {"sentence_end"}, reasons
     finals = events.of("final")
-    assert len(finals) == 2 and not any(f["flags"] for f in finals)
-    for name, final in zip(names, finals):
-        error = corpus_wer([(clip(name)["text"], final["text"])])
-        assert error <= WER_BOUND, f"WER {error:.2f}: {final['text']}"
+    assert not any({"sentence_end", "end_of_stream"} & set(f["flags"]) for f in finals)  # a pause ended them
+    first = [f for f in finals if "fox" in f["text"].lower()]
+    assert len(first) == 1 and "americans" not in first[0]["text"].lower()
+    error = corpus_wer([(" ".join(clip(n)["text"] for n in names), " ".join(f["text"] for f in finals))])
+    assert error <= WER_BOUND, f"WER {error:.2f}: {[f['text'] for f in finals]}"
     assert daemon.stop() == 0
 
 
