@@ -161,6 +161,8 @@ def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
             daemon.stop()
         finally:
             daemon.kill()
+            if os.environ.get("BENCH_DEBUG"):  # the daemon's debug log, kept: it says what each final waited for
+                Path(f"{os.environ['BENCH_DEBUG']}.{tmp.name}").write_text(daemon.stderr)
     return {"events": events.events, "ready": ready, "idle": idle, "busy": busy, "memory": memory,
             "stderr": daemon.stderr}
 

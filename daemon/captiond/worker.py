@@ -270,12 +270,14 @@ class AsrWorker:
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
                 if whole and stream.keeps_stable(t, whole=True):
                     stream.uncut()
-                elif whole:  # the whole utterance heard otherwise than the stable words: the window's decode
-                    t = await self._final_decode(stream, item.audio_end)
-                # the free decode disagrees with a stable word (a server's cannot be bound: flag unbound)
-                if not stream.keeps_stable(t) and t.origin != "remote":
-                    self.finals_bound += 1
-                    t = await self._final_decode(stream, item.audio_end, bound=True)
+                elif whole or (not stream.keeps_stable(t) and t.origin != "remote"):
+                    # The whole utterance heard otherwise than the stable words, or the free decode
+                    # disagrees with one: the window's decode bound to them. Straight to it after a
+                    # whole decode: a free one of the window first made the worst finals wait for
+                    # three decodes of 15-20 s. A server's cannot be bound: the final is flagged unbound.
+                    bound = t.origin != "remote"
+                    self.finals_bound += bound
+                    t = await self._final_decode(stream, item.audio_end, bound=bound)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
                 self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
