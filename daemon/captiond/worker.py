@@ -270,14 +270,16 @@ class AsrWorker:
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
                 if whole and stream.keeps_stable(t, whole=True):
                     stream.uncut()
-                elif whole or (not stream.keeps_stable(t) and t.origin != "remote"):
-                    # The whole utterance heard otherwise than the stable words, or the free decode
-                    # disagrees with one: the window's decode bound to them. Straight to it after a
-                    # whole decode: a free one of the window first made the worst finals wait for
-                    # three decodes of 15-20 s. A server's cannot be bound: the final is flagged unbound.
-                    bound = t.origin != "remote"
-                    self.finals_bound += bound
-                    t = await self._final_decode(stream, item.audio_end, bound=bound)
+                else:
+                    local_whole = whole and t.origin != "remote"
+                    if whole and not local_whole:  # a server's cannot be bound: the window's free decode
+                        t = await self._final_decode(stream, item.audio_end)
+                    # Bound to the stable words when the decode disagrees with one, and straight after a
+                    # local whole decode that did: a free window decode first made the worst finals wait
+                    # for three decodes of 15-20 s. A server's final stands, flagged unbound.
+                    if t.origin != "remote" and (local_whole or not stream.keeps_stable(t)):
+                        self.finals_bound += 1
+                        t = await self._final_decode(stream, item.audio_end, bound=True)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
                 self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
