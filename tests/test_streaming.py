@@ -247,6 +247,31 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
     assert worker.speculations_wasted == int(went_on)
 
 
+def test_silence_after_a_pause_never_discards_a_slow_early_final():
+    # A 2 s hangover and a decode slower than the audio after the pause: only a voiced frame would
+    # say the speech went on, so the early final is still the final and still ends the sentence.
+    items = utterance(1, 0, 1.0)[:-1]
+    voiced_end = items[-1].end
+    for k in range(1, 67):
+        items.append(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), voiced_end + k * FRAME_SAMPLES, 30 * k))
+    asks = []
+
+    async def feed(queue, worker):
+        for item in items[:4 + 30]:
+            await queue.put(item)
+        await queue.put(UtterancePause(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES))
+        for item in items[4 + 30:]:
+            await queue.put(item)
+        await asyncio.sleep(0.4)  # the decode (0.2 s) ends while the pause goes on
+        await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
+
+    worker, events = run_worker(FakeDecoder(delay=0.2, ending="."), feed, cfg=AsrConfig(partial_interval_s=30),
+                                end_at_pause=lambda utt, end: asks.append((utt, end)))
+    assert asks == [(1, voiced_end)]
+    assert worker.speculations_used == 1 and worker.speculations_wasted == 0 and sum(worker.decodes.values()) == 1
+    assert events[-1].text.startswith("heard")
+
+
 def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
     decoder = FakeDecoder(delay=0.05)
     items = utterance(1, 0, 3.0)

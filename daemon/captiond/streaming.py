@@ -56,6 +56,11 @@ class UtteranceStream:
         return self.window.samples
 
     @property
+    def voiced_end(self) -> int:
+        """Stream sample after the last voiced frame received so far."""
+        return self.start + self.samples - self._unvoiced_ms * SAMPLE_RATE // 1000
+
+    @property
     def stable(self) -> str:
         """All the stable words as text, those cut off the window included."""
         return self.words.text
