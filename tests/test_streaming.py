@@ -250,17 +250,17 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
 def test_silence_after_a_pause_never_discards_a_slow_early_final():
     # A 2 s hangover and a decode slower than the audio after the pause: only a voiced frame would
     # say the speech went on, so the early final is still the final and still ends the sentence.
-    items = utterance(1, 0, 1.0)[:-1]
-    voiced_end = items[-1].end
+    items = utterance(1, 0, 1.0)[:-1]  # its end replaced: the pause goes on for 2 s
+    voiced_end, spoken = items[-1].end, len(items)
     for k in range(1, 67):
         items.append(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), voiced_end + k * FRAME_SAMPLES, 30 * k))
     asks = []
 
     async def feed(queue, worker):
-        for item in items[:4 + 30]:
+        for item in items[:spoken]:
             await queue.put(item)
         await queue.put(UtterancePause(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES))
-        for item in items[4 + 30:]:
+        for item in items[spoken:]:
             await queue.put(item)
         await asyncio.sleep(0.4)  # the decode (0.2 s) ends while the pause goes on
         await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
