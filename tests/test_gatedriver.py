@@ -157,6 +157,42 @@ def test_capture_feed_batches_silence_drops_paused_frames_and_closes_on_flush_an
     asyncio.run(main())
 
 
+def test_a_finalize_closes_only_what_was_captured_before_it_and_speech_after_it_goes_on():
+    async def main():
+        capture = Capture(FrameRing(100))
+        feed = CaptureFeed(capture, GateStage(CONFIG, LoudVad()), lambda: False)
+        batches = feed.batches()
+
+        async def next_batch():
+            return await asyncio.wait_for(batches.__anext__(), 5)
+
+        capture.put_nowait(speech(4), 0.0)
+        feed.finalize()
+        capture.put_nowait(speech(6), 0.0)  # said before the feed woke up: not part of what was finalised
+        first = await next_batch()
+        assert first.close and [f.index for f in first.frames] == [0, 1, 2, 3]
+        second = await next_batch()
+        assert not second.close and [f.index for f in second.frames] == [4, 5, 6, 7, 8, 9]
+
+        feed.finalize()  # nothing open: speech after it is never closed by it
+        capture.put_nowait(speech(3), 0.0)
+        first = await next_batch()
+        assert first.close and first.frames == []
+        second = await next_batch()
+        assert not second.close and len(second.frames) == 3
+
+        capture.put_nowait(speech(2), 0.0)
+        feed.finalize()  # push-to-talk's stop: finalize, then pause at once
+        feed.paused = True
+        capture.put_nowait(speech(2), 0.0)
+        first = await next_batch()
+        assert first.close and [f.index for f in first.frames] == [13, 14], "heard before the stop, kept"
+        second = await next_batch()
+        assert second.close and second.frames == [], "heard after the stop: not at all"
+
+    asyncio.run(main())
+
+
 class FakeWorker:
     prompt = ""
     hotwords = ""

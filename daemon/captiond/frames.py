@@ -87,6 +87,11 @@ class FrameRing:
         return self._written - self._read
 
     @property
+    def written(self) -> int:
+        """Frames ever pushed: the index the next frame pushed will carry."""
+        return self._written
+
+    @property
     def full(self) -> bool:
         """True when the next push would overwrite an unread frame."""
         return len(self) >= self.capacity

@@ -111,7 +111,7 @@ class CaptureFeed:
         self._stage = stage
         self._ended = ended
         self._flush = False
-        self._finalize = False  # a client's finalize: close the open utterance with the frames heard so far
+        self._finalize_at: int | None = None  # a client's finalize: close after the frames before this index
         self.paused = False
         """Set while a client has paused listening."""
         self.tick = time.monotonic()
@@ -124,9 +124,10 @@ class CaptureFeed:
 
     def finalize(self) -> None:
         """Close the open utterance after the frames captured so far, even those still in the ring when
-        a pause follows at once (push-to-talk's stop); separate from flush(), so that a device lost
-        while paused never feeds frames heard during the pause."""
-        self._finalize = True
+        a pause follows at once (push-to-talk's stop), and not those captured after it, which the feed
+        may take in the same wake-up; separate from flush(), so that a device lost while paused never
+        feeds frames heard during the pause."""
+        self._finalize_at = self._capture.ring.written
         self._capture.frames_ready.set()
 
     async def batches(self) -> AsyncIterator[Batch]:
@@ -137,17 +138,21 @@ class CaptureFeed:
             capture.frames_ready.clear()
             ended = self._ended()
             if (len(ring) < _IDLE_BATCH_FRAMES and not self._stage.in_speech and not ended and not self.paused
-                    and not self._flush and not self._finalize):
+                    and not self._flush and self._finalize_at is None):
                 continue
             frames = []
             while (frame := ring.pop()) is not None:
                 frames.append(frame)
             capture.made_room()
             self.tick = time.monotonic()
-            finalize, self._finalize = self._finalize, False
-            if self.paused and not finalize:
+            if (finalize_at := self._finalize_at) is not None:
+                self._finalize_at = None
+                before = [f for f in frames if f.index < finalize_at]
+                frames = frames[len(before):]
+                yield Batch(before, close=True)
+            if self.paused:
                 frames = []  # not heard at all; an utterance open at the pause is closed and finalised
-            close, self._flush = self.paused or self._flush or finalize, False
+            close, self._flush = self.paused or self._flush, False
             yield Batch(frames, close=close, last=ended)
             if ended:
                 return
