@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import SHORT, Engine, ModelError, WhisperDecoder, Window, _heard, _joined, resolve_model, short_window
+from captiond.engine import SHORT, Engine, ModelError, WhisperDecoder, Window, _heard, _joined, _words, resolve_model, short_window
+from captiond.events import Word
 from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float
 from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
@@ -72,6 +73,17 @@ def test_segments_join_without_a_space_before_what_goes_on_a_word():
     assert _joined(["This is the Montreal 4th Deliner", ". Montreal", "I", "'m sorry", "Word", ", word"]) == \
         "This is the Montreal 4th Deliner. Montreal I'm sorry Word, word"
     assert _joined([]) == ""
+
+
+def test_a_word_piece_without_a_space_before_it_goes_on_the_word_before():
+    # tiny.en on vm-reenterpassword: "re", "-enter"; on an Asterisk prompt: "28", ".8"
+    said = [SimpleNamespace(word=w, start=a, end=b, probability=p) for w, a, b, p in
+            ((" Please", 0.0, 0.4, 0.9), (" re", 0.4, 0.6, 0.8), ("-enter", 0.6, 0.9, 0.7), (" a", 1.0, 1.1, 0.9),
+             (" 28", 1.1, 1.5, 0.9), (".8", 1.5, 1.8, 0.95), (" kilobit", 1.8, 2.2, 0.9))]
+    assert _words(said) == (Word("Please", 0.0, 0.4, 0.9), Word("re-enter", 0.4, 0.9, 0.7), Word("a", 1.0, 1.1, 0.9),
+                            Word("28.8", 1.1, 1.8, 0.9), Word("kilobit", 1.8, 2.2, 0.9))
+    first = SimpleNamespace(word="-", start=0.0, end=0.1, probability=0.5)  # nothing before it to go on
+    assert _words([first]) == (Word("-", 0.0, 0.1, 0.5),)
 
 
 def _segment(*words):

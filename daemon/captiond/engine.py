@@ -248,7 +248,20 @@ def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
 
 
 def _words(words: list[Any]) -> tuple[Word, ...]:
-    return tuple(Word(w.word.strip(), float(w.start), float(w.end), float(w.probability)) for w in words)
+    """faster-whisper's words as Words, a piece that goes on the word before it joined to it.
+
+    Whisper's word split starts a word at punctuation and puts "-" before what follows it, so
+    "re-enter" comes as "re" and "-enter", "28.8" as "28" and ".8" (no space before the second); as
+    separate words they became stable and were joined with a space: "re -enter", "28 .8".
+    """
+    out: list[Word] = []
+    for w in words:
+        word, start, end, p = w.word.strip(), float(w.start), float(w.end), float(w.probability)
+        if out and word and not w.word[:1].isspace() and not word[0].isalnum():
+            last = out.pop()
+            word, start, p = last.word + word, last.start, min(last.p, p)
+        out.append(Word(word, start, end, p))
+    return tuple(out)
 
 
 class WhisperDecoder:
