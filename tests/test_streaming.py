@@ -12,10 +12,12 @@ import pytest
 from captiond.config import AsrConfig
 from captiond.engine import Engine, Segment, Transcript, WhisperDecoder
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
-from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
+from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from captiond.rules import TINY_EN, looping
+from captiond.rules import TINY_EN, WHISPER, looping
+from captiond.stable import StableWords
 from captiond.streaming import UtteranceStream
+from captiond.window import AudioWindow
 from captiond.worker import AsrWorker
 from conftest import CORPUS, FakeDecoder, clip, read_wav, silence, trimmed
 from wer import wer
@@ -402,10 +404,15 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
     stream = UtteranceStream(1, 0, 0.4, context="Reading aloud.", max_window_s=10.0)
     decoder = Speaker()
     published = []
-    for step in range(1, 151):  # a partial every 0.4 s of audio
-        stream.insert(UtteranceAudio(1, np.zeros(int(0.4 * SAMPLE_RATE), np.int16), 0))
+    unvoiced = 0
+    for frame in range(2000):  # 30 ms frames, as the gate sends them; unvoiced between two words
+        ms = frame * FRAME_MS % 500
+        unvoiced = 0 if ms < 400 or ms + FRAME_MS > 500 else unvoiced + FRAME_MS
+        stream.insert(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), 0, unvoiced))
+        if frame % 13 < 12:
+            continue
         partial = stream.partial(decoder.decode(stream.audio(), beam_size=1, words=True, prompt=stream.prompt,
-                                                prefix=stream.prefix), stream.samples)
+                                                prefix=stream.prefix), stream.samples)  # every 0.39 s of audio
         assert partial.stable.split()[:len(published)] == published  # never retracted
         assert partial.text == f"{partial.stable} {partial.unstable}".strip()
         published = partial.stable.split()
@@ -660,6 +667,35 @@ def test_a_loop_in_partials_is_never_made_stable_and_a_disagreeing_check_changes
     assert stream.stable == "Hello." and p.text == "Hello. I didn't know"  # does not begin with it: nothing changes
 
 
+def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
+    # A check left words out ("You have also [installed a set of sample sounds and] configuration
+    # files"): its next word came late, and the widest gap between two stable words was speech. A cut
+    # there lost the words, which had never become stable.
+    window = AudioWindow(0)
+    unvoiced = 0
+    for k in range(334):  # 10 s of 30 ms frames, voiced but for 2.01-2.31 s
+        unvoiced = unvoiced + FRAME_MS if 2000 <= k * FRAME_MS < 2300 else 0
+        window.insert(np.zeros(FRAME_SAMPLES, np.int16), unvoiced)
+    assert window.pause_in(1.9, 2.3) == pytest.approx(2.16)
+    assert window.pause_in(3.1, 6.5) is None, "voiced all through"
+    timed = [Word("Well,", 0.0, 1.9, 0.9), Word("you", 2.3, 2.5, 0.9), Word("have", 2.5, 2.8, 0.9),
+             Word("also", 2.8, 3.1, 0.9), Word("configuration", 6.5, 7.2, 0.9), Word("files", 7.2, 7.6, 0.9),
+             Word("that", 7.6, 8.0, 0.9)]
+
+    def stable_words() -> StableWords:
+        words = StableWords("", WHISPER, 1.0)
+        words.committed = [w.word for w in timed[:-1]]
+        return words
+
+    by_words = stable_words()
+    assert by_words.cut_point(timed, 0.0) == pytest.approx(4.8) and by_words.done == ["Well,", "you", "have", "also"]
+    in_a_pause = stable_words()
+    assert in_a_pause.cut_point(timed, 0.0, window.pause_in) == pytest.approx(2.16)
+    assert in_a_pause.done == ["Well,"] and in_a_pause.committed[0] == "you"
+    window.cut(round(2.16 * SAMPLE_RATE))
+    assert window.pause_in(0.0, 0.1) == pytest.approx(0.075), "only the half of the pause left in the window"
+
+
 @pytest.mark.parametrize("whole_agrees", [True, False])
 def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees):
     # Someone reads 20 s: word i at 0.5 i s, a sentence end every 8 words; windows are cut at 8 s.
@@ -686,8 +722,11 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
     async def feed(queue, worker):
         await queue.put(UtteranceStart(1, 0))
         frames = int(20.5 * SAMPLE_RATE) // FRAME_SAMPLES
+        unvoiced = 0
         for k in range(frames):
-            await queue.put(UtteranceAudio(1, np.full(FRAME_SAMPLES, k + 1, np.int16), (k + 1) * FRAME_SAMPLES))
+            ms = k * FRAME_MS % 500  # unvoiced between two words (the window is cut only in a pause)
+            unvoiced = 0 if ms < 400 or ms + FRAME_MS > 500 else unvoiced + FRAME_MS
+            await queue.put(UtteranceAudio(1, np.full(FRAME_SAMPLES, k + 1, np.int16), (k + 1) * FRAME_SAMPLES, unvoiced))
             await asyncio.sleep(0.002)
         await queue.put(UtteranceEnd(1, frames * FRAME_SAMPLES, frames * FRAME_SAMPLES, "silence", 0.0))
 

@@ -9,7 +9,7 @@ would bind the final to greedy mistakes ("How do you" where beam 5 hears "Had he
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .engine import Transcript
 from .events import Word
@@ -155,23 +155,32 @@ class StableWords:
         self.pending = hypothesis[n:]
         return rest is not None
 
-    def cut_point(self, timed: list[Word], offset: float) -> float | None:
+    def cut_point(self, timed: list[Word], offset: float,
+                  pause_in: Callable[[float, float], float | None] | None = None) -> float | None:
         """Where to cut the window's front, in seconds into the window, between two stable words
         placed by `timed` (at the sentence end with the widest pause after it, else at the widest
         pause); the words before it leave the window for the prompt. None when there is no such place.
-        `offset` is the window's start, in seconds into the utterance."""
+        `offset` is the window's start, in seconds into the utterance. With `pause_in` (where, between
+        two window times, the gate heard no voice; None if nowhere), only such a pause is a place.
+
+        A decode can leave words out and put the next word's start late: its "pause" was speech, and a
+        cut there lost words not yet stable ("You have also [installed a set of sample sounds and]
+        configuration files"). The gate's voiced frames say where the pauses are.
+        """
         ends = list(itertools.accumulate(letters(w) for w in self.committed))  # letters up to each stable word
-        cuts = []  # (sentence end, pause, window words before the cut, stable words before it)
+        cuts = []  # (sentence end, pause, where, window words before the cut, stable words before it)
         count = 0
         for i, (word, nxt) in enumerate(zip(timed, timed[1:])):
             count += letters(word.word)
             if count in ends:  # else not between two stable words (Whisper may split words differently)
-                n = len(ends) - ends[::-1].index(count)
-                cuts.append((word.word.endswith((".", "?", "!")), nxt.start - word.end, i + 1, n))
+                where = (word.end + nxt.start) / 2 if pause_in is None else pause_in(word.end, nxt.start)
+                if where is not None:
+                    n = len(ends) - ends[::-1].index(count)
+                    cuts.append((word.word.endswith((".", "?", "!")), nxt.start - word.end, where, i + 1, n))
         if not cuts:
             return None
-        _, _, k, n = max(cuts)
+        _, _, where, k, n = max(cuts)
         self.done += self.committed[:n]
         self.done_words += [Word(w.word, w.start + offset, w.end + offset, w.p) for w in timed[:k]]
         self.committed = self.committed[n:]
-        return (timed[k - 1].end + timed[k].start) / 2
+        return where

@@ -101,7 +101,7 @@ class UtteranceStream:
 
     def insert(self, audio: UtteranceAudio) -> None:
         """Append the next piece of the utterance's audio."""
-        self.window.insert(audio.pcm)
+        self.window.insert(audio.pcm, audio.unvoiced_ms)
         self._unvoiced_ms = audio.unvoiced_ms
 
     def partial_due(self) -> bool:
@@ -137,7 +137,9 @@ class UtteranceStream:
                 # nobody transcribed; cuts there lost the audio of words not yet stable ("dial 500 to
                 # attempt an [20 words] internet"; "I needed to die. [19 words] Chicago also").
                 kept = len(self.words.committed)
-                cut = self.words.cut_point(timed, window.offset)
+                # Past Whisper's window a decode cannot hear it all: cut where the words say, pause or not.
+                cut = self.words.cut_point(timed, window.offset,
+                                           None if window.length > _WHOLE else window.pause_in)
                 if cut is not None:
                     window.cut(round(cut * SAMPLE_RATE))
                     log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now "

@@ -20,6 +20,7 @@ class AudioWindow:
         """Samples of the utterance received so far."""
         self.base = 0
         """Samples cut off the front of the utterance: decodes hear its audio from here on."""
+        self._pauses: list[list[int]] = []  # [first, end) utterance samples the gate heard no voice in
 
     @property
     def length(self) -> int:
@@ -31,10 +32,29 @@ class AudioWindow:
         """Seconds from the utterance's start to the window's."""
         return self.base / SAMPLE_RATE
 
-    def insert(self, pcm: np.ndarray) -> None:
-        """Append the next int16 samples of the utterance."""
+    def insert(self, pcm: np.ndarray, unvoiced_ms: int = 0) -> None:
+        """Append the next int16 samples of the utterance, the last `unvoiced_ms` of them (and any
+        before them, counted in earlier inserts) unvoiced to the gate."""
         self._chunks.append(pcm)
-        self.samples += len(pcm)
+        first, self.samples = self.samples, self.samples + len(pcm)
+        run = unvoiced_ms * SAMPLE_RATE // 1000
+        if not run:
+            return
+        if run > len(pcm) and self._pauses and self._pauses[-1][1] == first:
+            self._pauses[-1][1] = self.samples  # a pause begun in an earlier insert goes on
+        else:
+            self._pauses.append([self.samples - min(run, len(pcm)), self.samples])
+
+    def pause_in(self, begin: float, end: float) -> float | None:
+        """The middle of the longest pause (audio the gate heard no voice in) touching window seconds
+        [begin, end], in window seconds; None when the gate heard voice all through them."""
+        a, b = self.base + begin * SAMPLE_RATE, self.base + end * SAMPLE_RATE
+        touching = [(last - first, first, last) for first, last in ((max(f, self.base), l) for f, l in self._pauses)
+                    if first <= b and last >= a and last > first]
+        if not touching:
+            return None
+        _, first, last = max(touching)
+        return ((first + last) / 2 - self.base) / SAMPLE_RATE
 
     def audio(self, until: int | None = None, whole: bool = False) -> np.ndarray:
         """The window's audio (the utterance's, if `whole`) as float32, up to stream sample `until` when given."""
