@@ -49,12 +49,12 @@ class AudioWindow:
         """The middle of the longest pause (audio the gate heard no voice in) touching window seconds
         [begin, end], in window seconds; None when the gate heard voice all through them."""
         a, b = self.base + begin * SAMPLE_RATE, self.base + end * SAMPLE_RATE
-        touching = [(last - first, first, last) for first, last in ((max(f, self.base), l) for f, l in self._pauses)
-                    if first <= b and last >= a and last > first]
-        if not touching:
-            return None
-        _, first, last = max(touching)
-        return ((first + last) / 2 - self.base) / SAMPLE_RATE
+        best: tuple[int, int] | None = None
+        for first, last in self._pauses:
+            first = max(first, self.base)  # only the part still in the window
+            if first < last and first <= b and last >= a and (best is None or last - first >= best[1] - best[0]):
+                best = (first, last)
+        return None if best is None else (sum(best) / 2 - self.base) / SAMPLE_RATE
 
     def audio(self, until: int | None = None, whole: bool = False) -> np.ndarray:
         """The window's audio (the utterance's, if `whole`) as float32, up to stream sample `until` when given."""
