@@ -127,6 +127,33 @@ def test_listen_without_a_daemon_fails_clearly(tmp_path):
     assert b"captiond is not running" in result.stderr and b"none.sock" in result.stderr
 
 
+def test_listen_types_prints_only_those_even_before_the_daemon_applied_the_filter(tmp_path):
+    """A stats event the daemon sends before it reads the subscribe line is not printed."""
+    import json
+    import threading
+
+    path = tmp_path / "d.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    got: list[bytes] = []
+
+    def daemon():
+        conn, _ = server.accept()
+        conn.sendall(b'{"type":"hello","seq":0}\n{"type":"stats","seq":1}\n')
+        got.append(conn.makefile("rb").readline())  # the subscribe command, read after the stats went out
+        conn.sendall(b'{"type":"final","seq":2,"text":"hi"}\n{"type":"error","seq":2,"code":"x"}\n')
+        conn.close()
+
+    thread = threading.Thread(target=daemon)
+    thread.start()
+    result = captiond("listen", "--types", "final", "--set", f"server.socket={path}")
+    thread.join(10)
+    server.close()
+    assert json.loads(got[0]) == {"cmd": "subscribe", "types": ["final"]}
+    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["hello", "final", "error"]
+
+
 @pytest.mark.slow
 def test_logs_suit_journald_or_a_terminal(tmp_path):
     import re

@@ -137,6 +137,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
             client.subscribe(types, args.since)
         try:
             for line in client.lines():
+                if types and not _listed(line, types):
+                    continue
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
         except BrokenPipeError:  # `captiond listen | head` is fine
@@ -144,6 +146,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _listed(line: bytes, types: list[str]) -> bool:
+    """Whether `listen --types` prints this line: the listed types, hello, and errors."""
+    # The daemon filters only from when it reads the subscribe line; what it sent before still comes.
+    try:
+        kind = json.loads(line).get("type")
+    except (ValueError, AttributeError):
+        return True  # not ours to judge: print what the daemon sent
+    return kind in types or kind in ("hello", "error")
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
@@ -417,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "line (hello first), until the connection ends. Exits 1 with a message when the "
                             "daemon is not running.",
                             epilog="example: captiond listen --types final | jq -r .text")
-    listen.add_argument("--types", metavar="T1,T2", help="only these event types, e.g. final,partial")
+    listen.add_argument("--types", metavar="T1,T2", help="only these event types (and hello, errors), e.g. final,partial")
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
 
