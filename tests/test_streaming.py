@@ -628,6 +628,16 @@ def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
     assert stream.stable == "Had he gone home"
 
 
+def test_no_word_becomes_stable_before_a_check_heard_stable_from_s_of_the_utterance():
+    stream = UtteranceStream(1, 0, 0.5, stable_from_s=3.0)
+    words = _transcript(_timed("You are about to enter an echo test"))
+    for covered in (1.5, 2.5):  # agreeing checks of the first 2.5 s bind nothing: they heard too little
+        stream.partial(words, round(covered * SAMPLE_RATE), checked=True)
+    assert stream.stable == ""
+    stream.partial(words, 3 * SAMPLE_RATE, checked=True)
+    assert stream.stable == "You are about to enter an"  # the words that end 1 s (stable_after_s) before 3 s
+
+
 def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_it_disagrees():
     class Disagrees(FakeDecoder):
         def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **kw):

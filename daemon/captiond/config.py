@@ -119,6 +119,8 @@ class AsrConfig:
     """New audio between two partial decodes of an open utterance, in seconds."""
     stable_after_s: float = 1.0
     """Audio a check must have heard after a word before the word becomes stable, in seconds (more: later, surer)."""
+    stable_from_s: float = 0.0
+    """Audio of the utterance a check must have heard before any word of it becomes stable, in seconds (more: surer first words)."""
     max_window_s: float = 15.0
     """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True
@@ -158,6 +160,7 @@ class AsrConfig:
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
         _check(0.5 <= self.partial_pad_s <= 25, "asr.partial_pad_s", "must be between 0.5 and 25 seconds")
         _check(0.2 <= self.stable_after_s <= 10, "asr.stable_after_s", "must be between 0.2 and 10 seconds")
+        _check(0 <= self.stable_from_s <= 30, "asr.stable_from_s", "must be between 0 and 30 seconds")
         _check(5 <= self.max_window_s <= 28, "asr.max_window_s", "must be between 5 and 28 seconds")
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
         _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")

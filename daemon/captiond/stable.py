@@ -1,8 +1,8 @@
 """Stable words: the words of the open utterance that every later decode, the final's included, begins with.
 
 Stabilisation is LocalAgreement-2: a word becomes stable once a check (a partial decoded as the
-final will be) agrees on it with the partial before it, it is not the check's newest word, and the
-check heard at least stable_after_s of audio after it. A greedy decode's words never bind: they
+final will be) agrees on it with the partial before it, it is not the check's newest word, the
+check heard at least stable_after_s of audio after it, and at least stable_from_s of the utterance. A greedy decode's words never bind: they
 would bind the final to greedy mistakes ("How do you" where beam 5 hears "Had he").
 """
 
@@ -76,10 +76,11 @@ class StableWords:
     """The stable words of one utterance, those still in the window and those cut off it, and the
     newest partial's words after them (which the next check must agree with)."""
 
-    def __init__(self, context: str, rules: TextRules, stable_after_s: float) -> None:
+    def __init__(self, context: str, rules: TextRules, stable_after_s: float, stable_from_s: float = 0.0) -> None:
         self._context = context
         self._rules = rules
         self._settle_s = stable_after_s
+        self._from_s = stable_from_s
         self.done: list[str] = []
         """Stable words whose audio was cut off the window."""
         self.done_words: list[Word] = []
@@ -147,6 +148,8 @@ class StableWords:
         elif t.avg_logprob < self._rules.min_logprob:
             # Whisper's own doubt: a guess made twice is still a guess (greedy partials said "I'm …"
             # or "I don't know" to breaths, p ~0.1), and once stable it is forced into the final.
+            n = 0
+        if heard_s < self._from_s:
             n = 0
         if timed:  # and only words the decoder heard at least stable_after_s of audio after
             settled = heard_s - self._settle_s

@@ -32,11 +32,12 @@ class UtteranceStream:
     """
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
-                 max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0) -> None:
+                 max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0,
+                 stable_from_s: float = 0.0) -> None:
         self.utt = utt
         self._rules = rules
         self.window = AudioWindow(start)
-        self.words = StableWords(context, rules, stable_after_s)
+        self.words = StableWords(context, rules, stable_after_s, stable_from_s)
         self._interval = round(partial_interval_s * SAMPLE_RATE)
         self._max_window = round(max_window_s * SAMPLE_RATE)
         self._decoded_at = 0  # samples of audio the last partial covered
