@@ -72,7 +72,8 @@ def test_partials_then_speech_end_then_final_with_stream_times():
             await queue.put(item)
             await asyncio.sleep(0.001)  # let the worker catch up, as with live audio
 
-    worker, events = run_worker(decoder, feed, clock=lambda: 10.4)
+    # stable_from_s = 0: a 2 s utterance would have no stable word at all
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, stable_from_s=0), clock=lambda: 10.4)
     kinds = [type(e) for e in events]
     assert kinds[0] is SpeechStart and kinds[-2:] == [SpeechEnd, Final]
     partials = [e for e in events if isinstance(e, Partial)]
@@ -658,7 +659,7 @@ def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_i
             await asyncio.sleep(0.002)
 
     decoder = Disagrees()
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.3, early_final=False))
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.3, early_final=False, stable_from_s=0))
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
     assert stable and final.text.startswith(stable)  # never retracted
