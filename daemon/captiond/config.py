@@ -120,7 +120,7 @@ class AsrConfig:
     stable_after_s: float = 1.0
     """Audio a check must have heard after a word before the word becomes stable, in seconds (more: later, surer)."""
     stable_from_s: float = 3.0
-    """Audio of the utterance a check must have heard before any word of it becomes stable, in seconds (more: surer first words)."""
+    """Audio a check must have heard (the whole window it decoded) before it makes any word stable, in seconds (more: surer first words)."""
     max_window_s: float = 15.0
     """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True

@@ -2,7 +2,7 @@
 
 Stabilisation is LocalAgreement-2: a word becomes stable once a check (a partial decoded as the
 final will be) agrees on it with the partial before it, it is not the check's newest word, the
-check heard at least stable_after_s of audio after it, and at least stable_from_s of the utterance.
+check heard at least stable_after_s of audio after it, and at least stable_from_s of audio in all.
 A greedy decode's words never bind: they would bind the final to greedy mistakes ("How do you"
 where beam 5 hears "Had he").
 """
