@@ -150,7 +150,7 @@ class StableWords:
             # Whisper's own doubt: a guess made twice is still a guess (greedy partials said "I'm …"
             # or "I don't know" to breaths, p ~0.1), and once stable it is forced into the final.
             n = 0
-        if heard_s < self._from_s:
+        if heard_s < self._from_s:  # a decode of the first second or two binds guesses ("Do lock" for "To lock")
             n = 0
         if timed:  # and only words the decoder heard at least stable_after_s of audio after
             settled = heard_s - self._settle_s
