@@ -243,8 +243,10 @@ class Harness:
         os.write(self.write_fd, pcm.tobytes())
 
     def end(self, timeout: float = 30.0):
+        """End the input and wait for the service to stop."""
         os.close(self.write_fd)
         self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the service did not stop within {timeout} s of the end of its input"
 
 
 @pytest.fixture(scope="session")

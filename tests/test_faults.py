@@ -214,6 +214,7 @@ def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(
     for _ in range(8):
         h.say(SPEECH)  # 8 utterances of ~3 s fed at pipe speed to a decoder at ~0.8 s per decode
     h.end(timeout=120)
+    events.wait_closed()  # the daemon has stopped; this reader may not have read its last events yet (seen under load)
     finals = events.of("final")
     assert [f["utt"] for f in finals] == list(range(1, 9))
     stats = events.of("stats")
