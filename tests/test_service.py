@@ -123,7 +123,9 @@ def test_a_stop_with_a_subscriber_that_is_not_reading_logs_no_traceback(tmp_path
 
 
 def test_a_log_write_that_hangs_holds_up_nothing_on_the_event_loop(tmp_path):
+    import contextlib
     import os
+    import select
 
     fifo = tmp_path / "t.log"
     os.mkfifo(fifo)  # opening it for writing blocks until someone reads: a disk that does not answer
@@ -137,10 +139,21 @@ def test_a_log_write_that_hangs_holds_up_nothing_on_the_event_loop(tmp_path):
     events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
     events.client.send({"cmd": "ping"})
     events.wait_for(lambda e: e["type"] == "pong", timeout=10)
-    got = b""
-    while got.count(b"\n") < 2:  # the disk answers again: both lines arrive, whole (one open each)
-        with open(fifo, "rb") as reader:
-            got += reader.read()
+    # The disk answers again: both lines arrive, whole. One reader stays open throughout, with a
+    # write end of our own so the writer's close between two lines is no end of file (reopening per
+    # line raced: a line written to the last reader just before it closed was lost, and the loop hung).
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    keep_open = os.open(fifo, os.O_WRONLY)
+    got, deadline = b"", time.monotonic() + 60
+    try:
+        while got.count(b"\n") < 2:
+            assert time.monotonic() < deadline, f"the log lines never arrived: {got!r}"
+            select.select([reader], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(reader, 65536)
+    finally:
+        os.close(keep_open)
+        os.close(reader)
     h.end()
     assert [line.split(b"\t")[1] for line in got.splitlines()] == [b"1", b"2"]
     assert h.exit_code == 0
