@@ -76,7 +76,8 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
     await task
     decodes.update(worker.decodes)
     decodes.update({f"{k} s": v for k, v in worker.decode_seconds.items()})
-    decodes.update(speculations_wasted=worker.speculations_wasted)
+    decodes.update(speculations_wasted=worker.speculations_wasted, finals=worker.finals,
+                   unbound=worker.finals_unbound)
     return " ".join(f.text for f in finals if f.text)
 
 
@@ -130,11 +131,12 @@ async def main() -> None:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
         print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")
     kinds = ("partial", "check", "speculation", "whole speculation", "final", "whole final", "bound")
-    print("\n| mode | " + " | ".join(kinds) + " | speculations wasted |\n|---" * 1 + "|---" * (len(kinds) + 1) + "|")
+    print("\n| mode | " + " | ".join(kinds) + " | speculations wasted | finals (unbound) |\n|---"
+          + "|---" * (len(kinds) + 2) + "|")
     for m in modes:
         d = decodes[m]
         print(f"| {m} | " + " | ".join(f"{d[k]} ({d[k + ' s'] / audio:.3f} s/s)" for k in kinds)
-              + f" | {d['speculations_wasted']} |")
+              + f" | {d['speculations_wasted']} | {d['finals']} ({d['unbound']}) |")
 
 
 if __name__ == "__main__":

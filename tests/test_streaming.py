@@ -491,9 +491,27 @@ def test_final_begun_before_late_stable_words_is_decoded_again():
         worker._stream.words.committed = "the cat sat on the".split()  # as a partial in the hangover would
         await queue.put(items[-1])
 
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, bind_finals=True))
     assert decoder.prefixes == [None, "the cat sat on the"]
     assert events[-1].text == "the cat sat on the mat"
+
+
+def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_unbound():
+    decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
+
+    async def feed(queue, worker):
+        items = utterance(1, 0, 2.0)
+        for item in items[:-1]:
+            await queue.put(item)
+        await queue.put(pause_before(items[-1]))
+        await asyncio.sleep(0.1)
+        worker._stream.words.committed = "the cat sat on the".split()
+        await queue.put(items[-1])
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))  # asr.bind_finals = false
+    assert decoder.prefixes == [None], "no second decode bound to the stable words"
+    assert events[-1].text == "the cat sat on a hat" and "unbound" in events[-1].flags
+    assert worker.finals_unbound == 1 and worker.finals_bound == 0
 
 
 @pytest.mark.slow
@@ -639,7 +657,8 @@ def test_no_word_becomes_stable_before_a_check_heard_stable_from_s_of_the_uttera
     assert stream.stable == "You are about to enter an"  # the words that end 1 s (stable_after_s) before 3 s
 
 
-def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_it_disagrees():
+@pytest.mark.parametrize("bind", [True, False])
+def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_it_disagrees(bind):
     class Disagrees(FakeDecoder):
         def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **kw):
             self.prefixes.append(prefix)
@@ -659,11 +678,17 @@ def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_i
             await asyncio.sleep(0.002)
 
     decoder = Disagrees()
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.3, early_final=False, stable_from_s=0))
+    cfg = AsrConfig(partial_interval_s=0.3, early_final=False, stable_from_s=0, bind_finals=bind)
+    worker, events = run_worker(decoder, feed, cfg=cfg)
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
-    assert stable and final.text.startswith(stable)  # never retracted
-    assert worker.finals_bound == 1 and decoder.prefixes[-2] is None and decoder.prefixes[-1] == stable.rstrip(".")
+    assert stable
+    if bind:
+        assert final.text.startswith(stable) and "unbound" not in final.flags  # never retracted
+        assert worker.finals_bound == 1 and decoder.prefixes[-2] is None and decoder.prefixes[-1] == stable.rstrip(".")
+    else:  # the final's own decode stands, and says that it revised the stable words
+        assert final.text == "Add he gone home." and "unbound" in final.flags
+        assert worker.finals_bound == 0 and worker.finals_unbound == 1 and decoder.prefixes[-1] is None
 
 
 def test_a_loop_in_partials_is_never_made_stable_and_a_disagreeing_check_changes_nothing():
@@ -707,8 +732,8 @@ def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
     assert window.pause_in(0.0, 0.1) == pytest.approx(0.075), "only the half of the pause left in the window"
 
 
-@pytest.mark.parametrize("whole_agrees", [True, False])
-def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees):
+@pytest.mark.parametrize("whole_agrees, bind", [(True, True), (False, True), (False, False)])
+def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees, bind):
     # Someone reads 20 s: word i at 0.5 i s, a sentence end every 8 words; windows are cut at 8 s.
     # Every frame's samples hold its number, so the decoder knows what audio it was given.
     said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(40)]
@@ -742,12 +767,18 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
         await queue.put(UtteranceEnd(1, frames * FRAME_SAMPLES, frames * FRAME_SAMPLES, "silence", 0.0))
 
     decoder = Reader()
-    cfg = AsrConfig(partial_interval_s=0.4, max_window_s=8.0, early_final=False)
+    cfg = AsrConfig(partial_interval_s=0.4, max_window_s=8.0, early_final=False, bind_finals=bind)
     worker, events = run_worker(decoder, feed, cfg=cfg)
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
     assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 8.5 * SAMPLE_RATE  # it was cut
-    assert worker.decodes["whole final"] == 1 and final.text.startswith(stable)
+    assert worker.decodes["whole final"] == 1
+    if not bind:  # the whole utterance's decode stands, though it hears the first stable word otherwise
+        assert final.text.split() == ["x0", *said[1:]] and "unbound" in final.flags
+        assert worker.decodes["bound"] == 0 and worker.decodes["final"] == 0
+        assert [w.start for w in final.words] == [0.5 * i for i in range(40)]
+        return
+    assert final.text.startswith(stable)
     if whole_agrees:  # the whole utterance's decode is the final: no run-on tail, words timed from its start
         assert final.text.split() == said and worker.decodes["final"] == 0
         assert [w.start for w in final.words] == [0.5 * i for i in range(40)]

@@ -256,6 +256,14 @@ def test_fake_session_streams_a_chunk_before_audio_stop_and_they_join(harness):
     assert "".join(chunks) == text and heard_seconds(text) > 2.0
 
 
+def test_wyoming_sessions_bind_their_finals_to_the_chunks_whatever_asr_bind_finals_says(harness):
+    # A chunk sent can never be taken back, so a Wyoming final must begin with the stable words it carried;
+    # the microphone's finals, unbound by default, may revise them.
+    h = harness()
+    session = h.service.wyoming.new_session(lambda event: None, sample_rate=16000)
+    assert session.worker.binds and not h.service.worker.binds
+
+
 def test_44100_hz_stereo_and_32_bit_input_is_heard_like_16_khz_mono(harness):
     h = harness()
     reference = heard_seconds(transcript_of(asyncio.run(session(h.port, SPEECH)))[0])

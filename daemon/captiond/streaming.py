@@ -164,8 +164,10 @@ class UtteranceStream:
         rules = self._rules
         return t.no_speech_prob > rules.max_no_speech and (not timed or t.avg_logprob < rules.min_logprob)
 
-    def final(self, t: Transcript, end: UtteranceEnd, latency: float) -> Final:
-        """The final event for the decode of the window, less what the text rules cut (rules.py)."""
+    def final(self, t: Transcript, end: UtteranceEnd, latency: float, bound: bool = True) -> Final:
+        """The final event for the decode of the window, less what the text rules cut (rules.py).
+        Unless `bound`, a local decode that does not begin with the stable words stands, as a server's
+        always does, flagged unbound."""
         rules = self._rules
         flags = []
         if not t.text:
@@ -205,7 +207,7 @@ class UtteranceStream:
         rest = after(committed, t.text)
         if rest is not None:
             said = (committed + rest).strip()
-        elif t.origin == "remote":  # an inference server heard the stable words otherwise: its text stands
+        elif t.origin == "remote" or not bound:  # the decode heard the stable words otherwise: its text stands
             said = t.text
             flags.append("unbound")
         else:

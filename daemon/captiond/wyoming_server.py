@@ -337,7 +337,9 @@ class WyomingServer:
 
     def new_session(self, send: Callable[[Event], None], *, sample_rate: int) -> LiveSession:
         """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`."""
-        return self._new_session(send, encoding="linear16", sample_rate=sample_rate, gate_thread=self.gate_thread)
+        # Chunks already sent can never be taken back: finals must begin with the stable words they carried.
+        return self._new_session(send, encoding="linear16", sample_rate=sample_rate, gate_thread=self.gate_thread,
+                                 bind=True)
 
     def admit(self, current: _Transcription) -> None:
         """Count a transcription that has begun."""
