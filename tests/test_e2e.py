@@ -40,9 +40,13 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
     assert len(finals) >= len(SESSION)
     assert len(events.of("speech_start")) == len(events.of("speech_end")) == len(finals)
     assert events.of("partial"), "an 11 s utterance must produce partials"
+    letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
     for final in finals:
         assert final["words"] and final["language"] == "en" and final["latency"] >= 0
         assert final["start"] <= final["words"][0]["start"] <= final["words"][-1]["end"] <= final["end"] + 0.5
+        stable = [p["stable"] for p in events.of("partial") if p["utt"] == final["utt"]]
+        if stable and "unbound" not in final["flags"]:  # the protocol: it begins with them, or says it does not
+            assert letters(final["text"]).startswith(letters(stable[-1])), (stable[-1], final["text"])
     hyp = " ".join(f["text"] for f in finals)
     error = corpus_wer([(" ".join(clip(n)["text"] for n in SESSION), hyp)])
     assert error <= WER_BOUND, f"WER {error:.2f}: {hyp}"
@@ -64,7 +68,7 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
     pause = silence(0.25)
     speech = np.concatenate([x for n in SESSION for x in (trimmed(read_wav(CORPUS / n)), pause)])
     daemon = daemon_factory("--source", "mic", "--debug", "--set", "asr.max_window_s=8", "--set", "gate.hangover_ms=1500",
-                            "--set", "gate.sentence_end_ms=0", env=vmic.env)
+                            "--set", "gate.sentence_end_ms=0", "--set", "asr.bind_finals=true", env=vmic.env)
     events = daemon.connect()
     assert vmic.play(write_wav(tmp_path / "long.wav", np.concatenate([silence(0.8), speech, silence(2.0)]))).wait(120) == 0
     final = events.wait_for(lambda e: e["type"] == "final" and e["end"] - e["start"] > 18, timeout=30)
