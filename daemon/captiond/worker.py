@@ -285,7 +285,7 @@ class AsrWorker:
                 local = t.origin != "remote"
                 # Unbound, a local decode of the whole utterance is the final even where it hears the
                 # stable words otherwise: it heard more than the checks that made them stable, and
-                # binding to them cost 7 words on held-out speech (docs/benchmarks.md, seventh round).
+                # binding to them made replay WER worse on every corpus (docs/benchmarks.md, seventh round).
                 if whole and (stream.keeps_stable(t, whole=True) or (local and not self.binds)):
                     stream.uncut()
                 else:
