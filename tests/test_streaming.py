@@ -514,6 +514,27 @@ def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_un
     assert worker.finals_unbound == 1 and worker.finals_bound == 0
 
 
+@pytest.mark.parametrize("said, logprob", [("", -0.2), ("the cat sat on a hat", -1.5),
+                                           ("the hat the hat the hat the hat the hat", -0.2)])
+def test_unbound_a_free_decode_whisper_doubts_does_not_revise_the_stable_words(said, logprob):
+    # Empty, improbable or looping: standing, it would replace words that passed the checks' tests.
+    decoder = scripted([said, "the cat sat on the mat"], logprob=logprob)
+
+    async def feed(queue, worker):
+        items = utterance(1, 0, 2.0)
+        for item in items[:-1]:
+            await queue.put(item)
+        await queue.put(pause_before(items[-1]))
+        await asyncio.sleep(0.1)
+        worker._stream.words.committed = "the cat sat on the".split()
+        await queue.put(items[-1])
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    assert decoder.prefixes == [None, "the cat sat on the"], "decoded again, bound"
+    assert events[-1].text == "the cat sat on the mat" and "unbound" not in events[-1].flags
+    assert worker.finals_bound == 1 and worker.finals_unbound == 0
+
+
 @pytest.mark.slow
 def test_real_decodes_of_a_growing_utterance_keep_every_stable_word_and_the_words_after_a_full_stop():
     """The policy with the real model on mfa_surround, whose stable words end with "aligner." mid-utterance."""

@@ -122,7 +122,7 @@ class AsrConfig:
     stable_from_s: float = 3.0
     """Audio a check must have heard (the whole window it decoded) before it makes any word stable, in seconds (more: surer first words)."""
     bind_finals: bool = False
-    """Make a final begin with the words its partials made stable even when its own decode, which heard the whole utterance, heard them otherwise; false lets that decode stand, flagged unbound (Wyoming sessions always bind)."""
+    """Make a final begin with the words its partials made stable even when its own decode, which heard more of the utterance than the checks, heard them otherwise; false lets that decode stand, flagged unbound, unless Whisper doubts it (Wyoming sessions always bind)."""
     max_window_s: float = 15.0
     """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True

@@ -1,4 +1,5 @@
-"""Stable words: the words of the open utterance that every later decode, the final's included, begins with.
+"""Stable words: the words of the open utterance that every later partial begins with, and the final too
+unless its own decode, standing unbound (asr.bind_finals), heard them otherwise.
 
 Stabilisation is LocalAgreement-2: a word becomes stable once a check (a partial decoded as the
 final will be) agrees on it with the partial before it, it is not the check's newest word, the
@@ -87,7 +88,7 @@ class StableWords:
         self.done_words: list[Word] = []
         """Their timings, in seconds into the utterance."""
         self.committed: list[str] = []
-        """Stable words still in the window: every later decode of this utterance begins with them."""
+        """Stable words still in the window: every later partial of this utterance begins with them."""
         self.pending: list[str] = []
         """The newest partial's words after the stable ones."""
 
@@ -116,7 +117,7 @@ class StableWords:
         return self._context[-_PROMPT_CHARS:]
 
     def kept_by(self, text: str, cut_off: bool = False) -> bool:
-        """True when a decode's text begins with every stable word in the window (a final's must),
+        """True when a decode's text begins with every stable word in the window (a bound final's must),
         and with those cut off it too if `cut_off` (a decode of the whole utterance)."""
         return after(self.text if cut_off else " ".join(self.committed), text) is not None
 
@@ -134,8 +135,8 @@ class StableWords:
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
         rest = after(" ".join(self.committed), " ".join(said))
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
-        # A decode that does not begin with the stable words changes nothing (the final will be bound
-        # to them).
+        # A decode that does not begin with the stable words changes nothing (the final's own decode,
+        # or one bound to them, decides).
         hypothesis = [w for w in rest.split() if letters(w)] if rest is not None else list(self.pending)
         skip = len(said) - len(hypothesis)
         looped = loop(hypothesis, self._rules)

@@ -77,9 +77,17 @@ class UtteranceStream:
         return self.words.prompt
 
     def keeps_stable(self, t: Transcript, whole: bool = False) -> bool:
-        """True when a decode begins with every stable word in the window (a final must), those cut off
-        it included for a decode of the `whole` utterance."""
+        """True when a decode begins with every stable word in the window (a bound final must), those
+        cut off it included for a decode of the `whole` utterance."""
         return self.words.kept_by(t.text, cut_off=whole)
+
+    def trusted(self, t: Transcript) -> bool:
+        """True when Whisper itself trusts a decode: it has text, passes its own doubt thresholds and
+        does not loop. Only such a decode may stand as a final that revises the stable words, which
+        passed those tests in the checks that made them stable."""
+        rules = self._rules
+        return (bool(t.text.strip()) and not doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules)
+                and not looping(t.text.split(), rules))
 
     def fits_whole(self, until: int) -> bool:
         """True when the window was cut at stable words and the utterance up to stream sample `until`
@@ -164,19 +172,22 @@ class UtteranceStream:
         rules = self._rules
         return t.no_speech_prob > rules.max_no_speech and (not timed or t.avg_logprob < rules.min_logprob)
 
-    def final(self, t: Transcript, end: UtteranceEnd, latency: float, bound: bool = True) -> Final:
+    def final(self, t: Transcript, end: UtteranceEnd, latency: float, bind: bool = True) -> Final:
         """The final event for the decode of the window, less what the text rules cut (rules.py).
-        Unless `bound`, a local decode that does not begin with the stable words stands, as a server's
-        always does, flagged unbound."""
+        Unless `bind` (asr.bind_finals) is in force, a local decode that does not begin with the stable
+        words stands, as a server's always does, flagged unbound."""
         rules = self._rules
         flags = []
         if not t.text:
             flags.append("empty")
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
-        # Stable words are never cut (the final must begin with them): had the tail rule cut the last
-        # one, the final would have said the stable words and then the whole decode again.
-        n, held = len(t.words), holding(t.words, self.words.committed)
+        committed = " ".join(self.words.committed)
+        free = (t.origin == "remote" or not bind) and after(committed, t.text) is None
+        # Stable words a final begins with are never cut: had the tail rule cut the last one, the final
+        # would have said the stable words and then the whole decode again. A decode that stands
+        # unbound does not begin with them, so it has none to keep.
+        n, held = len(t.words), 0 if free else holding(t.words, self.words.committed)
         tail = min(tail_guesses(t.words, (end.end - self.start) / SAMPLE_RATE - self.window.offset, rules), n - held)
         cut = t.without(n - tail, n)
         # Every loop after the stable words is cut back to one saying, one after another: a decode
@@ -203,11 +214,10 @@ class UtteranceStream:
             log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
                      [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
-        committed = " ".join(self.words.committed)
         rest = after(committed, t.text)
         if rest is not None:
             said = (committed + rest).strip()
-        elif t.origin == "remote" or not bound:  # the decode heard the stable words otherwise: its text stands
+        elif free:  # the decode heard the stable words otherwise: its text stands
             said = t.text
             flags.append("unbound")
         else:

@@ -282,19 +282,22 @@ class AsrWorker:
                     self._discard(spec)
                     whole = stream.fits_whole(item.audio_end)
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
-                local = t.origin != "remote"
-                # Unbound, a local decode of the whole utterance is the final even where it hears the
-                # stable words otherwise: it heard more than the checks that made them stable, and
-                # binding to them made replay WER worse on every corpus (docs/benchmarks.md, seventh round).
-                if whole and (stream.keeps_stable(t, whole=True) or (local and not self.binds)):
+                binds, local = self.binds, t.origin != "remote"  # one setting for the whole final
+                # Unbound, a local decode is the final even where it hears the stable words otherwise:
+                # it heard more of the utterance than the checks that made them stable, and binding to
+                # them made replay WER worse on every corpus (docs/benchmarks.md, seventh round). Not
+                # a decode Whisper itself doubts: an empty one would drop every stable word.
+                stands = not binds and stream.trusted(t)
+                if whole and (stream.keeps_stable(t, whole=True) or (local and stands)):
                     stream.uncut()
                 else:
                     if whole and not local:  # a server's cannot be bound: the window's free decode
                         t = await self._final_decode(stream, item.audio_end)
+                        stands = not binds and stream.trusted(t)
                     # Bound to the stable words when the decode disagrees with one, and straight after a
                     # local whole decode that did: a free window decode first made the worst finals wait
                     # for three decodes of 15-20 s. A server's final stands, flagged unbound.
-                    if t.origin != "remote" and self.binds and ((whole and local) or not stream.keeps_stable(t)):
+                    if t.origin != "remote" and not stands and ((whole and local) or not stream.keeps_stable(t)):
                         self.finals_bound += 1
                         t = await self._final_decode(stream, item.audio_end, bound=True)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
@@ -306,7 +309,7 @@ class AsrWorker:
                 ratio = t.decode_seconds / t.audio_seconds
                 self.rtf = ratio if not self.finals else 0.8 * self.rtf + 0.2 * ratio
             self.finals += 1
-            final = stream.final(t, item, max(0.0, self._clock() - item.voiced_captured), bound=self.binds)
+            final = stream.final(t, item, max(0.0, self._clock() - item.voiced_captured), bind=binds)
             self.finals_unbound += "unbound" in final.flags
             if final.text and not {"possible_hallucination", "repetition"} & set(final.flags):
                 self._last_text, self._last_end = final.text, item.end
