@@ -478,37 +478,28 @@ def test_nothing_becomes_stable_from_decodes_whisper_itself_doubts():
         assert p.stable == "" and p.unstable.startswith("I don't know")
 
 
+async def late_stable_words(queue, worker):
+    """An utterance whose early final is decoded before "the cat sat on the" became stable."""
+    items = utterance(1, 0, 2.0)
+    for item in items[:-1]:
+        await queue.put(item)
+    await queue.put(pause_before(items[-1]))
+    await asyncio.sleep(0.1)  # the speculative decode is done, with no stable words yet
+    worker._stream.words.committed = "the cat sat on the".split()  # as a partial in the hangover would
+    await queue.put(items[-1])
+
+
 def test_final_begun_before_late_stable_words_is_decoded_again():
     """A speculative final decoded with an older prefix must not drop words that became stable since."""
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-
-    async def feed(queue, worker):
-        items = utterance(1, 0, 2.0)
-        for item in items[:-1]:
-            await queue.put(item)
-        await queue.put(pause_before(items[-1]))
-        await asyncio.sleep(0.1)  # the speculative decode is done, with no stable words yet
-        worker._stream.words.committed = "the cat sat on the".split()  # as a partial in the hangover would
-        await queue.put(items[-1])
-
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, bind_finals=True))
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, bind_finals=True))
     assert decoder.prefixes == [None, "the cat sat on the"]
     assert events[-1].text == "the cat sat on the mat"
 
 
 def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_unbound():
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-
-    async def feed(queue, worker):
-        items = utterance(1, 0, 2.0)
-        for item in items[:-1]:
-            await queue.put(item)
-        await queue.put(pause_before(items[-1]))
-        await asyncio.sleep(0.1)
-        worker._stream.words.committed = "the cat sat on the".split()
-        await queue.put(items[-1])
-
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))  # asr.bind_finals = false
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30))  # unbound
     assert decoder.prefixes == [None], "no second decode bound to the stable words"
     assert events[-1].text == "the cat sat on a hat" and "unbound" in events[-1].flags
     assert worker.finals_unbound == 1 and worker.finals_bound == 0
@@ -519,17 +510,7 @@ def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_un
 def test_unbound_a_free_decode_whisper_doubts_does_not_revise_the_stable_words(said, logprob):
     # Empty, improbable or looping: standing, it would replace words that passed the checks' tests.
     decoder = scripted([said, "the cat sat on the mat"], logprob=logprob)
-
-    async def feed(queue, worker):
-        items = utterance(1, 0, 2.0)
-        for item in items[:-1]:
-            await queue.put(item)
-        await queue.put(pause_before(items[-1]))
-        await asyncio.sleep(0.1)
-        worker._stream.words.committed = "the cat sat on the".split()
-        await queue.put(items[-1])
-
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30))
     assert decoder.prefixes == [None, "the cat sat on the"], "decoded again, bound"
     assert events[-1].text == "the cat sat on the mat" and "unbound" not in events[-1].flags
     assert worker.finals_bound == 1 and worker.finals_unbound == 0
