@@ -15,6 +15,11 @@ WER_BOUND = 0.25
 """Streamed finals of these clear clips, tiny.en int8: measured ~0.05; offline decoding of the same clips ~0.05."""
 
 
+def letters(text: str) -> str:
+    """Letters and digits only, lower case: how the protocol compares a final with stable words."""
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
 def session_wav(tmp_path, names, gap=2.0):
     parts = [silence(0.8)]
     for name in names:
@@ -40,7 +45,6 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
     assert len(finals) >= len(SESSION)
     assert len(events.of("speech_start")) == len(events.of("speech_end")) == len(finals)
     assert events.of("partial"), "an 11 s utterance must produce partials"
-    letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
     for final in finals:
         assert final["words"] and final["language"] == "en" and final["latency"] >= 0
         assert final["start"] <= final["words"][0]["start"] <= final["words"][-1]["end"] <= final["end"] + 0.5
@@ -86,7 +90,6 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
         if partial["utt"] == final["utt"]:
             assert partial["stable"].startswith(stable)
             stable = partial["stable"]
-    letters = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
     assert len(stable) > 100 and letters(final["text"]).startswith(letters(stable))  # binding, letter by letter
     assert daemon.stop() == 0
 

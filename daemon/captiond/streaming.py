@@ -11,7 +11,7 @@ from .engine import Transcript
 from .events import Final, Partial, Word
 from .frames import SAMPLE_RATE
 from .gate import UtteranceAudio, UtteranceEnd
-from .rules import WHISPER, TextRules, doubtful, guessed, loop, looping, tail_guesses
+from .rules import WHISPER, TextRules, doubtful, guessed, loop, looping, tail_guesses, trusted
 from .stable import StableWords, after, holding, spoken
 from .window import AudioWindow
 
@@ -82,12 +82,8 @@ class UtteranceStream:
         return self.words.kept_by(t.text, cut_off=whole)
 
     def trusted(self, t: Transcript) -> bool:
-        """True when Whisper itself trusts a decode: it has text, passes its own doubt thresholds and
-        does not loop. Only such a decode may stand as a final that revises the stable words, which
-        passed those tests in the checks that made them stable."""
-        rules = self._rules
-        return (bool(t.text.strip()) and not doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules)
-                and not looping(t.text.split(), rules))
+        """rules.trusted for a decode of this utterance, with its model's rules."""
+        return trusted(t.text, t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules)
 
     def fits_whole(self, until: int) -> bool:
         """True when the window was cut at stable words and the utterance up to stream sample `until`
