@@ -23,6 +23,7 @@ from captiond.capture import StdinSource  # noqa: E402
 from captiond.client import Client  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
 from captiond.engine import Engine  # noqa: E402
+from captiond.frames import FRAME_SAMPLES  # noqa: E402
 from captiond.server import Server  # noqa: E402
 from captiond.service import Service  # noqa: E402
 from captiond.translog import TranscriptLog  # noqa: E402
@@ -219,6 +220,7 @@ class Harness:
         self.read_fd, self.write_fd = os.pipe()
         self.sock = tmp / "s.sock"
         self.exit_code = None
+        self.said = 0  # samples written into the pipe so far
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         translog = translog or TranscriptLog(log_path, 100_000, 1)
@@ -241,6 +243,14 @@ class Harness:
 
     def say(self, pcm):
         os.write(self.write_fd, pcm.tobytes())
+        self.said += len(pcm)
+
+    def wait_captured(self, timeout: float = 30.0) -> None:
+        """Wait until every whole frame said so far is in the capture ring (a finalize covers only those)."""
+        deadline = time.monotonic() + timeout
+        while self.service.ring.written < self.said // FRAME_SAMPLES:
+            assert time.monotonic() < deadline, f"the daemon did not take what was said within {timeout} s"
+            time.sleep(0.01)
 
     def end(self, timeout: float = 30.0):
         """End the input and wait for the service to stop."""

@@ -202,6 +202,7 @@ def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_p
     typer.start()
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[:16000])  # said, not ended by a pause: the pipe stalls
     events.wait_for(lambda e: e["type"] == "speech_start")
+    h.wait_captured()
     with Client(h.sock, timeout=30) as client:
         assert push_to_talk(client, "stop") == "paused"
     assert typist.presses.acquire(timeout=30)

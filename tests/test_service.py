@@ -198,7 +198,9 @@ def _open_utterance(h, events, seconds=1.5):
     h.say(silence(0.3))
     events.wait_for(lambda e: e.get("state") == "listening")
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[: int(seconds * 16000)])
-    return events.wait_for(lambda e: e["type"] == "speech_start")
+    start = events.wait_for(lambda e: e["type"] == "speech_start")
+    h.wait_captured()  # else the rest, captured after a finalize, would open an utterance of its own
+    return start
 
 
 def test_finalize_ends_the_open_utterance_at_once_and_listening_goes_on(tmp_path):
