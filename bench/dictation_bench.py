@@ -40,7 +40,7 @@ from vmic import VirtualMic  # noqa: E402
 from wer import corpus_wer  # noqa: E402
 from xsession import TextField, XServer  # noqa: E402
 
-from captiond.dictation import NOT_TYPED, Composer  # noqa: E402
+from captiond.dictation import NOT_TYPED, Composer, vocabulary_casing  # noqa: E402
 from captiond.events import decode  # noqa: E402
 
 TAIL_S = 2.5  # silence after a clip in vad mode: the hangover and the decode fit in it
@@ -201,7 +201,7 @@ def main() -> None:
             finals = rig.events.of("final")
         finally:
             rig.close()
-    composer, expected = Composer(), ""
+    composer, expected = Composer(keeps_capital=vocabulary_casing()), ""  # as `captiond type` does
     for f in finals:
         keys = composer.take(decode(json.dumps(f)).event)
         if keys is not None:

@@ -12,7 +12,8 @@ import pytest
 
 from captiond.client import Client
 from captiond.config import DictationConfig
-from captiond.dictation import NOT_TYPED, Composer, Keys, Typist, TypistError, choose_typist, push_to_talk, type_finals
+from captiond.dictation import (NOT_TYPED, Composer, Keys, Typist, TypistError, choose_typist, push_to_talk, type_finals,
+                                vocabulary_casing)
 from captiond.events import Final
 from conftest import CORPUS, ROOT, SPEECH, EventLog, Harness, read_wav, silence, trimmed
 
@@ -54,6 +55,20 @@ def dictate(*texts: str, phrases=None) -> str:
 ])
 def test_spaces_and_capitals_between_finals_as_a_person_types_them(said, typed):
     assert dictate(*said) == typed
+
+
+@pytest.mark.parametrize("said, typed", [
+    (["We flew to", "Paris on Monday."], "We flew to Paris on Monday."),
+    (["Then", "John said so."], "Then John said so."),
+    (["I went to the", "Store and back."], "I went to the store and back."),
+    (["Well,", "Maybe."], "Well, maybe."),
+    (["so", "The end."], "So the end."),
+])
+def test_names_keep_their_capital_where_a_sentence_goes_on(said, typed):
+    composer, field = Composer(keeps_capital=vocabulary_casing()), Field()  # the bundled tokenizer's
+    for text in said:
+        field.apply(composer.take(final(text)))
+    assert field.text == typed
 
 
 @pytest.mark.parametrize("flag", NOT_TYPED)

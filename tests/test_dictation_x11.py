@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from captiond.dictation import NOT_TYPED, Composer
+from captiond.dictation import NOT_TYPED, Composer, vocabulary_casing
 from captiond.events import decode
 from conftest import CORPUS, ROOT, Daemon, EventLog, clip, read_wav, silence, trimmed, write_wav
 from wer import corpus_wer, normalize
@@ -68,7 +68,7 @@ def field(xserver, daemon, tmp_path):
 
 def composed(finals: list[dict]) -> str:
     """What a person's keyboard would have made of these finals: the field must hold exactly this."""
-    composer, text = Composer(), ""
+    composer, text = Composer(keeps_capital=vocabulary_casing()), ""  # as `captiond type` does
     for line in finals:
         keys = composer.take(decode(json.dumps(line)).event)
         if keys is not None:

@@ -207,7 +207,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_type(args: argparse.Namespace) -> int:
     """Type each final into the focused window until Ctrl-C."""
-    from .dictation import Composer, TypistError, choose_typist, type_finals
+    from .dictation import Composer, TypistError, choose_typist, type_finals, vocabulary_casing
+    from .engine import ModelError
 
     config, _ = _config(args)
     dictation = config.dictation
@@ -215,7 +216,8 @@ def cmd_type(args: argparse.Namespace) -> int:
         dictation = dataclasses.replace(dictation, commands=True)
     try:
         typist = choose_typist(args.tool or dictation.typer, os.environ, dictation.key_delay_ms)
-    except TypistError as exc:
+        casing = vocabulary_casing()
+    except (TypistError, ModelError) as exc:
         return _fail(str(exc))
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -223,7 +225,7 @@ def cmd_type(args: argparse.Namespace) -> int:
         print(f"[{text}]", file=sys.stderr, flush=True)
 
     try:
-        type_finals(socket_path(config.server), Composer(dictation.phrases()), typist, note)
+        type_finals(socket_path(config.server), Composer(dictation.phrases(), casing), typist, note)
     except KeyboardInterrupt:
         pass
     return 0
@@ -365,7 +367,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
-    from .engine import ModelError, resolve_model
+    from .engine import ModelError
 
     config, path = _config(args)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .client import Client, connect_when_running
+from .engine import resolve_model
 from .events import Final, Hello, Pong, Status
 
 NOT_TYPED = ("withheld", "possible_hallucination", "repetition", "error", "empty")
@@ -87,7 +88,9 @@ class Composer:
     their lower-case phrase; empty: every word is typed as said.
     """
 
-    def __init__(self, phrases: Mapping[str, str] | None = None) -> None:
+    def __init__(self, phrases: Mapping[str, str] | None = None,
+                 keeps_capital: Callable[[str], bool] = lambda word: False) -> None:
+        self._keeps_capital = keeps_capital  # a name ("Paris") keeps its capital where a sentence goes on
         self._phrases = sorted(((tuple(p.split()), cmd) for cmd, p in (phrases or {}).items()),
                                key=lambda item: -len(item[0]))  # the longest phrase wins
         self._tail = ""
@@ -152,17 +155,34 @@ class Composer:
                 i += 1
         return out
 
-    @staticmethod
-    def _spaced(before: str, word: str, first: bool) -> str:
+    def _spaced(self, before: str, word: str, first: bool) -> str:
         """The word with the space and capital it needs after `before`."""
         line = before.rstrip(" ")
         if not line or line.endswith("\n") or _SENTENCE_END.search(line):
             word = word[:1].upper() + word[1:]
-        elif first and word[:1].isupper() and word[1:] == word[1:].lower() and not _I_WORD.match(word):
+        elif (first and word[:1].isupper() and word[1:] == word[1:].lower() and not _I_WORD.match(word)
+              and not self._keeps_capital(word)):
             word = word[:1].lower() + word[1:]  # Whisper starts every utterance with a capital
         if not before or before[-1].isspace() or word[:1] in _PUNCT:
             return word
         return " " + word
+
+
+def vocabulary_casing() -> Callable[[str], bool]:
+    """A test for words written capitalised more often than not ("Paris", "John", "Monday", not "The"
+    or "Store"), read from the bundled Whisper tokenizer's byte-pair vocabulary (English spelling
+    habits, whatever model the daemon runs): the more often a spelling was seen, the sooner it was
+    merged, so it takes fewer tokens, or ones with lower ids. Raises ModelError without the model."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(resolve_model("bundled").target) / "tokenizer.json"))
+
+    def keeps_capital(word: str) -> bool:
+        bare = word.rstrip(_PUNCT + "\"')]")
+        cap, low = (tokenizer.encode(" " + w, add_special_tokens=False).ids for w in (bare, bare.lower()))
+        return (len(cap), cap) < (len(low), low)
+
+    return keeps_capital
 
 
 # --- typing tools ---------------------------------------------------------------------------------
