@@ -36,13 +36,15 @@ def utterance(utt, start, seconds, captured=0.0):
     return items
 
 
-def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic, end_at_pause=None):
+def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic, end_at_pause=None,
+               finals=None):
     published = []
 
     async def main():
         queue = asyncio.Queue(maxsize=10000)
         engine = Engine(decoder)
-        worker = AsrWorker(engine, cfg, queue, published.append, clock=clock, end_at_pause=end_at_pause)
+        worker = AsrWorker(engine, cfg, queue, published.append, clock=clock, end_at_pause=end_at_pause,
+                           finals=finals)
         task = asyncio.create_task(worker.run())
         await feed(queue, worker)
         await queue.put(None)
@@ -386,8 +388,11 @@ def test_punctuation_alone_never_becomes_a_word():
     assert (p.stable, p.unstable) == ("Montreal. Forest. A", "liner.")
 
 
-def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
+@pytest.mark.parametrize("bind", [True, False])
+def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word(bind):
     # Someone reads 60 s without a pause: word i is said at 0.5 i s, a sentence ends every 8 words.
+    # Unbound, the final's decode of the window hears its first stable word otherwise: it stands, after
+    # the words cut off the window (60 s is past Whisper's window: no decode hears it all).
     said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(120)]
 
     class Speaker(FakeDecoder):
@@ -421,9 +426,12 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word():
     assert max(windows) <= 10.4 and stream.window.base > 0
     cut_off = stream.stable[:len(stream.stable) - len(stream.prefix)].strip()  # stable words no longer heard
     assert cut_off and stream.prompt == f"Reading aloud. {cut_off}"[-200:]  # they are the decoder's context
-    t = decoder.decode(stream.audio(), beam_size=5, words=True, prompt=stream.prompt, prefix=stream.prefix)
-    final = stream.final(t, UtteranceEnd(1, stream.samples, stream.samples, "silence", 0.0), 0.1)
-    assert final.text.split() == said
+    if not bind:
+        said[len(stream.words.done)] = "x"
+    t = decoder.decode(stream.audio(), beam_size=5, words=True, prompt=stream.prompt,
+                       prefix=stream.prefix if bind else None)
+    final = stream.final(t, UtteranceEnd(1, stream.samples, stream.samples, "silence", 0.0), 0.1, bind=bind)
+    assert final.text.split() == said and ("unbound" in final.flags) != bind
     assert [w.word for w in final.words] == said
     assert [w.start for w in final.words] == [0.5 * i for i in range(120)]
 
@@ -734,8 +742,9 @@ def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
     assert window.pause_in(0.0, 0.1) == pytest.approx(0.075), "only the half of the pause left in the window"
 
 
-@pytest.mark.parametrize("whole_agrees, bind", [(True, True), (False, True), (False, False)])
-def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees, bind):
+@pytest.mark.parametrize("whole_agrees, bind, served", [(True, True, False), (False, True, False), (False, False, False),
+                                                        (False, True, True)])
+def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees, bind, served):
     # Someone reads 20 s: word i at 0.5 i s, a sentence end every 8 words; windows are cut at 8 s.
     # Every frame's samples hold its number, so the decoder knows what audio it was given.
     said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(40)]
@@ -768,13 +777,25 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
             await asyncio.sleep(0.002)
         await queue.put(UtteranceEnd(1, frames * FRAME_SAMPLES, frames * FRAME_SAMPLES, "silence", 0.0))
 
-    decoder = Reader()
+    class Server:
+        """A server's finals: it answers the whole utterance's request, then fails (a local fallback)."""
+
+        async def decode(self, audio, **kwargs):
+            t = decoder.decode(audio, **kwargs)
+            served_calls.append(len(audio))
+            return dataclasses.replace(t, origin="fallback" if len(served_calls) > 1 else "remote")
+
+    decoder, served_calls = Reader(), []
     cfg = AsrConfig(partial_interval_s=0.4, max_window_s=8.0, early_final=False, bind_finals=bind)
-    worker, events = run_worker(decoder, feed, cfg=cfg)
+    worker, events = run_worker(decoder, feed, cfg=cfg, finals=Server() if served else None)
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
     assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 8.5 * SAMPLE_RATE  # it was cut
     assert worker.decodes["whole final"] == 1
+    if served:  # the server's whole decode cannot be bound: the window's, decoded here, keeps the stable words
+        assert worker.decodes["final"] == 1 and worker.decodes["bound"] == 0
+        assert final.text.startswith(stable) and final.flags == ("fallback",)
+        return
     if not bind:  # the whole utterance's decode stands, though it hears the first stable word otherwise
         assert final.text.split() == ["x0", *said[1:]] and "unbound" in final.flags
         assert worker.decodes["bound"] == 0 and worker.decodes["final"] == 0
