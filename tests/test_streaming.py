@@ -316,6 +316,19 @@ def scripted(hypotheses, no_speech_prob=0.01, logprob=-0.2):
 WORDS = st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "hat", "The", "cat.", "Sat,"])
 
 
+def test_partials_are_spaced_by_a_share_of_their_window_once_it_is_long():
+    stream = UtteranceStream(1, 0, 0.4, partial_share=0.1)
+    due_at = []
+    for frame in range(1000):  # 30 s of voiced audio, a partial whenever one is due
+        stream.insert(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), 0, 0))
+        if stream.partial_due():
+            due_at.append(stream.samples / SAMPLE_RATE)
+            stream.partial(Transcript("", (), "en", -0.2, 1.0, 0.01, 0.0, 0.0), stream.samples, checked=False)
+    gaps = np.diff(due_at)
+    assert gaps[:5] == pytest.approx(0.42, abs=0.03)  # the interval while the window is short
+    assert gaps[-1] == pytest.approx(0.1 * due_at[-1], abs=0.05) and due_at[-1] > 25  # a tenth of the window
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(WORDS, max_size=8).map(" ".join), min_size=1, max_size=8), st.lists(WORDS, max_size=8))
 def test_a_stable_word_is_never_retracted(partial_texts, final_words):
@@ -790,7 +803,7 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
     worker, events = run_worker(decoder, feed, cfg=cfg, finals=Server() if served else None)
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
-    assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 8.5 * SAMPLE_RATE  # it was cut
+    assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 9 * SAMPLE_RATE  # cut (8 s and a partial's spacing)
     assert worker.decodes["whole final"] == 1
     if served:  # the server's whole decode cannot be bound: the window's, decoded here, keeps the stable words
         assert worker.decodes["final"] == 1 and worker.decodes["bound"] == 0

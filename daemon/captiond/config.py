@@ -117,6 +117,8 @@ class AsrConfig:
     """Decode partials while someone speaks; false: finals only, each utterance decoded once at its end (least CPU)."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
+    partial_share: float = 0.1
+    """New audio between two partials as a share of the audio they decode, when that is more than partial_interval_s (0: off); a partial's cost grows with its audio."""
     stable_after_s: float = 1.0
     """Audio a check must have heard after a word before the word becomes stable, in seconds (more: later, surer)."""
     stable_from_s: float = 3.0
@@ -160,6 +162,7 @@ class AsrConfig:
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
+        _check(0 <= self.partial_share <= 1, "asr.partial_share", "must be between 0 and 1")
         _check(0.5 <= self.partial_pad_s <= 25, "asr.partial_pad_s", "must be between 0.5 and 25 seconds")
         _check(0.2 <= self.stable_after_s <= 10, "asr.stable_after_s", "must be between 0.2 and 10 seconds")
         _check(0 <= self.stable_from_s <= 30, "asr.stable_from_s", "must be between 0 and 30 seconds")
