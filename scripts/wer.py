@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
             "sixteen seventeen eighteen nineteen twenty").split()
@@ -20,6 +21,13 @@ def normalize(text: str) -> list[str]:
         if word:
             words.append(word)
     return words
+
+
+def words_of_any_language(text: str) -> list[str]:
+    """Lower case, accents stripped, words of letters and digits of any script (the multilingual
+    corpus writes Spanish without accents)."""
+    bare = "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
+    return re.findall(r"[^\W_]+", bare)
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:

@@ -96,7 +96,8 @@ class FakeDecoder:
     def load(self):
         pass
 
-    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, fallback=True, window=None):
+    def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, fallback=True, window=None,
+               language=""):
         self.calls.append((len(audio), beam_size, words, prompt))
         self.hotwords_seen.append(hotwords)
         self.prefixes.append(prefix)

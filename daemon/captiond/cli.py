@@ -65,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio  # here: `captiond ptt`, run on a key press, starts faster without it
 
     from .capture import CaptureError, make_source, portaudio_idle
-    from .engine import Engine, ModelError, WhisperDecoder, resolve_model
+    from .engine import Engine, WhisperDecoder
+    from .models import ModelError, resolve_model
     from .gate import FeatureError
     from .server import Server, ServerError
     from .service import STOP_BOUND_S, Service
@@ -208,7 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_type(args: argparse.Namespace) -> int:
     """Type each final into the focused window until Ctrl-C."""
     from .dictation import Composer, TypistError, choose_typist, type_finals, vocabulary_casing
-    from .engine import ModelError
+    from .models import ModelError
 
     config, _ = _config(args)
     dictation = config.dictation
@@ -260,7 +261,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .capture import CaptureError
-    from .engine import ModelError, WhisperDecoder
+    from .engine import WhisperDecoder
+    from .models import ModelError
     from .gate import FeatureError, log_mel
     from .transcribe import render, transcribe_file
 
@@ -367,7 +369,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
-    from .engine import ModelError
+    from .models import ModelError, resolve_model
 
     config, path = _config(args)
     try:

@@ -102,7 +102,9 @@ class AsrConfig:
     cpu_threads: int = 2
     """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
     language: str = "en"
-    """Spoken language code, or auto to detect it per utterance (slower)."""
+    """Spoken language code, or auto to detect it (from 2 s of speech or more; shorter utterances keep the last language heard surely)."""
+    task: str = "transcribe"
+    """transcribe (text in the spoken language) or translate (English text from any language; needs a multilingual model)."""
     beam_size: int = 5
     """Beam width for finals."""
     partial_beam_size: int = 1
@@ -158,6 +160,7 @@ class AsrConfig:
         _check(self.language == "auto" or self.language in WHISPER_LANGUAGES, "asr.language",
                f"{self.language!r} is not a Whisper language code; use auto or one of en, de, fr, es, zh, "
                "... (the full list: python -c 'import faster_whisper.tokenizer as t; print(t._LANGUAGE_CODES)')")
+        _check(self.task in ("transcribe", "translate"), "asr.task", "must be transcribe or translate")
         _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")

