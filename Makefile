@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # OpenMP threads spin while the machine is busy unless told otherwise; decodes then slow down tenfold.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: help setup base system-deps demo test test-fast docs bench bench-continuous replay bench-heldout soak clean
+.PHONY: help setup base system-deps demo test test-fast docs bench bench-continuous replay bench-models bench-heldout soak clean
 
 help:
 	@echo "make demo       set up, then run the daemon with live captions (a bundled sample if there is no microphone)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-continuous  the same on continuous speech (the held-out part), against the whole recordings decoded offline"
 	@echo "make replay     continuous speech replayed through the gate and worker, no microphone: WER and CPU (tune and held-out parts)"
 	@echo "make bench-heldout  the same on speech nothing was tuned on (bench/heldout; alsa-utils' voice if installed)"
+	@echo "make bench-models  each installed model's speed here (real-time factor, a 5 s final), for captiond models"
 	@echo "make soak       replay speech into one daemon for an hour; RSS and latency drift"
 
 system-deps:
@@ -58,6 +59,9 @@ bench-continuous: setup
 replay: setup
 	$(PY) bench/replay.py --corpus continuous --part tune --quiet
 	$(PY) bench/replay.py --corpus continuous --part heldout --quiet
+
+bench-models: base
+	$(PY) bench/model_speed.py
 
 bench-heldout: setup
 	$(PY) bench/session.py --verbose --audio-dir bench/heldout/librispeech \

