@@ -38,7 +38,8 @@ from conftest import silence  # noqa: E402
 from wer import corpus_wer, normalize, wer  # noqa: E402
 
 from captiond.config import AsrConfig, Config, load  # noqa: E402
-from captiond.engine import Engine, WhisperDecoder, resolve_model  # noqa: E402
+from captiond.engine import Engine, WhisperDecoder  # noqa: E402
+from captiond.models import resolve_model  # noqa: E402
 from captiond.events import Final  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
 from captiond.gatedriver import GateStage  # noqa: E402
@@ -96,7 +97,7 @@ async def main() -> None:
     modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
     engine = Engine(WhisperDecoder(config.asr))
     await engine.load()
-    whole = WholeReference(resolve_model(config.asr.model).target, config.asr.compute_type, config.asr.cpu_threads)
+    whole = WholeReference(resolve_model(config.asr.model).load_target(), config.asr.compute_type, config.asr.cpu_threads)
     recs: list[Recording] = [r for r in recordings(args.corpus, args.part) if (args.only or "") in r.id]
     recs = recs[: args.clips or None]
     pairs: dict[str, list[tuple[str, str]]] = {m: [] for m in (*modes, "whole")}

@@ -47,7 +47,8 @@ from wer import corpus_wer, normalize  # noqa: E402
 
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
-from captiond.engine import SHORT, WhisperDecoder, resolve_model  # noqa: E402
+from captiond.engine import SHORT, WhisperDecoder  # noqa: E402
+from captiond.models import resolve_model  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, int16_to_float  # noqa: E402
 from captiond.gate import UtteranceEnd, UtteranceStart  # noqa: E402
 from captiond.gatedriver import segment  # noqa: E402
@@ -116,7 +117,7 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     fallback = config.asr.temperature_fallback  # as the daemon's finals
-    reference = WholeReference(resolve_model(config.asr.model).target, config.asr.compute_type, config.asr.cpu_threads)
+    reference = WholeReference(resolve_model(config.asr.model).load_target(), config.asr.compute_type, config.asr.cpu_threads)
     whole = {c["file"]: reference.text(Recording(c["file"], c["text"], pcm_of(c))) for c in clips}
     texts, recorded = [], read_wav(session)
     for k in range(phases):

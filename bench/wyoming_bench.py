@@ -43,7 +43,7 @@ from session import cpu_seconds, pct  # noqa: E402
 from wer import corpus_wer  # noqa: E402
 
 from captiond.config import load  # noqa: E402
-from captiond.engine import resolve_model  # noqa: E402
+from captiond.models import resolve_model  # noqa: E402
 
 CHUNK = 1024  # samples per audio-chunk, as wyoming-bench and satellites send
 LEAD_S, TAIL_S = 0.3, 0.7
@@ -150,7 +150,7 @@ def main() -> None:
                         help="captiond config override, e.g. asr.beam_size=1")
     args = parser.parse_args()
     config = load(None, args.set)[0]
-    model = resolve_model(config.asr.model).target
+    model = resolve_model(config.asr.model).load_target()
     work = clips(args.clips)
     audio_s = sum(len(c.pcm) for c in work) / 16000
     tmp = Path(tempfile.mkdtemp(prefix="captiond-bench-wyoming-"))

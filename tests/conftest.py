@@ -92,6 +92,7 @@ class FakeDecoder:
         self.hotwords_seen = []
         self.prefixes = []
         self.fallbacks = []
+        self.languages = []
 
     def load(self):
         pass
@@ -102,6 +103,7 @@ class FakeDecoder:
         self.hotwords_seen.append(hotwords)
         self.prefixes.append(prefix)
         self.fallbacks.append(fallback)
+        self.languages.append(language)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
         text = f"heard {secs:.2f}{self.ending}"

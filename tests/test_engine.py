@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import SHORT, Engine, ModelError, WhisperDecoder, Window, _heard, _joined, _words, resolve_model, short_window
+from captiond.engine import SHORT, Engine, WhisperDecoder, Window, _heard, _joined, _words, short_window
+from captiond.models import ModelError, resolve_model
 from captiond.events import Word
 from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float

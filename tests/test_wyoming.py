@@ -344,6 +344,17 @@ def test_voice_events_only_when_the_client_asks_for_vad(harness):
     assert vad[types.index("voice-started")].data["timestamp"] >= 0
 
 
+def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harness, monkeypatch):
+    import captiond.wyoming_server as wyoming_server
+
+    monkeypatch.setattr(wyoming_server, "_languages", lambda cfg, model: ["en", "fr", "es"])  # as base under auto
+    h = harness("asr.language=auto")
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="fr-FR"))))
+    assert text and set(h.decoder.languages) == {"fr"}, "every decode of the session is told its language"
+    refused = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="xx")))
+    assert WyError.from_event(refused[-1]).code == "unsupported_language"
+
+
 def test_unsupported_language_and_idle_connections_get_error_events(harness):
     h = harness("wyoming.idle_timeout_s=1")
 

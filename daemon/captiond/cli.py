@@ -384,7 +384,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         languages = "99, translates to en" if model.multilingual else "English"
         print(f"{model.name:<10} {model.display:<18} {model.size_mb:>4} MB  {languages:<22} {rtf:>16}  {final:>12}  {here}")
     when = {s.get("measured", "") for s in measured.values()} - {""}
-    print(f"\nspeed: decode seconds per second of speech, and a 5 s utterance's final (beam 5), "
+    print("\nspeed: decode seconds per second of speech, and a 5 s utterance's final (beam 5), "
           + (f"measured here on {max(when)}" if when else "not measured here yet")
           + "; measure with: make bench-models")
     print("a CTranslate2 Whisper model folder, or a faster-whisper model name (downloaded once), works too")

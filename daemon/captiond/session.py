@@ -105,11 +105,13 @@ class LiveSession:
     """One client's audio stream: feed() binary messages, finalize() on request, close() at the end.
 
     Its events (speech_start, partial, final, speech_end, error) go to `send`, for that client only.
-    `bind` makes its finals begin with the stable words whatever asr.bind_finals says (None: as it says).
+    `bind` makes its finals begin with the stable words whatever asr.bind_finals says (None: as it says);
+    `language` is the client's own language code (empty: asr.language).
     """
 
     def __init__(self, engine: Engine, config: Config, send: Callable[[Event], None], *, encoding: str,
-                 sample_rate: int, gate_thread: concurrent.futures.Executor, bind: bool | None = None) -> None:
+                 sample_rate: int, gate_thread: concurrent.futures.Executor, bind: bool | None = None,
+                 language: str = "") -> None:
         if encoding not in ENCODINGS:
             raise AudioError(f"encoding={encoding!r} is not supported; use linear16 (raw s16le) or webm")
         if encoding == "linear16" and not MIN_RATE <= sample_rate <= MAX_RATE:
@@ -124,7 +126,7 @@ class LiveSession:
         self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
-                                end_at_pause=self._stage.end_at_pause, bind=bind)
+                                end_at_pause=self._stage.end_at_pause, bind=bind, language=language)
         self.failed = False
         """Set when the client's audio could not be decoded; the session then ends."""
         self.samples = 0

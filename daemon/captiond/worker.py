@@ -71,8 +71,10 @@ class AsrWorker:
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
                  priority: int = MIC, finals: FinalDecoder | None = None,
-                 end_at_pause: Callable[[int, int], None] | None = None, bind: bool | None = None) -> None:
+                 end_at_pause: Callable[[int, int], None] | None = None, bind: bool | None = None,
+                 language: str = "") -> None:
         self._engine = engine
+        self._language = language  # a client's own language for its session; empty: asr.language
         self._bind = bind  # None: asr.bind_finals decides; a client that streams stable words as settled needs True
         self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
         self._finals = finals or engine
@@ -225,12 +227,13 @@ class AsrWorker:
         seconds = len(audio) / SAMPLE_RATE
         # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
         # in the last one heard surely: a one-word utterance must not flip a speaker's language.
-        language = self.heard_language if self._cfg.language == "auto" and seconds < _DETECT_S else ""
+        detect = self._cfg.language == "auto" and not self._language
+        language = self._language or (self.heard_language if detect and seconds < _DETECT_S else "")
         t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
                                               language=language)
-        if self._cfg.language == "auto" and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE and t.text:
+        if detect and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE and t.text:
             self.heard_language = t.language
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds

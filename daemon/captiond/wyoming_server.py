@@ -53,6 +53,11 @@ def _languages(cfg: AsrConfig, model: str) -> list[str]:
     return list(_LANGUAGE_CODES)
 
 
+def wanted_language(transcribe: Transcribe) -> str:
+    """The Whisper code of the language a transcribe event asks for ("es-ES" -> "es"); empty for none."""
+    return (transcribe.language or "").split("-")[0].split("_")[0].lower()
+
+
 def info(cfg: AsrConfig, model: str) -> Info:
     """The answer to describe: one ASR program (captiond) with the daemon's model."""
     return Info(asr=[AsrProgram(
@@ -236,8 +241,10 @@ class _Handler(AsyncEventHandler):
             return
         # Until audio-stop the stream belongs to this transcription, even a refused one (its chunks are dropped).
         languages = self._server.info.asr[0].models[0].languages
+        # Under asr.language = auto a multilingual model serves every language: the client's, if it names one.
+        own = wanted_language(transcribe) if len(languages) > 1 else ""
         self._current = current = _Transcription(self, vad=transcribe.vad_sensitivity is not None,
-                                                 language=languages[0] if len(languages) == 1 else None)
+                                                 language=own or (languages[0] if len(languages) == 1 else None))
         current.format = (start.rate, start.width, start.channels)
         problem = self._server.refusal(start, transcribe)
         if problem:
@@ -245,7 +252,7 @@ class _Handler(AsyncEventHandler):
             await self._error(*problem)
             return
         try:
-            current.session = self._server.new_session(current.on_event, sample_rate=start.rate)
+            current.session = self._server.new_session(current.on_event, sample_rate=start.rate, language=own)
         except AudioError as exc:
             current.failed = True
             await self._error("bad_audio", f"{exc}; send 8-192 kHz PCM, e.g. 16000 Hz, width 2, 1 channel")
@@ -335,11 +342,12 @@ class WyomingServer:
                                                                  thread_name_prefix="captiond-wyoming-gate")
         """The gate of every Wyoming session runs here, off the event loop and the microphone's gate thread."""
 
-    def new_session(self, send: Callable[[Event], None], *, sample_rate: int) -> LiveSession:
-        """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`."""
+    def new_session(self, send: Callable[[Event], None], *, sample_rate: int, language: str = "") -> LiveSession:
+        """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`, decoded in the
+        client's `language` (empty: asr.language)."""
         # Chunks already sent can never be taken back: finals must begin with the stable words they carried.
         return self._new_session(send, encoding="linear16", sample_rate=sample_rate, gate_thread=self.gate_thread,
-                                 bind=True)
+                                 bind=True, language=language)
 
     def admit(self, current: _Transcription) -> None:
         """Count a transcription that has begun."""
@@ -375,10 +383,11 @@ class WyomingServer:
                                  f"is not supported; send {MIN_RATE}-{MAX_RATE} Hz PCM, width 1-4 bytes, "
                                  f"1-{_MAX_CHANNELS} channels (16000 Hz, width 2, mono is best)")
         languages = self.info.asr[0].models[0].languages
-        wanted = (transcribe.language or "").split("-")[0].split("_")[0].lower()
-        if wanted and len(languages) == 1 and wanted != languages[0]:
+        wanted = wanted_language(transcribe)
+        if wanted and wanted not in languages:
+            served = repr(languages[0]) if len(languages) == 1 else "Whisper's language codes"
             return "unsupported_language", (f"language {transcribe.language!r} is not served: the model is "
-                                            f"set to {languages[0]!r} (asr.language, asr.model)")
+                                            f"set to {served} (asr.language, asr.model)")
         return None
 
     def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Handler:
