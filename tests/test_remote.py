@@ -127,6 +127,7 @@ def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printabl
     ({"backend": "openai", "remote_url": "http://gpu:99999/v1"}, "asr.remote_url: .* bad port"),
     ({"backend": "openai", "remote_url": "http://gpu/v1?key=1"}, "asr.remote_url: must not have a query"),
     ({"backend": "remote"}, "asr.backend: must be local or openai"),
+    ({"backend": "openai", "remote_url": "http://gpu/v1", "task": "translate"}, "asr.task: translate needs asr.backend = local"),
     ({"remote_model": "large v3"}, "asr.remote_model"),
     ({"remote_timeout_s": 0}, "asr.remote_timeout_s"),
     ({"remote_max_in_flight": 0}, "asr.remote_max_in_flight"),
@@ -160,8 +161,10 @@ class FakeClient:
         self.calls = 0
         self.release = threading.Event()
         self.aborted = []
+        self.languages = []
 
-    def transcribe(self, audio, prompt, call):
+    def transcribe(self, audio, prompt, call, language=""):
+        self.languages.append(language)
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
         if outcome == "block":
@@ -341,3 +344,23 @@ def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_se
     assert stable, "the scripted partials made words stable"
     assert served.prefixes == [None]  # one free request, no bound one
     assert final.text == "something else entirely" and "unbound" in final.flags
+
+
+def test_a_decode_s_own_language_goes_to_the_server_and_to_a_fallback_and_a_server_never_sets_the_speaker_s():
+    client = TranscriptionClient(AsrConfig(backend="openai", remote_url="http://gpu:8000/v1", language="auto"), "")
+    assert ("language", "fr") in client.fields("", "fr")
+    assert "language" not in dict(client.fields(""))
+    fake = FakeClient()
+    fake.outcomes = ["ok", RemoteError("down")]
+    finals, engine, now, _ = remote_finals(fake)
+
+    async def run():
+        served = await finals.decode(np.zeros(16000, np.float32), language="fr", **ARGS)
+        fallback = await finals.decode(np.zeros(16000, np.float32), language="fr", **ARGS)
+        return served, fallback
+
+    served, fallback = asyncio.run(run())
+    assert fake.languages == ["fr", "fr"]
+    assert engine.decoder.languages[-1] == "fr" and fallback.origin == "fallback"
+    assert parse_transcript(b'{"text": "hi", "language": "fr"}', 1.0, 0.1, "").language_p == 0.0
+    engine.close()

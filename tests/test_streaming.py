@@ -821,3 +821,25 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
     else:  # it would retract a stable word: the window's decode bound to them, no free one before it
         assert worker.decodes["bound"] == 1 and worker.decodes["final"] == 0 and worker.finals_bound == 1
         assert final.text.split() == said  # not the tail a free decode of the window ran on with
+
+
+def test_under_auto_short_audio_keeps_the_language_a_final_detected_surely():
+    class Lingual(FakeDecoder):
+        """Detects French surely, then Italian unsurely; or decodes in the language it is told."""
+
+        def decode(self, audio, *, language="", **kwargs):
+            t = super().decode(audio, language=language, **kwargs)
+            first = len(self.languages) == 1
+            detected, p = ("fr", 0.9) if first else ("it", 0.3)
+            return dataclasses.replace(t, language=language or detected, language_p=1.0 if language else p)
+
+    async def feed(queue, worker):
+        for item in [*utterance(1, 0, 3.0), *utterance(2, 160000, 1.0), *utterance(3, 320000, 3.0),
+                     *utterance(4, 480000, 1.0)]:
+            await queue.put(item)
+
+    decoder = Lingual()
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(language="auto", partials=False, early_final=False))
+    # 3 s: detected (sure); 1 s: told; 3 s: detected (unsure: not the speaker's); 1 s: still told French.
+    assert decoder.languages == ["", "fr", "", "fr"]
+    assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "it", "fr"]

@@ -368,12 +368,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models asr.model can name: installed or not, size, languages, speed measured here."""
-    from .models import KNOWN, installed, speed_file
+    from .models import KNOWN, installed, read_speeds
 
-    try:
-        measured = json.loads(speed_file().read_text())
-    except (OSError, ValueError):
-        measured = {}
+    measured = read_speeds()
     print(f"{'asr.model':<10} {'model':<18} {'size':>7}  {'languages':<22} {'real-time factor':>16}  "
           f"{'final of 5 s':>12}  installed")
     for model in KNOWN.values():

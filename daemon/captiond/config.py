@@ -102,7 +102,7 @@ class AsrConfig:
     cpu_threads: int = 2
     """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
     language: str = "en"
-    """Spoken language code, or auto to detect it (from 2 s of speech or more; shorter utterances keep the last language heard surely)."""
+    """Spoken language code, or auto to detect it (decodes of under 2 s of audio keep the last language detected surely)."""
     task: str = "transcribe"
     """transcribe (text in the spoken language) or translate (English text from any language; needs a multilingual model)."""
     beam_size: int = 5
@@ -178,6 +178,8 @@ class AsrConfig:
             _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
         _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
         _check(self.backend in ("local", "openai"), "asr.backend", "must be local or openai")
+        _check(self.backend == "local" or self.task == "transcribe", "asr.task",
+               "translate needs asr.backend = local (finals from a server are transcribed, not translated)")
         if self.backend == "openai" or self.remote_url:
             url = urlsplit(self.remote_url)
             _check(url.scheme in ("http", "https") and bool(url.hostname), "asr.remote_url",

@@ -90,7 +90,8 @@ class Composer:
 
     def __init__(self, phrases: Mapping[str, str] | None = None,
                  keeps_capital: Callable[[str], bool] = lambda word: False) -> None:
-        self._keeps_capital = keeps_capital  # a name ("Paris") keeps its capital where a sentence goes on
+        # Whisper capitalises every utterance's first word; only a name's capital survives a sentence going on.
+        self._keeps_capital = keeps_capital
         self._phrases = sorted(((tuple(p.split()), cmd) for cmd, p in (phrases or {}).items()),
                                key=lambda item: -len(item[0]))  # the longest phrase wins
         self._tail = ""
@@ -169,10 +170,12 @@ class Composer:
 
 
 def vocabulary_casing() -> Callable[[str], bool]:
-    """A test for words written capitalised more often than not ("Paris", "John", "Monday", not "The"
-    or "Store"), read from the bundled Whisper tokenizer's byte-pair vocabulary (English spelling
-    habits, whatever model the daemon runs): the more often a spelling was seen, the sooner it was
-    merged, so it takes fewer tokens, or ones with lower ids. Raises ModelError without the model."""
+    """A test for names: words written capitalised far more often than not ("Paris", "John", "Monday";
+    not "The", "Store", "Yes", "However"), read from the bundled Whisper tokenizer's byte-pair
+    vocabulary (English spelling habits, whatever model the daemon runs). The more often a spelling
+    was seen, the sooner it was merged: it takes fewer tokens, or tokens with lower ids. Words that
+    begin sentences are often seen capitalised too, so in one token each the capitalised id must be
+    under half the lower-case one. Raises ModelError without the model."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(resolve_model("bundled").target) / "tokenizer.json"))
@@ -180,7 +183,9 @@ def vocabulary_casing() -> Callable[[str], bool]:
     def keeps_capital(word: str) -> bool:
         bare = word.rstrip(_PUNCT + "\"')]")
         cap, low = (tokenizer.encode(" " + w, add_special_tokens=False).ids for w in (bare, bare.lower()))
-        return (len(cap), cap) < (len(low), low)
+        if len(cap) != len(low):
+            return len(cap) < len(low)
+        return 2 * cap[0] < low[0] if len(cap) == 1 else cap < low
 
     return keeps_capital
 

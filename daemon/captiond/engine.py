@@ -17,7 +17,7 @@ import numpy as np
 from .config import AsrConfig
 from .events import Word
 from .frames import SAMPLE_RATE
-from .models import ModelError, resolve_model
+from .models import ModelError, ModelRef, resolve_model
 from .rules import TextRules, rules_for, unheard
 
 
@@ -107,6 +107,27 @@ def _missing_from_cache(exc: BaseException) -> bool:
     return isinstance(exc, LocalEntryNotFoundError)
 
 
+def _open_whisper(whisper_model: Any, ref: ModelRef, cfg: AsrConfig) -> Any:
+    """The model asr.model names, loaded; a name is fetched only when the local hub cache lacks it."""
+    kwargs = dict(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
+    if ref.fetch:
+        try:
+            return whisper_model(ref.target, local_files_only=True, **kwargs)
+        except Exception as exc:
+            if not _missing_from_cache(exc):  # a bad compute_type, no CUDA, a broken model: not the network
+                raise ModelError(f"asr.model = {cfg.model!r}: cannot load it from the local cache: {exc}") from None
+        try:
+            return whisper_model(ref.target, **kwargs)
+        except Exception as exc:
+            raise ModelError(f"asr.model = {cfg.model!r}: cannot fetch this model ({type(exc).__name__}); "
+                             "it needs internet once, or use bundled or a CTranslate2 model folder") from None
+    target = ref.load_target()
+    try:
+        return whisper_model(target, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
+
+
 def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
@@ -120,24 +141,7 @@ def _load_whisper(cfg: AsrConfig) -> Any:
     WhisperModel = ShortWindowModel  # noqa: N806
 
     ref = resolve_model(cfg.model)
-    kwargs = dict(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads)
-    if ref.fetch:
-        # Use the local hub cache if the model is there; fetch it only if not.
-        try:
-            return WhisperModel(ref.target, local_files_only=True, **kwargs)
-        except Exception as exc:
-            if not _missing_from_cache(exc):  # a bad compute_type, no CUDA, a broken model: not the network
-                raise ModelError(f"asr.model = {cfg.model!r}: cannot load it from the local cache: {exc}") from None
-        try:
-            return WhisperModel(ref.target, **kwargs)
-        except Exception as exc:
-            raise ModelError(f"asr.model = {cfg.model!r}: cannot fetch this model ({type(exc).__name__}); "
-                             "it needs internet once, or use bundled or a CTranslate2 model folder") from None
-    target = ref.load_target()
-    try:
-        model = WhisperModel(target, **kwargs)
-    except Exception as exc:
-        raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
+    model = _open_whisper(WhisperModel, ref, cfg)
     if not model.model.is_multilingual and (cfg.language not in ("en", "auto") or cfg.task == "translate"):
         wanted = "asr.task = translate" if cfg.task == "translate" else f"asr.language = {cfg.language}"
         raise ModelError(f"{wanted} needs a multilingual model, but {ref.display} hears English only; "

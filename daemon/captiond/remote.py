@@ -185,8 +185,9 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
                             tuple(words))]
     code = data.get("language")
     language = code if isinstance(code, str) and code in WHISPER_LANGUAGES else language
+    # A server says no detection probability: its language never becomes the speaker's (worker.heard_language).
     return Transcript(text, tuple(segments), language, logprob, ratio, no_speech, audio_seconds, decode_seconds,
-                      origin="remote")
+                      origin="remote", language_p=0.0)
 
 
 def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
@@ -222,20 +223,21 @@ class TranscriptionClient:
         self.url = f"{url.scheme}://{url.netloc}{self._path}"
         """The endpoint, for logs and status (it never holds the key)."""
 
-    def fields(self, prompt: str) -> list[tuple[str, str]]:
-        """The form fields of a request besides the audio."""
+    def fields(self, prompt: str, language: str = "") -> list[tuple[str, str]]:
+        """The form fields of a request besides the audio; `language` is the decode's own (empty:
+        asr.language, none under auto)."""
         fields = [("model", self._model), ("response_format", "verbose_json"),
                   ("timestamp_granularities[]", "word"), ("timestamp_granularities[]", "segment")]
-        if self._language != "auto":
-            fields.append(("language", self._language))
+        if language or self._language != "auto":
+            fields.append(("language", language or self._language))
         if prompt:
             fields.append(("prompt", prompt))
         return fields
 
-    def transcribe(self, audio: np.ndarray, prompt: str, call: Call) -> Transcript:
+    def transcribe(self, audio: np.ndarray, prompt: str, call: Call, language: str = "") -> Transcript:
         """POST the audio and parse the answer; raises RemoteError (and only that) when it fails."""
         started = time.monotonic()
-        body, content_type = multipart(self.fields(prompt), wav_bytes(audio))
+        body, content_type = multipart(self.fields(prompt, language), wav_bytes(audio))
         headers = {"Content-Type": content_type, "Accept": "application/json", "User-Agent": "captiond"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -353,7 +355,7 @@ class RemoteFinals:
             self._hurry.set()
 
     async def decode(self, audio: np.ndarray, *, prefix: str | None = None, prompt: str | None = None,
-                     hotwords: str | None = None, priority: int = 0, **local: Any) -> Transcript:
+                     hotwords: str | None = None, priority: int = 0, language: str = "", **local: Any) -> Transcript:
         """A final's transcript from the server, else from the engine (origin fallback)."""
         if self._hurry is None:
             self._hurry, self._freed = asyncio.Event(), asyncio.Event()
@@ -361,7 +363,7 @@ class RemoteFinals:
             # faster-whisper's hotwords go where the prompt goes; the API has only the prompt.
             context = " ".join(t for t in (hotwords, prompt) if t)
             try:
-                t = await self._request(audio, context)
+                t = await self._request(audio, context, language)
             except _Busy:
                 pass
             except RemoteError as exc:
@@ -372,10 +374,10 @@ class RemoteFinals:
         if not prefix:  # a bound decode follows a free one here, already counted
             self.fallbacks += 1
         t = await self._engine.decode(audio, prefix=prefix, prompt=prompt, hotwords=hotwords, priority=priority,
-                                      **local)
+                                      language=language, **local)
         return replace(t, origin="fallback")
 
-    async def _request(self, audio: np.ndarray, prompt: str) -> Transcript:
+    async def _request(self, audio: np.ndarray, prompt: str, language: str) -> Transcript:
         loop = asyncio.get_running_loop()
         deadline = self._clock() + self._timeout
         while self._running >= self._max_in_flight:
@@ -388,7 +390,7 @@ class RemoteFinals:
 
         def run() -> None:
             try:
-                outcome: Any = self._client.transcribe(audio, prompt, call)
+                outcome: Any = self._client.transcribe(audio, prompt, call, language)
             except RemoteError as exc:
                 outcome = exc
             except Exception as exc:  # a bug here must still end in a fallback, never a lost final

@@ -74,7 +74,7 @@ class AsrWorker:
                  end_at_pause: Callable[[int, int], None] | None = None, bind: bool | None = None,
                  language: str = "") -> None:
         self._engine = engine
-        self._language = language  # a client's own language for its session; empty: asr.language
+        self._language = language  # a Wyoming client names its language: never detected, never changed
         self._bind = bind  # None: asr.bind_finals decides; a client that streams stable words as settled needs True
         self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
         self._finals = finals or engine
@@ -95,7 +95,8 @@ class AsrWorker:
         self.hotwords = cfg.hotwords
         """Words the decoder should favour."""
         self.heard_language = ""
-        """Under asr.language = auto, the language last detected surely; short audio is decoded in it."""
+        """Under asr.language = auto, the language a final's or check's decode last detected surely (p >= 0.5
+        on 2 s or more); decodes of less audio are made in it."""
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
@@ -233,7 +234,9 @@ class AsrWorker:
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
                                               language=language)
-        if detect and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE and t.text:
+        # Only a decode as good as a final's may change the speaker's language, not a greedy partial.
+        if detect and seconds >= _DETECT_S and beam_size >= self._cfg.beam_size and t.language_p >= _SURE_LANGUAGE \
+                and t.text:
             self.heard_language = t.language
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds
