@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model", default="base", help="asr.model (a multilingual one)")
     parser.add_argument("--clips", type=int, default=0, help="only the first N clips of each language (default: all)")
     args = parser.parse_args()
-    config, _ = load(None, [f"asr.model={args.model}", "asr.language=auto"])
+    config, _ = load(ROOT / "config" / "captiond.toml", [f"asr.model={args.model}", "asr.language=auto"])
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     clips = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines() if line.strip()]

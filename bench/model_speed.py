@@ -31,7 +31,7 @@ from captiond.models import KNOWN, installed, read_speeds, speed_file  # noqa: E
 
 def measure(name: str, clips: list) -> dict:
     """Real-time factor over the clips, and the p50 decode time scaled to a 5 s final."""
-    config, _ = load(None, [f"asr.model={name}"])
+    config, _ = load(ROOT / "config" / "captiond.toml", [f"asr.model={name}"])  # the defaults, not a user config
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     spent = audio = 0.0
