@@ -84,6 +84,7 @@ class FakeDecoder:
 
     name = "fake"
     rules = TINY_EN  # the bundled model's rules, which the tests of them assume
+    multilingual = False
 
     def __init__(self, delay=0.0, ending=""):
         self.delay = delay

@@ -344,11 +344,9 @@ def test_voice_events_only_when_the_client_asks_for_vad(harness):
     assert vad[types.index("voice-started")].data["timestamp"] >= 0
 
 
-def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harness, monkeypatch):
-    import captiond.wyoming_server as wyoming_server
-
-    monkeypatch.setattr(wyoming_server, "_languages", lambda cfg, model: ["en", "fr", "es"])  # as base under auto
+def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harness):
     h = harness("asr.language=auto")
+    h.decoder.multilingual = True  # as base under auto
     text, _ = transcript_of(asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="fr-FR"))))
     assert text and set(h.decoder.languages) == {"fr"}, "every decode of the session is told its language"
     refused = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="xx")))
@@ -436,7 +434,8 @@ def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
         t.session = SimpleNamespace(worker=worker)  # type: ignore[assignment]
         return t
 
-    server = WyomingServer(WyomingConfig(), lambda: asr, "tiny.en", lambda *a, **k: None)  # type: ignore[arg-type]
+    server = WyomingServer(WyomingConfig(), lambda: asr, "tiny.en", lambda: False,
+                           lambda *a, **k: None)  # type: ignore[arg-type]
     first, second = transcription(1), transcription(2)
     server.admit(first)
     server.admit(second)

@@ -250,6 +250,11 @@ class WhisperDecoder:
         self.rules = rules_for(self.name)
         """The text rules fitted to this model's family."""
 
+    @property
+    def multilingual(self) -> bool:
+        """True when the loaded model hears every Whisper language (False before it is loaded)."""
+        return self._model is not None and bool(self._model.model.is_multilingual)
+
     def load(self) -> None:
         """Load the model and run one decode so the first real one is not slow."""
         settle_allocator()
@@ -328,6 +333,11 @@ class Engine:
     def rules(self) -> TextRules:
         """The text rules of the loaded model's family."""
         return self.decoder.rules
+
+    @property
+    def multilingual(self) -> bool:
+        """True when the loaded model hears every Whisper language (False before it is loaded)."""
+        return self.decoder.multilingual
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args, **kwargs) on the inference thread and await its result."""

@@ -64,7 +64,8 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
-        self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name, self._new_session) \
+        self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name,
+                                     lambda: engine.multilingual, self._new_session) \
             if config.wyoming.enabled else None
         self.stage = GateStage(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))

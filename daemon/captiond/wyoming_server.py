@@ -42,11 +42,12 @@ class WyomingError(ServerError):
     """The Wyoming server cannot start; the message says why and what to do."""
 
 
-def _languages(cfg: AsrConfig, model: str) -> list[str]:
-    """What the loaded model transcribes: the configured language, or every Whisper language for auto."""
+def _languages(cfg: AsrConfig, multilingual: bool) -> list[str]:
+    """What the loaded model transcribes: the configured language, or under auto every Whisper
+    language a multilingual model hears."""
     if cfg.language != "auto":
         return [cfg.language]
-    if model.split(" ")[0].endswith(".en"):
+    if not multilingual:
         return ["en"]
     from faster_whisper.tokenizer import _LANGUAGE_CODES
 
@@ -58,14 +59,14 @@ def wanted_language(transcribe: Transcribe) -> str:
     return (transcribe.language or "").split("-")[0].split("_")[0].lower()
 
 
-def info(cfg: AsrConfig, model: str) -> Info:
+def info(cfg: AsrConfig, model: str, multilingual: bool) -> Info:
     """The answer to describe: one ASR program (captiond) with the daemon's model."""
     return Info(asr=[AsrProgram(
         name="captiond", description="captiond: streaming faster-whisper with partials and a speech gate",
         attribution=Attribution(name="captiond", url=""), installed=True, version=__version__,
         models=[AsrModel(name=model, description=f"Whisper {model}",
                          attribution=Attribution(name="OpenAI", url="https://github.com/openai/whisper"),
-                         installed=True, version=None, languages=_languages(cfg, model))],
+                         installed=True, version=None, languages=_languages(cfg, multilingual))],
         supports_transcript_streaming=True)])
 
 
@@ -331,16 +332,22 @@ class WyomingServer:
     """The Wyoming listener: start() binds wyoming.uri, close() ends every connection."""
 
     def __init__(self, cfg: WyomingConfig, asr: Callable[[], AsrConfig], model: str,
-                 new_session: NewSession) -> None:
+                 multilingual: Callable[[], bool], new_session: NewSession) -> None:
         self.cfg = cfg
         self._asr = asr  # the daemon's asr settings in effect (SIGHUP may change them)
-        self.info = info(asr(), model)
+        self._model = model
+        self._multilingual = multilingual  # known once the model is loaded, which is after this
         self._new_session = new_session
         self._server: AsyncServer | None = None
         self.sessions: set[_Transcription] = set()
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                  thread_name_prefix="captiond-wyoming-gate")
         """The gate of every Wyoming session runs here, off the event loop and the microphone's gate thread."""
+
+    @property
+    def info(self) -> Info:
+        """The answer to describe, for the model as loaded."""
+        return info(self._asr(), self._model, self._multilingual())
 
     def new_session(self, send: Callable[[Event], None], *, sample_rate: int, language: str = "") -> LiveSession:
         """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`, decoded in the
