@@ -726,15 +726,22 @@ def test_a_loop_in_partials_is_never_made_stable_and_a_disagreeing_check_changes
     assert stream.stable == "Hello." and p.text == "Hello. I didn't know"  # does not begin with it: nothing changes
 
 
+def _window_with_pauses(seconds: float, *pauses: tuple[float, float]) -> AudioWindow:
+    """A window of `seconds` of 30 ms frames, voiced but for the (from, to) second spans given."""
+    window = AudioWindow(0)
+    unvoiced = 0
+    for k in range(round(seconds * 1000 / FRAME_MS)):
+        quiet = any(a * 1000 <= k * FRAME_MS < b * 1000 for a, b in pauses)
+        unvoiced = unvoiced + FRAME_MS if quiet else 0
+        window.insert(np.zeros(FRAME_SAMPLES, np.int16), unvoiced)
+    return window
+
+
 def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
     # A check left words out ("You have also [installed a set of sample sounds and] configuration
     # files"): its next word came late, and the widest gap between two stable words was speech. A cut
     # there lost the words, which had never become stable.
-    window = AudioWindow(0)
-    unvoiced = 0
-    for k in range(334):  # 10 s of 30 ms frames, voiced but for 2.01-2.31 s
-        unvoiced = unvoiced + FRAME_MS if 2000 <= k * FRAME_MS < 2300 else 0
-        window.insert(np.zeros(FRAME_SAMPLES, np.int16), unvoiced)
+    window = _window_with_pauses(10.0, (2.0, 2.3))  # the pause: 2.01-2.31 s, gate frames ending there
     assert window.pause_in(1.9, 2.3) == pytest.approx(2.16)
     assert window.pause_in(3.1, 6.5) is None, "voiced all through"
     timed = [Word("Well,", 0.0, 1.9, 0.9), Word("you", 2.3, 2.5, 0.9), Word("have", 2.5, 2.8, 0.9),
@@ -753,6 +760,23 @@ def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
     assert in_a_pause.done == ["Well,"] and in_a_pause.committed[0] == "you"
     window.cut(round(2.16 * SAMPLE_RATE))
     assert window.pause_in(0.0, 0.1) == pytest.approx(0.075), "only the half of the pause left in the window"
+
+
+def test_a_cut_never_takes_off_speech_a_decode_misplaced_after_the_last_stable_word():
+    # A check placed the words after "now." 8 s late (a 4.5-12.5 s "gap" that was speech). Cut in the
+    # widest pause touching that gap, at 9.1 s, the window lost "If you'd like to test out the VoiceOver
+    # IP capabilities of Asterisk": the first words were stable but not cut off, the rest never stable.
+    window = _window_with_pauses(15.0, (4.5, 4.9), (8.8, 9.4))
+    assert window.pause_in(4.52, 12.54) == pytest.approx(4.71, abs=0.02)
+    timed = [Word("dial", 3.5, 4.08, 0.9), Word("now.", 4.08, 4.52, 0.9), Word("If", 12.54, 13.06, 0.9),
+             Word("you'd", 13.06, 13.3, 0.9)]
+    words = StableWords("", WHISPER, 1.0)
+    words.committed = ["dial", "now.", "If"]
+    assert words.cut_point(timed, 0.0, window.pause_in) == pytest.approx(4.71, abs=0.02)
+    assert words.done == ["dial", "now."] and words.committed == ["If"]
+    far_only = _window_with_pauses(15.0, (8.8, 9.4))
+    assert far_only.pause_in(4.52, 12.54) is None, "4 s of voice before the only pause"
+    assert far_only.pause_in(8.7, 12.54) == pytest.approx(9.12, abs=0.02), "a word end a little early is no loss"
 
 
 @pytest.mark.parametrize("whole_agrees, bind, served", [(True, True, False), (False, True, False), (False, False, False),

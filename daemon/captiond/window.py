@@ -9,6 +9,10 @@ import numpy as np
 
 from .frames import SAMPLE_RATE, int16_to_float
 
+# Voice allowed between a word's end, as a decode placed it, and a cut after it: Whisper's word times
+# are off by a tenth of a second or two, the gate's voice by a frame or two; most words are longer.
+_SLACK = 0.3 * SAMPLE_RATE
+
 
 class AudioWindow:
     """The utterance's audio from `base` on; `start` and sample numbers are in stream samples."""
@@ -47,14 +51,25 @@ class AudioWindow:
 
     def pause_in(self, begin: float, end: float) -> float | None:
         """The middle of the longest pause (audio the gate heard no voice in) touching window seconds
-        [begin, end], in window seconds; None when the gate heard voice all through them."""
+        [begin, end] with no more than _SLACK of voice between `begin` and it, in window seconds; None
+        when there is none.
+
+        `begin` is where a decode says a word ended. A decode can misplace the words after it ("now."
+        ending at 4.5 s, the next word at 12.5 s: 8 s of speech taken for a gap); a cut in a pause far on
+        would take the audio of words that are not stable off the window, and they were lost."""
         a, b = self.base + begin * SAMPLE_RATE, self.base + end * SAMPLE_RATE
         best: tuple[int, int] | None = None
         for first, last in self._pauses:
             first = max(first, self.base)  # only the part still in the window
-            if first < last and first <= b and last >= a and (best is None or last - first >= best[1] - best[0]):
+            if first < last and first <= b and last >= a and self._voiced(a, (first + last) / 2) <= _SLACK \
+                    and (best is None or last - first >= best[1] - best[0]):
                 best = (first, last)
         return None if best is None else (sum(best) / 2 - self.base) / SAMPLE_RATE
+
+    def _voiced(self, a: float, b: float) -> float:
+        """Samples between utterance samples `a` and `b` the gate heard voice in."""
+        unvoiced = sum(max(0.0, min(b, last) - max(a, first)) for first, last in self._pauses)
+        return max(0.0, b - a - unvoiced)
 
     def audio(self, until: int | None = None, whole: bool = False) -> np.ndarray:
         """The window's audio (the utterance's, if `whole`) as float32, up to stream sample `until` when given."""
