@@ -55,8 +55,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray, decodes: Counter[str]) -> str:
-    """The recording's finals, joined, as a worker with `asr` publishes them; adds its decodes by kind
+async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray,
+                 decodes: Counter[str]) -> list[Final]:
+    """The recording's finals as a worker with `asr` publishes them; adds its decodes by kind
     (and their seconds, as "KIND s") to `decodes`. Frames reach the gate one at a time, each once the
     worker has taken all before it and finished a final begun at a pause: the pace of a decoder that
     keeps up, whose early final is done before gate.sentence_end_ms can end the utterance on it."""
@@ -79,7 +80,7 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
     decodes.update({f"{k} s": v for k, v in worker.decode_seconds.items()})
     decodes.update(speculations_wasted=worker.speculations_wasted, finals=worker.finals,
                    unbound=worker.finals_unbound)
-    return " ".join(f.text for f in finals if f.text)
+    return finals
 
 
 async def main() -> None:
@@ -112,7 +113,7 @@ async def main() -> None:
             texts = {"whole": reference}
             for mode, asr in modes.items():
                 before = cpu_seconds()
-                texts[mode] = await replay(engine, config, asr, pcm, decodes[mode])
+                texts[mode] = " ".join(f.text for f in await replay(engine, config, asr, pcm, decodes[mode]) if f.text)
                 cost[mode] += cpu_seconds() - before
             for m in pairs:
                 pairs[m].append((rec.text, texts[m]))

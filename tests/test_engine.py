@@ -17,7 +17,7 @@ from captiond.events import Word
 from captiond.rules import TINY_EN
 from captiond.frames import FrameAssembler, int16_to_float
 from captiond.gate import Gate, UtteranceEnd, UtterancePause, UtteranceStart
-from conftest import CORPUS, FakeDecoder, clip, manifest, read_wav, silence
+from conftest import CORPUS, FakeDecoder, clip, read_wav, silence
 from wer import wer
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from captiond.capture import Capture
 from captiond.commands import Commands
-from captiond.config import GateConfig, load
+from captiond.config import GateConfig
 from captiond.events import Command, Pong, Status
 from captiond.frames import FRAME_SAMPLES, Frame, FrameAssembler, FrameRing
 from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart

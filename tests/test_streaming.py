@@ -329,6 +329,18 @@ def test_partials_are_spaced_by_a_share_of_their_window_once_it_is_long():
     assert gaps[-1] == pytest.approx(0.1 * due_at[-1], abs=0.05) and due_at[-1] > 25  # a tenth of the window
 
 
+def test_a_partial_slower_than_its_interval_spaces_the_next_by_its_decode_time():
+    # A slow model (base on 2 cores, a 20 s check: 2.3 s) must not queue partials faster than it decodes them.
+    stream = UtteranceStream(1, 0, 0.4, partial_share=0.1)
+    due_at = []
+    for frame in range(400):  # 12 s of voiced audio; every partial's decode takes 1.5 s
+        stream.insert(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), 0, 0))
+        if stream.partial_due():
+            due_at.append(stream.samples / SAMPLE_RATE)
+            stream.partial(Transcript("", (), "en", -0.2, 1.0, 0.01, 0.0, 1.5), stream.samples, checked=False)
+    assert len(due_at) > 5 and all(gap == pytest.approx(1.5, abs=0.03) for gap in np.diff(due_at))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(WORDS, max_size=8).map(" ".join), min_size=1, max_size=8), st.lists(WORDS, max_size=8))
 def test_a_stable_word_is_never_retracted(partial_texts, final_words):
@@ -847,23 +859,27 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
         assert final.text.split() == said  # not the tail a free decode of the window ran on with
 
 
-def test_under_auto_short_audio_keeps_the_language_a_final_detected_surely():
+def test_under_auto_short_audio_and_unsure_detections_keep_the_language_a_final_detected_surely():
     class Lingual(FakeDecoder):
-        """Detects French surely, then Italian unsurely; or decodes in the language it is told."""
+        """Detects in turn what `detections` says, as (language, probability); or decodes in the language it is told."""
+
+        detections: list[tuple[str, float]]
 
         def decode(self, audio, *, language="", **kwargs):
             t = super().decode(audio, language=language, **kwargs)
-            first = len(self.languages) == 1
-            detected, p = ("fr", 0.9) if first else ("it", 0.3)
-            return dataclasses.replace(t, language=language or detected, language_p=1.0 if language else p)
+            detected, p = self.detections.pop(0) if not language else (language, 1.0)
+            return dataclasses.replace(t, language=detected, language_p=p)
 
     async def feed(queue, worker):
         for item in [*utterance(1, 0, 3.0), *utterance(2, 160000, 1.0), *utterance(3, 320000, 3.0),
-                     *utterance(4, 480000, 1.0)]:
+                     *utterance(4, 480000, 1.0), *utterance(5, 640000, 3.0), *utterance(6, 800000, 1.0)]:
             await queue.put(item)
 
     decoder = Lingual()
+    decoder.detections = [("fr", 0.9), ("it", 0.3), ("de", 0.8)]
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(language="auto", partials=False, early_final=False))
-    # 3 s: detected (sure); 1 s: told; 3 s: detected (unsure: not the speaker's); 1 s: still told French.
-    assert decoder.languages == ["", "fr", "", "fr"]
-    assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "it", "fr"]
+    # 3 s: detected (sure); 1 s: told; 3 s: detected Italian unsurely, decoded again in French; 1 s: still
+    # told French; 3 s: German surely, the speaker's from now on; 1 s: told German.
+    assert decoder.languages == ["", "fr", "", "fr", "fr", "", "de"]
+    assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "fr", "fr", "de", "de"]
+    assert worker.decodes["final"] == 6 and worker.heard_language == "de"
