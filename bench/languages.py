@@ -8,7 +8,7 @@ through the daemon's gate and ASR worker (bench/replay.py): the finals' language
 keeping the speaker's language through short and unsure detections, and the streamed WER beside
 each clip decoded alone.
 
-    .venv/bin/python bench/languages.py [--model base] [--clips N] [--streamed]
+    .venv/bin/python bench/languages.py [--model base] [--clips N] [--lang es] [--streamed]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="base", help="asr.model (a multilingual one)")
     parser.add_argument("--clips", type=int, default=0, help="only the first N clips of each language (default: all)")
+    parser.add_argument("--lang", help="only this language's clips (es, fr or ru)")
     parser.add_argument("--streamed", action="store_true",
                         help="play each language's clips as one session through the gate and worker")
     args = parser.parse_args()
@@ -50,6 +51,7 @@ def main() -> None:
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     clips = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    clips = [c for c in clips if c["lang"] == (args.lang or c["lang"])]
     if args.streamed:
         asyncio.run(streamed(config, decoder, [c for c in clips if c.get("wer_ok") and c["text_norm"]], args.clips))
         return

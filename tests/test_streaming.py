@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import Engine, Segment, Transcript, WhisperDecoder
+from captiond.engine import Engine, Segment, Transcript, WhisperDecoder, speakers_language
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -859,14 +859,17 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
         assert final.text.split() == said  # not the tail a free decode of the window ran on with
 
 
-def test_under_auto_short_audio_and_unsure_detections_keep_the_language_a_final_detected_surely():
+def test_under_auto_the_speaker_s_language_is_told_to_short_audio_and_offered_to_detection():
     class Lingual(FakeDecoder):
         """Detects in turn what `detections` says, as (language, probability); or decodes in the language it is told."""
 
         detections: list[tuple[str, float]]
+        likely: list[str]
 
-        def decode(self, audio, *, language="", **kwargs):
+        def decode(self, audio, *, language="", likely="", **kwargs):
             t = super().decode(audio, language=language, **kwargs)
+            if not language:
+                self.likely.append(likely)
             detected, p = self.detections.pop(0) if not language else (language, 1.0)
             return dataclasses.replace(t, language=detected, language_p=p)
 
@@ -876,10 +879,20 @@ def test_under_auto_short_audio_and_unsure_detections_keep_the_language_a_final_
             await queue.put(item)
 
     decoder = Lingual()
-    decoder.detections = [("fr", 0.9), ("it", 0.3), ("de", 0.8)]
+    decoder.detections, decoder.likely = [("fr", 0.9), ("it", 0.3), ("de", 0.8)], []
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(language="auto", partials=False, early_final=False))
-    # 3 s: detected (sure); 1 s: told; 3 s: detected Italian unsurely, decoded again in French; 1 s: still
-    # told French; 3 s: German surely, the speaker's from now on; 1 s: told German.
-    assert decoder.languages == ["", "fr", "", "fr", "fr", "", "de"]
-    assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "fr", "fr", "de", "de"]
-    assert worker.decodes["final"] == 6 and worker.heard_language == "de"
+    # 3 s: detected (sure); 1 s: told; 3 s: Italian, unsure: not the speaker's; 1 s: still told French;
+    # 3 s: German surely, the speaker's from now on; 1 s: told German.
+    assert decoder.languages == ["", "fr", "", "fr", "", "de"]
+    assert decoder.likely == ["", "fr", "fr"]  # detection is offered the speaker's language (engine.speakers_language)
+    assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "it", "fr", "de", "de"]
+    assert worker.heard_language == "de"
+
+
+def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier():
+    # base's detections of three Spanish clips and a French one (bench: languages.py --streamed).
+    assert speakers_language("it", 0.65, [("it", 0.65), ("es", 0.28)], "es") == ("es", 0.28)
+    assert speakers_language("pl", 0.54, [("pl", 0.54), ("es", 0.17)], "es") == ("es", 0.17)
+    assert speakers_language("he", 0.63, [("he", 0.63), ("fr", 0.03), ("es", 0.0083)], "es") == ("he", 0.63)
+    assert speakers_language("fr", 0.99, [("fr", 0.99), ("es", 0.0007)], "es") == ("fr", 0.99)  # a new speaker
+    assert speakers_language("it", 0.65, [("it", 0.65), ("es", 0.28)], "") == ("it", 0.65)  # none known yet

@@ -128,15 +128,39 @@ def _open_whisper(whisper_model: Any, ref: ModelRef, cfg: AsrConfig) -> Any:
         raise ModelError(f"asr.model: cannot load {target!r}: {exc}") from None
 
 
+# How many times likelier than the speaker's language a detected one must be to replace it. base
+# named a Spanish clip Italian, Latin, Polish or Hindi in 12 of 50 (p 0.24-0.93), with Spanish 0.01-0.98
+# times as likely; Spanish, French and Russian clips gave one another at most 0.0009 of the detected
+# one's probability (but 0.32 for French on one Spanish clip): 20 keeps 10 of the 12 and lets every
+# French and Russian clip change from Spanish (docs/benchmarks.md, "Languages in a session").
+_SWITCH_ODDS = 20.0
+
+
+def speakers_language(detected: str, p: float, probs: list[tuple[str, float]], likely: str) -> tuple[str, float]:
+    """The language to decode in and its detection probability: the `detected` one, or `likely` (the
+    speaker's) unless the detection made that _SWITCH_ODDS times less probable."""
+    if likely and detected != likely:
+        p_likely = dict(probs).get(likely, 0.0)
+        if p_likely * _SWITCH_ODDS >= p:
+            return likely, p_likely
+    return detected, p
+
+
 def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
     class ShortWindowModel(WhisperModel):
         window: Window | None = None
         """The window the next decodes encode, None for the full one (set per decode by WhisperDecoder)."""
+        likely = ""
+        """The speaker's language, which the next decodes' detection keeps unless it is far less probable."""
 
         def encode(self, features: np.ndarray) -> Any:
             return super().encode(short_window(features, self.window) if self.window else features)
+
+        def detect_language(self, *args: Any, **kwargs: Any) -> tuple[str, float, list[tuple[str, float]]]:
+            language, p, probs = super().detect_language(*args, **kwargs)
+            return (*speakers_language(language, p, probs, self.likely), probs)
 
     WhisperModel = ShortWindowModel  # noqa: N806
 
@@ -263,17 +287,18 @@ class WhisperDecoder:
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-               window: Window | None = SHORT, language: str = "") -> Transcript:
+               window: Window | None = SHORT, language: str = "", likely: str = "") -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
-        `language` is the code to decode in; empty: asr.language (auto: detected from this audio).
+        `language` is the code to decode in; empty: asr.language (auto: detected from this audio, the
+        `likely` one kept unless the detection makes it far less probable: speakers_language).
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
         `window` is what the encoder hears of Whisper's 30 s window (None: all of it).
         """
         started = time.monotonic()
-        self._model.window = window
+        self._model.window, self._model.likely = window, likely
         language = language or (None if self._cfg.language == "auto" else self._cfg.language)
         segments, info = self._model.transcribe(
             audio, language=language, task=self._cfg.task, beam_size=beam_size, word_timestamps=words,
@@ -350,13 +375,14 @@ class Engine:
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-                     window: Window | None = SHORT, priority: int = 0, language: str = "") -> Transcript:
+                     window: Window | None = SHORT, priority: int = 0, language: str = "",
+                     likely: str = "") -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn."""
         await self._turn(priority)
         self.busy_since = time.monotonic()
         running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
             audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
-            fallback=fallback, window=window, language=language))
+            fallback=fallback, window=window, language=language, likely=likely))
         try:
             result = await asyncio.shield(running)
         except asyncio.CancelledError:

@@ -230,28 +230,25 @@ class AsrWorker:
         # in the last one heard surely: a one-word utterance must not flip a speaker's language.
         detect = self._cfg.language == "auto" and not self._language
         language = self._language or (self.heard_language if detect and seconds < _DETECT_S else "")
-        decode = functools.partial((on or self._engine).decode, audio, beam_size=beam_size, words=words,
-                                   prompt=prompt or None, hotwords=self.hotwords or None, prefix=prefix or None,
-                                   fallback=fallback, window=window, priority=priority)
-        t = await decode(language=language)
-        spent = 0.0
-        # An unsure detection that contradicts the speaker's sure language is a guess (base called
-        # 3-8 s Mexican-Spanish prompts Italian, Latin or Polish at p < 0.5): decoded in the speaker's.
-        # (A server says no probability: its detection stands.)
-        if detect and not language and self.heard_language and t.language != self.heard_language \
-                and t.language_p < _SURE_LANGUAGE and t.origin != "remote":
-            spent = t.decode_seconds
-            t = await decode(language=self.heard_language)
-        # Only a decode as good as a final's may change the speaker's language, not a greedy partial.
-        if detect and seconds >= _DETECT_S and beam_size >= self._cfg.beam_size and t.language_p >= _SURE_LANGUAGE \
+        # An established language is kept by detection unless it names another far likelier
+        # (engine.speakers_language): base called 3-8 s Spanish prompts Italian, Latin or Polish.
+        t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
+                                              hotwords=self.hotwords or None, prefix=prefix or None,
+                                              fallback=fallback, window=window, priority=priority,
+                                              language=language, likely=self.heard_language if detect else "")
+        if detect and not language:
+            log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
+                      t.language, t.language_p, self.heard_language or "not known yet")
+        # Only a decode of an utterance's end (a turn) may change the speaker's language: not a partial,
+        # nor a check of a window cut mid-sentence (base: Spanish -> Italian, p 0.91, at 11 s into one).
+        if detect and kind not in ("partial", "check") and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
                 and t.text:
             self.heard_language = t.language
         self.decodes[kind] += 1
-        took = spent + t.decode_seconds
-        self.decode_seconds[kind] += took
+        self.decode_seconds[kind] += t.decode_seconds
         # What a final's latency is made of: the wait for the model thread, then the decode itself.
         log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds, beam_size,
-                  ", bound" if prefix else "", self._clock() - asked - took, took)
+                  ", bound" if prefix else "", self._clock() - asked - t.decode_seconds, t.decode_seconds)
         return t
 
     @property
