@@ -760,14 +760,9 @@ def test_the_window_is_cut_only_in_a_pause_the_gate_heard():
              Word("also", 2.8, 3.1, 0.9), Word("configuration", 6.5, 7.2, 0.9), Word("files", 7.2, 7.6, 0.9),
              Word("that", 7.6, 8.0, 0.9)]
 
-    def stable_words() -> StableWords:
-        words = StableWords("", WHISPER, 1.0)
-        words.committed = [w.word for w in timed[:-1]]
-        return words
-
-    by_words = stable_words()
-    assert by_words.cut_point(timed, 0.0) == pytest.approx(4.8) and by_words.done == ["Well,", "you", "have", "also"]
-    in_a_pause = stable_words()
+    # Placed by the words alone, the cut fell in the widest gap, 3.1-6.5 s, after "also": speech.
+    in_a_pause = StableWords("", WHISPER, 1.0)
+    in_a_pause.committed = [w.word for w in timed[:-1]]
     assert in_a_pause.cut_point(timed, 0.0, window.pause_in) == pytest.approx(2.16)
     assert in_a_pause.done == ["Well,"] and in_a_pause.committed[0] == "you"
     window.cut(round(2.16 * SAMPLE_RATE))
@@ -789,6 +784,19 @@ def test_a_cut_never_takes_off_speech_a_decode_misplaced_after_the_last_stable_w
     far_only = _window_with_pauses(15.0, (8.8, 9.4))
     assert far_only.pause_in(4.52, 12.54) is None, "4 s of voice before the only pause"
     assert far_only.pause_in(8.7, 12.54) == pytest.approx(9.12, abs=0.02), "a word end a little early is no loss"
+
+
+def test_past_whisper_s_window_a_check_s_word_times_alone_never_cut_it():
+    # base, live: checks stuck on a stable word placed all the stable words at the end of a 32 s window;
+    # cut by those times (past 30 s the gate's pauses were not asked), 25 s of speech left the window.
+    stream = UtteranceStream(1, 0, 0.4, max_window_s=15.0)
+    for _ in range(round(32.0 * 1000 / FRAME_MS)):  # voiced all through
+        stream.insert(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), 0, 0))
+    stream.words.committed = ["If", "you", "would"]
+    misplaced = [Word("If", 29.0, 29.3, 0.9), Word("you", 29.3, 29.6, 0.9), Word("would", 29.6, 29.9, 0.9),
+                 Word("like", 30.5, 31.0, 0.9)]
+    stream.partial(_transcript(misplaced), stream.samples, checked=True)
+    assert stream.window.base == 0 and stream.words.done == [], "no pause heard: no cut"
 
 
 @pytest.mark.parametrize("whole_agrees, bind, served", [(True, True, False), (False, True, False), (False, False, False),

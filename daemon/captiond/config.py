@@ -102,7 +102,7 @@ class AsrConfig:
     cpu_threads: int = 2
     """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
     language: str = "en"
-    """Spoken language code, or auto to detect it (decodes of under 2 s of audio keep the last language detected surely)."""
+    """Spoken language code, or auto to detect it (under 2 s of audio, or unless another is 20 times likelier, the last language a final detected surely is kept)."""
     task: str = "transcribe"
     """transcribe (text in the spoken language) or translate (English text from any language; needs a multilingual model)."""
     beam_size: int = 5

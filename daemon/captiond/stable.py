@@ -161,12 +161,12 @@ class StableWords:
         return rest is not None
 
     def cut_point(self, timed: list[Word], offset: float,
-                  pause_in: Callable[[float, float], float | None] | None = None) -> float | None:
+                  pause_in: Callable[[float, float], float | None]) -> float | None:
         """Where to cut the window's front, in seconds into the window, between two stable words
         placed by `timed` (at the sentence end with the widest pause after it, else at the widest
         pause); the words before it leave the window for the prompt. None when there is no such place.
-        `offset` is the window's start, in seconds into the utterance. With `pause_in` (where, between
-        two window times, the gate heard no voice; None if nowhere), only such a pause is a place.
+        `offset` is the window's start, in seconds into the utterance. Only a pause the gate heard is a
+        place: `pause_in` says where one is between two window times (None if nowhere).
 
         A decode can leave words out and put the next word's start late: its "pause" was speech, and a
         cut there lost words not yet stable ("You have also [installed a set of sample sounds and]
@@ -178,7 +178,7 @@ class StableWords:
         for i, (word, nxt) in enumerate(zip(timed, timed[1:])):
             count += letters(word.word)
             if count in ends:  # else not between two stable words (Whisper may split words differently)
-                where = (word.end + nxt.start) / 2 if pause_in is None else pause_in(word.end, nxt.start)
+                where = pause_in(word.end, nxt.start)
                 if where is not None:
                     n = len(ends) - ends[::-1].index(count)
                     cuts.append((word.word.endswith((".", "?", "!")), nxt.start - word.end, where, i + 1, n))

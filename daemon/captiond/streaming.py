@@ -156,9 +156,11 @@ class UtteranceStream:
                 # nobody transcribed; cuts there lost the audio of words not yet stable ("dial 500 to
                 # attempt an [20 words] internet"; "I needed to die. [19 words] Chicago also").
                 kept = len(self.words.committed)
-                # Past Whisper's window a decode cannot hear it all: cut where the words say, pause or not.
-                cut = self.words.cut_point(timed, window.offset,
-                                           None if window.length > _WHOLE else window.pause_in)
+                # Only in a pause the gate heard, even past Whisper's 30 s (a decode then hears the rest
+                # in a second pass): base's checks stuck on a stable word ("VoiceOver" for Whisper's
+                # "VoiceOverIP") placed the words at the window's end, and a cut by those times at 30 s
+                # took 25 s of speech off the window.
+                cut = self.words.cut_point(timed, window.offset, window.pause_in)
                 if cut is not None:
                     window.cut(round(cut * SAMPLE_RATE))
                     log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now "
