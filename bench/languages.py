@@ -33,8 +33,8 @@ from replay import cpu_seconds, replay  # noqa: E402
 from wer import edit_distance, words_of_any_language  # noqa: E402
 
 from captiond.config import Config, load  # noqa: E402
-from captiond.engine import Engine, WhisperDecoder  # noqa: E402
-from captiond.frames import int16_to_float  # noqa: E402
+from captiond.engine import Engine, Transcript, WhisperDecoder  # noqa: E402
+from captiond.frames import SAMPLE_RATE, int16_to_float  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "multilingual"
 
@@ -61,8 +61,7 @@ def main() -> None:
         lang = clip["lang"]
         if args.clips and total[lang] >= args.clips:
             continue
-        t = decoder.decode(int16_to_float(read_wav(CORPUS / clip["file"])), beam_size=config.asr.beam_size,
-                           words=True, fallback=False)
+        t = alone(decoder, config, read_wav(CORPUS / clip["file"]))
         total[lang] += 1
         right[lang] += t.language == lang
         seconds[lang] += t.decode_seconds
@@ -85,6 +84,11 @@ def main() -> None:
         print("  detected otherwise:", line)
 
 
+def alone(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> Transcript:
+    """One clip decoded alone, as a final is (beam 5, word times, short window), no temperature fallback."""
+    return decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False)
+
+
 async def streamed(config: Config, decoder: WhisperDecoder, clips: list[dict], limit: int) -> None:
     """Print, per language, the finals of its clips played as one session, against each clip decoded alone."""
     engine = Engine(decoder)
@@ -97,16 +101,15 @@ async def streamed(config: Config, decoder: WhisperDecoder, clips: list[dict], l
         chosen = [c for c in clips if c["lang"] == lang][:limit or None]
         audio = [read_wav(CORPUS / c["file"]) for c in chosen]
         ref = [w for c in chosen for w in words_of_any_language(c["text"])]
-        alone = [w for pcm in audio for w in words_of_any_language(
-            decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False).text)]
+        each = [w for pcm in audio for w in words_of_any_language(alone(decoder, config, pcm).text)]
         session = np.concatenate([silence(1.0), *(np.concatenate([pcm, silence(1.5)]) for pcm in audio)])
         cpu = cpu_seconds()
         finals = [f for f in await replay(engine, config, config.asr, session, Counter()) if f.text]
         cpu = cpu_seconds() - cpu
         hyp = [w for f in finals for w in words_of_any_language(f.text)]
         print(f"| {lang} | {len(chosen)} | {len(finals)} | {sum(f.language == lang for f in finals) / len(finals):.0%} | "
-              f"{edit_distance(ref, hyp) / len(ref):.3f} | {edit_distance(ref, alone) / len(ref):.3f} | "
-              f"{cpu / (len(session) / 16000):.2f} |")
+              f"{edit_distance(ref, hyp) / len(ref):.3f} | {edit_distance(ref, each) / len(ref):.3f} | "
+              f"{cpu / (len(session) / SAMPLE_RATE):.2f} |")
         for f in finals:
             if f.language != lang:
                 print(f"  in {f.language}: {f.text[:70]!r}")
