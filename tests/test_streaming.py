@@ -671,6 +671,23 @@ def test_a_decode_that_loops_reaches_no_final_with_the_real_model(tiny):
     assert "repetition" in final.flags
 
 
+def test_partials_stuck_at_a_stable_word_are_decoded_without_it_until_a_word_more_is_stable():
+    # base, bound to "... the VoiceOver" (Whisper writes "VoiceOverIP"), stopped there on every decode.
+    stream = UtteranceStream(1, 0, 0.5)
+    stream.words.committed = "test out the VoiceOver".split()
+    stuck = _transcript(_timed("test out the VoiceOver"))
+    for covered in (6, 7):  # one decode that says nothing new is no stall
+        assert stream.partial_prefix == stream.prefix == "test out the VoiceOver"
+        stream.partial(stuck, covered * SAMPLE_RATE, checked=True)
+    assert stream.partial_prefix == "test out the" and stream.prefix == "test out the VoiceOver"
+    on = _transcript(_timed("test out the VoiceOverIP capabilities of Asterisk"))
+    stream.partial(on, 8 * SAMPLE_RATE, checked=False)
+    assert stream.partial_prefix == "test out the"  # until a word more is stable
+    partial = stream.partial(on, 9 * SAMPLE_RATE, checked=True)
+    assert partial.stable == "test out the VoiceOver IP capabilities of"  # no stable word changed
+    assert stream.partial_prefix == stream.prefix == "test out the VoiceOver IP capabilities of"
+
+
 def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
     stream = UtteranceStream(1, 0, 0.5)
     greedy, beam = _transcript(_timed("How do you do")), _transcript(_timed("Had he gone home"))

@@ -11,13 +11,20 @@ where beam 5 hears "Had he").
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Callable, Sequence
 
 from .engine import Transcript
 from .events import Word
 from .rules import PUNCTUATION, TextRules, bare, loop
 
+log = logging.getLogger(__name__)
+
 _PROMPT_CHARS = 200
+# Partials that began with the stable words and said nothing after them: then, until a word more is
+# stable, their prefix leaves out the last stable word. A prefix ending inside a word Whisper writes
+# otherwise ("VoiceOver" for its "VoiceOverIP") made base stop there on every decode while speech went on.
+_STALLED = 2
 
 
 def letters(word: str) -> int:
@@ -63,6 +70,10 @@ def after(stable: str, text: str) -> str | None:
     return text[i:]
 
 
+def _prefix(words: list[str]) -> str:
+    return " ".join(words).rstrip(".!?…")
+
+
 def holding(words: Sequence[Word], stable: list[str]) -> int:
     """How many of a decode's first words it takes to say the stable words (the decoder may split
     or join words otherwise than they were made stable: "flower-fattened")."""
@@ -91,6 +102,7 @@ class StableWords:
         """Stable words still in the window: every later partial of this utterance begins with them."""
         self.pending: list[str] = []
         """The newest partial's words after the stable ones."""
+        self._stalled = 0  # partials since the last word became stable that said nothing after them
 
     @property
     def text(self) -> str:
@@ -104,7 +116,14 @@ class StableWords:
         Without a sentence end after the last word: given "... aligner." tiny.en mostly stops
         there, and the words said after it were lost (in partials and the final alike).
         """
-        return " ".join(self.committed).rstrip(".!?…")
+        return _prefix(self.committed)
+
+    @property
+    def partial_prefix(self) -> str:
+        """The prefix a partial is decoded with: without the last stable word once _STALLED partials
+        said nothing past it (the decode may then write that word otherwise; only what it says after
+        the stable words, letter by letter, counts, so no stable word changes)."""
+        return _prefix(self.committed[:-1] if self._stalled >= _STALLED else self.committed)
 
     @property
     def prompt(self) -> str:
@@ -134,6 +153,10 @@ class StableWords:
         # Past the stable words by the same letter-wise rule as the final, so a word that ran on
         # ("flower" -> "flower-fattened") is neither dropped here nor doubled there.
         rest = after(" ".join(self.committed), " ".join(said))
+        if rest is not None and not any(letters(w) for w in rest.split()):
+            self._stalled += 1
+            if self._stalled == _STALLED:
+                log.debug("partials stop at the stable word %r: decoding them without it", self.committed[-1:])
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
         # A decode that does not begin with the stable words changes nothing (the final's own decode,
         # or one bound to them, decides).
@@ -157,6 +180,8 @@ class StableWords:
             settled = heard_s - self._settle_s
             n = min(n, sum(1 for _ in itertools.takewhile(lambda w: w.end <= settled, timed[skip:])))
         self.committed += hypothesis[:n]
+        if n:
+            self._stalled = 0
         self.pending = hypothesis[n:]
         return rest is not None
 

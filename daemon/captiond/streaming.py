@@ -78,6 +78,11 @@ class UtteranceStream:
         return self.words.prefix
 
     @property
+    def partial_prefix(self) -> str:
+        """The prefix a partial or check is decoded with (StableWords.partial_prefix)."""
+        return self.words.partial_prefix
+
+    @property
     def prompt(self) -> str:
         """What the decoder is told came before the window (StableWords.prompt)."""
         return self.words.prompt
