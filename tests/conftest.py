@@ -111,7 +111,7 @@ class FakeDecoder:
         if prefix and not text.startswith(prefix):  # the model is made to begin with the prefix
             text = f"{prefix} {text}"
         found = (Word("heard", 0.0, 0.3, 0.9), Word(f"{secs:.2f}", 0.3, secs, 0.9)) if words else ()
-        return Transcript(text, (Segment(0.0, secs, text, found),), "en", -0.2, 1.2, 0.01, secs, self.delay)
+        return Transcript(text, (Segment(0.0, secs, text, found, -0.2, 0.01),), "en", -0.2, 1.2, 0.01, secs, self.delay)
 
 
 class EventLog:

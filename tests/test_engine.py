@@ -90,7 +90,8 @@ def test_a_word_piece_without_a_space_before_it_goes_on_the_word_before():
 def _segment(*words):
     """A faster-whisper segment of (word, start, end) as its transcribe() yields them."""
     said = [SimpleNamespace(word=" " + w, start=a, end=b, probability=0.9) for w, a, b in words]
-    return SimpleNamespace(start=said[0].start, end=said[-1].end, text="".join(w.word for w in said), words=said)
+    return SimpleNamespace(start=said[0].start, end=said[-1].end, text="".join(w.word for w in said), words=said,
+                           avg_logprob=-0.2, no_speech_prob=0.01)
 
 
 def test_words_placed_after_the_audio_are_left_out():

@@ -55,7 +55,7 @@ def test_answers_without_word_times_or_segments_still_give_text():
     segments_only = parse_transcript(answer(words=None, language="de"), 2.8, 0.3, "en")  # faster-whisper-server
     assert segments_only.text == OPENAI["text"] and segments_only.words == () and segments_only.language == "de"
     text_only = parse_transcript(b'{"text": " hello  there "}', 1.0, 0.1, "en")
-    assert text_only.text == "hello there" and text_only.segments == (Segment(0.0, 1.0, "hello there", ()),)
+    assert text_only.text == "hello there" and text_only.segments == (Segment(0.0, 1.0, "hello there", (), 0.0, 0.0),)
     words_only = parse_transcript(answer(segments=[]), 2.8, 0.3, "en")
     assert len(words_only.words) == 7 and len(words_only.segments) == 1
     assert parse_transcript(b'{"text": ""}', 1.0, 0.1, "en").segments == ()
@@ -296,7 +296,7 @@ def test_a_servers_final_that_disagrees_with_the_stable_words_stands_flagged_unb
     stream = UtteranceStream(1, 0, 0.5)
     stream.words.committed = ["Fields", "like"]
     end = UtteranceEnd(1, SAMPLE_RATE, SAMPLE_RATE, "silence", 0.0)
-    served = Transcript("Feels like these days.", (Segment(0.0, 1.0, "Feels like these days.", ()),), "en",
+    served = Transcript("Feels like these days.", (Segment(0.0, 1.0, "Feels like these days.", (), -0.2, 0.0),), "en",
                         -0.2, 1.0, 0.0, 1.0, 0.1, origin="remote")
     final = stream.final(served, end, 0.1)
     assert final.text == "Feels like these days." and final.flags == ("unbound",)

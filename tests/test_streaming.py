@@ -139,7 +139,7 @@ def test_flags_doubtful_and_empty_finals():
             text = "" if len(self.calls) else "thank you thank you thank you"
             self.calls.append(len(audio))
             found = tuple(Word(w, 0.1 * i, 0.1 * i + 0.1, 0.3) for i, w in enumerate(text.split()))
-            return Transcript(text, (Segment(0.0, 1.0, text, found),) if text else (), "en", -1.5, 3.1, 0.8, 1.0, 0.0)
+            return Transcript(text, (Segment(0.0, 1.0, text, found, -1.5, 0.8),) if text else (), "en", -1.5, 3.1, 0.8, 1.0, 0.0)
 
     async def feed(queue, worker):
         for item in utterance(1, 0, 0.6) + utterance(2, 20000, 0.6):
@@ -153,7 +153,8 @@ def test_flags_doubtful_and_empty_finals():
 
 def test_a_final_whisper_hears_no_speech_in_and_is_unsure_of_is_withheld_not_published():
     def transcript(p, no_speech=0.9, logprob=-0.98):
-        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),)),), "en", logprob, 0.5, no_speech,
+        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),), logprob, no_speech),), "en", logprob, 0.5,
+                          no_speech,
                           1.0, 0.1)
 
     def final(t, stable=()):
@@ -170,7 +171,7 @@ def test_a_final_whisper_hears_no_speech_in_and_is_unsure_of_is_withheld_not_pub
 
     def guess(first_p, no_speech=0.89, words="Thank you so much for watching"):
         said = tuple(Word(w, 0.3 * i, 0.3 * i + 0.2, first_p if i == 0 else 0.9) for i, w in enumerate(words.split()))
-        return Transcript(words, (Segment(0.0, 3.0, words, said),), "en", -0.43, 1.6, no_speech, 3.0, 0.1)
+        return Transcript(words, (Segment(0.0, 3.0, words, said, -0.43, no_speech),), "en", -0.43, 1.6, no_speech, 3.0, 0.1)
 
     # Sure of no speech, and the first word a guess the rest follows: tiny.en on noise bursts and puffs.
     for words in ("Thank you so much for watching", "Oh, oh, oh, oh, oh, oh, oh, oh", "I don't know, I don't know, I don't"):
@@ -193,7 +194,7 @@ def test_a_final_that_loops_is_flagged_and_not_carried_over_as_context():
         def decode(self, audio, *, beam_size, words, prompt=None, **kw):
             self.calls.append(prompt)
             text = "I said no no no no no" if len(self.calls) == 1 else "fine"
-            return Transcript(text, (Segment(0.0, 1.0, text, ()),), "en", -0.3, 1.5, 0.01, 1.0, 0.0)
+            return Transcript(text, (Segment(0.0, 1.0, text, (), -0.3, 0.01),), "en", -0.3, 1.5, 0.01, 1.0, 0.0)
 
     async def feed(queue, worker):
         for item in utterance(1, 0, 0.6) + utterance(2, 12000, 0.6):  # well inside asr.carry_over_s
@@ -307,7 +308,7 @@ def scripted(hypotheses, no_speech_prob=0.01, logprob=-0.2):
             said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
             forced = (prefix or "").split()
             text = " ".join(forced + said[len(forced):])
-            return Transcript(text, (Segment(0.0, 1.0, text, ()),) if text else (), "en", logprob, 1.2,
+            return Transcript(text, (Segment(0.0, 1.0, text, (), logprob, no_speech_prob),) if text else (), "en", logprob, 1.2,
                               no_speech_prob, 1.0, 0.0)
 
     return Scripted()
@@ -377,7 +378,7 @@ def test_a_final_that_runs_on_inside_the_last_stable_word_is_not_doubled():
     stream = UtteranceStream(1, 0, 0.5)
     stream.words.committed = "in thick, peppered, flower".split()
     said = "In thick, peppered, flower-fattened sauce."
-    t = Transcript(said, (Segment(0.0, 3.0, said, ()),), "en", -0.2, 1.2, 0.01, 3.0, 0.0)
+    t = Transcript(said, (Segment(0.0, 3.0, said, (), -0.2, 0.01),), "en", -0.2, 1.2, 0.01, 3.0, 0.0)
     assert stream.keeps_stable(t)
     final = stream.final(t, UtteranceEnd(1, 48000, 48000, "silence", 0.0), 0.1)
     assert final.text == "in thick, peppered, flower-fattened sauce."
@@ -392,7 +393,7 @@ def test_a_sentence_end_after_the_stable_words_is_not_given_to_the_decoder():
     stream.words.committed = "This one is going to be forced very bad aligner.".split()
     assert stream.prefix == "This one is going to be forced very bad aligner"
     said = "This one is going to be forced, very bad aligner, but what are you going to do?"
-    t = Transcript(said, (Segment(0.0, 5.0, said, ()),), "en", -0.2, 1.2, 0.01, 5.0, 0.0)
+    t = Transcript(said, (Segment(0.0, 5.0, said, (), -0.2, 0.01),), "en", -0.2, 1.2, 0.01, 5.0, 0.0)
     assert stream.keeps_stable(t)
     final = stream.final(t, UtteranceEnd(1, 80000, 80000, "silence", 0.0), 0.1)
     assert final.text == "This one is going to be forced very bad aligner. but what are you going to do?"
@@ -429,7 +430,7 @@ def test_a_long_utterance_is_decoded_in_a_bounded_window_and_loses_no_word(bind)
                      for i, w in enumerate(said) if begin <= 0.5 * i and 0.5 * i + 0.4 <= end]
             text = " ".join(w.word for w in heard)
             assert text.startswith(prefix or "")  # the window begins with its stable words
-            return Transcript(text, (Segment(0.0, end - begin, text, tuple(heard)),), "en", -0.2, 1.2, 0.01,
+            return Transcript(text, (Segment(0.0, end - begin, text, tuple(heard), -0.2, 0.01),), "en", -0.2, 1.2, 0.01,
                               end - begin, 0.0)
 
     stream = UtteranceStream(1, 0, 0.4, context="Reading aloud.", max_window_s=10.0)
@@ -492,11 +493,11 @@ def test_a_window_with_sure_words_in_it_is_not_cut_as_noise_whatever_its_no_spee
     # probability of 0.7 in one segment; cut as noise, 54 of its 81 words were lost.
     stream = UtteranceStream(1, 0, 0.4, max_window_s=10.0)
     words = _timed("I thought you know I heard a beat this is Diane in New Jersey", step=0.5)
-    heard = dataclasses.replace(_transcript(words), no_speech_prob=0.7, avg_logprob=-0.3)
+    heard = _doubting(_transcript(words), avg_logprob=-0.3, no_speech_prob=0.7)
     stream.insert(UtteranceAudio(1, np.full(12 * SAMPLE_RATE, 7, np.int16), 0))
     stream.partial(heard, stream.samples, checked=True)
     assert stream.window.base == 0
-    doubted = dataclasses.replace(heard, avg_logprob=-1.5)  # improbable words too: Whisper's own "no speech"
+    doubted = _doubting(heard, avg_logprob=-1.5, no_speech_prob=0.7)  # improbable words too: Whisper's own "no speech"
     stream.partial(doubted, stream.samples, checked=True)
     assert stream.window.base > 0
 
@@ -582,8 +583,29 @@ def _timed(text, start=0.0, step=0.3, p=0.9):
 
 def _transcript(words):
     text = " ".join(w.word for w in words)
-    return Transcript(text, (Segment(words[0].start, words[-1].end, text, tuple(words)),), "en", -0.3, 1.5, 0.01,
+    return Transcript(text, (Segment(words[0].start, words[-1].end, text, tuple(words), -0.3, 0.01),), "en", -0.3, 1.5, 0.01,
                       words[-1].end + 0.2, 0.1)
+
+
+def _doubting(t, avg_logprob, no_speech_prob):
+    """The decode with Whisper's doubt set, the same for the whole and each segment (one 30 s pass)."""
+    segments = tuple(dataclasses.replace(s, avg_logprob=avg_logprob, no_speech_prob=no_speech_prob) for s in t.segments)
+    return dataclasses.replace(t, segments=segments, avg_logprob=avg_logprob, no_speech_prob=no_speech_prob)
+
+
+def test_a_pass_whisper_doubts_keeps_only_its_own_words_from_becoming_stable():
+    # base, a 31.5 s window, heard in two 30 s passes: the second, of trailing audio, had a no-speech
+    # probability of 0.66; taken for the whole decode's, no word of the first pass became stable.
+    stream = UtteranceStream(1, 0, 0.5)
+    first = _timed("with extension 1234 and password 4242 that user is configured", step=2.5)
+    second = _timed("if you dialed", start=30.2, p=0.4)
+    said = " ".join(w.word for w in (*first, *second))
+    passes = (Segment(0.0, first[-1].end, said[:said.index(" if")], first, -0.3, 0.05),
+              Segment(30.2, second[-1].end, "if you dialed", second, -0.9, 0.66))
+    heard = Transcript(said, passes, "en", -0.9, 1.5, 0.66, 31.5, 1.0)
+    stream.partial(heard, round(31.5 * SAMPLE_RATE), checked=True)
+    partial = stream.partial(heard, round(32.0 * SAMPLE_RATE), checked=True)
+    assert (partial.stable, partial.unstable) == ("with extension 1234 and password 4242 that user is configured", "")
 
 
 def test_a_final_that_loops_is_cut_back_to_one_saying():
@@ -724,7 +746,7 @@ def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_i
             else:
                 said = "Had he gone home." if beam_size > 1 else "Had he gone"
             timed = _timed(said)
-            return Transcript(said, (Segment(0.0, timed[-1].end, said, timed),), "en", -0.2, 1.2, 0.01,
+            return Transcript(said, (Segment(0.0, timed[-1].end, said, timed, -0.2, 0.01),), "en", -0.2, 1.2, 0.01,
                               len(audio) / SAMPLE_RATE, 0.01)
 
     async def feed(queue, worker):
@@ -841,7 +863,7 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
             text = " ".join(w.word for w in heard)
             if prefix:
                 assert text.startswith(prefix)
-            return Transcript(text, (Segment(0.0, seconds, text, tuple(heard)),), "en", -0.2, 1.2, 0.01, seconds, 0.0)
+            return Transcript(text, (Segment(0.0, seconds, text, tuple(heard), -0.2, 0.01),), "en", -0.2, 1.2, 0.01, seconds, 0.0)
 
     async def feed(queue, worker):
         await queue.put(UtteranceStart(1, 0))

@@ -55,10 +55,10 @@ def test_time_map_returns_file_times():
 
 def test_cues_follow_subtitle_rules():
     words = tuple(Word(f"word{i}{'.' if i % 9 == 8 else ''}", i * 0.4, i * 0.4 + 0.35, 0.9) for i in range(60))
-    srt = render(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words),)), "srt")
+    srt = render(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words, -0.2, 0.01),)), "srt")
     blocks = check_srt(srt)
     assert len(blocks) > 5
-    assert all(len(c.lines) <= 2 for c in cues(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words),))))
+    assert all(len(c.lines) <= 2 for c in cues(FileTranscript("x", 30.0, "en", (Segment(0, 24, "", words, -0.2, 0.01),))))
 
 
 def run(*args, **kw):

@@ -29,6 +29,10 @@ class Segment:
     end: float
     text: str
     words: tuple[Word, ...]
+    avg_logprob: float
+    """Average log-probability of the tokens of the 30 s pass that made it (each pass has its own)."""
+    no_speech_prob: float
+    """Whisper's probability that the 30 s pass that made it holds no speech."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,8 @@ class Transcript:
         if end <= first:
             return self
         head, tail = kept(self.segments, first), list(words[end:])
-        segments = (*head, Segment(tail[0].start, tail[-1].end, " ".join(w.word for w in tail), tuple(tail))) \
-            if tail else tuple(head)
+        segments = (*head, Segment(tail[0].start, tail[-1].end, " ".join(w.word for w in tail), tuple(tail),
+                                   self.avg_logprob, self.no_speech_prob)) if tail else tuple(head)
         dropped = tuple(w.word for w in words[first:end])
         return dataclasses.replace(self, text=_joined(seg.text for seg in segments), segments=tuple(segments),
                                    unheard=self.unheard + dropped)
@@ -223,7 +227,8 @@ def _joined(texts: Iterable[str]) -> str:
 
 def _heard(segments: list[Any], seconds: float, rules: TextRules) -> tuple[list[Segment], tuple[str, ...]]:
     """faster-whisper segments as Segments, less the words placed after the audio (rules.unheard)."""
-    found = [Segment(float(seg.start), float(seg.end), seg.text.strip(), _words(seg.words or ())) for seg in segments]
+    found = [Segment(float(seg.start), float(seg.end), seg.text.strip(), _words(seg.words or ()), seg.avg_logprob,
+                     seg.no_speech_prob) for seg in segments]
     words = [w for seg in found for w in seg.words]
     drop = unheard(words, seconds, rules)
     if not drop:  # decodes without word times among them
@@ -241,7 +246,7 @@ def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
             out.append(seg)
         else:
             mine = seg.words[:n]
-            out.append(Segment(seg.start, mine[-1].end, " ".join(w.word for w in mine), mine))
+            out.append(dataclasses.replace(seg, end=mine[-1].end, text=" ".join(w.word for w in mine), words=mine))
         n -= len(seg.words)
     return out
 

@@ -172,17 +172,17 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
         where = f"segments[{i}]"
         start, end = _timed(seg, where, audio_seconds)
         seg_text = _text(seg.get("text", ""), f"{where}.text")
-        logprob = min(logprob, _number(seg, "avg_logprob", where, 0.0))
+        seg_logprob, seg_no_speech = _number(seg, "avg_logprob", where, 0.0), _number(seg, "no_speech_prob", where, 0.0)
+        logprob, no_speech = min(logprob, seg_logprob), max(no_speech, seg_no_speech)
         ratio = max(ratio, _number(seg, "compression_ratio", where, 0.0))
-        no_speech = max(no_speech, _number(seg, "no_speech_prob", where, 0.0))
         last = i == len(raw) - 1
         mine = [w for w in words if last or w.start < end]  # a word goes to the segment it begins in
         words = words[len(mine):]
         if any(c.isalnum() for c in seg_text):
-            segments.append(Segment(start, end, seg_text, tuple(mine)))
+            segments.append(Segment(start, end, seg_text, tuple(mine), seg_logprob, seg_no_speech))
     if not raw and text:  # text only, or words only: one segment
         segments = [Segment(words[0].start if words else 0.0, words[-1].end if words else audio_seconds, text,
-                            tuple(words))]
+                            tuple(words), 0.0, 0.0)]
     code = data.get("language")
     language = code if isinstance(code, str) and code in WHISPER_LANGUAGES else language
     # A server says no detection probability: its language never becomes the speaker's (worker.heard_language).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -177,7 +177,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         to_file = _TimeMap(group)
         for seg in t.segments:
             words = tuple(Word(w.word, to_file(w.start), to_file(w.end), round(w.p, 3)) for w in seg.words)
-            segments.append(Segment(to_file(seg.start), to_file(seg.end), seg.text, words))
+            segments.append(replace(seg, start=to_file(seg.start), end=to_file(seg.end), words=words))
         end = (group[-1].start + len(group[-1].pcm)) / SAMPLE_RATE
         if duration:
             progress(min(1.0, end / duration))
