@@ -170,7 +170,7 @@ class StableWords:
         # nothing stable, which would force it into the final past the no-speech check there. Where it
         # doubts its words: a guess made twice is still a guess (greedy partials said "I'm …" or "I
         # don't know" to breaths, p ~0.1), and once stable it is forced into the final.
-        speech, sure = self._undoubted(t, skip, len(hypothesis))
+        speech, sure = self._undoubted(t, skip if rest is not None else None, len(hypothesis))
         hypothesis, n = hypothesis[:speech], min(n, sure)
         if heard_s < self._from_s:  # a decode of the first second or two binds guesses ("Do lock" for "To lock")
             n = 0
@@ -183,15 +183,16 @@ class StableWords:
         self.pending = hypothesis[n:]
         return rest is not None
 
-    def _undoubted(self, t: Transcript, skip: int, count: int) -> tuple[int, int]:
+    def _undoubted(self, t: Transcript, skip: int | None, count: int) -> tuple[int, int]:
         """How many of a decode's `count` new words (its spoken words after the first `skip`) come before
         the first from a pass Whisper doubts holds speech, and before the first from a pass whose words
         it doubts. Whisper's no-speech and log-probability are per 30 s pass: past 30 s a window is heard
         in two, and a second pass of trailing audio that doubted speech had kept base from making any
-        word of the first stable. Without word times, the whole decode's doubt."""
+        word of the first stable. Without word times, or when the new words are not the decode's (it did
+        not begin with the stable words: `skip` None), the whole decode's doubt."""
         rules = self._rules
         doubts = [(seg.avg_logprob, seg.no_speech_prob) for seg in t.segments for w in seg.words if letters(w.word)]
-        doubts = doubts[skip:] if doubts else [(t.avg_logprob, t.no_speech_prob)] * count
+        doubts = doubts[skip:] if doubts and skip is not None else [(t.avg_logprob, t.no_speech_prob)] * count
         speech = next((i for i, (_, p) in enumerate(doubts) if p > rules.max_no_speech), count)
         sure = next((i for i, (lp, p) in enumerate(doubts) if p > rules.max_no_speech or lp < rules.min_logprob), count)
         return min(speech, count), min(sure, count)
