@@ -139,7 +139,8 @@ def test_flags_doubtful_and_empty_finals():
             text = "" if len(self.calls) else "thank you thank you thank you"
             self.calls.append(len(audio))
             found = tuple(Word(w, 0.1 * i, 0.1 * i + 0.1, 0.3) for i, w in enumerate(text.split()))
-            return Transcript(text, (Segment(0.0, 1.0, text, found, -1.5, 0.8),) if text else (), "en", -1.5, 3.1, 0.8, 1.0, 0.0)
+            return Transcript(text, (Segment(0.0, 1.0, text, found, -1.5, 0.8),) if text else (), "en", -1.5, 3.1, 0.8,
+                              1.0, 0.0)
 
     async def feed(queue, worker):
         for item in utterance(1, 0, 0.6) + utterance(2, 20000, 0.6):
@@ -153,8 +154,8 @@ def test_flags_doubtful_and_empty_finals():
 
 def test_a_final_whisper_hears_no_speech_in_and_is_unsure_of_is_withheld_not_published():
     def transcript(p, no_speech=0.9, logprob=-0.98):
-        return Transcript("You", (Segment(0.0, 0.5, "You", (Word("You", 0.1, 0.4, p),), logprob, no_speech),), "en", logprob, 0.5,
-                          no_speech,
+        said = (Word("You", 0.1, 0.4, p),)
+        return Transcript("You", (Segment(0.0, 0.5, "You", said, logprob, no_speech),), "en", logprob, 0.5, no_speech,
                           1.0, 0.1)
 
     def final(t, stable=()):
@@ -308,8 +309,8 @@ def scripted(hypotheses, no_speech_prob=0.01, logprob=-0.2):
             said = hypotheses[min(len(self.calls), len(hypotheses)) - 1].split()
             forced = (prefix or "").split()
             text = " ".join(forced + said[len(forced):])
-            return Transcript(text, (Segment(0.0, 1.0, text, (), logprob, no_speech_prob),) if text else (), "en", logprob, 1.2,
-                              no_speech_prob, 1.0, 0.0)
+            heard = (Segment(0.0, 1.0, text, (), logprob, no_speech_prob),) if text else ()
+            return Transcript(text, heard, "en", logprob, 1.2, no_speech_prob, 1.0, 0.0)
 
     return Scripted()
 
@@ -863,7 +864,8 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
             text = " ".join(w.word for w in heard)
             if prefix:
                 assert text.startswith(prefix)
-            return Transcript(text, (Segment(0.0, seconds, text, tuple(heard), -0.2, 0.01),), "en", -0.2, 1.2, 0.01, seconds, 0.0)
+            return Transcript(text, (Segment(0.0, seconds, text, tuple(heard), -0.2, 0.01),), "en", -0.2, 1.2, 0.01,
+                              seconds, 0.0)
 
     async def feed(queue, worker):
         await queue.put(UtteranceStart(1, 0))

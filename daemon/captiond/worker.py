@@ -174,7 +174,8 @@ class AsrWorker:
                     try:
                         t = await self._decode("check" if check else "partial", stream.audio(),
                                                beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
-                                               words=True, prompt=stream.prompt, prefix=stream.partial_prefix, fallback=False,
+                                               words=True, prompt=stream.prompt, prefix=stream.partial_prefix,
+                                               fallback=False,
                                                priority=self._priority + 2,
                                                window=self._final_window if check else Window(self._cfg.partial_pad_s))
                     except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
