@@ -155,8 +155,8 @@ class StableWords:
         rest = after(" ".join(self.committed), " ".join(said))
         if rest is not None and not any(letters(w) for w in rest.split()):
             self._stalled += 1
-            if self._stalled == _STALLED:
-                log.debug("partials stop at the stable word %r: decoding them without it", self.committed[-1:])
+            if self._stalled == _STALLED and self.committed:
+                log.debug("partials stop at the stable word %r: decoding them without it", self.committed[-1])
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
         # A decode that does not begin with the stable words changes nothing (the final's own decode,
         # or one bound to them, decides).
