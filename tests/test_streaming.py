@@ -711,6 +711,35 @@ def test_partials_stuck_at_a_stable_word_are_decoded_without_it_until_a_word_mor
     assert stream.partial_prefix == stream.prefix == "test out the VoiceOver IP capabilities of"
 
 
+def test_the_worker_decodes_partials_without_a_stable_word_whisper_stops_at():
+    # base, bound to "... the VoiceOver" (Whisper writes "VoiceOverIP"), stopped there on every decode.
+    class Stuck(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **_):
+            self.calls.append((len(audio), beam_size, words, prompt))
+            self.prefixes.append(prefix)
+            if prefix and prefix.endswith("VoiceOver"):
+                text = prefix
+            elif len(audio) < 4 * SAMPLE_RATE:
+                text = "If you'd like to test out the VoiceOver IP"
+            else:
+                text = "If you'd like to test out the VoiceOverIP capabilities of Asterisk"
+            return Transcript(text, (Segment(0.0, 1.0, text, (), -0.2, 0.01),), "en", -0.2, 1.2, 0.01, 1.0, 0.0)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 9.0):
+            await queue.put(item)
+            while not queue.empty():  # the worker takes each frame before the next, however busy the machine
+                await asyncio.sleep(0.001)
+
+    decoder = Stuck()
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.4))
+    stable = [e.stable for e in events if isinstance(e, Partial)]
+    assert all(later.startswith(sooner) for sooner, later in zip(stable, stable[1:]))
+    assert "If you'd like to test out the" in decoder.prefixes  # the stall's prefix, less "VoiceOver"
+    assert stable[-1].startswith("If you'd like to test out the VoiceOver IP capabilities")
+    assert events[-1].text == "If you'd like to test out the VoiceOver IP capabilities of Asterisk"  # stable words stand
+
+
 def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
     stream = UtteranceStream(1, 0, 0.5)
     greedy, beam = _transcript(_timed("How do you do")), _transcript(_timed("Had he gone home"))
