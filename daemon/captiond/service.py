@@ -216,15 +216,16 @@ class Service:
                 await self.web.start()
             if self.wyoming is not None:
                 await self.wyoming.start()
-            # Capture opens while the model loads; what it hears meanwhile waits in the ring and queue
-            # (gate and worker threads run their warm-up first), so start-up loses no audio.
+            # Capture opens while the model loads; what it hears meanwhile waits in the ring, so
+            # start-up loses no audio. The gate takes frames only after its warm-up: a frame fed first
+            # met a broken librosa as a traceback in the gate task, not as the one-line error.
             capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
-            gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
             if self.config.server.stats_interval_s:
                 self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
             log.info("loading model %s and warming up", self.config.asr.model)
             await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.stage.warm_up))
+            gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
             # Ready means audio is flowing, not merely that a device was opened.
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
