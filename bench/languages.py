@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def alone(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> Transcript:
-    """One clip decoded alone, as a final is (beam 5, word times, short window), no temperature fallback."""
+    """One clip decoded alone at the final's beam with word times, no temperature fallback, Whisper's full window."""
     return decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False)
 
 
