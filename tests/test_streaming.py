@@ -740,6 +740,33 @@ def test_the_worker_decodes_partials_without_a_stable_word_whisper_stops_at():
     assert events[-1].text == "If you'd like to test out the VoiceOver IP capabilities of Asterisk"  # stable words stand
 
 
+def test_under_translate_no_word_settles_so_a_transcribing_check_cannot_bind_the_final():
+    # base under asr.task = translate sometimes transcribed the first seconds ("Lo siento ..."): made
+    # stable, they bound the final, which Whisper doubted, to Spanish (CI, test_languages).
+    class Translating(FakeDecoder):
+        def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, **_):
+            self.calls.append((len(audio), beam_size, words, prompt))
+            self.prefixes.append(prefix)
+            english = "I'm sorry, this is an invalid extension, please try again."
+            text = prefix + " " + "intente de nuevo" if prefix else "Lo siento, esa es una extension" \
+                if len(audio) < 8 * SAMPLE_RATE else english
+            logprob = -1.2 if text == english else -0.3  # the translation is the doubted decode
+            return Transcript(text, (Segment(0.0, 1.0, text, (), logprob, 0.01),), "es", logprob, 1.2, 0.01, 1.0, 0.0)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 9.0):
+            await queue.put(item)
+            while not queue.empty():
+                await asyncio.sleep(0.001)
+
+    decoder = Translating()
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.4, task="translate"))
+    assert not any(e.stable for e in events if isinstance(e, Partial))
+    assert [beam for _, beam, _, _ in decoder.calls[:-1]] == [1] * (len(decoder.calls) - 1), "no check"
+    assert not any(decoder.prefixes)
+    assert events[-1].text == "I'm sorry, this is an invalid extension, please try again."
+
+
 def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
     stream = UtteranceStream(1, 0, 0.5)
     greedy, beam = _transcript(_timed("How do you do")), _transcript(_timed("Had he gone home"))

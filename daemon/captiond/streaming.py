@@ -37,8 +37,12 @@ class UtteranceStream:
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
                  max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0,
-                 stable_from_s: float = 0.0, partial_share: float = 0.0) -> None:
+                 stable_from_s: float = 0.0, partial_share: float = 0.0, settles: bool = True) -> None:
         self.utt = utt
+        # False under asr.task = translate: a translation of more audio may reword or reorder what a
+        # translation of less said ("I feel it" -> "I'm sorry"), so no prefix of one is settled, and
+        # base's checks sometimes transcribed instead: Spanish stable words bound an English final.
+        self._settles = settles
         self._rules = rules
         self.window = AudioWindow(start)
         self.words = StableWords(context, rules, stable_after_s, stable_from_s)
@@ -139,7 +143,10 @@ class UtteranceStream:
     def wants_check(self) -> bool:
         """True when the next partial should be decoded as the final would be: there are words waiting
         to become stable and _CHECK_EVERY greedy partials have come since the last check, or the
-        window is past asr.max_window_s (it is cut only where a check places the words)."""
+        window is past asr.max_window_s (it is cut only where a check places the words). Never for a
+        stream whose words do not settle."""
+        if not self._settles:
+            return False
         if self.window.length > self._max_window:
             return True
         return bool(self.words.pending) and self._greedy_since_check >= _CHECK_EVERY

@@ -269,7 +269,8 @@ class AsrWorker:
             context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
                                            self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s,
-                                           self._cfg.stable_from_s, self._cfg.partial_share)
+                                           self._cfg.stable_from_s, self._cfg.partial_share,
+                                           settles=self._cfg.task != "translate")
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
