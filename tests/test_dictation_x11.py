@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from captiond.config import DictationConfig
 from captiond.dictation import NOT_TYPED, Composer, vocabulary_casing
 from captiond.events import decode
 from conftest import CORPUS, ROOT, Daemon, EventLog, clip, read_wav, silence, trimmed, write_wav
@@ -47,28 +49,37 @@ def ptt(daemon: Daemon, action: str) -> str:
     return done.stdout.strip()
 
 
-@pytest.fixture
-def field(xserver, daemon, tmp_path):
-    """A focused text field and `captiond type --with xdotool` typing into it, the daemon listening."""
+@contextlib.contextmanager
+def typing_into_a_field(xserver, daemon, tmp_path, *settings: str):
+    """A focused text field and `captiond type --with xdotool [--set …]` typing into it, the daemon listening."""
     assert ptt(daemon, "start") == "listening"
     box = xserver.field(tmp_path / "field.txt")
     err = tmp_path / "type.stderr"
     typer = subprocess.Popen([sys.executable, "-m", "captiond", "type", "--with", "xdotool",
-                              "--set", f"server.socket={daemon.socket}"], env=xserver.env, cwd=ROOT,
+                              "--set", f"server.socket={daemon.socket}", *settings], env=xserver.env, cwd=ROOT,
                              stderr=open(err, "wb"))
-    deadline = time.monotonic() + 60
-    while "[connected: typing finals with xdotool" not in err.read_text():
-        assert typer.poll() is None and time.monotonic() < deadline, err.read_text()
-        time.sleep(0.05)
-    yield box
-    typer.terminate()
-    typer.wait(10)
-    box.close()
+    try:
+        deadline = time.monotonic() + 60
+        while "[connected: typing finals with xdotool" not in err.read_text():
+            assert typer.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+        yield box
+    finally:
+        typer.terminate()
+        typer.wait(10)
+        box.close()
 
 
-def composed(finals: list[dict]) -> str:
+@pytest.fixture
+def field(xserver, daemon, tmp_path):
+    """A focused text field that `captiond type` types finals into."""
+    with typing_into_a_field(xserver, daemon, tmp_path) as box:
+        yield box
+
+
+def composed(finals: list[dict], phrases: dict[str, str] | None = None) -> str:
     """What a person's keyboard would have made of these finals: the field must hold exactly this."""
-    composer, text = Composer(keeps_capital=vocabulary_casing()), ""  # as `captiond type` does
+    composer, text = Composer(phrases, keeps_capital=vocabulary_casing()), ""  # as `captiond type` does
     for line in finals:
         keys = composer.take(decode(json.dumps(line)).event)
         if keys is not None:
@@ -133,7 +144,6 @@ def test_push_to_talk_off_types_nothing_and_stop_types_at_once(vmic, daemon, fie
 
 
 def test_spoken_commands_press_return_and_backspace_in_a_real_window(xserver, tmp_path):
-    from captiond.config import DictationConfig
     from captiond.dictation import Typist
     from captiond.events import Final
 
@@ -151,3 +161,24 @@ def test_spoken_commands_press_return_and_backspace_in_a_real_window(xserver, tm
         box.wait_for(lambda t: t == expected, timeout=30)
     finally:
         box.close()
+
+
+def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserver, tmp_path):
+    # No clip of ours says "new line" or "scratch that": the phrases are set to words clips do say, so
+    # the real decoder's capitals and punctuation around them reach the command matching.
+    phrases = {"scratch_that": "no", "new_paragraph": "long stop", "period": "that thing"}
+    said = ["mfa_doc_english_slow.wav", "cv_en_22058264.wav", "mfa_longstop.wav", "mfa_thoughts.wav"]
+    wav = write_wav(tmp_path / "said.wav", np.concatenate(
+        [silence(2.0)] + [x for name in said for x in (trimmed(read_wav(CORPUS / name)), silence(1.5))]))
+    settings = ["--set", "dictation.commands=true"] + [f"--set=dictation.{k}={v}" for k, v in phrases.items()]
+    events = EventLog(daemon.socket, {"cmd": "subscribe", "types": ["speech_start", "final"]})
+    with typing_into_a_field(xserver, daemon, tmp_path, *settings) as box:
+        assert vmic.play(wav).wait(120) == 0
+        finals = _last_final(events)
+        heard = [normalize(f["text"]) for f in finals if f["text"]]
+        assert [len(heard), heard[1], heard[2][-2:], heard[3][-2:]] == [4, ["no"], ["long", "stop"], ["that", "thing"]], heard
+        expected = composed(finals, DictationConfig(commands=True, **phrases).phrases())
+        text = box.wait_for(lambda t: t == expected, timeout=30)
+    assert "fox" not in text.lower(), "scratch that deleted the sentence before it"
+    assert "\n\n" in text and "stop" not in text and "thing" not in text, repr(text)
+    assert text.startswith("This is a\n\nI have") and text.endswith("about."), repr(text)
