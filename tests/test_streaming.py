@@ -626,6 +626,21 @@ def test_a_final_that_loops_is_cut_back_to_one_saying():
         "Hello? Hello? Oh, hello. five five five"
 
 
+def test_a_loop_the_decoder_ran_on_past_the_audio_is_cut_from_what_it_heard_too():
+    # tiny.en on 1.1 s of "ten of clubs" (a Wyoming session): three sayings, the third placed after the
+    # audio and left out by the engine; the two left made too few to be cut.
+    stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
+    end = UtteranceEnd(1, round(1.2 * SAMPLE_RATE), round(1.3 * SAMPLE_RATE), "silence", 0.0)
+    heard = _transcript(_timed("10 of clubs.. 10 of clubs..", step=0.2))
+    looped = dataclasses.replace(heard, unheard=("10", "of", "clubs.."))
+    final = stream.final(looped, end, 0.1)
+    assert final.text == "10 of clubs.." and len(final.words) == 3 and "repetition" in final.flags
+    # a loop only in what was left out is gone already: the final is what was heard, unflagged
+    once = dataclasses.replace(_transcript(_timed("Thank you.", step=0.2)), unheard=("Thank", "you.") * 2)
+    final = stream.final(once, end, 0.1)
+    assert (final.text, final.flags) == ("Thank you.", ())
+
+
 def test_improbable_words_run_on_past_the_last_voiced_frame_are_cut_from_the_final():
     # "... or 8 for more options. as." (p 0.06) on a prompt that ends at "options.".
     stream = UtteranceStream(1, 0, 0.4, rules=TINY_EN)
