@@ -169,14 +169,18 @@ def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserv
     phrases = {"scratch_that": "no", "new_paragraph": "long stop", "period": "that thing"}
     said = ["mfa_doc_english_slow.wav", "cv_en_22058264.wav", "mfa_longstop.wav", "mfa_thoughts.wav"]
     wav = write_wav(tmp_path / "said.wav", np.concatenate(
-        [silence(2.0)] + [x for name in said for x in (trimmed(read_wav(CORPUS / name)), silence(1.5))]))
+        [silence(2.0)] + [x for name in said for x in (trimmed(read_wav(CORPUS / name)), silence(2.0))]))
     settings = ["--set", "dictation.commands=true"] + [f"--set=dictation.{k}={v}" for k, v in phrases.items()]
     events = EventLog(daemon.socket, {"cmd": "subscribe", "types": ["speech_start", "final"]})
     with typing_into_a_field(xserver, daemon, tmp_path, *settings) as box:
         assert vmic.play(wav).wait(120) == 0
-        finals = _last_final(events)
+        events.wait_for(lambda e: sum(x["type"] == "final" and bool(x["text"]) for x in events.events) >= len(said),
+                        timeout=60)
+        finals = events.of("final")
         heard = [normalize(f["text"]) for f in finals if f["text"]]
-        assert [len(heard), heard[1], heard[2][-2:], heard[3][-2:]] == [4, ["no"], ["long", "stop"], ["that", "thing"]], heard
+        # tiny.en heard the clip "no" as "No." and as "No, no." (either scratches the sentence before it)
+        assert [len(heard), set(heard[1]), heard[2][-2:], heard[3][-2:]] == \
+            [4, {"no"}, ["long", "stop"], ["that", "thing"]], heard
         expected = composed(finals, DictationConfig(commands=True, **phrases).phrases())
         text = box.wait_for(lambda t: t == expected, timeout=30)
     assert "fox" not in text.lower(), "scratch that deleted the sentence before it"

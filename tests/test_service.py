@@ -237,9 +237,7 @@ def test_finalize_then_pause_keeps_every_frame_heard_before_the_pause(tmp_path):
     hold = threading.Event()
     h.service._gate_thread.submit(hold.wait)
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[16000:32000])
-    deadline = time.monotonic() + 30
-    while len(h.service.ring) < 15 and time.monotonic() < deadline:  # the source reads 16 frames at a time
-        time.sleep(0.01)
+    h.wait_captured()  # all of it in the ring: waiting for the source's first read (16 frames) raced the rest
     events.client.send({"cmd": "finalize"})
     events.client.send({"cmd": "pause"})
     events.wait_for(lambda e: e["type"] == "status" and e["state"] == "paused")
