@@ -781,6 +781,13 @@ def test_under_translate_no_word_settles_so_a_transcribing_check_cannot_bind_the
     assert not any(decoder.prefixes)
     assert events[-1].text == "I'm sorry, this is an invalid extension, please try again."
 
+    # partials decoded at the final's beam are checks too, and settle nothing under translate either
+    decoder = Translating()
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.4, task="translate",
+                                                             partial_beam_size=5))
+    assert not any(e.stable for e in events if isinstance(e, Partial)) and not any(decoder.prefixes)
+    assert events[-1].text == "I'm sorry, this is an invalid extension, please try again."
+
 
 def test_words_become_stable_only_on_partials_decoded_at_the_finals_beam():
     stream = UtteranceStream(1, 0, 0.5)

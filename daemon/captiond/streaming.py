@@ -153,7 +153,10 @@ class UtteranceStream:
 
     def partial(self, t: Transcript, covered: int, checked: bool = True) -> Partial:
         """The partial event for a decode of the window up to the utterance's `covered` samples;
-        words become stable only on a `checked` decode (decoded as the final will be)."""
+        words become stable only on a `checked` decode (decoded as the final will be), and never in a
+        stream whose words do not settle (with asr.partial_beam_size at the final's, every partial is
+        checked)."""
+        checked = checked and self._settles
         self._decoded_at = covered
         self._cost = round(t.decode_seconds / _PARTIAL_DUTY * SAMPLE_RATE)
         self.rev += 1
@@ -227,7 +230,7 @@ class UtteranceStream:
             if first < len(kept.words):
                 looped, kept = True, kept.without(first, min(stop, len(kept.words)))
             del written[first:stop]
-        if looped or looping([*t.text.split(), *t.unheard], rules):
+        if looped or looping([*t.text.split(), *t.unheard], rules):  # the text: a decode may lack word times
             flags.append("repetition")
         if end.reason in ("max_length", "end_of_stream"):  # a pause did not end it
             flags.append(end.reason)
