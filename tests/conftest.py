@@ -234,7 +234,7 @@ class Harness:
 
     async def _main(self, translog):
         self.loop = asyncio.get_running_loop()
-        server = Server(self.sock)
+        server = Server(self.sock, max_clients=self.config.server.max_clients)
         service = Service(self.config, source=StdinSource(os.fdopen(self.read_fd, "rb")),
                           engine=Engine(self.decoder), server=server,
                           translog=translog)

@@ -12,8 +12,8 @@ import pytest
 
 from captiond.client import Client
 from captiond.config import DictationConfig
-from captiond.dictation import (NOT_TYPED, Composer, Keys, Typist, TypistError, choose_typist, push_to_talk, type_finals,
-                                vocabulary_casing)
+from captiond.dictation import (NOT_TYPED, Composer, Keys, ToolRun, Typist, TypistError, choose_typist, push_to_talk,
+                                type_finals, vocabulary_casing)
 from captiond.events import Final
 from conftest import CORPUS, ROOT, SPEECH, EventLog, Harness, read_wav, silence, trimmed
 
@@ -125,16 +125,16 @@ def test_scratch_that_deletes_with_backspaces():
 def test_tool_command_lines():
     keys = Keys(2, "a\n-b")
     assert Typist("xdotool", 7).commands(keys) == [
-        (["xdotool", "key", "--delay", "7", "BackSpace", "BackSpace"], None),
-        (["xdotool", "type", "--delay", "7", "--", "a"], None),
-        (["xdotool", "key", "--delay", "7", "Return"], None),
-        (["xdotool", "type", "--delay", "7", "--", "-b"], None)]
+        ToolRun(["xdotool", "key", "--delay", "7", "BackSpace", "BackSpace"]),
+        ToolRun(["xdotool", "type", "--delay", "7", "--", "a"]),
+        ToolRun(["xdotool", "key", "--delay", "7", "Return"]),
+        ToolRun(["xdotool", "type", "--delay", "7", "--", "-b"])]
     assert Typist("wtype", 0).commands(Keys(1, "x")) == [
-        (["wtype", "-d", "0", "-k", "BackSpace"], None), (["wtype", "-d", "0", "--", "x"], None)]
+        ToolRun(["wtype", "-d", "0", "-k", "BackSpace"]), ToolRun(["wtype", "-d", "0", "--", "x"])]
     assert Typist("ydotool", 3).commands(Keys(1, "\nx")) == [
-        (["ydotool", "key", "--delay", "0", "--key-delay", "3", "backspace"], None),
-        (["ydotool", "key", "--delay", "0", "--key-delay", "3", "enter"], None),
-        (["ydotool", "type", "--delay", "0", "--key-delay", "3", "--file", "-"], "x")]
+        ToolRun(["ydotool", "key", "--delay", "0", "--key-delay", "3", "backspace"]),
+        ToolRun(["ydotool", "key", "--delay", "0", "--key-delay", "3", "enter"]),
+        ToolRun(["ydotool", "type", "--delay", "0", "--key-delay", "3", "--file", "-"], "x")]
 
 
 def test_a_failing_tool_is_a_typist_error_with_its_message():

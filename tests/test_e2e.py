@@ -46,7 +46,7 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
     assert len(events.of("speech_start")) == len(events.of("speech_end")) == len(finals)
     assert events.of("partial"), "an 11 s utterance must produce partials"
     for final in finals:
-        assert final["words"] and final["language"] == "en" and final["latency"] >= 0
+        assert final["words"] and final["language"] == "en" and isinstance(final["latency"], float)
         assert final["start"] <= final["words"][0]["start"] <= final["words"][-1]["end"] <= final["end"] + 0.5
         stable = [p["stable"] for p in events.of("partial") if p["utt"] == final["utt"]]
         if stable and "unbound" not in final["flags"]:  # the protocol: it begins with them, or says it does not

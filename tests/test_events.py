@@ -36,6 +36,7 @@ def test_parse_commands():
 @pytest.mark.parametrize("line, code", [
     (b"not json", "bad_json"),
     (b"\xff\xfe", "bad_json"),
+    (b"[" * 60000, "bad_json"),  # json's recursion limit: a RecursionError, not a ValueError
     (b"[1,2]", "bad_command"),
     (b'{"cmd":"explode"}', "unknown_command"),
     (b'{"cmd":"subscribe","types":"final"}', "bad_command"),

@@ -199,8 +199,7 @@ def test_a_client_that_never_reads_costs_the_others_nothing(vmic, thoughts, tmp_
                 data += greedy.recv(1 << 16)
             except BlockingIOError:
                 time.sleep(0.05)
-        assert b'"lost"' in data, "the client is told how much it missed"
-        assert data.count(b'"pong"') < 20000
+        assert b'"lost"' in data, "the client is told how much it missed"  # so its queue did not keep them all
     finally:
         daemon.kill()
 

@@ -1,6 +1,7 @@
 """Unit tests of remote.py: the answer's validation, the key, the request, fallback and backoff."""
 
 import asyncio
+import gc
 import io
 import json
 import socket
@@ -13,7 +14,7 @@ import pytest
 
 from captiond.config import AsrConfig, ConfigError, from_dict
 from captiond.engine import Engine, Segment, Transcript
-from captiond.remote import (BACKOFF_FIRST_S, HURRY_S, KEY_ENV, Call, RemoteError, RemoteFinals,
+from captiond.remote import (BACKOFF_FIRST_S, KEY_ENV, Call, RemoteError, RemoteFinals,
                              TranscriptionClient, _server_error, multipart, parse_transcript, read_key, wav_bytes)
 from captiond.streaming import UtteranceStream
 from captiond.gate import UtteranceEnd
@@ -195,8 +196,10 @@ def test_a_failing_server_costs_no_final_backs_off_and_recovers():
     client.outcomes = [RemoteError("connection refused"), RemoteError("HTTP 500 Internal Server Error")]
     finals, engine, now, changes = remote_finals(client)
     audio = np.zeros(SAMPLE_RATE, np.float32)
+    unhandled = []
 
     async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context["message"]))
         got = [await finals.decode(audio, prompt="ctx", **ARGS)]  # refused: decoded here
         got.append(await finals.decode(audio, prompt="ctx", **ARGS))  # backing off: not even tried
         now[0] += BACKOFF_FIRST_S
@@ -205,6 +208,7 @@ def test_a_failing_server_costs_no_final_backs_off_and_recovers():
         got.append(await finals.decode(audio, prompt="ctx", **ARGS))  # still backing off
         now[0] += BACKOFF_FIRST_S
         got.append(await finals.decode(audio, prompt="ctx", hotwords="Anya", **ARGS))  # answers again
+        gc.collect()  # a future whose exception nobody read complains when it is collected
         return got
 
     got = asyncio.run(main())
@@ -214,6 +218,7 @@ def test_a_failing_server_costs_no_final_backs_off_and_recovers():
     assert client.calls == 3 and finals.fallbacks == 4 and finals.requests == 1
     assert changes[0].startswith("remote ASR http://fake/v1/audio/transcriptions unreachable (connection refused)")
     assert "HTTP 500" in changes[1] and changes[2] == "" and finals.problem == ""
+    assert unhandled == []  # each failure was handled, none left to the loop's "never retrieved"
 
 
 def test_a_server_past_the_timeout_is_abandoned_and_a_bound_decode_stays_here():
@@ -281,15 +286,13 @@ def test_a_stop_hurries_a_slow_request_into_a_local_final():
         task = asyncio.create_task(finals.decode(np.zeros(SAMPLE_RATE, np.float32), **ARGS))
         while client.calls == 0:
             await asyncio.sleep(0.01)
-        began = time.monotonic()
         finals.hurry()
-        t = await asyncio.wait_for(task, 30)
-        return t, time.monotonic() - began
+        return await asyncio.wait_for(task, 30)  # without the hurry it would wait out its 60 s timeout
 
-    t, took = asyncio.run(main())
+    t = asyncio.run(main())
     client.release.set()
     engine.close()
-    assert t.origin == "fallback" and took < 60 - HURRY_S
+    assert t.origin == "fallback"
 
 
 def test_a_servers_final_that_disagrees_with_the_stable_words_stands_flagged_unbound():

@@ -321,3 +321,31 @@ def test_a_group_member_can_connect_through_a_folder_the_daemon_made(tmp_path):
         asyncio.run(main())
     finally:
         shutil.rmtree(top)
+
+
+def test_clients_beyond_max_clients_get_an_error_line_and_are_closed_and_a_slot_frees(tmp_path):
+    async def main():
+        server = make_server(tmp_path / "s.sock", max_clients=2)
+        await server.start()
+        first = await asyncio.open_unix_connection(str(server.path))
+        second = await asyncio.open_unix_connection(str(server.path))
+        for reader, _ in (first, second):
+            assert (await read_event(reader))["type"] == "hello"
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        refused = await read_event(reader)
+        closed = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        first[1].close()
+        while server.clients > 1:  # the first one's end is seen
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        again = await read_event(reader)
+        writer.close()
+        second[1].close()
+        await server.close()
+        return refused, closed, again
+
+    refused, closed, again = asyncio.run(main())
+    assert refused["type"] == "error" and refused["code"] == "too_many_clients"
+    assert "server.max_clients" in refused["message"] and closed == b""
+    assert again["type"] == "hello"

@@ -108,6 +108,8 @@ def test_events_carry_the_unix_socket_protocol_with_the_same_seqs(harness):
         # Commands work as on the socket; a malformed one gets an error and the connection stays open.
         ws.send("{not json")
         assert json.loads(ws.recv(timeout=10))["type"] == "error"
+        ws.send("[" * 60000)  # deeper than json's recursion limit
+        assert json.loads(ws.recv(timeout=10))["code"] == "bad_json"
         ws.send(b"\x00binary")
         assert json.loads(ws.recv(timeout=10))["code"] == "bad_message"
         ws.send(json.dumps({"cmd": "ping"}))
@@ -156,10 +158,10 @@ def test_finalize_closes_the_open_utterance_and_the_stream_goes_on(harness):
 
 
 def test_idle_session_is_closed_unless_kept_alive(harness):
-    h = harness("websocket.idle_timeout_s=1")
+    h = harness("websocket.idle_timeout_s=3")
     with connect(f"ws://{h.base}/listen") as ws:
         ws.recv(timeout=10)
-        for _ in range(4):  # 2 s of KeepAlive, twice the timeout
+        for _ in range(10):  # 5 s of KeepAlive, more than the timeout; a 2.5 s stall of this test would not matter
             ws.send(json.dumps({"type": "KeepAlive"}))
             time.sleep(0.5)
         stream(ws, SPEECH[:16000])
@@ -294,6 +296,16 @@ def test_port_in_use_is_a_clear_error():
     asyncio.run(main())
 
 
+def test_a_host_name_that_does_not_resolve_names_websocket_host():
+    async def main():
+        web = WebServer(WebSocketConfig(enabled=True, host="no-such-host.invalid", port=0, token="t" * 16), Hub(),
+                        lambda *a, **k: None)
+        with pytest.raises(WebError, match="set websocket.host to an address"):
+            await web.start()
+
+    asyncio.run(main())
+
+
 def test_microphone_finals_go_before_queued_session_decodes():
     """The shared engine serves finals before partials and the microphone before sessions."""
     order = []
@@ -342,3 +354,48 @@ def test_events_refuse_a_context_text_the_decoder_cannot_take(harness):
         error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["code"] == "bad_command" and "hotwords" in error["message"]
     assert h.service.worker.hotwords == ""
+
+
+def test_a_session_whose_task_fails_tells_its_client_and_its_feed_never_blocks():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captiond.config import Config
+    from captiond.session import LiveSession
+
+    engine = Engine(FakeDecoder())
+    sent = []
+    gate_thread = ThreadPoolExecutor(max_workers=1)
+    session = LiveSession(engine, Config(), sent.append, encoding="linear16", sample_rate=16000,
+                          gate_thread=gate_thread)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the worker")
+
+    session.worker.run = broken  # a failure outside every decode's own try
+
+    async def main():
+        session.start()
+        speech = np.tile(SPEECH, 200 * 16000 // len(SPEECH) + 1).astype("<i2").tobytes()
+        # 200 s of speech: more than the session's queues hold, so a feed with no worker behind it would wait for ever.
+        for at in range(0, len(speech), 16000):
+            await asyncio.wait_for(session.feed(speech[at:at + 16000]), 10)
+        await session.finalize()
+        await asyncio.wait_for(session.close(1.0), 10)
+
+    asyncio.run(main())
+    gate_thread.shutdown()
+    engine.close()
+    assert session.failed == "session failed"
+    errors = [e for e in sent if getattr(e, "code", "") == "session_failed"]
+    assert len(errors) == 1 and "a bug in the worker" in errors[0].message
+
+
+def test_events_clients_beyond_server_max_clients_get_an_error_and_a_1013_close(harness):
+    h = harness("server.max_clients=1")
+    with connect(f"ws://{h.base}/events") as first:
+        assert json.loads(first.recv(timeout=10))["type"] == "hello"
+        with connect(f"ws://{h.base}/events") as second:
+            refused = json.loads(second.recv(timeout=10))
+            with pytest.raises(ConnectionClosed) as closed:
+                second.recv(timeout=10)
+    assert refused["code"] == "too_many_clients" and closed.value.rcvd.code == 1013

@@ -309,6 +309,100 @@ def test_wrong_audio_format_is_an_error_event_and_the_connection_stays(harness):
     assert Info.from_event(info).asr
 
 
+def test_malformed_fields_are_bad_request_errors_and_the_connection_stays(harness):
+    h = harness()
+
+    async def run() -> list[WyError]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            errors = []
+            for event in (Event("audio-start", {"rate": RATE, "width": "x", "channels": 10 ** 9}),
+                          Event("audio-start", {"width": 2, "channels": 1}),
+                          Event("audio-start", {"rate": 16000.5, "width": 2.0, "channels": 1}),
+                          Event("transcribe", {"language": ["en"]}),
+                          Event("transcribe", {"context": "a prompt"}),
+                          Event("transcribe", {"transcript_names": "Zoë"})):
+                await client.write_event(event)
+                errors.append(WyError.from_event((await read_until(client, "error"))[-1]))
+            await client.write_event(Describe().event())
+            await read_until(client, "info")
+            return errors
+
+    errors = asyncio.run(run())
+    assert [e.code for e in errors] == ["bad_request"] * 6
+    assert "width 'x'" in errors[0].text and "'rate'" in errors[1].text and "rate 16000.5" in errors[2].text
+    assert "language" in errors[3].text and "context" in errors[4].text and "transcript_names" in errors[5].text
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))  # nothing of it stayed behind
+    assert heard_seconds(text) > 2.0
+
+
+@pytest.mark.parametrize("header", [
+    b'{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, "payload_length": 4000000000}',
+    b'{"type": "describe", "data_length": 100000000}',
+    b'{"type": "describe", "payload_length": "many"}',
+    b"[" * 60000,
+    b"not json",
+    b"x" * 70000,
+])
+def test_a_header_that_is_no_event_or_announces_too_much_ends_the_connection_with_an_error(harness, header):
+    h = harness()
+
+    async def run() -> tuple[WyError, Event | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port, limit=1 << 20)
+        writer.write(header + b"\n")
+        await writer.drain()
+        client = AsyncTcpClient("127.0.0.1", h.port)
+        client._reader, client._writer = reader, writer  # read what came back with the package's reader
+        error = WyError.from_event((await read_until(client, "error"))[-1])
+        after = await asyncio.wait_for(client.read_event(), READ_S)
+        writer.close()
+        return error, after
+
+    error, after = asyncio.run(run())
+    assert error.code == "bad_event" and after is None  # the framing is lost: closed, nothing read into memory
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))
+    assert heard_seconds(text) > 2.0
+
+
+def test_a_client_that_never_reads_is_dropped_and_frees_its_session(harness):
+    h = harness("wyoming.max_sessions=1", "wyoming.idle_timeout_s=1")
+
+    async def flood() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        await async_write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event(), writer)
+        try:
+            while True:  # asks and asks, reads nothing: the server's answers pile up in its socket
+                for _ in range(1000):
+                    await async_write_event(Describe().event(), writer)
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            return  # dropped by the server
+
+    asyncio.run(asyncio.wait_for(flood(), READ_S))
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))  # the only session slot is free again
+    assert heard_seconds(text) > 2.0
+
+
+def test_connections_beyond_max_connections_get_an_error_event_and_are_closed(harness):
+    h = harness("wyoming.max_sessions=1", "wyoming.max_connections=2")
+
+    async def run() -> tuple[WyError, Event | None]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as probe:  # served: every earlier connection was taken
+            await probe.write_event(Describe().event())
+            await read_until(probe, "info")
+        await until(lambda: h.service.wyoming.connections == 0)  # and has ended, the harness's probes included
+        async with AsyncTcpClient("127.0.0.1", h.port), AsyncTcpClient("127.0.0.1", h.port) as second:
+            await second.write_event(Describe().event())
+            await read_until(second, "info")  # both are being served
+            async with AsyncTcpClient("127.0.0.1", h.port) as third:
+                error = WyError.from_event((await read_until(third, "error"))[-1])
+                return error, await asyncio.wait_for(third.read_event(), READ_S)
+
+    error, after = asyncio.run(run())
+    assert error.code == "too_many_connections" and "wyoming.max_connections" in error.text and after is None
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))  # closed ones no longer count
+    assert heard_seconds(text) > 2.0
+
+
 def test_too_many_sessions_is_an_error_event_then_a_slot_frees(harness):
     h = harness("wyoming.max_sessions=1")
 
@@ -341,7 +435,9 @@ def test_voice_events_only_when_the_client_asks_for_vad(harness):
     vad = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="en", vad_sensitivity="default")))
     types = [e.type for e in vad]
     assert types.index("voice-started") < types.index("voice-stopped") < types.index("transcript")
-    assert vad[types.index("voice-started")].data["timestamp"] >= 0
+    # Timestamps in ms of the session's audio: SPEECH's voice begins after its leading silence, ends before its end.
+    started, stopped = (vad[types.index(kind)].data["timestamp"] for kind in ("voice-started", "voice-stopped"))
+    assert 0 < started < stopped <= len(SPEECH) / 16
 
 
 def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harness):
@@ -443,3 +539,30 @@ def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
     base = asr.partial_interval_s
     assert seen == {1: [base, 2 * base, base], 2: [2 * base]}
     server.gate_thread.shutdown()
+
+
+def test_a_unix_uri_never_takes_a_file_or_a_live_socket_in_its_way(tmp_path):
+    from captiond.server import Server
+    from captiond.wyoming_server import WyomingError, WyomingServer
+
+    def server_at(path) -> WyomingServer:
+        cfg = load(None, [f"wyoming.uri=unix://{path}"])[0]
+        return WyomingServer(cfg.wyoming, lambda: cfg.asr, "tiny.en", lambda: False, lambda *a, **k: None)
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+
+    async def main() -> list[str]:
+        errors = []
+        live = Server(tmp_path / "captiond.sock")
+        await live.start()
+        for path in (notes, live.path):
+            with pytest.raises(WyomingError, match="wyoming.uri") as err:
+                await server_at(path).start()
+            errors.append(str(err.value))
+        await live.close()
+        return errors
+
+    errors = asyncio.run(main())
+    assert "not a socket" in errors[0] and "already listening" in errors[1]
+    assert notes.read_text() == "mine"

@@ -235,7 +235,7 @@ class MicSource:
     async def run(self, capture: Capture) -> None:
         """Record until cancelled; raise CaptureError if the device stops delivering audio.
 
-        Every PortAudio call runs on an abandonable thread (see blocking()): with the audio server
+        Every PortAudio call runs on an abandonable thread (see abandonable()): with the audio server
         hung, they never return, and neither a stop nor the lost-device check may wait for them.
         """
         loop = asyncio.get_running_loop()

@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine = Engine(WhisperDecoder(config.asr))
         cfg = config.server
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
-                        keep_finals=cfg.keep_finals)
+                        keep_finals=cfg.keep_finals, max_clients=cfg.max_clients)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
                           reload=lambda: _config(args)[0], stop_bound_s=STOP_BOUND_S)
         return await service.run()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .events import text_problem
+from .events import MAX_CONTEXT, text_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -171,8 +171,9 @@ class AsrConfig:
         _check(0 <= self.stable_from_s <= 30, "asr.stable_from_s", "must be between 0 and 30 seconds")
         _check(5 <= self.max_window_s <= 28, "asr.max_window_s", "must be between 5 and 28 seconds")
         _check(5 <= self.queue_seconds <= 3600, "asr.queue_seconds", "must be between 5 and 3600 seconds")
-        _check(len(self.initial_prompt) <= 1000, "asr.initial_prompt", "must be at most 1000 characters")
-        _check(len(self.hotwords) <= 1000, "asr.hotwords", "must be at most 1000 characters")
+        _check(len(self.initial_prompt) <= MAX_CONTEXT, "asr.initial_prompt",
+               f"must be at most {MAX_CONTEXT} characters")
+        _check(len(self.hotwords) <= MAX_CONTEXT, "asr.hotwords", f"must be at most {MAX_CONTEXT} characters")
         for key in ("initial_prompt", "hotwords"):
             problem = text_problem(getattr(self, key))
             _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
@@ -213,6 +214,8 @@ class ServerConfig:
     """Recent finals kept for replay to clients that subscribe with since."""
     stats_interval_s: float = 5.0
     """Seconds between stats events; 0 turns them off."""
+    max_clients: int = 100
+    """Subscribers connected at once (Unix socket and WebSocket /events); more are sent too_many_clients and closed."""
 
     def __post_init__(self) -> None:
         try:
@@ -225,6 +228,7 @@ class ServerConfig:
         _check(0 <= self.keep_finals <= 100000, "server.keep_finals", "must be between 0 and 100000")
         _check(self.stats_interval_s == 0 or 0.5 <= self.stats_interval_s <= 3600,
                "server.stats_interval_s", "must be 0 (off) or between 0.5 and 3600 seconds")
+        _check(1 <= self.max_clients <= 10000, "server.max_clients", "must be between 1 and 10000")
 
     @property
     def file_mode(self) -> int:
@@ -249,7 +253,8 @@ class LogConfig:
         _check(0 <= self.backups <= 1000, "log.backups", "must be between 0 and 1000")
 
 
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+"""Host names that reach only this machine."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +278,7 @@ class WebSocketConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "websocket.host", "must not be empty (127.0.0.1 for this machine only)")
-        _check(self.host in _LOOPBACK or bool(self.token), "websocket.token",
+        _check(self.host in LOOPBACK or bool(self.token), "websocket.token",
                f"must be set to listen on {self.host!r}: only loopback (127.0.0.1, ::1) is served without one")
         _check(0 <= self.port <= 65535, "websocket.port", "must be between 1 and 65535, or 0 for any free port")
         _check(self.token == "" or len(self.token) >= 16, "websocket.token", "must be at least 16 characters")
@@ -302,7 +307,9 @@ class WyomingConfig:
     max_sessions: int = 2
     """Wyoming transcriptions decoded at once; more get a too_many_sessions error event."""
     idle_timeout_s: float = 10.0
-    """Seconds a connection may send no event before it is sent an idle_timeout error and closed."""
+    """Seconds a connection may send no event (or read none) before it is closed (an idle_timeout error)."""
+    max_connections: int = 16
+    """Connections at once; more are sent a too_many_connections error event and closed."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.uri)
@@ -317,17 +324,19 @@ class WyomingConfig:
                 port = None
             _check(bool(url.hostname) and port is not None and 1 <= port <= 65535, "wyoming.uri",
                    f"{self.uri!r} needs a host and a port between 1 and 65535, e.g. tcp://127.0.0.1:10300")
-            _check(url.hostname in _LOOPBACK or self.allow_remote, "wyoming.allow_remote",
+            _check(url.hostname in LOOPBACK or self.allow_remote, "wyoming.allow_remote",
                    f"must be true to listen on {url.hostname!r}: Wyoming has no authentication, so only "
                    "loopback (127.0.0.1, ::1) is served unless you allow it")
         _check(1 <= self.max_sessions <= 64, "wyoming.max_sessions", "must be between 1 and 64")
         _check(1 <= self.idle_timeout_s <= 3600, "wyoming.idle_timeout_s", "must be between 1 and 3600 seconds")
+        _check(self.max_sessions <= self.max_connections <= 1000, "wyoming.max_connections",
+               "must be between wyoming.max_sessions and 1000")
 
     @property
     def remote(self) -> bool:
         """True when the server is reachable from other machines (a non-loopback tcp:// host)."""
         url = urlsplit(self.uri)
-        return url.scheme == "tcp" and url.hostname not in _LOOPBACK
+        return url.scheme == "tcp" and url.hostname not in LOOPBACK
 
 
 TYPERS = ("auto", "wtype", "xdotool", "ydotool")

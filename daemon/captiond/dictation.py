@@ -200,6 +200,14 @@ _PACKAGE = {"wtype": "wtype", "xdotool": "xdotool", "ydotool": "ydotool"}  # Deb
 _TOOL_TIMEOUT_S = 10.0
 
 
+@dataclass(frozen=True)
+class ToolRun:
+    """One run of a typing tool: its command line and what it reads on stdin (None: nothing)."""
+
+    argv: list[str]
+    stdin: str | None = None
+
+
 class Typist:
     """Presses keys with one of the typing tools, one subprocess per run of text or keys."""
 
@@ -209,9 +217,9 @@ class Typist:
         self._delay = str(key_delay_ms)
         self._run = run
 
-    def commands(self, keys: Keys) -> list[tuple[list[str], str | None]]:
-        """The tool's command lines for these keys, in order, each with what it reads on stdin."""
-        out: list[tuple[list[str], str | None]] = []
+    def commands(self, keys: Keys) -> list[ToolRun]:
+        """The tool's runs for these keys, in order."""
+        out: list[ToolRun] = []
         if keys.erase:
             out.append(self._keys("BackSpace", keys.erase))
         for i, line in enumerate(keys.text.split("\n")):
@@ -221,28 +229,28 @@ class Typist:
                 out.append(self._text(line))
         return out
 
-    def _keys(self, key: str, times: int) -> tuple[list[str], None]:
+    def _keys(self, key: str, times: int) -> ToolRun:
         if self.name == "xdotool":
-            return ["xdotool", "key", "--delay", self._delay, *[key] * times], None
+            return ToolRun(["xdotool", "key", "--delay", self._delay, *[key] * times])
         if self.name == "wtype":
-            return ["wtype", "-d", self._delay, *[a for _ in range(times) for a in ("-k", key)]], None
+            return ToolRun(["wtype", "-d", self._delay, *[a for _ in range(times) for a in ("-k", key)]])
         # ydotool 0.1 (Debian's) names keys after Linux's KEY_* codes.
         name = {"Return": "enter", "BackSpace": "backspace"}[key]
-        return ["ydotool", "key", "--delay", "0", "--key-delay", self._delay, *[name] * times], None
+        return ToolRun(["ydotool", "key", "--delay", "0", "--key-delay", self._delay, *[name] * times])
 
-    def _text(self, text: str) -> tuple[list[str], str | None]:
+    def _text(self, text: str) -> ToolRun:
         if self.name == "xdotool":
-            return ["xdotool", "type", "--delay", self._delay, "--", text], None
+            return ToolRun(["xdotool", "type", "--delay", self._delay, "--", text])
         if self.name == "wtype":
-            return ["wtype", "-d", self._delay, "--", text], None
-        return ["ydotool", "type", "--delay", "0", "--key-delay", self._delay, "--file", "-"], text
+            return ToolRun(["wtype", "-d", self._delay, "--", text])
+        return ToolRun(["ydotool", "type", "--delay", "0", "--key-delay", self._delay, "--file", "-"], text)
 
     def press(self, keys: Keys) -> None:
         """Type the keys into the focused window; TypistError when the tool fails."""
-        for argv, stdin in self.commands(keys):
-            presses = len(stdin or argv[-1]) + len(argv)  # at least the keys it presses
+        for run in self.commands(keys):
+            presses = len(run.stdin or run.argv[-1]) + len(run.argv)  # at least the keys it presses
             try:
-                done = self._run(argv, input=stdin, capture_output=True, text=True,
+                done = self._run(run.argv, input=run.stdin, capture_output=True, text=True,
                                  timeout=_TOOL_TIMEOUT_S + presses * (int(self._delay) + 5) / 1000)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 raise TypistError(f"{self.name} failed: {exc}") from None
@@ -316,9 +324,6 @@ def _type(final: Final, composer: Composer, typist: Typist, note: Callable[[str]
 
 
 # --- push-to-talk -----------------------------------------------------------------------------------
-
-PTT_ACTIONS = ("start", "stop", "toggle")
-
 
 def push_to_talk(client: Client, action: str) -> str:
     """start: resume listening; stop: finalise the open utterance and pause; toggle: whichever fits. The new state."""

@@ -229,6 +229,8 @@ def parse_command(line: bytes) -> Command:
         raise ProtocolError("bad_json", "line is not UTF-8") from None
     except ValueError as exc:
         raise ProtocolError("bad_json", f"line is not JSON: {exc}") from None
+    except RecursionError:  # json nests by recursion: "[" * 60000 is no ValueError
+        raise ProtocolError("bad_json", "line is not JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_command", "a command is a JSON object with a \"cmd\" key")
     cmd = obj.get("cmd")

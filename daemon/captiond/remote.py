@@ -31,10 +31,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .config import WHISPER_LANGUAGES, AsrConfig, ConfigError
+from .config import LOOPBACK, WHISPER_LANGUAGES, AsrConfig, ConfigError
 from .engine import Engine, Segment, Transcript
 from .events import Word, text_problem
 from .frames import SAMPLE_RATE
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class RemoteFinals:
         self.fallbacks = 0
         """Finals decoded here because the server failed, was backed off from, or had no request free."""
         host = urlsplit(cfg.remote_url).hostname
-        if cfg.remote_url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
+        if cfg.remote_url.startswith("http://") and host not in LOOPBACK:
             log.warning("asr.remote_url is plain http to %s: the audio of every final (and the key, if any) "
                         "crosses the network unencrypted; use https unless the network is yours", host)
 
@@ -382,7 +383,7 @@ class RemoteFinals:
         deadline = self._clock() + self._timeout
         while self._running >= self._max_in_flight:
             self._freed.clear()
-            if not await self._until(self._freed.wait(), deadline):
+            if not await self._until(spawn(self._freed.wait(), "remote-slot"), deadline):
                 log.info("no request to %s free within %.1f s; this final is decoded here", self.url, self._timeout)
                 raise _Busy("busy")
         result: asyncio.Future[Transcript] = loop.create_future()
@@ -410,10 +411,10 @@ class RemoteFinals:
             raise
         return result.result()
 
-    async def _until(self, aw: Any, deadline: float) -> bool:
-        """Await aw until the deadline, or HURRY_S after the daemon began to stop; False when it passed."""
-        task = asyncio.ensure_future(aw)
-        hurry = asyncio.ensure_future(self._hurry.wait())
+    async def _until(self, task: asyncio.Future, deadline: float) -> bool:
+        """Await task until the deadline, or HURRY_S after the daemon began to stop; False when it passed
+        (the task is then cancelled)."""
+        hurry = spawn(self._hurry.wait(), "remote-hurry")
         try:
             while not task.done():
                 if hurry.done():
@@ -428,6 +429,8 @@ class RemoteFinals:
             hurry.cancel()
             if not task.done():
                 task.cancel()
+            elif not task.cancelled():
+                task.exception()  # read: a failed request's shield would be logged as never retrieved
 
     def _ended(self, result: asyncio.Future[Transcript], outcome: Any) -> None:
         self._running -= 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,15 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> str:
     return f"pid={pid} uid={uid} gid={gid}"
 
 
-def _check_existing(path: Path) -> None:
-    """Refuse a socket a live daemon answers on; remove one a dead daemon left behind."""
+def check_existing(path: Path, key: str = "server.socket") -> None:
+    """Refuse a socket a live process answers on, or a file that is no socket; remove a socket a dead
+    daemon left behind. `key` is the setting the error tells the user to change."""
     try:
         st = path.lstat()
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ServerError(f"{path} exists and is not a socket; remove it or set server.socket to another path")
+        raise ServerError(f"{path} exists and is not a socket; remove it or set {key} to another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -115,16 +117,17 @@ def _check_existing(path: Path) -> None:
         raise ServerError(f"cannot check existing socket {path}: {exc.strerror or exc}") from None
     finally:
         probe.close()
-    raise ServerError(f"another captiond is already listening on {path}; stop it first "
-                      "(systemctl --user stop captiond) or set server.socket to another path")
+    raise ServerError(f"another process (a captiond?) is already listening on {path}; stop it first "
+                      f"(systemctl --user stop captiond) or set {key} to another path")
 
 
 class Hub:
     """Subscribers on any transport: publish() fans events out without ever waiting for a reader."""
 
     def __init__(self, *, client_queue: int = 256, keep_finals: int = 200, hello: Callable[[], Event] | None = None,
-                 on_command: Callable[[Command], Event | None] | None = None) -> None:
+                 on_command: Callable[[Command], Event | None] | None = None, max_clients: int = 100) -> None:
         self._capacity = client_queue
+        self._max_clients = max_clients
         self.hello = hello
         """Makes the first event of each connection; the Service sets it when not given."""
         self.on_command = on_command
@@ -151,6 +154,14 @@ class Hub:
             client.offer(item)
         return self.seq
 
+    def refusal(self) -> bytes | None:
+        """The error line a new connection gets when server.max_clients are connected; None when there is room."""
+        if len(self._clients) < self._max_clients:
+            return None
+        log.warning("a client was refused: %d connected (server.max_clients)", len(self._clients))
+        return encode(Error("too_many_clients", f"{self._max_clients} clients are connected (server.max_clients); "
+                                                "close one or raise the limit"), self.seq, time.time())
+
     def reply(self, client: Client, event: Event) -> None:
         """Send an event to one client only (hello, errors, answers), without advancing seq,
         so every client sees the broadcast seq gap-free."""
@@ -164,20 +175,13 @@ class Hub:
         self._clients[client.ident] = client
         log.info("client %d connected over %s (%s); %d connected", client.ident, transport, peer, len(self._clients))
         self.reply(client, self.hello())
-        task = asyncio.get_running_loop().create_task(self._write_loop(client), name=f"client-{client.ident}-writer")
-        self._writers.add(task)
-        task.add_done_callback(self._writer_done)
+        spawn(self._write_loop(client), f"client-{client.ident}-writer", keep=self._writers)
         return client
 
     def detach(self, client: Client) -> None:
         """The client stopped sending: let its writer deliver what is queued, then end."""
         client.closing = True
         client.wake.set()
-
-    def _writer_done(self, task: asyncio.Task) -> None:
-        self._writers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed: %r", task.get_name(), task.exception())
 
     def handle_line(self, client: Client, line: bytes) -> None:
         """Act on one command line from a client; a malformed one gets an error and nothing else."""
@@ -263,7 +267,7 @@ class Server(Hub):
                               "set server.socket to a writable path") from None
         if gid != -1:
             self._share_folder(folder, gid, made)
-        _check_existing(self.path)
+        check_existing(self.path)
         old = os.umask(0o177)  # never let the socket exist, even briefly, with wider permissions
         try:
             self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1,
@@ -311,6 +315,11 @@ class Server(Hub):
             writer.write(line)
             await writer.drain()
 
+        refused = self.refusal()
+        if refused is not None:
+            writer.write(refused)  # a line fits the transport's buffer: no wait for a client that may not read
+            writer.close()
+            return
         client = self.attach(send, writer.close, writer.transport.abort, _peer_credentials(writer), "the Unix socket")
         try:
             while not client.closing:

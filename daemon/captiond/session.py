@@ -19,6 +19,7 @@ from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
 from .gatedriver import Batch, GateStage, drive
+from .tasks import spawn
 from .worker import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ class LiveSession:
         self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
                                 end_at_pause=self._stage.end_at_pause, bind=bind, language=language)
-        self.failed = False
-        """Set when the client's audio could not be decoded; the session then ends."""
+        self.failed = ""
+        """Why the session ended early ("undecodable audio", "session failed"); empty while it works."""
         self.samples = 0
         """Audio received so far, in 16 kHz samples."""
         self._tasks: list[asyncio.Task] = []
@@ -137,9 +138,11 @@ class LiveSession:
     def start(self) -> None:
         """Start the session's tasks (and the decoder thread for WebM)."""
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(drive(self._batches(), self._stage, self.worker, self._gate_thread),
-                                            name="session-gate"))
-        self._tasks.append(loop.create_task(self.worker.run(), name="session-worker"))
+        for coro, name in ((drive(self._batches(), self._stage, self.worker, self._gate_thread), "session-gate"),
+                           (self.worker.run(), "session-worker")):
+            task = spawn(coro, name)
+            task.add_done_callback(self._task_done)
+            self._tasks.append(task)
         if self._encoding == "webm":
             self._pipe = _Pipe()
             threading.Thread(target=self._decode_webm, args=(loop, self._pipe), name="captiond-webm",
@@ -152,13 +155,12 @@ class LiveSession:
         if self._linear is not None:
             await self._put(self._linear.insert(data))
         elif self._pipe is not None:
-            try:
-                self._pipe.chunks.put_nowait(data)
-            except queue.Full:
-                await asyncio.get_running_loop().run_in_executor(None, self._pipe.chunks.put, data)
+            await self._to_pipe(self._pipe, data)
 
     async def finalize(self) -> None:
         """Close the open utterance after the audio sent so far (the client's Finalize)."""
+        if self.failed:
+            return
         if self._pipe is not None:
             # Only once the decoder waits for bytes has every chunk sent so far reached the queue.
             await asyncio.get_running_loop().run_in_executor(None, self._wait_starved, self._pipe)
@@ -167,7 +169,7 @@ class LiveSession:
     async def close(self, timeout: float) -> None:
         """End the stream: the open utterance gets its final, then the session's tasks end (bounded)."""
         if self._pipe is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._pipe.chunks.put, None)
+            await self._to_pipe(self._pipe, None)
         elif self._linear is not None:
             await self._put(self._linear.finish())
             await self._audio.put(None)
@@ -187,6 +189,30 @@ class LiveSession:
             except queue.Full:
                 pass  # the thread is not waiting for bytes then, and sees _cancelled at its next put
 
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A session task that failed (spawn logged why) ends the session; the client is told."""
+        if task.cancelled() or task.exception() is None or self.failed:
+            return
+        self.failed = "session failed"
+        self._send(Error("session_failed", f"the session's {task.get_name()} failed "
+                                           f"({task.exception()!r}); start a new session"))
+        self.cancel()
+        while not self._audio.empty():  # wakes a feed() waiting for room that no task will make now
+            self._audio.get_nowait()
+
+    async def _to_pipe(self, pipe: _Pipe, chunk: bytes | None) -> None:
+        try:
+            pipe.chunks.put_nowait(chunk)
+        except queue.Full:  # the decoder is behind: wait for it off the loop, never past a cancel
+            await asyncio.get_running_loop().run_in_executor(None, self._put_unless_cancelled, pipe, chunk)
+
+    def _put_unless_cancelled(self, pipe: _Pipe, chunk: bytes | None) -> None:
+        while not self._cancelled.is_set():
+            try:
+                return pipe.chunks.put(chunk, timeout=0.5)
+            except queue.Full:
+                pass
+
     @staticmethod
     def _wait_starved(pipe: _Pipe) -> None:
         deadline = time.monotonic() + _FINALIZE_WAIT_S
@@ -194,7 +220,7 @@ class LiveSession:
             pass
 
     async def _put(self, pcm: np.ndarray) -> None:
-        if len(pcm):
+        if len(pcm) and not self.failed:
             await self._audio.put(pcm)
 
     def _decode_webm(self, loop: asyncio.AbstractEventLoop, pipe: _Pipe) -> None:
@@ -225,7 +251,7 @@ class LiveSession:
                 for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
                     put(pcm)
             except CaptureError as exc:
-                self.failed = True
+                self.failed = "undecodable audio"
                 loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
                 self._drain(pipe)
             put(None)

@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +108,24 @@ class TranscriptLog:
             self.error = f"cannot rotate transcript log {self.path}: {exc.strerror or exc}"
 
 
+@dataclass(frozen=True)
+class _Line:
+    """A final waiting for the writer thread, emitted at wall-clock `ts`; `written` is called once it is down."""
+
+    final: Final
+    ts: float
+    written: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """A reconfiguration waiting for the writer thread: where to write and how to rotate."""
+
+    path: Path
+    max_bytes: int
+    backups: int
+
+
 class LogWriter:
     """The transcript log as an ordinary subscriber: finals go into a bounded queue that a thread of
     its own writes, so no disk call (open, write, rotate) ever runs on the event loop.
@@ -119,9 +138,9 @@ class LogWriter:
                  capacity: int = _QUEUE_MAX) -> None:
         self.log = translog
         self._report = report
-        self._queue: queue.Queue[tuple[Final, float, Callable[[], None]] | None] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[_Line | None] = queue.Queue(maxsize=capacity)
         self._lock = threading.Lock()
-        self._next: tuple[Path, int, int] | None = None  # a reconfiguration, applied between two lines
+        self._next: _Settings | None = None  # applied between two lines
         self.dropped = 0
         """Finals never written because the writer was this far behind (a disk that hangs)."""
         self._thread = threading.Thread(target=self._run, name="captiond-translog", daemon=True)
@@ -137,7 +156,7 @@ class LogWriter:
         of a disk that refused it.
         """
         try:
-            self._queue.put_nowait((final, ts, written))
+            self._queue.put_nowait(_Line(final, ts, written))
         except queue.Full:
             self.dropped += 1
             if self.dropped == 1:
@@ -149,7 +168,7 @@ class LogWriter:
     def reconfigure(self, path: Path, max_bytes: int, backups: int) -> None:
         """Write to a new path and/or rotate differently from the next line on."""
         with self._lock:
-            self._next = (path, max_bytes, backups)
+            self._next = _Settings(path, max_bytes, backups)
 
     def close(self, timeout: float) -> None:
         """Write what is queued within timeout seconds, then stop (a hung disk's thread is abandoned)."""
@@ -162,11 +181,10 @@ class LogWriter:
         while (item := self._queue.get()) is not None:
             with self._lock:
                 if self._next is not None:
-                    self.log.reconfigure(*self._next)
+                    self.log.reconfigure(self._next.path, self._next.max_bytes, self._next.backups)
                     self._next = None
-            final, ts, written = item
             had_error = self.log.error
-            self.log.write(final, ts)
-            written()
+            self.log.write(item.final, item.ts)
+            item.written()
             if self.log.error != had_error:
                 self._report(self.log.error)

@@ -10,6 +10,7 @@ import hmac
 import http
 import json
 import logging
+import socket
 from importlib import resources
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +26,7 @@ from .events import Error
 from .frames import SAMPLE_RATE
 from .server import Client, Hub, ServerError
 from .session import AudioError, LiveSession
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class WebServer:
         self._new_session = new_session
         self._server: _WsServer | None = None
         self._sessions: set[LiveSession] = set()
+        self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
@@ -74,6 +77,8 @@ class WebServer:
         except OSError as exc:
             if exc.errno == errno.EAFNOSUPPORT:  # a systemd unit with RestrictAddressFamilies=AF_UNIX
                 fix = "allow AF_INET AF_INET6 in the unit's RestrictAddressFamilies (systemctl edit captiond)"
+            elif isinstance(exc, socket.gaierror):
+                fix = "set websocket.host to an address or name of this machine"
             else:
                 fix = "set websocket.port to a free port"
             raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror}; "
@@ -162,8 +167,13 @@ class WebServer:
     async def _events(self, ws: ServerConnection) -> None:
         """The Hub's events; commands as on the Unix socket, one JSON object per text message."""
         def close() -> None:
-            asyncio.get_running_loop().create_task(ws.close(), name="websocket-close")
+            spawn(ws.close(), "websocket-close", keep=self._closing)
 
+        refused = self._hub.refusal()
+        if refused is not None:
+            await ws.send(refused.decode().rstrip("\n"))
+            await ws.close(1013, "too many clients")
+            return
         client = self._hub.attach(self._sender(ws), close, ws.transport.abort, str(ws.remote_address), "WebSocket")
         try:
             async for message in ws:
@@ -234,7 +244,7 @@ class WebServer:
             if isinstance(message, bytes):
                 await session.feed(message)
                 if session.failed:
-                    return "undecodable audio"
+                    return session.failed
                 continue
             kind = _message_type(message)
             if kind == "KeepAlive":
@@ -252,7 +262,7 @@ def _message_type(text: str) -> str:
     """The `type` of a control message, or a description of what is wrong with it."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # json nests by recursion: "[" * 60000 is no ValueError
         return "not JSON"
     if not isinstance(data, dict) or data.get("type") not in ("KeepAlive", "Finalize", "CloseStream"):
         return f"unknown control message {text[:80]!r}"

@@ -20,6 +20,7 @@ from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from .rules import ends_sentence
 from .streaming import UtteranceStream
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ class _Speculation:
     whole: bool
     """It decodes the whole utterance (UtteranceStream.fits_whole), not the window."""
     decode: asyncio.Task[Transcript]
-
-
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
@@ -283,10 +279,8 @@ class AsrWorker:
             if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
                 self._discard(self._speculation)
                 whole = stream.fits_whole(item.audio_end)
-                decode = asyncio.get_running_loop().create_task(
-                    self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
-                    name=f"speculative-final-{item.utt}")
-                decode.add_done_callback(_log_failure)
+                decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
+                               f"speculative-final-{item.utt}")
                 self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, whole, decode)
                 decode.add_done_callback(functools.partial(self._sentence_ended, self._speculation))
         elif isinstance(item, UtteranceEnd):

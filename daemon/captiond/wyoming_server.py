@@ -8,38 +8,106 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import json
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
 from wyoming.error import Error as WyError
 from wyoming.event import Event as WyEvent
-from wyoming.event import async_read_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping, Pong
-from wyoming.server import AsyncEventHandler, AsyncServer
+from wyoming.server import AsyncEventHandler, AsyncServer, AsyncUnixServer
 from wyoming.vad import VoiceStarted, VoiceStopped
 
 from . import __version__
 from .config import AsrConfig, WyomingConfig
 from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart
 from .frames import SAMPLE_RATE
-from .server import ServerError
+from .server import ServerError, check_existing
 from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
+from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
 _CLOSE_S = 10.0  # how long audio-stop may wait for the session's last final
 _MAX_CHANNELS = 8
 _NOTICES = 64  # voice and error events not yet written; a client that never reads loses the oldest
+_MAX_DATA = 64 * 1024  # JSON data an event may carry after its header, in bytes
+_MAX_PAYLOAD = 1 << 20  # payload an event may carry (an audio chunk), in bytes: 32 s of 16 kHz mono s16le
 
 NewSession = Callable[..., LiveSession]
 
 
 class WyomingError(ServerError):
     """The Wyoming server cannot start; the message says why and what to do."""
+
+
+class BadEvent(ValueError):
+    """A client sent bytes that are not a Wyoming event the server takes; the message says what."""
+
+
+def _length(header: dict, key: str, most: int) -> int:
+    value = header.get(key) or 0
+    if type(value) is not int or not 0 <= value <= most:
+        raise BadEvent(f"{key} {value!r} is not a length of 0-{most} bytes")
+    return value
+
+
+async def read_event(reader: asyncio.StreamReader) -> WyEvent | None:
+    """The client's next event, None once it closed the stream; BadEvent for a header that is not
+    JSON or announces more data or payload than an event may carry (the wyoming package's reader
+    reads whatever length a client names)."""
+    try:
+        line = await reader.readline()
+    except ValueError:  # the stream's limit (64 KiB) reached before a newline
+        raise BadEvent("an event header longer than 64 KiB") from None
+    if not line:
+        return None
+    try:
+        header = json.loads(line)
+    except (ValueError, RecursionError):
+        raise BadEvent("an event header that is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str) \
+            or not isinstance(header.get("data") or {}, dict):
+        raise BadEvent('an event header that is not {"type": "...", "data": {...}}')
+    data, data_length = header.get("data") or {}, _length(header, "data_length", _MAX_DATA)
+    payload_length = _length(header, "payload_length", _MAX_PAYLOAD)
+    if data_length:
+        try:
+            more = json.loads(await reader.readexactly(data_length))
+        except (ValueError, RecursionError):
+            raise BadEvent("event data that is not JSON") from None
+        if not isinstance(more, dict):
+            raise BadEvent("event data that is not a JSON object")
+        data = {**data, **more}
+    payload = await reader.readexactly(payload_length) if payload_length else None
+    return WyEvent(type=header["type"], data=data, payload=payload)
+
+
+def _audio(event: WyEvent, kind: type[AudioStart] | type[AudioChunk]) -> Any:
+    """The audio-start or audio-chunk, its format checked: whole numbers (the wyoming package takes any value)."""
+    try:
+        audio = kind.from_event(event)
+    except KeyError as exc:
+        raise BadEvent(f"{event.type} without {exc}") from None
+    for name in ("rate", "width", "channels"):
+        if type(getattr(audio, name)) is not int:
+            raise BadEvent(f"{event.type} {name} {getattr(audio, name)!r:.40} is not a whole number")
+    return audio
+
+
+def _transcribe(event: WyEvent) -> Transcribe:
+    """The transcribe request, its fields checked (the wyoming package takes any JSON value for them)."""
+    transcribe = Transcribe.from_event(event)
+    for name, value, kind in (("language", transcribe.language, str), ("context", transcribe.context, dict),
+                              ("transcript_names", transcribe.transcript_names, list),
+                              ("transcript_terms", transcribe.transcript_terms, list)):
+        if value is not None and not isinstance(value, kind):
+            raise BadEvent(f"transcribe {name} {value!r:.40} is not a {kind.__name__}")
+    return transcribe
 
 
 def _languages(cfg: AsrConfig, multilingual: bool) -> list[str]:
@@ -104,8 +172,7 @@ class _Transcription:
 
     def start_emitter(self, name: str) -> None:
         """Start the task that writes the session's events to the client as they come."""
-        self._emitter = asyncio.get_running_loop().create_task(self._emit(), name=name)
-        self._emitter.add_done_callback(_log_failure)
+        self._emitter = spawn(self._emit(), name)
 
     def on_event(self, event: Event) -> None:
         """The session's events (from its worker): keep the settled text, queue voice events, wake the emitter."""
@@ -172,11 +239,6 @@ class _Transcription:
                 return
 
 
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s failed", task.get_name(), exc_info=task.exception())
-
-
 class _Handler(AsyncEventHandler):
     """One client connection; transcriptions on it run one after another."""
 
@@ -189,19 +251,36 @@ class _Handler(AsyncEventHandler):
         self._current: _Transcription | None = None
 
     async def write_event(self, event: WyEvent) -> None:
-        """Send one event; the connection's writers (this handler and its session's emitter) take turns."""
+        """Send one event; the connection's writers (this handler and its session's emitter) take turns.
+
+        A client that reads nothing for wyoming.idle_timeout_s is dropped (ConnectionError): it would
+        hold its connection, and a transcription slot, for ever.
+        """
         async with self._write_lock:
-            await super().write_event(event)
+            try:
+                await asyncio.wait_for(super().write_event(event), self._server.cfg.idle_timeout_s)
+            except asyncio.TimeoutError:
+                self.writer.transport.abort()
+                raise ConnectionError(f"the client read nothing for {self._server.cfg.idle_timeout_s:g} s "
+                                      "(wyoming.idle_timeout_s)") from None
 
     async def run(self) -> None:
         """Read events until the client goes, an idle timeout, or the server stops; never raise."""
-        idle = self._server.cfg.idle_timeout_s
+        idle, most = self._server.cfg.idle_timeout_s, self._server.cfg.max_connections
+        self._server.connections += 1
         try:
+            if self._server.connections > most:
+                await self._error("too_many_connections", f"{most} connections are open (wyoming.max_connections); "
+                                                          "try again later")
+                return
             while True:
                 try:
-                    event = await asyncio.wait_for(async_read_event(self.reader), idle)
+                    event = await asyncio.wait_for(read_event(self.reader), idle)
                 except asyncio.TimeoutError:
                     await self._error("idle_timeout", f"no event for {idle:g} s (wyoming.idle_timeout_s); closing")
+                    return
+                except BadEvent as exc:  # the stream's framing is lost with it: nothing after it can be read
+                    await self._error("bad_event", f"{exc}; closing the connection")
                     return
                 if event is None or not await self.handle_event(event):
                     return
@@ -210,26 +289,33 @@ class _Handler(AsyncEventHandler):
         except Exception:
             log.exception("wyoming: connection from %s failed", self._peer)
         finally:
+            self._server.connections -= 1
             self._drop()
             self.writer.close()
 
     async def handle_event(self, event: WyEvent) -> bool:
         """Answer describe and ping; run transcribe / audio-start / audio-chunk… / audio-stop."""
+        try:
+            await self._handle(event)
+        except BadEvent as exc:  # a field missing or of the wrong type: the stream itself is fine
+            await self._error("bad_request", f"{exc}; the event is ignored")
+        return True
+
+    async def _handle(self, event: WyEvent) -> None:
         if AudioChunk.is_type(event.type):
-            await self._chunk(AudioChunk.from_event(event))
+            await self._chunk(_audio(event, AudioChunk))
         elif Describe.is_type(event.type):
             await self.write_event(self._server.info.event())
         elif Transcribe.is_type(event.type):
-            self._transcribe = Transcribe.from_event(event)
+            self._transcribe = _transcribe(event)
         elif AudioStart.is_type(event.type):
-            await self._start(AudioStart.from_event(event))
+            await self._start(_audio(event, AudioStart))
         elif AudioStop.is_type(event.type):
             await self._stop()
         elif Ping.is_type(event.type):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         else:
             log.debug("wyoming: ignoring a %s event from %s", event.type, self._peer)
-        return True
 
     async def _error(self, code: str, text: str) -> None:
         log.warning("wyoming: %s: %s", self._peer, text)
@@ -340,6 +426,8 @@ class WyomingServer:
         self._new_session = new_session
         self._server: AsyncServer | None = None
         self.sessions: set[_Transcription] = set()
+        self.connections = 0
+        """Clients connected now."""
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                  thread_name_prefix="captiond-wyoming-gate")
         """The gate of every Wyoming session runs here, off the event loop and the microphone's gate thread."""
@@ -403,6 +491,11 @@ class WyomingServer:
     async def start(self) -> None:
         """Bind wyoming.uri; an address in use is a clear error. Warns that Wyoming has no authentication."""
         server = AsyncServer.from_uri(self.cfg.uri)
+        if isinstance(server, AsyncUnixServer):  # whose start() unlinks whatever is at the path
+            try:
+                check_existing(server.socket_path, "wyoming.uri")
+            except ServerError as exc:
+                raise WyomingError(f"wyoming: {exc}") from None
         try:
             await server.start(self._handler)
         except OSError as exc:
