@@ -2,8 +2,10 @@
 
 import asyncio
 import gc
+import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -15,7 +17,8 @@ import pytest
 from captiond.config import AsrConfig, ConfigError, from_dict
 from captiond.engine import Engine, Segment, Transcript
 from captiond.remote import (BACKOFF_FIRST_S, KEY_ENV, Call, RemoteError, RemoteFinals,
-                             TranscriptionClient, _server_error, multipart, parse_transcript, read_key, wav_bytes)
+                             TranscriptionClient, _network_error, _server_error, multipart, parse_transcript, read_key,
+                             wav_bytes)
 from captiond.streaming import UtteranceStream
 from captiond.gate import UtteranceEnd
 from captiond.frames import SAMPLE_RATE
@@ -74,6 +77,9 @@ def bad_word(**w):
     (b'{"text": 5}', "no usable text"),
     (json.dumps({"text": "a" * 20_001}).encode(), "no usable text"),
     (b'{"text": "a\\u0000b"}', "not plain text"),
+    (b'{"text": "a\\u202eb"}', "bidirectional override"),  # it would show the text around it reversed
+    (b"[" * 100_000, "not JSON"),  # deeper than json's recursion limit
+    (b'{"text": "x", "words": [{"word": "x", "start": 0, "end": 1' + b"0" * 4000 + b'}]}', "bad words[0].end"),
     (b'{"text": "ok", "segments": {"start": 0}}', "bad segments"),
     (b'{"text": "ok", "words": ["x"]}', "bad words"),
     (json.dumps({"text": "ok", "words": [{"word": "x", "start": 0, "end": 0}] * 5001}).encode(), "bad words"),
@@ -119,6 +125,15 @@ def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printabl
         read_key(AsrConfig(remote_key_file=str(key)), {})
     with pytest.raises(ConfigError, match="cannot read.*No such file"):
         read_key(AsrConfig(remote_key_file=str(tmp_path / "none")), {})
+    # Neither an endless file nor a FIFO nobody writes to (which would hang the start) is read.
+    for path in ("/dev/zero", tmp_path / "fifo"):
+        if path != "/dev/zero":
+            os.mkfifo(path)
+        with pytest.raises(ConfigError, match="is not a plain file"):
+            read_key(AsrConfig(remote_key_file=str(path)), {})
+    key.write_text("k" * 5000)
+    with pytest.raises(ConfigError, match="longer than 4096 bytes"):
+        read_key(AsrConfig(remote_key_file=str(key)), {})
 
 
 @pytest.mark.parametrize("asr, why", [
@@ -367,3 +382,11 @@ def test_a_decode_s_own_language_goes_to_the_server_and_to_a_fallback_and_a_serv
     assert engine.decoder.languages[-1] == "fr" and fallback.origin == "fallback"
     assert parse_transcript(b'{"text": "hi", "language": "fr"}', 1.0, 0.1, "").language_p == 0.0
     engine.close()
+
+
+def test_a_broken_http_answer_is_named_in_a_sentence_not_a_class_name():
+    assert _network_error(http.client.RemoteDisconnected("Remote end closed connection"), 5) == \
+        "the server closed the connection without answering"
+    assert _network_error(http.client.LineTooLong("header line"), 5).startswith(
+        "the server's answer is not valid HTTP (LineTooLong: ")
+    assert "BadStatusLine" in _network_error(http.client.BadStatusLine("SSH-2.0-OpenSSH"), 5)

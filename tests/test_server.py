@@ -349,3 +349,25 @@ def test_clients_beyond_max_clients_get_an_error_line_and_are_closed_and_a_slot_
     assert refused["type"] == "error" and refused["code"] == "too_many_clients"
     assert "server.max_clients" in refused["message"] and closed == b""
     assert again["type"] == "hello"
+
+
+def test_a_client_flooding_commands_is_paced_and_others_are_answered_meanwhile(tmp_path):
+    async def main():
+        server = make_server(tmp_path / "s.sock")
+        await server.start()
+        flood_reader, flood = await asyncio.open_unix_connection(str(server.path))
+        assert (await read_event(flood_reader))["type"] == "hello"
+        flood.write(b'{"cmd":"ping"}\n' * 5000)  # and never reads the answers
+        await flood.drain()
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        assert (await read_event(reader))["type"] == "hello"
+        writer.write(b'{"cmd":"ping"}\n')
+        assert (await read_event(reader, timeout=30))["type"] == "pong"
+        taken = max(c.commands for c in server._clients.values())  # the flood's, when the other was answered
+        flood.close()
+        writer.close()
+        await server.close()
+        return taken
+
+    # Unpaced, the loop took the flood's whole read buffer (~4000 lines) before anyone else's line.
+    assert asyncio.run(main()) < 2000

@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from captiond.config import ConfigError, WebSocketConfig, load
 from captiond.engine import Engine
+from captiond.events import Pong
 from captiond.server import Hub
 from captiond.websocket import WebError, WebServer
 from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
@@ -239,6 +240,19 @@ def test_undecodable_webm_gets_an_error(harness):
         assert json.loads(ws.recv(timeout=10))["type"] == "hello"
 
 
+def test_a_webm_session_closed_before_any_audio_ends_at_once(harness, caplog):
+    h = harness()
+    with connect(f"ws://{h.base}/listen?encoding=webm") as ws:  # the microphone button, on and straight off
+        ws.recv(timeout=10)
+        ws.send(json.dumps({"type": "CloseStream"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=60)
+    assert closed.value.rcvd.code == 1000
+    # Its tasks ended by themselves: none had to be abandoned at the close's bound.
+    assert not [r for r in caplog.records if "abandoning it" in r.getMessage()]
+
+
 def test_foreign_origins_and_rebinding_hosts_are_refused(harness):
     h = harness("websocket.origins='http://localhost:3000'")
     port = h.service.web.port
@@ -294,6 +308,24 @@ def test_port_in_use_is_a_clear_error():
             await second.close(1.0)
 
     asyncio.run(main())
+
+
+def test_close_drops_connections_that_never_answer_its_close_frame():
+    async def main() -> bool:
+        web = WebServer(WebSocketConfig(enabled=True, port=0), Hub(hello=lambda: Pong()), lambda *a, **k: None)
+        await web.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+        # ... and then the client answers nothing, not even the close frame.
+        await web.close(0.5)
+        connections = web._server.all_connections
+        dropped = bool(connections) and all(c.transport.is_closing() for c in connections)
+        writer.close()
+        return dropped
+
+    assert asyncio.run(main())
 
 
 def test_a_host_name_that_does_not_resolve_names_websocket_host():
@@ -385,7 +417,7 @@ def test_a_session_whose_task_fails_tells_its_client_and_its_feed_never_blocks()
     asyncio.run(main())
     gate_thread.shutdown()
     engine.close()
-    assert session.failed == "session failed"
+    assert session.failed == "session failed" and session.broken.is_set()  # its client's handler stops waiting
     errors = [e for e in sent if getattr(e, "code", "") == "session_failed"]
     assert len(errors) == 1 and "a bug in the worker" in errors[0].message
 

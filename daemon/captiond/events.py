@@ -208,14 +208,21 @@ class Command:
     """For context: new words to favour (None leaves them as they are)."""
 
 
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Embeddings, overrides and isolates: they reorder how a terminal or log viewer shows the text around them."""
+
+
 def text_problem(text: str) -> str | None:
-    """Why a client's text cannot go to the decoder (lone surrogates, control characters), or None."""
+    """Why text from outside (a client, the config, a server) cannot go to the decoder or into a
+    final (lone surrogates, control characters, bidirectional overrides), or None."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid Unicode (it holds a lone surrogate)"
     if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
         return "holds control characters"
+    if not _BIDI_CONTROLS.isdisjoint(text):
+        return "holds bidirectional override characters"
     return None
 
 

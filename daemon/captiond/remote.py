@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import ssl
+import stat
 import threading
 import time
 import wave
@@ -60,6 +61,9 @@ class _Busy(RemoteError):
     """Every request slot stayed taken: not the server's failure, so no backoff."""
 
 
+_KEY_MAX = 4096  # bytes of a key file; API keys are under 200
+
+
 def read_key(cfg: AsrConfig, environ: Mapping[str, str] = os.environ) -> str:
     """The API key from asr.remote_key_file, else $CAPTIOND_REMOTE_KEY, else "" (no key sent).
 
@@ -68,7 +72,16 @@ def read_key(cfg: AsrConfig, environ: Mapping[str, str] = os.environ) -> str:
     if cfg.remote_key_file:
         path = Path(cfg.remote_key_file).expanduser()
         try:
-            key = path.read_text(encoding="utf-8").strip()
+            # Opened without blocking and only if a plain file: a FIFO would hang the start, /dev/zero fill memory.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    raise ConfigError(f"asr.remote_key_file: {str(path)!r} is not a plain file; put the key in one")
+                raw = file.read(_KEY_MAX + 1)
+            if len(raw) > _KEY_MAX:
+                raise ConfigError(f"asr.remote_key_file: {str(path)!r} is longer than {_KEY_MAX} bytes; "
+                                  "it should hold the key alone")
+            key = raw.decode("utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"asr.remote_key_file: cannot read {str(path)!r}: {exc.strerror}") from None
         except UnicodeDecodeError:
@@ -113,9 +126,13 @@ def multipart(fields: list[tuple[str, str]], wav: bytes) -> tuple[bytes, str]:
 
 def _number(item: dict, key: str, where: str, default: float | None = None) -> float:
     value = item.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # JSON's integers have no bound: float() of a 4000-digit one overflows
+        number = math.nan if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number):
         raise RemoteError(f"the server's answer has a bad {where}.{key}: {str(value)[:40]!r}")
-    return float(value)
+    return number
 
 
 def _text(value: Any, where: str) -> str:
@@ -152,7 +169,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
     """
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # json nests by recursion: "[" * 100000
         raise RemoteError(f"the server's answer is not JSON: {body[:60]!r}") from None
     if not isinstance(data, dict):
         raise RemoteError("the server's answer is not a JSON object")
@@ -279,6 +296,10 @@ def _network_error(exc: BaseException, timeout: float) -> str:
         return f"cannot resolve the host ({exc.strerror})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed ({exc.reason or exc})"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, http.client.HTTPException):
+        return f"the server's answer is not valid HTTP ({type(exc).__name__}: {str(exc)[:60]!r})"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return type(exc).__name__

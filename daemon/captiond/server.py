@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 _WRITE_BUFFER = 16 * 1024
 _BACKLOG = 1024  # bursts of connects (a dashboard's reconnect storm) queue rather than get EAGAIN
+_COMMANDS_PER_S = 50.0  # a client's commands taken per second after a burst; a flood waits in its own socket
+_COMMAND_BURST = 50
 
 
 class ServerError(RuntimeError):
@@ -53,6 +55,10 @@ class Client:
     queue: deque[_Item] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
+    commands: int = 0
+    """Command lines taken from this client so far."""
+    due: float = 0.0
+    """When its commands would be taken up at _COMMANDS_PER_S (monotonic seconds): the pace it keeps."""
 
     def offer(self, item: _Item, reply: bool = False) -> None:
         """Queue an event; when full, drop the oldest partial, then the oldest other event, a final last.
@@ -183,8 +189,18 @@ class Hub:
         client.closing = True
         client.wake.set()
 
-    def handle_line(self, client: Client, line: bytes) -> None:
-        """Act on one command line from a client; a malformed one gets an error and nothing else."""
+    async def take_line(self, client: Client, line: bytes) -> None:
+        """Act on one command line from a client, then yield to the event loop, and wait once it
+        has sent more than _COMMAND_BURST commands faster than _COMMANDS_PER_S: without that, a client
+        flooding commands held the loop for seconds at a time (lines already read need no await),
+        stalling every other client and the finals."""
+        self._handle_line(client, line)
+        client.commands += 1
+        now = time.monotonic()
+        client.due = max(client.due, now) + 1 / _COMMANDS_PER_S
+        await asyncio.sleep(max(0.0, client.due - now - _COMMAND_BURST / _COMMANDS_PER_S))
+
+    def _handle_line(self, client: Client, line: bytes) -> None:
         if not line.strip():
             return
         try:
@@ -221,7 +237,8 @@ class Hub:
         finally:
             self._clients.pop(client.ident, None)
             client.close()
-            log.info("client %d disconnected; %d connected", client.ident, len(self._clients))
+            log.info("client %d disconnected after %d command(s); %d connected", client.ident, client.commands,
+                     len(self._clients))
 
     async def close_clients(self, flush_timeout: float) -> None:
         """Give every subscriber up to flush_timeout to receive what is queued, then drop it."""
@@ -332,7 +349,7 @@ class Server(Hub):
                     return
                 if not line:
                     return
-                self.handle_line(client, line)
+                await self.take_line(client, line)
         except asyncio.CancelledError:
             # Only shutdown cancels a connection's reader, and asyncio's stream callback would print a
             # cancelled handler as an unhandled exception: this one has nothing left to do.

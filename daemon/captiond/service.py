@@ -175,7 +175,7 @@ class Service:
             log.error("stop still not done after %.0f s (threads still running: %s); exiting anyway",
                       self._stop_bound_s, ", ".join(stuck))
             logging.shutdown()
-            os._exit(self.exit_code)
+            os._exit(self.exit_code or 1)  # a stage stuck at shutdown, as `run --help` says
 
         self._exit_timer = threading.Timer(self._stop_bound_s, exit_now)
         self._exit_timer.daemon = True

@@ -79,13 +79,14 @@ class _Pipe(io.RawIOBase):
         self.starved = threading.Event()
         """Set while the reader waits for bytes that have not come: all it was given is decoded."""
         self._buffer = b""
-        self._ended = False
+        self.ended = False
+        """Set once the reader took the end of the stream (None) off the queue."""
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        while not self._buffer and not self._ended:
+        while not self._buffer and not self.ended:
             try:
                 chunk = self.chunks.get_nowait()
             except queue.Empty:
@@ -93,7 +94,7 @@ class _Pipe(io.RawIOBase):
                 chunk = self.chunks.get()
                 self.starved.clear()
             if chunk is None:
-                self._ended = True
+                self.ended = True
             else:
                 self._buffer = chunk
         n = min(len(b), len(self._buffer))
@@ -130,6 +131,8 @@ class LiveSession:
                                 end_at_pause=self._stage.end_at_pause, bind=bind, language=language)
         self.failed = ""
         """Why the session ended early ("undecodable audio", "session failed"); empty while it works."""
+        self.broken = asyncio.Event()
+        """Set (on the event loop) when `failed` is: the client's handler stops waiting for its messages."""
         self.samples = 0
         """Audio received so far, in 16 kHz samples."""
         self._tasks: list[asyncio.Task] = []
@@ -194,6 +197,7 @@ class LiveSession:
         if task.cancelled() or task.exception() is None or self.failed:
             return
         self.failed = "session failed"
+        self.broken.set()
         self._send(Error("session_failed", f"the session's {task.get_name()} failed "
                                            f"({task.exception()!r}); start a new session"))
         self.cancel()
@@ -253,6 +257,7 @@ class LiveSession:
             except CaptureError as exc:
                 self.failed = "undecodable audio"
                 loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
+                loop.call_soon_threadsafe(self.broken.set)
                 self._drain(pipe)
             put(None)
         except (_Abandoned, RuntimeError, av.error.FFmpegError) as exc:  # given up, or the loop closed under us
@@ -260,7 +265,7 @@ class LiveSession:
 
     def _drain(self, pipe: _Pipe) -> None:
         """Take (and drop) the client's bytes until it ends the stream, so feed() never blocks."""
-        while not self._cancelled.is_set():
+        while not self._cancelled.is_set() and not pipe.ended:  # the decoder may have taken the end already
             try:
                 if pipe.chunks.get(timeout=0.5) is None:
                     return

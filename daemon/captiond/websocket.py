@@ -99,6 +99,8 @@ class WebServer:
             await asyncio.wait_for(self._server.wait_closed(), timeout)
         except asyncio.TimeoutError:
             log.warning("websocket: connections still open after %.0f s; dropping them", timeout)
+            for connection in self._server.all_connections:  # clients that never answer our close frame
+                connection.transport.abort()
         self.gate_thread.shutdown(wait=False, cancel_futures=True)
 
     # --- the opening handshake -------------------------------------------------------------
@@ -180,7 +182,7 @@ class WebServer:
                 if isinstance(message, bytes):
                     self._hub.reply(client, Error("bad_message", "send commands as text messages, not binary"))
                     continue
-                self._hub.handle_line(client, message.encode())
+                await self._hub.take_line(client, message.encode())
         except ConnectionClosed:
             pass
         finally:
@@ -232,19 +234,39 @@ class WebServer:
         await hub.close_clients(1.0)
         await ws.close(code, reason)
 
+    async def _next_message(self, ws: ServerConnection, session: LiveSession) -> str | bytes | None:
+        """The client's next message, None once the session broke (it need not wait for the client to
+        speak again); TimeoutError after websocket.idle_timeout_s."""
+        # recv() may be cancelled without losing a message (websockets' promise); its exception, a
+        # closed connection, is read here, so the task is not spawn()ed to log it.
+        receive = asyncio.get_running_loop().create_task(ws.recv(), name="websocket-recv")
+        broken = spawn(session.broken.wait(), "websocket-session-broken")
+        try:
+            done, _ = await asyncio.wait({receive, broken}, timeout=self._cfg.idle_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            broken.cancel()
+            if not receive.done():
+                receive.cancel()
+        if receive in done:
+            return receive.result()
+        if broken in done:
+            return None
+        raise asyncio.TimeoutError
+
     async def _session_loop(self, ws: ServerConnection, hub: Hub, client: Client, session: LiveSession) -> str:
         """Read the client's messages until it closes the stream; returns why the stream ended."""
         while True:
             try:
-                message = await asyncio.wait_for(ws.recv(), self._cfg.idle_timeout_s)
+                message = await self._next_message(ws, session)
             except asyncio.TimeoutError:
                 hub.reply(client, Error("idle_timeout", f"no audio or KeepAlive for {self._cfg.idle_timeout_s:g} s "
                                         "(websocket.idle_timeout_s); closing"))
                 return "idle timeout"
+            if message is None or session.failed:
+                return session.failed
             if isinstance(message, bytes):
                 await session.feed(message)
-                if session.failed:
-                    return session.failed
                 continue
             kind = _message_type(message)
             if kind == "KeepAlive":

@@ -267,9 +267,9 @@ class _Handler(AsyncEventHandler):
     async def run(self) -> None:
         """Read events until the client goes, an idle timeout, or the server stops; never raise."""
         idle, most = self._server.cfg.idle_timeout_s, self._server.cfg.max_connections
-        self._server.connections += 1
+        self._server.handlers.add(self)
         try:
-            if self._server.connections > most:
+            if len(self._server.handlers) > most:
                 await self._error("too_many_connections", f"{most} connections are open (wyoming.max_connections); "
                                                           "try again later")
                 return
@@ -289,7 +289,7 @@ class _Handler(AsyncEventHandler):
         except Exception:
             log.exception("wyoming: connection from %s failed", self._peer)
         finally:
-            self._server.connections -= 1
+            self._server.handlers.discard(self)
             self._drop()
             self.writer.close()
 
@@ -426,8 +426,8 @@ class WyomingServer:
         self._new_session = new_session
         self._server: AsyncServer | None = None
         self.sessions: set[_Transcription] = set()
-        self.connections = 0
-        """Clients connected now."""
+        self.handlers: set[_Handler] = set()
+        """The connections open now, one handler each."""
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                  thread_name_prefix="captiond-wyoming-gate")
         """The gate of every Wyoming session runs here, off the event loop and the microphone's gate thread."""
@@ -523,4 +523,6 @@ class WyomingServer:
             await asyncio.wait_for(self._server.stop(), timeout)
         except asyncio.TimeoutError:
             log.warning("wyoming: connections still open after %.0f s; dropping them", timeout)
+        for handler in list(self.handlers):  # a client that reads nothing would keep its socket open
+            handler.writer.transport.abort()
         self.gate_thread.shutdown(wait=False, cancel_futures=True)
