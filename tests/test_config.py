@@ -37,6 +37,8 @@ def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
     ("[audio]\nsource = 'speaker'\n", "audio.source"),
     ("[log]\nenabled = 'yes'\n", "log.enabled"),
     ("gate = 3\n", "gate"),
+    ('[log]\npath = "a\\u0000b"\n', "log.path"),  # the OS takes no NUL in a path: a traceback before
+    ('[server]\nsocket = "/tmp/\\u0000.sock"\n', "server.socket"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:

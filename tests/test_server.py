@@ -371,3 +371,9 @@ def test_a_client_flooding_commands_is_paced_and_others_are_answered_meanwhile(t
 
     # Unpaced, the loop took the flood's whole read buffer (~4000 lines) before anyone else's line.
     assert asyncio.run(main()) < 2000
+
+
+def test_a_socket_path_too_long_for_unix_sockets_names_server_socket(tmp_path):
+    path = tmp_path / ("a" * 120) / "s.sock"
+    with pytest.raises(ServerError, match=r"bytes long, and a Unix socket's path may have at most 107; set server.socket"):
+        asyncio.run(make_server(path).start())

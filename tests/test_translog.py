@@ -1,4 +1,5 @@
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,29 @@ def test_a_log_slower_than_the_hold_holds_nothing_until_it_catches_up_and_a_flus
         assert [e.utt for e in sent] == [1, 2, 3, 4]
 
     asyncio.run(main())
+
+
+def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_reported(tmp_path, caplog):
+    from captiond.translog import LogWriter
+
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log folder should be")
+    writer = LogWriter(TranscriptLog(blocker / "t.log", 10_000, 1), report=lambda error: None)
+    writer.start()
+    writer.offer(final(1), 1.0)
+    writer.offer(final(2), 2.0)
+    deadline = time.monotonic() + 30
+    while writer.log.backlog < 2:  # both refused by now
+        assert time.monotonic() < deadline, "the writer thread took neither line"
+        time.sleep(0.01)
+    blocker.unlink()  # the disk is back, but no final comes to write them before the stop
+    writer.close(10)
+    assert [line.split("\t")[1] for line in (blocker / "t.log").read_text().splitlines()] == ["1", "2"]
+
+    full = LogWriter(TranscriptLog(Path("/dev/full"), 10_000, 1), report=lambda error: None)
+    full.start()
+    full.offer(final(3), 3.0)
+    full.close(10)
+    assert [r.getMessage() for r in caplog.records if "are lost" in r.getMessage()] == [
+        "1 transcript line(s) could not be written (cannot write transcript log /dev/full: No space left on device) "
+        "and are lost; clients had their finals"]

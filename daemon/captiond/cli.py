@@ -62,6 +62,9 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
+    # A reload (SIGHUP) before the service's handler is in place would kill the daemon it asks to
+    # re-read its config: `systemctl reload` just after a start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import asyncio  # here: `captiond ptt`, run on a key press, starts faster without it
 
     from .capture import CaptureError, make_source, portaudio_idle
@@ -535,3 +538,5 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (the daemon's start-up)
+        return 130

@@ -412,6 +412,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         value = float(value)
     elif isinstance(default, str):
         _check(isinstance(value, str), key, f"must be a string, not {value!r}")
+        _check("\x00" not in value, key, "must not hold a NUL character (\\u0000)")
     return value
 
 

@@ -102,9 +102,16 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> str:
     return f"pid={pid} uid={uid} gid={gid}"
 
 
-def check_existing(path: Path, key: str = "server.socket") -> None:
-    """Refuse a socket a live process answers on, or a file that is no socket; remove a socket a dead
-    daemon left behind. `key` is the setting the error tells the user to change."""
+_SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)
+
+
+def check_socket_path(path: Path, key: str = "server.socket") -> None:
+    """Refuse a path too long for a socket, a socket a live process answers on, or a file that is no
+    socket; remove a socket a dead daemon left behind. `key` is the setting the error tells the user
+    to change."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ServerError(f"{path} is {len(os.fsencode(path))} bytes long, and a Unix socket's path may have at "
+                          f"most {_SUN_PATH_MAX}; set {key} to a shorter path")
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -280,17 +287,17 @@ class Server(Hub):
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ServerError(f"cannot create socket folder {folder}: {exc.strerror}; "
+            raise ServerError(f"cannot create socket folder {folder}: {exc.strerror or exc}; "
                               "set server.socket to a writable path") from None
         if gid != -1:
             self._share_folder(folder, gid, made)
-        check_existing(self.path)
+        check_socket_path(self.path)
         old = os.umask(0o177)  # never let the socket exist, even briefly, with wider permissions
         try:
             self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1,
                                                            backlog=_BACKLOG)
         except OSError as exc:
-            raise ServerError(f"cannot listen on {self.path}: {exc.strerror}; set server.socket to a writable path") from None
+            raise ServerError(f"cannot listen on {self.path}: {exc.strerror or exc}; set server.socket to a writable path") from None
         finally:
             os.umask(old)
         try:
@@ -301,7 +308,7 @@ class Server(Hub):
             self._server.close()
             self.path.unlink(missing_ok=True)
             raise ServerError(f"cannot give {self.path} group {self._group!r} and mode {self._mode:04o}: "
-                              f"{exc.strerror}; run as a member of that group or unset server.group") from None
+                              f"{exc.strerror or exc}; run as a member of that group or unset server.group") from None
         self._inode = self.path.stat().st_ino
         log.info("listening on %s (mode %04o)", self.path, self._mode)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import queue
 import threading
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .events import Final
+
+log = logging.getLogger(__name__)
 
 _PENDING_MAX = 10000  # lines held in memory while the disk refuses them
 _QUEUE_MAX = 1000  # finals waiting for the writer thread; past it the disk is hung, not slow
@@ -70,6 +73,10 @@ class TranscriptLog:
         if len(self._backlog) == self._backlog.maxlen:
             self.dropped += 1
         self._backlog.append(self.format(final, ts))
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write the backlog; False when the disk refused it (it stays, `error` says why)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -188,3 +195,7 @@ class LogWriter:
             item.written()
             if self.log.error != had_error:
                 self._report(self.log.error)
+        # Stopping: the lines a refusing disk held get one more try, and are never lost in silence.
+        if self.log.backlog and not self.log.flush():
+            log.error("%d transcript line(s) could not be written (%s) and are lost; clients had their finals",
+                      self.log.backlog, self.log.error)

@@ -81,7 +81,7 @@ class WebServer:
                 fix = "set websocket.host to an address or name of this machine"
             else:
                 fix = "set websocket.port to a free port"
-            raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror}; "
+            raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror or exc}; "
                            f"{fix}, or set websocket.enabled = false") from None
         log.info("WebSocket API and captions page on http://%s:%d/", self._url_host(), self.port)
 

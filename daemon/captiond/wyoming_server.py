@@ -26,7 +26,7 @@ from . import __version__
 from .config import AsrConfig, WyomingConfig
 from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart
 from .frames import SAMPLE_RATE
-from .server import ServerError, check_existing
+from .server import ServerError, check_socket_path
 from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
 from .tasks import spawn
 
@@ -493,7 +493,7 @@ class WyomingServer:
         server = AsyncServer.from_uri(self.cfg.uri)
         if isinstance(server, AsyncUnixServer):  # whose start() unlinks whatever is at the path
             try:
-                check_existing(server.socket_path, "wyoming.uri")
+                check_socket_path(server.socket_path, "wyoming.uri")
             except ServerError as exc:
                 raise WyomingError(f"wyoming: {exc}") from None
         try:
@@ -503,7 +503,7 @@ class WyomingServer:
                 fix = "allow AF_INET AF_INET6 in the unit's RestrictAddressFamilies (systemctl edit captiond)"
             else:
                 fix = "set wyoming.uri to a free port or path"
-            raise WyomingError(f"wyoming: cannot listen on {self.cfg.uri}: {exc.strerror}; {fix}, "
+            raise WyomingError(f"wyoming: cannot listen on {self.cfg.uri}: {exc.strerror or exc}; {fix}, "
                                "or set wyoming.enabled = false") from None
         self._server = server
         if self.cfg.remote:
