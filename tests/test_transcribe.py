@@ -153,6 +153,21 @@ def test_damaged_and_truncated_files_give_what_they_have_and_say_so(tmp_path):
         assert "fellow" in result.stdout.decode().lower(), "the words before the damage are printed"
 
 
+def test_a_sound_file_with_more_channels_than_ffmpeg_can_mix_down_names_its_format(tmp_path):
+    import wave
+
+    wide = tmp_path / "wide.wav"
+    with wave.open(str(wide), "wb") as w:
+        w.setnchannels(64)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros((16000, 64), dtype="<i2").tobytes())
+    result = run(str(wide))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "cannot convert its audio (64 channel(s), 16000 Hz" in err and "corrupt" not in err, err
+
+
 def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path):
     (tmp_path / "taken").write_text("a file where the folder should go")
     result = run(str(CORPUS / "ps_forever.wav"), "--output-dir", str(tmp_path / "taken" / "out"))

@@ -437,12 +437,24 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
             for frame in container.decode(streams[0]):
-                for out in resampler.resample(frame):
-                    yield out.to_ndarray().reshape(-1)
-            for out in resampler.resample(None):
-                yield out.to_ndarray().reshape(-1)
+                yield from _mono16k(resampler, frame, name)
+            yield from _mono16k(resampler, None, name)
         except (av.error.FFmpegError, ValueError) as exc:
             raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
+
+
+def _mono16k(resampler: Any, frame: Any, name: str) -> list[np.ndarray]:
+    """A decoded frame (None: the end) as 16 kHz mono int16; CaptureError naming the format it cannot convert
+    (a valid file of 64 channels was called corrupt)."""
+    import av
+
+    try:
+        return [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+    except (av.error.FFmpegError, ValueError) as exc:
+        if frame is None:
+            raise
+        raise CaptureError(f"{name}: cannot convert its audio ({len(frame.layout.channels)} channel(s), "
+                           f"{frame.sample_rate} Hz, {frame.format.name}) to 16 kHz mono ({exc})") from None
 
 
 def _rechunk(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
