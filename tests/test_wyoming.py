@@ -403,6 +403,30 @@ def test_connections_beyond_max_connections_get_an_error_event_and_are_closed(ha
     assert heard_seconds(text) > 2.0
 
 
+def test_a_stream_past_max_audio_s_gets_its_transcript_and_frees_its_slot(harness):
+    h = harness("wyoming.max_sessions=1", "wyoming.max_audio_s=2")
+
+    async def run() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+            for i in range(0, len(SPEECH), RATE // 10):  # 4.5 s, and then it would go on for ever
+                await client.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                                    audio=to_bytes(SPEECH[i:i + RATE // 10])).event())
+            got = await read_until(client, "transcript-stop")
+            await client.write_event(AudioStop().event())  # ends the ignored rest of the stream
+            await client.write_event(Describe().event())
+            got += await read_until(client, "info")
+            return got
+
+    got = asyncio.run(run())
+    types = [e.type for e in got]
+    assert types.count("error") == 1 and WyError.from_event(got[types.index("error")]).code == "too_long"
+    assert types.index("error") < types.index("transcript") and types[-1] == "info", types
+    assert 0 < heard_seconds(Transcript.from_event(got[types.index("transcript")]).text) <= 2.5
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH[:RATE])))  # the slot is free; 1 s fits
+    assert text == "" or text.startswith("heard")
+
+
 def test_too_many_sessions_is_an_error_event_then_a_slot_frees(harness):
     h = harness("wyoming.max_sessions=1")
 

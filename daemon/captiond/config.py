@@ -310,6 +310,8 @@ class WyomingConfig:
     """Seconds a connection may send no event (or read none) before it is closed (an idle_timeout error)."""
     max_connections: int = 16
     """Connections at once; more are sent a too_many_connections error event and closed."""
+    max_audio_s: float = 600.0
+    """Seconds of audio one transcription may stream; past it the client gets a too_long error and the transcript."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.uri)
@@ -331,6 +333,7 @@ class WyomingConfig:
         _check(1 <= self.idle_timeout_s <= 3600, "wyoming.idle_timeout_s", "must be between 1 and 3600 seconds")
         _check(self.max_sessions <= self.max_connections <= 1000, "wyoming.max_connections",
                "must be between wyoming.max_sessions and 1000")
+        _check(1 <= self.max_audio_s <= 86400, "wyoming.max_audio_s", "must be between 1 and 86400 seconds")
 
     @property
     def remote(self) -> bool:

@@ -166,6 +166,8 @@ class _Transcription:
         """voice-started / voice-stopped and error events not yet written."""
         self.failed = False
         """Set when the audio cannot be used; the rest of the stream is ignored until audio-stop."""
+        self.seconds = 0.0
+        """Audio the client has sent, in seconds."""
         self._wake = asyncio.Event()
         self._ended = False
         self._emitter: asyncio.Task | None = None
@@ -375,6 +377,14 @@ class _Handler(AsyncEventHandler):
                               f"{current.format}; send whole frames in the announced format")
             return
         await current.session.feed(self._mono16(current, chunk))
+        current.seconds += len(chunk.audio) / frame / chunk.rate
+        most = self._server.cfg.max_audio_s
+        if current.seconds > most:
+            # A stream that never stops would hold its transcription slot for ever.
+            await self._error("too_long", f"more than {most:g} s of audio (wyoming.max_audio_s); here is the "
+                                          "transcript so far, and the rest of this stream is ignored")
+            current.failed = True  # its chunks until audio-stop are dropped
+            await self._finish(current)
 
     @staticmethod
     def _mono16(current: _Transcription, chunk: AudioChunk) -> bytes:
@@ -395,6 +405,11 @@ class _Handler(AsyncEventHandler):
             return
         if current.session is None or current.failed:
             return
+        await self._finish(current)
+
+    async def _finish(self, current: _Transcription) -> None:
+        """The open utterance's final, then the transcript; the slot is free again."""
+        assert current.session is not None
         try:
             await current.session.close(_CLOSE_S)
             await current.finish()
