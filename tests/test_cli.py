@@ -125,6 +125,9 @@ def test_listen_without_a_daemon_fails_clearly(tmp_path):
     result = captiond("listen", "--set", f"server.socket={tmp_path}/none.sock")
     assert result.returncode == 1
     assert b"captiond is not running" in result.stderr and b"none.sock" in result.stderr
+    (tmp_path / "file.sock").write_text("not a socket")
+    result = captiond("status", "--set", f"server.socket={tmp_path}/file.sock")
+    assert result.returncode == 3 and b"file.sock is not a socket" in result.stderr, result.stderr
 
 
 def test_listen_types_prints_only_those_even_before_the_daemon_applied_the_filter(tmp_path):

@@ -36,6 +36,9 @@ def _not_running(path: Path, exc: OSError) -> NotRunning:
     if isinstance(exc, PermissionError):
         return NotRunning(f"not allowed to connect to {path}: the socket belongs to another user "
                           "(see server.group to share it)")
+    if path.exists() and not path.is_socket():
+        return NotRunning(f"{path} is not a socket (a file is in the way): point at captiond's socket with "
+                          "--set server.socket=PATH")
     return NotRunning(f"captiond is not running: nothing listens on {path} "
                       "(start it with `captiond run`, or point at its socket with --set server.socket=PATH)")
 
