@@ -151,3 +151,113 @@ def test_captions_status_and_listen_against_a_real_daemon(tmp_path):
     finally:
         tmux("kill-server")
         daemon.kill()
+
+
+class FakeDaemon:
+    """A Unix socket that answers each connection with the next script of raw lines, then closes it."""
+
+    def __init__(self, path, scripts, linger=0.0, pace=0.0):
+        import socket
+        import threading
+
+        self.path, self.scripts, self.linger, self.pace = path, list(scripts), linger, pace
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            lines = self.scripts.pop(0) if self.scripts else []
+            try:
+                for line in lines:
+                    conn.sendall(line)
+                    time.sleep(self.pace)
+                time.sleep(self.linger)
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+HELLO = b'{"type":"hello","seq":0,"ts":1.0,"version":"x","model":"m","sample_rate":16000,"state":"listening","protocol":1}\n'
+REFUSED = b'{"type":"error","seq":0,"ts":1.0,"code":"too_many_clients","message":"2 clients are connected"}\n'
+FINAL = (b'{"type":"final","seq":1,"ts":2.0,"utt":1,"start":0,"end":1,"text":"at last","words":[],"language":"en",'
+         b'"latency":0.1}\n')
+
+
+@pytest.mark.parametrize("bad", [
+    b"not json\n", b"\xff\xfe\n", b"[1,2,3]\n", b'{"type":"final","text":5}\n', b"[" * 60000 + b"\n",
+    b'{"type":"final","seq":1,"ts":2,"utt":1,"start":0,"end":1,"text":"x","words":[{"word":"a"}],"language":"en",'
+    b'"latency":0}\n',
+])
+def test_a_line_that_is_no_event_is_a_clear_error_for_every_client(tmp_path, bad):
+    from captiond.client import BadDaemon
+
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, bad]])
+    with Client(fake.path) as client, pytest.raises(BadDaemon, match="not a captiond event"):
+        list(client.events())
+    fake.close()
+
+
+def test_a_line_longer_than_any_event_is_refused_without_reading_it_all(tmp_path):
+    from captiond.client import BadDaemon
+
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, b"x" * (1 << 20)]], linger=5)  # and no newline, for a while
+    with Client(fake.path) as client, pytest.raises(BadDaemon, match="longer than"):
+        list(client.events())
+    fake.close()
+
+
+def test_captions_back_off_from_a_refusing_or_broken_daemon_and_show_what_a_good_one_says(tmp_path):
+    from captiond.captions import CaptionView, follow
+    import io
+
+    fake = FakeDaemon(tmp_path / "s.sock", [[REFUSED], [HELLO, b"garbage\n"], [], [HELLO, FINAL]])
+    out = io.StringIO()
+    sleeps = []
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) > 6:
+            raise Done
+
+    with pytest.raises(Done):
+        follow(fake.path, CaptionView(out, color=False), retry_s=0.01, sleep=sleep)
+    fake.close()
+    shown = out.getvalue()
+    assert "captiond refused the connection: 2 clients are connected" in shown
+    assert "not a captiond event" in shown and "at last" in shown
+    assert fake.accepted <= 8, "it waited between tries rather than spinning"
+
+
+def test_status_and_ptt_against_a_refusing_or_babbling_daemon_exit_1_with_one_line(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "captiond", *args, "--set", f"server.socket={tmp_path}/s.sock"],
+                              capture_output=True, timeout=120, cwd=ROOT)
+
+    fake = FakeDaemon(tmp_path / "s.sock", [[REFUSED], [REFUSED], [REFUSED]])
+    for args in (["status"], ["ptt", "stop"], ["listen"]):
+        result = cli(*args)
+        err = result.stderr.decode()
+        assert result.returncode == 1 and "refused the connection" in err and "Traceback" not in err, (args, err)
+    fake.close()
+    (tmp_path / "s.sock").unlink()
+    stats = b'{"type":"stats","seq":1,"ts":1.0,"lag":0,"rtf":0,"dropped_frames":0,"queue":0}\n'
+    # Never the pong, but a line every half second: each read is answered, the exchange never is.
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO] + [stats] * 60], pace=0.5)
+    result = cli("ptt", "stop")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "did not answer within" in err and "Traceback" not in err, err
+    fake.close()

@@ -39,11 +39,19 @@ def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
     ("gate = 3\n", "gate"),
     ('[log]\npath = "a\\u0000b"\n', "log.path"),  # the OS takes no NUL in a path: a traceback before
     ('[server]\nsocket = "/tmp/\\u0000.sock"\n', "server.socket"),
+    ("[wyoming]\nuri = 'tcp://[::1'\n", "wyoming.uri"),  # urlsplit's ValueError was a traceback
+    ("[asr]\nremote_url = 'http://[::1'\n", "asr.remote_url"),
+    ("[log]\npath = '~no-such-user-here/t.log'\n", "log.path"),  # expanduser's RuntimeError, where used
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, text))
     assert f"{key}:" in str(err.value)
+
+
+def test_toml_nested_too_deeply_is_invalid_toml_not_a_traceback(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML: arrays or tables nested too deeply"):
+        load(write(tmp_path, "[audio]\nsource = " + "[" * 5000 + "]" * 5000 + "\n"))
 
 
 def test_invalid_toml_and_missing_file_are_clear(tmp_path):

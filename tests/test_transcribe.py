@@ -168,6 +168,15 @@ def test_a_sound_file_with_more_channels_than_ffmpeg_can_mix_down_names_its_form
     assert "cannot convert its audio (64 channel(s), 16000 Hz" in err and "corrupt" not in err, err
 
 
+def test_standard_output_that_cannot_be_written_is_a_one_line_error():
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "captiond", "transcribe", str(CORPUS / "ps_forever.wav")],
+                                stdout=full, stderr=subprocess.PIPE, timeout=300, cwd=ROOT)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "cannot write the transcript of" in err and "No space left on device" in err, err
+
+
 def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path):
     (tmp_path / "taken").write_text("a file where the folder should go")
     result = run(str(CORPUS / "ps_forever.wav"), "--output-dir", str(tmp_path / "taken" / "out"))

@@ -70,16 +70,22 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
     last_seq: int | None = None
     while True:
         with connect_when_running(path, view.note, retry_s, sleep) as client:
-            events = client.events()
-            hello = next(events, None)
-            if hello is None:
+            try:
+                events = client.events()
+                hello = next(events, None)
+                if hello is None:  # closed at once: a daemon stopping or starting; do not spin on it
+                    sleep(retry_s)
+                    continue
+                view.show(hello)
+                # The same daemon as before (its seq went on, not back to 0): replay finals we missed.
+                if last_seq is not None and hello.seq >= last_seq:
+                    client.subscribe(since=last_seq)
+                last_seq = hello.seq
+                for env in events:
+                    view.show(env)
+                    last_seq = max(last_seq, env.seq)
+            except ConnectionError as exc:  # refused (too many clients), broken, or not captiond at all
+                view.note(f"{exc}; trying again in {retry_s:g} s")
+                sleep(retry_s)
                 continue
-            view.show(hello)
-            # The same daemon as before (its seq went on, not back to 0): replay finals we missed.
-            if last_seq is not None and hello.seq >= last_seq:
-                client.subscribe(since=last_seq)
-            last_seq = hello.seq
-            for env in events:
-                view.show(env)
-                last_seq = max(last_seq, env.seq)
         view.note("connection to captiond lost; reconnecting")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -129,7 +131,7 @@ def _client(args: argparse.Namespace):
 
 def cmd_listen(args: argparse.Namespace) -> int:
     """Print events as JSON Lines until the daemon stops."""
-    from .client import NotRunning
+    from .client import BadDaemon, NotRunning
 
     try:
         client = _client(args)
@@ -137,19 +139,37 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     with client:
         types = [t.strip() for t in args.types.split(",")] if args.types else None
-        if types or args.since is not None:
-            client.subscribe(types, args.since)
         try:
-            for line in client.lines():
+            lines = client.lines()
+            first = next(lines, b"")
+            refusal = _refusal(first)
+            if refusal:
+                return _fail(f"captiond refused the connection: {refusal}", 1)
+            if types or args.since is not None:
+                client.subscribe(types, args.since)
+            for line in itertools.chain([first] if first else [], lines):
                 if types and not _listed(line, types):
                     continue
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
         except BrokenPipeError:  # `captiond listen | head` is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (BadDaemon, ConnectionResetError) as exc:
+            return _fail(str(exc), 1)
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _refusal(line: bytes) -> str:
+    """The message of an error event that takes hello's place (e.g. too_many_clients), else ""."""
+    from .events import Error, decode
+
+    try:
+        env = decode(line) if line else None
+    except ValueError:
+        return ""  # printed as it came: `listen` passes on what it gets
+    return env.event.message if env is not None and isinstance(env.event, Error) else ""
 
 
 def _listed(line: bytes, types: list[str]) -> bool:
@@ -189,10 +209,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 3
     with client:
-        events = client.events()
-        hello = next(events, None)
-        client.send({"cmd": "status"})
-        status = next((env.event for env in events if isinstance(env.event, Status)), None)
+        try:
+            events = client.events()
+            hello = next(events, None)
+            client.send({"cmd": "status"})
+            status = next((env.event for env in events if isinstance(env.event, Status)), None)
+        except ConnectionError as exc:  # refused (too many clients), or not captiond on the socket
+            return _fail(str(exc), 1)
     if hello is None or status is None:
         return _fail("the daemon closed the connection before answering", 1)
     if args.json:
@@ -248,13 +271,21 @@ def cmd_ptt(args: argparse.Namespace) -> int:
         client = Client(socket_path(config.server), timeout=_PTT_TIMEOUT_S)  # a key binding must not hang
     except NotRunning as exc:
         return _fail(str(exc), 1)
+    # The socket's timeout bounds each read, not the whole exchange: a daemon that keeps sending
+    # anything but the answer (stats, a byte at a time) is cut off here.
+    gave_up = threading.Event()
+    watchdog = threading.Timer(_PTT_TIMEOUT_S, lambda: (gave_up.set(), client.close()))
+    watchdog.daemon = True
     with client:
+        watchdog.start()
         try:
             state = push_to_talk(client, args.action)
-        except TimeoutError:
-            return _fail(f"captiond did not answer within {_PTT_TIMEOUT_S:.0f} s; see `captiond status`", 1)
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, ValueError) as exc:  # ValueError: a read of the file closed under it
+            if gave_up.is_set() or isinstance(exc, TimeoutError):
+                return _fail(f"captiond did not answer within {_PTT_TIMEOUT_S:.0f} s; see `captiond status`", 1)
             return _fail(str(exc), 1)
+        finally:
+            watchdog.cancel()
     print(state)
     return 0
 
@@ -326,10 +357,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 continue
             print(f"wrote {target}", file=sys.stderr)
         else:
-            if len(args.files) > 1 and args.format == "txt":
-                print(f"==> {path} <==")
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            try:
+                if len(args.files) > 1 and args.format == "txt":
+                    print(f"==> {path} <==")
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except (OSError, AttributeError) as exc:  # a full disk, a closed pipe; AttributeError: no stdout at all
+                why = getattr(exc, "strerror", None) or "it is closed"
+                return _fail(f"cannot write the transcript of {path} to standard output: {why}; "
+                             "use --output-dir DIR", 1)
     if failed:
         print(f"captiond: {failed} of {len(args.files)} file(s) failed or were damaged", file=sys.stderr)
     return 1 if failed else 0

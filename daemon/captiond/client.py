@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 from .config import ServerConfig, socket_path
-from .events import MAX_LINE, Envelope, decode
+from .events import MAX_LINE, Envelope, Error, decode
 
 if TYPE_CHECKING:
     import asyncio
@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 class NotRunning(ConnectionError):
     """No daemon answers on the socket; the message says where we looked and what to do."""
+
+
+class BadDaemon(ConnectionError):
+    """What answered broke the protocol (a line too long or not a v1 event), or refused us (an
+    error instead of hello, e.g. too_many_clients); the message says which."""
+
+
+_LINE_MAX = 4 * MAX_LINE  # the longest line a client reads (a final with every word's time fits many times)
 
 
 def _not_running(path: Path, exc: OSError) -> NotRunning:
@@ -64,6 +72,9 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             self._sock.close()
             raise _not_running(self.path, exc) from None
+        except OSError as exc:  # e.g. EAGAIN: its backlog of connections is full (a daemon that hangs?)
+            self._sock.close()
+            raise NotRunning(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
         self._file = self._sock.makefile("rb")
 
     def send(self, command: dict) -> None:
@@ -75,14 +86,25 @@ class Client:
         self.send(_subscribe_line(types, since))
 
     def lines(self) -> Iterator[bytes]:
-        """Raw JSON lines as they arrive, until the daemon closes the connection."""
-        while line := self._file.readline():
+        """Raw JSON lines as they arrive, until the daemon closes the connection; BadDaemon for a
+        line longer than any event (memory stays bounded whatever answers on the socket)."""
+        while line := self._file.readline(_LINE_MAX + 1):
+            if len(line) > _LINE_MAX:
+                raise BadDaemon(f"{self.path} sent a line longer than {_LINE_MAX} bytes; is that captiond's socket?")
             yield line
 
     def events(self) -> Iterator[Envelope]:
-        """Typed events as they arrive (types this version does not know are skipped)."""
+        """Typed events as they arrive (types this version does not know are skipped); BadDaemon when
+        a line is not a v1 event, or the daemon answers the connection with an error, not hello."""
+        first = True
         for line in self.lines():
-            env = decode(line)
+            try:
+                env = decode(line)
+            except ValueError as exc:
+                raise BadDaemon(f"{self.path} sent something that is not a captiond event ({exc})") from None
+            if first and env is not None and isinstance(env.event, Error):
+                raise BadDaemon(f"captiond refused the connection: {env.event.message}")
+            first = False
             if env is not None:
                 yield env
 
@@ -137,7 +159,10 @@ class AsyncClient:
     async def __aiter__(self) -> AsyncIterator[Envelope]:
         assert self._reader is not None, "connect() first"
         while line := await self._reader.readline():
-            env = decode(line)
+            try:
+                env = decode(line)
+            except ValueError as exc:
+                raise BadDaemon(f"{self.path} sent something that is not a captiond event ({exc})") from None
             if env is not None:
                 yield env
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .events import MAX_CONTEXT, text_problem
 
@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def _url(text: str, key: str) -> SplitResult:
+    try:
+        return urlsplit(text)
+    except ValueError as exc:  # e.g. "tcp://[::1": an unclosed IPv6 bracket
+        raise ConfigError(f"{key}: {text!r} is not a URL ({exc})") from None
+
+
+def _check_path(text: str, key: str) -> None:
+    """A path whose ~user names no user would fail where it is used; say so at load."""
+    try:
+        Path(text).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{key}: {text!r} starts with ~ and a user this system does not have") from None
 
 
 @dataclass(frozen=True)
@@ -179,10 +194,11 @@ class AsrConfig:
             _check(problem is None, f"asr.{key}", f"{problem}; give plain UTF-8 text")
         _check(0 <= self.carry_over_s <= 60, "asr.carry_over_s", "must be between 0 and 60 seconds")
         _check(self.backend in ("local", "openai"), "asr.backend", "must be local or openai")
+        _check_path(self.remote_key_file, "asr.remote_key_file")
         _check(self.backend == "local" or self.task == "transcribe", "asr.task",
                "translate needs asr.backend = local (finals from a server are transcribed, not translated)")
         if self.backend == "openai" or self.remote_url:
-            url = urlsplit(self.remote_url)
+            url = _url(self.remote_url, "asr.remote_url")
             _check(url.scheme in ("http", "https") and bool(url.hostname), "asr.remote_url",
                    f"{self.remote_url!r} is not an http(s) base URL such as http://gpu-box:8000/v1"
                    if self.remote_url else "must be set with asr.backend = openai, e.g. http://gpu-box:8000/v1")
@@ -218,6 +234,7 @@ class ServerConfig:
     """Subscribers connected at once (Unix socket and WebSocket /events); more are sent too_many_clients and closed."""
 
     def __post_init__(self) -> None:
+        _check_path(self.socket, "server.socket")
         try:
             mode = int(self.mode, 8)
         except ValueError:
@@ -249,6 +266,7 @@ class LogConfig:
     """Rotated logs kept (transcript.log.1 … .N)."""
 
     def __post_init__(self) -> None:
+        _check_path(self.path, "log.path")
         _check(1024 <= self.max_bytes <= 1 << 40, "log.max_bytes", "must be between 1024 bytes and 1 TiB")
         _check(0 <= self.backups <= 1000, "log.backups", "must be between 0 and 1000")
 
@@ -314,7 +332,7 @@ class WyomingConfig:
     """Seconds of audio one transcription may stream; past it the client gets a too_long error and the transcript."""
 
     def __post_init__(self) -> None:
-        url = urlsplit(self.uri)
+        url = _url(self.uri, "wyoming.uri")
         _check(url.scheme in ("tcp", "unix"), "wyoming.uri",
                f"{self.uri!r} is not tcp://HOST:PORT or unix://PATH (e.g. tcp://127.0.0.1:10300)")
         if url.scheme == "unix":
@@ -446,7 +464,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. server.socket=./test.sock")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return section, name, value
 
@@ -472,6 +490,8 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except RecursionError:  # tomllib nests by recursion
+            raise ConfigError(f"{chosen}: not valid TOML: arrays or tables nested too deeply") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{chosen}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
                               "save it as UTF-8") from None

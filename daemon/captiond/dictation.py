@@ -299,12 +299,21 @@ def type_finals(path: Path, composer: Composer, typist: Typist, note: Callable[[
     """
     while True:
         with connect_when_running(path, note, retry_s, sleep) as client:
-            client.subscribe(["final"])
-            for env in client.events():
-                if isinstance(env.event, Hello):
-                    note(f"connected: typing finals with {typist.name}; Ctrl-C to quit")
-                elif isinstance(env.event, Final):
-                    _type(env.event, composer, typist, note)
+            greeted = False
+            try:
+                client.subscribe(["final"])
+                for env in client.events():
+                    if isinstance(env.event, Hello):
+                        greeted = True
+                        note(f"connected: typing finals with {typist.name}; Ctrl-C to quit")
+                    elif isinstance(env.event, Final):
+                        _type(env.event, composer, typist, note)
+                if not greeted:  # closed at once: a daemon stopping or starting; do not spin on it
+                    sleep(retry_s)
+            except ConnectionError as exc:  # refused (too many clients), broken, or not captiond at all
+                note(f"{exc}; trying again in {retry_s:g} s")
+                sleep(retry_s)
+                continue
         note("connection to captiond lost; reconnecting")
 
 

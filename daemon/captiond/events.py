@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, get_type_hints
 
 PROTOCOL = 1
 MAX_LINE = 64 * 1024
@@ -141,25 +141,47 @@ class Envelope:
     event: Event
 
 
+_HINTS = {cls: get_type_hints(cls) for cls in (*EVENT_TYPES.values(), Word)}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` from the wire as the field's type (str, int, float, tuple of str or of Word); ValueError if it is not."""
+    if hint is str and isinstance(value, str):
+        return value
+    if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and (hint is float or isinstance(value, int)):
+        try:
+            return float(value) if hint is float else value
+        except OverflowError:  # a 400-digit integer
+            pass
+    elif hint == tuple[str, ...] and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    elif hint == tuple[Word, ...] and isinstance(value, list) and all(isinstance(w, dict) for w in value):
+        return tuple(Word(**{k: _typed(w.get(k), h, f"{where}.{k}") for k, h in _HINTS[Word].items()})
+                     for w in value)
+    raise ValueError(f"{where} is {str(value)[:40]!r}, not a {getattr(hint, '__name__', hint)}")
+
+
 def decode(line: bytes | str) -> Envelope | None:
     """Parse one server line into a typed event; None for event types this version does not know.
 
     Fields this version does not know are ignored, so newer daemons stay readable.
-    Raises ValueError for a line that is not a v1 event.
+    Raises ValueError for a line that is not a v1 event, or holds a field of the wrong type.
     """
-    body = json.loads(line)
+    try:
+        body = json.loads(line)
+    except RecursionError:  # json nests by recursion
+        raise ValueError("not a protocol v1 event: nested too deeply") from None
     cls = EVENT_TYPES.get(body.get("type")) if isinstance(body, dict) else None
     if cls is None:
         if isinstance(body, dict) and isinstance(body.get("type"), str):
             return None
         raise ValueError(f"not a protocol v1 event: {line!r:.80}")
-    known = {f.name for f in fields(cls)}
-    values = {k: v for k, v in body.items() if k in known}
-    if cls is Final:
-        values["words"] = tuple(Word(**{k: w[k] for k in ("word", "start", "end", "p")}) for w in values.get("words", ()))
-        values["flags"] = tuple(values.get("flags", ()))
+    hints = _HINTS[cls]
+    values = {k: _typed(v, hints[k], f"{cls.type}.{k}") for k, v in body.items() if k in hints and k != "type"}
     try:
-        return Envelope(int(body.get("seq", 0)), float(body.get("ts", 0.0)), cls(**values))
+        return Envelope(_typed(body.get("seq", 0), int, "seq"), _typed(body.get("ts", 0.0), float, "ts"),
+                        cls(**values))
     except TypeError as exc:
         raise ValueError(f"{body.get('type')} event with missing fields: {exc}") from None
 
