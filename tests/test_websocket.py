@@ -391,26 +391,30 @@ def test_events_refuse_a_context_text_the_decoder_cannot_take(harness):
 def test_a_session_whose_task_fails_tells_its_client_and_its_feed_never_blocks():
     from concurrent.futures import ThreadPoolExecutor
 
-    from captiond.config import Config
     from captiond.session import LiveSession
 
     engine = Engine(FakeDecoder())
     sent = []
     gate_thread = ThreadPoolExecutor(max_workers=1)
-    session = LiveSession(engine, Config(), sent.append, encoding="linear16", sample_rate=16000,
-                          gate_thread=gate_thread)
+    session = LiveSession(engine, load(None, ["asr.queue_seconds=5"])[0], sent.append, encoding="linear16",
+                          sample_rate=16000, gate_thread=gate_thread)
+    fed = []
 
     async def broken() -> None:
+        # Fails only once everything is full: the gate waits on the worker's queue, feed() on the gate's.
+        while not (session.worker.queue.full() and fed and fed[-1] == "waiting"):
+            await asyncio.sleep(0.01)
         raise RuntimeError("a bug in the worker")
 
     session.worker.run = broken  # a failure outside every decode's own try
 
     async def main():
         session.start()
-        speech = np.tile(SPEECH, 200 * 16000 // len(SPEECH) + 1).astype("<i2").tobytes()
-        # 200 s of speech: more than the session's queues hold, so a feed with no worker behind it would wait for ever.
+        speech = np.tile(SPEECH, 60 * 16000 // len(SPEECH) + 1).astype("<i2").tobytes()
         for at in range(0, len(speech), 16000):
-            await asyncio.wait_for(session.feed(speech[at:at + 16000]), 10)
+            fed.append("waiting")
+            await asyncio.wait_for(session.feed(speech[at:at + 16000]), 30)  # the one waiting when it failed returns
+            fed.append("done")
         await session.finalize()
         await asyncio.wait_for(session.close(1.0), 10)
 

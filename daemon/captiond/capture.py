@@ -436,22 +436,22 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
             raise CaptureError(f"{name}: has no audio stream")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
-            for frame in container.decode(streams[0]):
-                yield from _mono16k(resampler, frame, name)
+            for i, frame in enumerate(container.decode(streams[0])):
+                yield from _mono16k(resampler, frame, name, first=i == 0)
             yield from _mono16k(resampler, None, name)
         except (av.error.FFmpegError, ValueError) as exc:
             raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
 
 
-def _mono16k(resampler: Any, frame: Any, name: str) -> list[np.ndarray]:
-    """A decoded frame (None: the end) as 16 kHz mono int16; CaptureError naming the format it cannot convert
-    (a valid file of 64 channels was called corrupt)."""
+def _mono16k(resampler: Any, frame: Any, name: str, first: bool = False) -> list[np.ndarray]:
+    """A decoded frame (None: the end) as 16 kHz mono int16; CaptureError naming the format when the
+    `first` frame cannot be converted (a valid file of 64 channels was called corrupt)."""
     import av
 
     try:
         return [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
     except (av.error.FFmpegError, ValueError) as exc:
-        if frame is None:
+        if not first:  # a format that changes mid-stream: damage, as the caller says
             raise
         raise CaptureError(f"{name}: cannot convert its audio ({len(frame.layout.channels)} channel(s), "
                            f"{frame.sample_rate} Hz, {frame.format.name}) to 16 kHz mono ({exc})") from None

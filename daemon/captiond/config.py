@@ -325,9 +325,9 @@ class WyomingConfig:
     max_sessions: int = 2
     """Wyoming transcriptions decoded at once; more get a too_many_sessions error event."""
     idle_timeout_s: float = 10.0
-    """Seconds a connection may send no event (or read none) before it is closed (an idle_timeout error)."""
-    max_connections: int = 16
-    """Connections at once; more are sent a too_many_connections error event and closed."""
+    """Seconds a connection may send no event (it gets an idle_timeout error), or read none of ours, before it is closed."""
+    max_connections: int = 64
+    """Connections at once (at least max_sessions); more are sent a too_many_connections error event and closed."""
     max_audio_s: float = 600.0
     """Seconds of audio one transcription may stream; past it the client gets a too_long error and the transcript."""
 

@@ -141,6 +141,8 @@ class Hub:
                  on_command: Callable[[Command], Event | None] | None = None, max_clients: int = 100) -> None:
         self._capacity = client_queue
         self._max_clients = max_clients
+        self.refused = 0
+        """Connections refused because server.max_clients were connected."""
         self.hello = hello
         """Makes the first event of each connection; the Service sets it when not given."""
         self.on_command = on_command
@@ -171,7 +173,10 @@ class Hub:
         """The error line a new connection gets when server.max_clients are connected; None when there is room."""
         if len(self._clients) < self._max_clients:
             return None
-        log.warning("a client was refused: %d connected (server.max_clients)", len(self._clients))
+        self.refused += 1
+        if self.refused in (1, 10) or self.refused % 100 == 0:  # clients retry every second or two: not a line each
+            log.warning("%d client connection(s) refused so far: %d connected (server.max_clients)", self.refused,
+                        len(self._clients))
         return encode(Error("too_many_clients", f"{self._max_clients} clients are connected (server.max_clients); "
                                                 "close one or raise the limit"), self.seq, time.time())
 

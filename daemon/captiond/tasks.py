@@ -1,4 +1,4 @@
-"""Named asyncio tasks that log their failure: every task the daemon starts goes through spawn()."""
+"""Named asyncio tasks that log their failure (the Service's own tasks have a done-callback of their own)."""
 
 from __future__ import annotations
 

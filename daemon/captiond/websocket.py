@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import errno
 import hmac
@@ -173,8 +174,9 @@ class WebServer:
 
         refused = self._hub.refusal()
         if refused is not None:
-            await ws.send(refused.decode().rstrip("\n"))
-            await ws.close(1013, "too many clients")
+            with contextlib.suppress(ConnectionClosed):  # a client gone before it read why
+                await ws.send(refused.decode().rstrip("\n"))
+                await ws.close(1013, "too many clients")
             return
         client = self._hub.attach(self._sender(ws), close, ws.transport.abort, str(ws.remote_address), "WebSocket")
         try:
