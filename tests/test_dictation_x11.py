@@ -178,11 +178,15 @@ def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserv
                         timeout=60)
         finals = events.of("final")
         heard = [normalize(f["text"]) for f in finals if f["text"]]
-        # tiny.en heard the clip "no" as "No." and as "No, no." (either scratches the sentence before it)
-        assert [len(heard), set(heard[1]), heard[2][-2:], heard[3][-2:]] == \
-            [4, {"no"}, ["long", "stop"], ["that", "thing"]], heard
+        assert [len(heard), heard[2][-2:], heard[3][-2:]] == [4, ["long", "stop"], ["that", "thing"]], heard
         expected = composed(finals, DictationConfig(commands=True, **phrases).phrases())
         text = box.wait_for(lambda t: t == expected, timeout=30)
-    assert "fox" not in text.lower(), "scratch that deleted the sentence before it"
+    # tiny.en heard the clip "no" as "No.", as "No, no." (either scratches the sentence before it) and, in
+    # a fresh-clone CI run, as "No, no. So thank you.": more than the phrase, so words to type, not a command.
+    if set(heard[1]) == {"no"}:
+        assert "fox" not in text.lower(), "scratch that deleted the sentence before it"
+        assert text.startswith("This is a\n\nI have"), repr(text)
+    else:
+        assert "fox" in text.lower(), repr(text)  # nothing scratched it
     assert "\n\n" in text and "stop" not in text and "thing" not in text, repr(text)
-    assert text.startswith("This is a\n\nI have") and text.endswith("about."), repr(text)
+    assert text.endswith("about."), repr(text)
