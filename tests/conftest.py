@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from captiond.capture import StdinSource  # noqa: E402
-from captiond.client import Client  # noqa: E402
+from captiond.client import Client, NotRunning  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
 from captiond.engine import Engine  # noqa: E402
 from captiond.frames import FRAME_SAMPLES  # noqa: E402
@@ -194,7 +194,13 @@ class Daemon:
             assert self.proc.poll() is None, f"daemon exited early ({self.proc.returncode}):\n{self.stderr}"
             assert time.monotonic() < deadline, f"no socket after {timeout} s:\n{self.stderr}"
             time.sleep(0.05)
-        events = EventLog(self.socket, subscribe)
+        while True:  # the file exists from bind(), connections are taken from listen(): refused in between
+            try:
+                events = EventLog(self.socket, subscribe)
+                break
+            except NotRunning:
+                assert time.monotonic() < deadline, f"socket never answered in {timeout} s:\n{self.stderr}"
+                time.sleep(0.05)
         events.wait_for(lambda e: e.get("state") == "listening", timeout)
         return events
 
