@@ -7,7 +7,7 @@ Measured per server, with 1 and with 4 clients at once (the clips shared out bet
 audio-stop -> transcript p50/p95, WER against the corpus references, and the server's CPU seconds per
 second of audio sent. The servers take turns; the idle one uses no CPU.
 
-    .venv/bin/python bench/wyoming_bench.py [--clips N] [--wfw-venv /tmp/captiond-wfw] [--set section.key=value ...]
+    .venv/bin/python bench/wyoming_bench.py [--clips N] [--wfw-venv /tmp/captiond-wfw] [--set section.key=value ...] [--texts FILE]
 
 wyoming-faster-whisper is installed from PyPI into --wfw-venv (once, with pip) and started by the
 bench on the bundled tiny.en folder, with captiond's decode settings (int8, beam 5, 2 threads, en).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import subprocess
@@ -148,6 +149,7 @@ def main() -> None:
                         help="venv for wyoming-faster-whisper (made and filled with pip when missing)")
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value",
                         help="captiond config override, e.g. asr.beam_size=1")
+    parser.add_argument("--texts", type=Path, help="also write each transcript, a JSON line per clip, to this file")
     args = parser.parse_args()
     config = load(None, args.set)[0]
     model = resolve_model(config.asr.model).load_target()
@@ -179,6 +181,10 @@ def main() -> None:
                 cpu = cpu_seconds(proc.pid)
                 results = asyncio.run(run_clients(ports[name], work, clients))
                 cpu = cpu_seconds(proc.pid) - cpu
+                if args.texts:
+                    with args.texts.open("a") as out:
+                        out.writelines(json.dumps({"server": name, "clients": clients, "clip": r.clip.name,
+                                                   "reference": r.clip.text, "text": r.text}) + "\n" for r in results)
                 waits = [r.stop_to_transcript for r in results]
                 rows.append((name, clients, pct(waits, 50), pct(waits, 95),
                              corpus_wer([(r.clip.text, r.text) for r in results]), cpu / audio_s))
