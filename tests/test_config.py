@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -59,6 +60,15 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path):
         load(write(tmp_path, "[gate\n"))
     with pytest.raises(ConfigError, match="no such file"):
         load(tmp_path / "absent.toml")
+
+
+def test_config_that_is_a_directory_or_fifo_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load(tmp_path)
+    fifo = tmp_path / "captiond.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):  # and it does not block on the FIFO
+        load(fifo)
 
 
 def test_set_overrides_file_values_and_reads_toml_types(tmp_path):

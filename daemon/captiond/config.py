@@ -479,6 +479,10 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
     """Load the config from `path` (or the default places) and apply --set overrides."""
     if path is not None:
         chosen: Path | None = Path(path)
+        if chosen.is_dir():
+            raise ConfigError(f"--config {path}: is a directory; give the path of a TOML file in it")
+        if chosen.exists() and not chosen.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"--config {path}: not a regular file; give the path of a TOML file")
         if not chosen.is_file():
             raise ConfigError(f"--config {path}: no such file")
     else:
