@@ -242,6 +242,34 @@ def test_captions_back_off_from_a_refusing_or_broken_daemon_and_show_what_a_good
     assert fake.accepted <= 8, "it waited between tries rather than spinning"
 
 
+def test_terminal_escapes_and_bidi_overrides_in_event_text_are_shown_not_acted_on(tmp_path):
+    from captiond.captions import CaptionView, follow
+    from captiond.dictation import Composer
+    import io
+
+    hostile = FINAL.replace(b'"at last"', b'"at \\u001b]0;pwned\\u0007\\u001b[2Jlast \\u202eevil"')
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, hostile]])
+    with Client(fake.path) as client:
+        final = next(e.event for e in client.events() if e.event.type == "final")
+    fake.close()
+    assert final.text == "at \ufffd]0;pwned\ufffd\ufffd[2Jlast \ufffdevil"
+    assert Composer().take(final).text.count("\ufffd") == 4  # what `captiond type` would type: no ESC
+    fake = FakeDaemon(tmp_path / "s2.sock", [[HELLO, hostile]])
+    out = io.StringIO()
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):
+        raise Done
+
+    with pytest.raises(Done):
+        follow(fake.path, CaptionView(out, color=True), retry_s=0.01, sleep=sleep)
+    fake.close()
+    shown = out.getvalue()
+    assert "\ufffd[2Jlast" in shown and "\x1b[2J" not in shown and "\x1b]0;" not in shown and "\u202e" not in shown
+
+
 def test_status_and_ptt_against_a_refusing_or_babbling_daemon_exit_1_with_one_line(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "captiond", *args, "--set", f"server.socket={tmp_path}/s.sock"],

@@ -147,7 +147,7 @@ _HINTS = {cls: get_type_hints(cls) for cls in (*EVENT_TYPES.values(), Word)}
 def _typed(value: Any, hint: Any, where: str) -> Any:
     """`value` from the wire as the field's type (str, int, float, tuple of str or of Word); ValueError if it is not."""
     if hint is str and isinstance(value, str):
-        return value
+        return _shown(value)
     if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
             and (hint is float or isinstance(value, int)):
         try:
@@ -232,6 +232,15 @@ class Command:
 
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 """Embeddings, overrides and isolates: they reorder how a terminal or log viewer shows the text around them."""
+
+
+def _shown(text: str) -> str:
+    """Text from the wire with control and bidi characters replaced by U+FFFD: a client prints it to a
+    terminal or types it into a window, where ESC sequences and overrides would act, not show."""
+    if text.isprintable():
+        return text
+    return "".join("\ufffd" if (unicodedata.category(c) == "Cc" and c not in "\t\n") or c in _BIDI_CONTROLS
+                   else c for c in text)
 
 
 def text_problem(text: str) -> str | None:
