@@ -363,6 +363,26 @@ def test_a_header_that_is_no_event_or_announces_too_much_ends_the_connection_wit
     assert heard_seconds(text) > 2.0
 
 
+def test_a_client_sending_a_chunk_too_big_reads_the_error_not_a_reset(harness):
+    # A script sending a whole recording as one 2 MiB chunk: closing on its unread bytes would reset
+    # the connection, and the client would lose the error that says why.
+    h = harness()
+    pcm = np.zeros(16000 * 64, dtype="<i2").tobytes()
+
+    async def run() -> tuple[WyError, Event | None]:
+        client = AsyncTcpClient("127.0.0.1", h.port)
+        await client.connect()
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=pcm).event())
+        error = WyError.from_event((await read_until(client, "error"))[-1])
+        after = await asyncio.wait_for(client.read_event(), READ_S)
+        await client.disconnect()
+        return error, after
+
+    error, after = asyncio.run(run())
+    assert error.code == "bad_event" and "payload_length" in error.text and after is None
+
+
 def test_a_client_that_never_reads_is_dropped_and_frees_its_session(harness):
     h = harness("wyoming.max_sessions=1", "wyoming.idle_timeout_s=1")
 

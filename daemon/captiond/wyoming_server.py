@@ -37,6 +37,8 @@ _MAX_CHANNELS = 8
 _NOTICES = 64  # voice and error events not yet written; a client that never reads loses the oldest
 _MAX_DATA = 64 * 1024  # JSON data an event may carry after its header, in bytes
 _MAX_PAYLOAD = 1 << 20  # payload an event may carry (an audio chunk), in bytes: 32 s of 16 kHz mono s16le
+_LINGER_BYTES = 64 << 20  # what a client may still send after a bad event, read and dropped before the close
+_LINGER_S = 2.0  # and for how long, in seconds
 
 NewSession = Callable[..., LiveSession]
 
@@ -283,6 +285,7 @@ class _Handler(AsyncEventHandler):
                     return
                 except BadEvent as exc:  # the stream's framing is lost with it: nothing after it can be read
                     await self._error("bad_event", f"{exc}; closing the connection")
+                    await self._linger()
                     return
                 if event is None or not await self.handle_event(event):
                     return
@@ -294,6 +297,22 @@ class _Handler(AsyncEventHandler):
             self._server.handlers.discard(self)
             self._drop()
             self.writer.close()
+
+    async def _linger(self) -> None:
+        """Half-close, then drop what the client still sends, within bounds: closing on bytes not read
+        resets the connection, and the client would lose the error it has not read yet."""
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        loop = asyncio.get_running_loop()
+        left, deadline = _LINGER_BYTES, loop.time() + _LINGER_S
+        while left > 0:
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(min(left, 1 << 16)), deadline - loop.time())
+            except asyncio.TimeoutError:
+                return
+            if not chunk:
+                return
+            left -= len(chunk)
 
     async def handle_event(self, event: WyEvent) -> bool:
         """Answer describe and ping; run transcribe / audio-start / audio-chunk… / audio-stop."""
