@@ -11,7 +11,7 @@ streamed and naive differ, then the WER of each and their ratios, and the CPU ti
 tiny.en answers the same speech cut 5 samples later with other words, so --phases N replays every
 recording at N alignments of the gate's 30 ms frames and pools the words.
 
-    .venv/bin/python bench/replay.py [--corpus continuous --part tune] [--phases N] [--only ID]
+    .venv/bin/python bench/replay.py [--corpus continuous --part tune] [--phases N] [--only ID] [--texts FILE]
                                      [--set section.KEY=VALUE ...] [--quiet]
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import resource
 import sys
@@ -93,6 +94,7 @@ async def main() -> None:
     parser.add_argument("--only", help="only recordings whose id contains this")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
+    parser.add_argument("--texts", type=Path, help="also write every recording's texts, a JSON line each, to this file")
     args = parser.parse_args()
     config = load(None, args.set)[0]
     modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
@@ -117,6 +119,9 @@ async def main() -> None:
                 cost[mode] += cpu_seconds() - before
             for m in pairs:
                 pairs[m].append((rec.text, texts[m]))
+            if args.texts:
+                with args.texts.open("a") as out:
+                    out.write(json.dumps({"id": rec.id, "shift": len(shift), "reference": rec.text, **texts}) + "\n")
             errors = {m: round(wer(rec.text, texts[m]) * len(normalize(rec.text))) for m in pairs}
             if not args.quiet and errors["streamed"] != errors["naive"]:
                 print(f"{rec.id} (shift {len(shift)}): REF {rec.text}\n"

@@ -14,7 +14,7 @@ from captiond.engine import Engine, Segment, Transcript, WhisperDecoder, speaker
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from captiond.rules import TINY_EN, WHISPER, looping
+from captiond.rules import TINY_EN, WHISPER, ends_sentence, looping
 from captiond.stable import StableWords
 from captiond.streaming import UtteranceStream
 from captiond.window import AudioWindow
@@ -1026,3 +1026,14 @@ def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier
     assert speakers_language("he", 0.63, [("he", 0.63), ("fr", 0.03), ("es", 0.0083)], "es") == ("he", 0.63)
     assert speakers_language("fr", 0.99, [("fr", 0.99), ("es", 0.0007)], "es") == ("fr", 0.99)  # a new speaker
     assert speakers_language("it", 0.65, [("it", 0.65), ("es", 0.28)], "") == ("it", 0.65)  # none known yet
+
+
+@pytest.mark.parametrize("text, ends", [
+    ("The red fox has read many books.", True), ("Ten of clubs?", True), ('He said "stop here."', True),
+    ("Fail again. Fail better.", False),  # a two-word sentence: a full stop Whisper writes after slow words
+    ("Montreal. Forced? A liner.", False), ("Well... so it goes.", True), ("Hello.", False),
+    ("I hardly know her", False), ("and then...", False), ("and then…", False), ("", False),
+])
+def test_only_a_sentence_of_three_words_or_more_may_end_an_utterance_early(text, ends):
+    for rules in (TINY_EN, WHISPER):
+        assert ends_sentence(text, rules) is ends

@@ -8,6 +8,7 @@ model until they are measured there, so a rule fitted to tiny.en never silently 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,6 +47,8 @@ class TextRules:
     """Last words less probable than this, begun near the last voiced frame, are the decoder running on (0: off)."""
     tail_s: float = 0.3
     """How long before the last voiced frame's end such a word may begin, in seconds (word times are rough)."""
+    sentence_words: int = 3
+    """Fewest words of a decode's last sentence that let a pause end the utterance early (gate.sentence_end_ms)."""
 
 
 WHISPER = TextRules()
@@ -85,10 +88,21 @@ def unheard(words: Sequence[Word], seconds: float, rules: TextRules) -> int:
     return trailing if trailing and len(said) > 1 and said[-1] == said[-2] else 0
 
 
-def ends_sentence(text: str) -> bool:
-    """True when text ends as a sentence does (. ? !), not trailing off ("...", "…") or mid-clause."""
-    text = text.rstrip(" \"')]")
-    return text.endswith((".", "?", "!")) and not text.endswith(("..", "…"))
+def ends_sentence(text: str, rules: TextRules) -> bool:
+    """True when text ends as a sentence does (. ? !), not trailing off ("...", "…") or mid-clause,
+    and that last sentence has at least sentence_words words. Whisper writes a full stop after a
+    single slowly said word ("Montreal. Forced? A liner.", "forced. forced"), and an utterance ended
+    there left the next word to be decoded alone ("Forst"). The rule can only make an utterance wait
+    its full hangover, so it holds for any model."""
+    def ends(word: str) -> bool:
+        word = word.rstrip("\"')]")
+        return word.endswith((".", "?", "!")) and not word.endswith(("..", "…"))
+
+    said = text.split()
+    if not said or not ends(said[-1]):
+        return False
+    last = list(itertools.takewhile(lambda w: not ends(w), reversed(said[:-1])))
+    return 1 + sum(1 for w in last if any(c.isalnum() for c in w)) >= rules.sentence_words
 
 
 def tail_guesses(words: Sequence[Word], voiced_end: float, rules: TextRules) -> int:

@@ -200,7 +200,7 @@ class AsrWorker:
         # Its words end a sentence: the gate may end the utterance after a shorter pause than its
         # hangover (the final is this decode, already done), unless speech comes first.
         if (self._end_at_pause is not None and self._speculation is spec and not decode.cancelled()
-                and decode.exception() is None and ends_sentence(decode.result().text)):
+                and decode.exception() is None and ends_sentence(decode.result().text, self._engine.rules)):
             self._end_at_pause(spec.utt, spec.voiced_end)
 
     @property
