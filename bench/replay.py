@@ -97,6 +97,7 @@ async def main() -> None:
     parser.add_argument("--texts", type=Path, help="also write every recording's texts, a JSON line each, to this file")
     args = parser.parse_args()
     config = load(None, args.set)[0]
+    texts_out = args.texts.open("w", buffering=1) if args.texts else None  # a bad path fails now, not minutes in
     modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
     engine = Engine(WhisperDecoder(config.asr))
     await engine.load()
@@ -119,9 +120,9 @@ async def main() -> None:
                 cost[mode] += cpu_seconds() - before
             for m in pairs:
                 pairs[m].append((rec.text, texts[m]))
-            if args.texts:
-                with args.texts.open("a") as out:
-                    out.write(json.dumps({"id": rec.id, "shift": len(shift), "reference": rec.text, **texts}) + "\n")
+            if texts_out:
+                texts_out.write(json.dumps({"id": rec.id, "shift": len(shift), "set": args.set,
+                                            "reference": rec.text, **texts}) + "\n")
             errors = {m: round(wer(rec.text, texts[m]) * len(normalize(rec.text))) for m in pairs}
             if not args.quiet and errors["streamed"] != errors["naive"]:
                 print(f"{rec.id} (shift {len(shift)}): REF {rec.text}\n"
@@ -133,10 +134,13 @@ async def main() -> None:
           f"{audio / args.phases:.0f} s, {words} words, {args.phases} alignment(s); "
           f"{' '.join(args.set) or 'defaults'}; {time.monotonic() - started:.0f} s")
     w = {m: corpus_wer(pairs[m]) for m in pairs}
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}" if b else "—"  # a recording with no error in the reference's decode
     print("| mode | WER | / whole recording | / naive | CPU s per audio s |\n|---|---|---|---|---|")
     for m in pairs:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
-        print(f"| {m} | {w[m]:.3f} | {w[m] / w['whole']:.2f} | {w[m] / w['naive']:.2f} | {spent} |")
+        print(f"| {m} | {w[m]:.3f} | {ratio(w[m], w['whole'])} | {ratio(w[m], w['naive'])} | {spent} |")
     kinds = ("partial", "check", "speculation", "whole speculation", "final", "whole final", "bound")
     print("\n| mode | " + " | ".join(kinds) + " | speculations wasted | finals (unbound) |\n|---"
           + "|---" * (len(kinds) + 2) + "|")

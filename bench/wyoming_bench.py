@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--texts", type=Path, help="also write each transcript, a JSON line per clip, to this file")
     args = parser.parse_args()
     config = load(None, args.set)[0]
+    texts_out = args.texts.open("w", buffering=1) if args.texts else None  # a bad path fails now, not minutes in
     model = resolve_model(config.asr.model).load_target()
     work = clips(args.clips)
     audio_s = sum(len(c.pcm) for c in work) / 16000
@@ -181,10 +182,10 @@ def main() -> None:
                 cpu = cpu_seconds(proc.pid)
                 results = asyncio.run(run_clients(ports[name], work, clients))
                 cpu = cpu_seconds(proc.pid) - cpu
-                if args.texts:
-                    with args.texts.open("a") as out:
-                        out.writelines(json.dumps({"server": name, "clients": clients, "clip": r.clip.name,
-                                                   "reference": r.clip.text, "text": r.text}) + "\n" for r in results)
+                if texts_out:
+                    texts_out.writelines(json.dumps({"server": name, "clients": clients, "set": args.set,
+                                                     "clip": r.clip.name, "reference": r.clip.text, "text": r.text})
+                                         + "\n" for r in results)
                 waits = [r.stop_to_transcript for r in results]
                 rows.append((name, clients, pct(waits, 50), pct(waits, 95),
                              corpus_wer([(r.clip.text, r.text) for r in results]), cpu / audio_s))

@@ -247,13 +247,15 @@ def test_terminal_escapes_and_bidi_overrides_in_event_text_are_shown_not_acted_o
     from captiond.dictation import Composer
     import io
 
-    hostile = FINAL.replace(b'"at last"', b'"at \\u001b]0;pwned\\u0007\\u001b[2Jlast \\u202eevil"')
+    hostile = FINAL.replace(b'"at last"', b'"at \\u001b]0;pwned\\u0007\\u001b[2Jlast \\u202eevil\\nline\\ud800"'
+                            b',"flags":["\\u001b[31m"]')
     fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, hostile]])
     with Client(fake.path) as client:
         final = next(e.event for e in client.events() if e.event.type == "final")
     fake.close()
-    assert final.text == "at \ufffd]0;pwned\ufffd\ufffd[2Jlast \ufffdevil"
-    assert Composer().take(final).text.count("\ufffd") == 4  # what `captiond type` would type: no ESC
+    assert final.text == "at \ufffd]0;pwned\ufffd\ufffd[2Jlast \ufffdevil\ufffdline\ufffd"
+    assert final.flags == ("\ufffd[31m",)
+    assert Composer().take(final).text.count("\ufffd") == 6  # what `captiond type` would type: no ESC
     fake = FakeDaemon(tmp_path / "s2.sock", [[HELLO, hostile]])
     out = io.StringIO()
 

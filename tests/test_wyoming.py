@@ -383,6 +383,32 @@ def test_a_client_sending_a_chunk_too_big_reads_the_error_not_a_reset(harness):
     assert error.code == "bad_event" and "payload_length" in error.text and after is None
 
 
+def test_a_bad_event_mid_transcription_ends_it_before_the_close_without_a_traceback(harness, caplog):
+    # The session must not write into the half-closed connection while the server drops the rest.
+    h = harness(delay=0.3)
+    pcm = spoken("ps_forever.wav").astype("<i2").tobytes()
+
+    async def run() -> tuple[WyError, Event | None]:
+        client = AsyncTcpClient("127.0.0.1", h.port)
+        await client.connect()
+        await client.write_event(Transcribe(language="en").event())
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        for i in range(0, len(pcm), 3200):
+            await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=pcm[i:i + 3200]).event())
+        client._writer.write(b"not json\n")
+        error = WyError.from_event((await read_until(client, "error"))[-1])
+        after = await asyncio.wait_for(client.read_event(), READ_S)
+        await asyncio.sleep(1.0)  # still connected while the server drops what comes: the decodes finish meanwhile
+        await client.disconnect()
+        return error, after
+
+    with caplog.at_level("ERROR"):
+        error, after = asyncio.run(run())
+        text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))  # and the slot is free again
+    assert error.code == "bad_event" and after is None and heard_seconds(text) > 2.0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
 def test_a_client_that_never_reads_is_dropped_and_frees_its_session(harness):
     h = harness("wyoming.max_sessions=1", "wyoming.idle_timeout_s=1")
 

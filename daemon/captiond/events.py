@@ -155,7 +155,7 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         except OverflowError:  # a 400-digit integer
             pass
     elif hint == tuple[str, ...] and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
+        return tuple(_shown(v) for v in value)
     elif hint == tuple[Word, ...] and isinstance(value, list) and all(isinstance(w, dict) for w in value):
         return tuple(Word(**{k: _typed(w.get(k), h, f"{where}.{k}") for k, h in _HINTS[Word].items()})
                      for w in value)
@@ -234,26 +234,31 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 """Embeddings, overrides and isolates: they reorder how a terminal or log viewer shows the text around them."""
 
 
+def _acts(c: str) -> bool:
+    """True for a character a terminal, log viewer or typing tool acts on rather than shows: a control
+    character (ESC, CR, a newline in a caption line), a bidi control, or a lone surrogate (no encoder
+    writes it)."""
+    return unicodedata.category(c) in ("Cc", "Cs") or c in _BIDI_CONTROLS
+
+
 def _shown(text: str) -> str:
-    """Text from the wire with control and bidi characters replaced by U+FFFD: a client prints it to a
-    terminal or types it into a window, where ESC sequences and overrides would act, not show."""
-    if text.isprintable():
-        return text
-    return "".join("\ufffd" if (unicodedata.category(c) == "Cc" and c not in "\t\n") or c in _BIDI_CONTROLS
-                   else c for c in text)
+    """Text from the wire with every character that would act replaced by U+FFFD: a client prints it
+    to a terminal or types it into a window."""
+    return text if text.isprintable() else "".join("\ufffd" if _acts(c) else c for c in text)
 
 
 def text_problem(text: str) -> str | None:
     """Why text from outside (a client, the config, a server) cannot go to the decoder or into a
-    final (lone surrogates, control characters, bidirectional overrides), or None."""
+    final (lone surrogates, control characters, bidirectional overrides), or None. Tab, newline and
+    CR pass: a prompt or a context may be several lines."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid Unicode (it holds a lone surrogate)"
-    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
-        return "holds control characters"
     if not _BIDI_CONTROLS.isdisjoint(text):
         return "holds bidirectional override characters"
+    if any(_acts(c) and c not in "\t\n\r" for c in text):
+        return "holds control characters"
     return None
 
 

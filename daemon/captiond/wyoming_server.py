@@ -285,6 +285,7 @@ class _Handler(AsyncEventHandler):
                     return
                 except BadEvent as exc:  # the stream's framing is lost with it: nothing after it can be read
                     await self._error("bad_event", f"{exc}; closing the connection")
+                    self._drop()  # its session must not write into the half-closed connection
                     await self._linger()
                     return
                 if event is None or not await self.handle_event(event):
@@ -301,8 +302,10 @@ class _Handler(AsyncEventHandler):
     async def _linger(self) -> None:
         """Half-close, then drop what the client still sends, within bounds: closing on bytes not read
         resets the connection, and the client would lose the error it has not read yet."""
-        if self.writer.can_write_eof():
+        try:
             self.writer.write_eof()
+        except OSError:  # the client reset the connection first (ENOTCONN is no ConnectionError)
+            return
         loop = asyncio.get_running_loop()
         left, deadline = _LINGER_BYTES, loop.time() + _LINGER_S
         while left > 0:
