@@ -231,8 +231,10 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
     assert decoder.calls[0][0] == end.end + 3 * FRAME_SAMPLES and events[-1].text.startswith("heard")
 
 
-@pytest.mark.parametrize("ending, went_on, asked", [(".", False, True), ("?", False, True), ("", False, False),
-                                                   ("...", False, False), (".", True, False)])
+@pytest.mark.parametrize("ending, went_on, asked", [  # the fake says "heard 1.20" and then the ending
+    (" so far.", False, True), (" so far?", False, True), ("", False, False), (" so far...", False, False),
+    (". Done.", False, False),  # a one-word sentence: Whisper's full stop after a slow word
+    (" so far.", True, False)])
 def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_at_its_pause(ending, went_on, asked):
     items = utterance(1, 0, 3.0)
     pause = UtterancePause(1, 40 * FRAME_SAMPLES, 43 * FRAME_SAMPLES)
@@ -272,7 +274,7 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
         await asyncio.sleep(0.4)  # the decode (0.2 s) ends while the pause goes on
         await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
 
-    worker, events = run_worker(FakeDecoder(delay=0.2, ending="."), feed, cfg=AsrConfig(partial_interval_s=30),
+    worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=AsrConfig(partial_interval_s=30),
                                 end_at_pause=lambda utt, end: asks.append((utt, end)))
     assert asks == [(1, voiced_end)]
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0 and sum(worker.decodes.values()) == 1
