@@ -1035,6 +1035,7 @@ def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier
     ("Fail again. Fail better.", False),  # a two-word sentence: a full stop Whisper writes after slow words
     ("Montreal. Forced? A liner.", False), ("Well... so it goes.", True), ("Hello.", False),
     ("I hardly know her", False), ("and then...", False), ("and then…", False), ("", False),
+    ("Yes sir !", False),  # a lone mark is no word
 ])
 def test_only_a_sentence_of_three_words_or_more_may_end_an_utterance_early(text, ends):
     for rules in (TINY_EN, WHISPER):

@@ -101,8 +101,8 @@ def ends_sentence(text: str, rules: TextRules) -> bool:
     said = text.split()
     if not said or not ends(said[-1]):
         return False
-    last = list(itertools.takewhile(lambda w: not ends(w), reversed(said[:-1])))
-    return 1 + sum(1 for w in last if any(c.isalnum() for c in w)) >= rules.sentence_words
+    last = [said[-1], *itertools.takewhile(lambda w: not ends(w), reversed(said[:-1]))]
+    return sum(1 for w in last if any(c.isalnum() for c in w)) >= rules.sentence_words
 
 
 def tail_guesses(words: Sequence[Word], voiced_end: float, rules: TextRules) -> int:
