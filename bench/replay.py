@@ -141,7 +141,7 @@ async def main() -> None:
     for m in pairs:
         spent = f"{cost[m] / audio:.3f}" if m in cost else "—"
         print(f"| {m} | {w[m]:.3f} | {ratio(w[m], w['whole'])} | {ratio(w[m], w['naive'])} | {spent} |")
-    kinds = ("partial", "check", "speculation", "whole speculation", "final", "whole final", "bound")
+    kinds = ("partial", "check", "speculation", "whole speculation", "final", "whole final", "bound", "retry")
     print("\n| mode | " + " | ".join(kinds) + " | speculations wasted | finals (unbound) |\n|---"
           + "|---" * (len(kinds) + 2) + "|")
     for m in modes:

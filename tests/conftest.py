@@ -114,6 +114,25 @@ class FakeDecoder:
         return Transcript(text, (Segment(0.0, secs, text, found, -0.2, 0.01),), "en", -0.2, 1.2, 0.01, secs, self.delay)
 
 
+class ShortWindowLoops(FakeDecoder):
+    """Loops ("word," six times) whenever the encoder hears the short window; says `full` hearing all
+    of Whisper's 30 s; `windows` holds what each decode heard."""
+
+    def __init__(self, full):
+        super().__init__()
+        self.full = full
+        self.windows = []
+
+    def decode(self, audio, *, beam_size, words, window=None, **kw):
+        super().decode(audio, beam_size=beam_size, words=words, window=window, **kw)
+        self.windows.append(window)
+        said = (self.full if window is None else "word, " * 6).split()
+        timed = tuple(Word(w, 0.3 * i, 0.3 * i + 0.25, 0.9) for i, w in enumerate(said))
+        text = " ".join(said)
+        return Transcript(text, (Segment(0.0, timed[-1].end, text, timed, -0.3, 0.01),), "en", -0.3, 1.5, 0.01,
+                          len(audio) / SAMPLE_RATE, 0.1)
+
+
 class EventLog:
     """Reads a daemon's events on a background thread so tests can wait for them with a timeout."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import Engine, Segment, Transcript, WhisperDecoder, speakers_language
+from captiond.engine import SHORT, Engine, Segment, Transcript, WhisperDecoder, speakers_language
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -19,7 +19,7 @@ from captiond.stable import StableWords
 from captiond.streaming import UtteranceStream
 from captiond.window import AudioWindow
 from captiond.worker import AsrWorker
-from conftest import CORPUS, FakeDecoder, clip, read_wav, silence, trimmed
+from conftest import CORPUS, FakeDecoder, ShortWindowLoops, clip, read_wav, silence, trimmed
 from wer import wer
 
 SAMPLE = Path(__file__).resolve().parents[1] / "daemon" / "captiond" / "samples" / "demo.wav"
@@ -628,6 +628,36 @@ def test_a_final_that_loops_is_cut_back_to_one_saying():
         "Hello? Hello? Oh, hello. five five five"
 
 
+@pytest.mark.parametrize("full, text", [("word word word word Word.", "word word word word Word."),
+                                        ("word, " * 6, "word,")])
+def test_a_final_that_loops_in_the_short_window_is_decoded_again_hearing_the_whole_window(full, text):
+    # tiny.en on the dev clip mfa_words: "word," six times through the short window, cut to one; through
+    # Whisper's whole window "word word word word Word." The retry is the final only when it loops not
+    # (five sayings are too few to be cut, enough to be flagged).
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 2.0):
+            await queue.put(item)
+
+    decoder = ShortWindowLoops(full)
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partials=False, early_final=False))
+    final = next(e for e in events if isinstance(e, Final))
+    assert (final.text, final.flags) == (text, ("repetition",))
+    assert decoder.windows[-2:] == [SHORT, None] and worker.decodes["retry"] == 1 and worker.finals_retried == 1
+
+
+def test_a_final_that_does_not_loop_or_heard_the_whole_window_is_not_decoded_again():
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 2.0):
+            await queue.put(item)
+
+    for cfg, looping_decoder in ((AsrConfig(partials=False, early_final=False), False),
+                                 (AsrConfig(partials=False, early_final=False, short_window=False), True)):
+        decoder = ShortWindowLoops("word, " * 6) if looping_decoder else FakeDecoder()
+        worker, events = run_worker(decoder, feed, cfg=cfg)
+        assert worker.decodes["retry"] == 0 and len(decoder.calls) == 1
+        assert next(e for e in events if isinstance(e, Final)).text
+
+
 def test_a_loop_the_decoder_ran_on_past_the_audio_is_cut_from_what_it_heard_too():
     # tiny.en on 1.1 s of "ten of clubs" (a Wyoming session): three sayings, the third placed after the
     # audio and left out by the engine; the two left made too few to be cut.
@@ -709,6 +739,25 @@ def test_a_decode_that_loops_reaches_no_final_with_the_real_model(tiny):
     final = stream.final(looped, UtteranceEnd(1, len(pcm), len(audio), "silence", 0.0), 0.1)
     assert not looping(final.text.split(), decoder.rules) and final.text.lower().count("bye") <= 2, final.text
     assert "repetition" in final.flags
+
+
+@pytest.mark.slow
+def test_real_repetition_the_short_window_loops_on_is_kept_with_the_real_model(tiny):
+    # The dev clip mfa_words ends "… here's some more word word word word word": through the short
+    # window tiny.en writes "Word." seven times, a loop cut back to one; hearing the whole window, five.
+    pcm = read_wav(CORPUS / "mfa_words.wav")
+    assert tiny.decode(int16_to_float(pcm), beam_size=5, words=True, window=SHORT, fallback=False).loops(tiny.rules)
+
+    async def feed(queue, worker):
+        await queue.put(UtteranceStart(1, 0))
+        await queue.put(UtteranceAudio(1, pcm, len(pcm), 0))
+        await queue.put(UtteranceEnd(1, len(pcm), len(pcm), "silence", 0.0))
+
+    worker, events = run_worker(tiny, feed, cfg=AsrConfig(partials=False, early_final=False,
+                                                          temperature_fallback=False))
+    final = next(e for e in events if isinstance(e, Final))
+    assert worker.decodes["retry"] == 1, final
+    assert [w.strip(".,").lower() for w in final.text.split()][-5:] == ["word"] * 5, final.text
 
 
 def test_partials_stuck_at_a_stable_word_are_decoded_without_it_until_a_word_more_is_stable():

@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from captiond.engine import Segment
+from captiond.config import Config
+from captiond.engine import SHORT, Segment
 from captiond.events import Word
-from captiond.transcribe import FileTranscript, Piece, _TimeMap, cues, pack, render
-from conftest import CORPUS, ROOT, clip
+from captiond.transcribe import FileTranscript, Piece, _TimeMap, cues, pack, render, transcribe_file
+from conftest import CORPUS, ROOT, ShortWindowLoops, clip
 from wer import wer
 
 SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
@@ -192,3 +193,12 @@ def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
     result = run(str(tmp_path / "a/talk.wav"), str(tmp_path / "b/talk.wav"), "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2 and b"would both be written to" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("full, text", [("word word word word Word.", "word word word word Word."),
+                                        ("word, " * 6, "word, " * 6)])
+def test_a_chunk_that_loops_in_the_short_window_is_decoded_again_hearing_the_whole_window(full, text):
+    decoder = ShortWindowLoops(full)
+    transcript = transcribe_file(CORPUS / "mfa_words.wav", decoder, Config())
+    assert " ".join(s.text for s in transcript.segments).strip() == text.strip()
+    assert decoder.windows == [SHORT, None]

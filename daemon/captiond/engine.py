@@ -18,7 +18,7 @@ from .config import AsrConfig
 from .events import Word
 from .frames import SAMPLE_RATE
 from .models import ModelError, ModelRef, resolve_model
-from .rules import TextRules, rules_for, unheard
+from .rules import TextRules, loop, rules_for, unheard
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ class Transcript:
     def words(self) -> tuple[Word, ...]:
         """Every word of every segment, in order."""
         return tuple(w for seg in self.segments for w in seg.words)
+
+    def loops(self, rules: TextRules, after: int = 0) -> bool:
+        """True when a loop (rules.loop) begins at or after words[after] and within the words heard:
+        one that the text rules would cut."""
+        words = self.words
+        found = loop([*(w.word for w in words), *self.unheard], rules, after=after)
+        return found is not None and found[0] < len(words)
 
     def without(self, first: int, end: int) -> Transcript:
         """The transcript less words[first:end] (a loop, a tail the decoder ran on into)."""

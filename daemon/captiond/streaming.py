@@ -199,6 +199,23 @@ class UtteranceStream:
         rules = self._rules
         return t.no_speech_prob > rules.max_no_speech and (not timed or t.avg_logprob < rules.min_logprob)
 
+    def _held(self, t: Transcript, bind: bool) -> tuple[bool, int]:
+        """Whether the decode stands free of the stable words (a server's, or unbound, that does not
+        begin with them), and how many of its first words are stable ones no rule may cut."""
+        # Had the tail rule cut the last stable word, the final would have said the stable words and
+        # then the whole decode again. A decode that stands free does not begin with them.
+        free = (t.origin == "remote" or not bind) and after(" ".join(self.words.committed), t.text) is None
+        return free, 0 if free else holding(t.words, self.words.committed)
+
+    def loops(self, t: Transcript, bind: bool = True) -> bool:
+        """True when final() would cut a loop out of this decode's text."""
+        return t.loops(self._rules, after=self._held(t, bind)[1])
+
+    def sound(self, t: Transcript, bind: bool = True) -> bool:
+        """True when a decode has text, Whisper does not doubt it, and final() would cut no loop from it."""
+        return (bool(t.text.strip()) and not doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules)
+                and not self.loops(t, bind))
+
     def final(self, t: Transcript, end: UtteranceEnd, latency: float, bind: bool = True) -> Final:
         """The final event for the decode of the window, less what the text rules cut (rules.py).
         Unless `bind` (asr.bind_finals) is in force, a local decode that does not begin with the stable
@@ -210,11 +227,8 @@ class UtteranceStream:
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
         committed = " ".join(self.words.committed)
-        free = (t.origin == "remote" or not bind) and after(committed, t.text) is None
-        # Stable words a final begins with are never cut: had the tail rule cut the last one, the final
-        # would have said the stable words and then the whole decode again. A decode that stands
-        # unbound does not begin with them, so it has none to keep.
-        n, held = len(t.words), 0 if free else holding(t.words, self.words.committed)
+        free, held = self._held(t, bind)
+        n = len(t.words)
         tail = min(tail_guesses(t.words, (end.end - self.start) / SAMPLE_RATE - self.window.offset, rules), n - held)
         cut = t.without(n - tail, n)
         # Every loop after the stable words is cut back to one saying, one after another: a decode

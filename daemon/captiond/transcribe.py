@@ -171,8 +171,11 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         pcm = np.concatenate([part for piece in group for part in (_GAP, piece.pcm)][1:])
         # With the temperature fallback whatever asr.temperature_fallback says: on the dev corpus as one
         # 592 s file it took WER 0.317 to 0.29-0.30, for a quarter more time (live finals: no gain).
-        t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True,
-                           window=SHORT if config.asr.short_window else None)
+        audio, window = int16_to_float(pcm), SHORT if config.asr.short_window else None
+        t = decoder.decode(audio, beam_size=config.asr.beam_size, words=True, fallback=True, window=window)
+        if window is not None and t.loops(decoder.rules):  # as a live final's loop (AsrWorker._unlooped)
+            again = decoder.decode(audio, beam_size=config.asr.beam_size, words=True, fallback=True, window=None)
+            t = t if again.loops(decoder.rules) or not again.text.strip() else again
         language = t.language
         to_file = _TimeMap(group)
         for seg in t.segments:

@@ -106,6 +106,8 @@ class AsrWorker:
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
         self.finals_unbound = 0
         """Finals whose decode disagreed with the stable words and stood (flag unbound): stable words revised."""
+        self.finals_retried = 0
+        """Looping finals decoded again with Whisper's full window (_unlooped)."""
         self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
         self.decodes: Counter[str] = Counter()
         """Decodes finished, by kind: partial, check, speculation, final, "whole" ones of these two (of
@@ -185,16 +187,38 @@ class AsrWorker:
                     self.partials_skipped += 1
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
-                            kind: str = "final", whole: bool = False) -> Transcript:
+                            kind: str = "final", whole: bool = False, full: bool = False) -> Transcript:
         """The final's decode: free, as the naive decoder would hear the window (the `whole` utterance
         if asked); `bound` makes it begin with the stable words, for when the free one does not (a
         prefix that already holds all that was said makes tiny.en run on past the speech: "… or 8 to
-        exit. Thank you very much for watching")."""
+        exit. Thank you very much for watching"). `full`: the encoder hears Whisper's whole window."""
         audio, prompt = stream.whole(audio_end) if whole else (stream.audio(until=audio_end), stream.prompt)
-        return await self._decode("bound" if bound else f"whole {kind}" if whole else kind, audio,
-                                  beam_size=self._cfg.beam_size, words=True, prompt=prompt,
-                                  prefix=stream.prefix if bound else "", window=self._final_window,
+        name = "retry" if full else "bound" if bound else f"whole {kind}" if whole else kind
+        return await self._decode(name, audio, beam_size=self._cfg.beam_size, words=True, prompt=prompt,
+                                  prefix=stream.prefix if bound else "", window=None if full else self._final_window,
                                   priority=self._priority, fallback=self._cfg.temperature_fallback, on=self._finals)
+
+    async def _unlooped(self, stream: UtteranceStream, audio_end: int, t: Transcript, *, whole: bool = False,
+                        bound: bool = False) -> Transcript:
+        """t, or the same decode again with the encoder hearing Whisper's whole 30 s window when t,
+        heard through the short one, loops and that one is sound (has text Whisper does not doubt
+        and does not loop).
+
+        The short window is not what Whisper was trained on, and loops came with it: "word word word
+        word word" came out "word," six times and was cut to one, "five five" seven times; heard whole,
+        neither looped (docs/benchmarks.md). Only loops pay for the second decode."""
+        if t.origin == "remote" or self._final_window is None or not stream.loops(t, self.binds):
+            return t
+        try:
+            again = await self._final_decode(stream, audio_end, bound=bound, whole=whole, full=True)
+        except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
+            log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
+            return t
+        self.finals_retried += 1
+        sound = stream.sound(again, self.binds)
+        log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
+                  "" if sound else ", not taken")
+        return again if sound else t
 
     def _sentence_ended(self, spec: _Speculation, decode: asyncio.Task[Transcript]) -> None:
         # Its words end a sentence: the gate may end the utterance after a shorter pause than its
@@ -301,6 +325,7 @@ class AsrWorker:
                     self._discard(spec)
                     whole = stream.fits_whole(item.audio_end)
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
+                t = await self._unlooped(stream, item.audio_end, t, whole=whole)
                 binds, local = self.binds, t.origin != "remote"  # one setting for the whole final
                 # Unbound, a local decode is the final even where it hears the stable words otherwise:
                 # it heard more of the utterance than the checks that made them stable, and binding to
@@ -319,6 +344,7 @@ class AsrWorker:
                     if t.origin != "remote" and not stands and ((whole and local) or not stream.keeps_stable(t)):
                         self.finals_bound += 1
                         t = await self._final_decode(stream, item.audio_end, bound=True)
+                        t = await self._unlooped(stream, item.audio_end, t, bound=True)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
                 self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
