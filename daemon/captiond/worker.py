@@ -106,12 +106,11 @@ class AsrWorker:
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
         self.finals_unbound = 0
         """Finals whose decode disagreed with the stable words and stood (flag unbound): stable words revised."""
-        self.finals_retried = 0
-        """Looping finals decoded again with Whisper's full window (_unlooped)."""
         self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
         self.decodes: Counter[str] = Counter()
         """Decodes finished, by kind: partial, check, speculation, final, "whole" ones of these two (of
-        the whole utterance, not the window), bound (a final decoded again)."""
+        the whole utterance, not the window), bound (a final decoded again, made to begin with the
+        stable words), retry (a looping final decoded again hearing Whisper's whole window)."""
         self.decode_seconds: Counter[str] = Counter()
         """Seconds the model spent on them, by kind."""
 
@@ -207,14 +206,15 @@ class AsrWorker:
         The short window is not what Whisper was trained on, and loops came with it: "word word word
         word word" came out "word," six times and was cut to one, "five five" seven times; heard whole,
         neither looped (docs/benchmarks.md). Only loops pay for the second decode."""
-        if t.origin == "remote" or self._final_window is None or not stream.loops(t, self.binds):
+        # Only the local model's own decodes: a server's encoder is its own, and a fallback's retry
+        # would go to the server that just failed.
+        if t.origin != "local" or self._final_window is None or not stream.loops(t, self.binds):
             return t
         try:
             again = await self._final_decode(stream, audio_end, bound=bound, whole=whole, full=True)
         except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
             log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
             return t
-        self.finals_retried += 1
         sound = stream.sound(again, self.binds)
         log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
                   "" if sound else ", not taken")
