@@ -8,9 +8,12 @@ audio-stop -> transcript p50/p95, WER against the corpus references, and the ser
 second of audio sent. The servers take turns; the idle one uses no CPU.
 
     .venv/bin/python bench/wyoming_bench.py [--clips N] [--wfw-venv /tmp/captiond-wfw] [--set section.key=value ...] [--texts FILE]
+                                            [--wyoming-bench]
 
 wyoming-faster-whisper is installed from PyPI into --wfw-venv (once, with pip) and started by the
 bench on the bundled tiny.en folder, with captiond's decode settings (int8, beam 5, 2 threads, en).
+`--wyoming-bench` then runs PyPI's wyoming-bench (installed into the same venv) against both servers on
+the same clips: a second, independent client and scorer.
 The numbers are from one run on one machine, which may have been busy with other work: run it twice.
 """
 
@@ -39,7 +42,7 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
 from wyoming.client import AsyncTcpClient  # noqa: E402
 from wyoming.info import Describe  # noqa: E402
 
-from conftest import CORPUS, manifest, read_wav, silence, trimmed  # noqa: E402
+from conftest import CORPUS, manifest, read_wav, silence, trimmed, write_wav  # noqa: E402
 from session import cpu_seconds, pct  # noqa: E402
 from wer import corpus_wer  # noqa: E402
 
@@ -131,14 +134,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wfw_python(venv: Path) -> Path:
-    """The bench venv's python, with wyoming-faster-whisper installed from PyPI on first use."""
+def bench_python(venv: Path, package: str, module: str) -> Path:
+    """The bench venv's python, with `package` (importable as `module`) installed from PyPI on first use."""
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    if subprocess.run([str(python), "-c", "import wyoming_faster_whisper"], capture_output=True).returncode:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "wyoming-faster-whisper"], check=True)
+    if subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", package], check=True)
     return python
+
+
+def run_wyoming_bench(venv: Path, work: list[Clip], tmp: Path, ports: dict[str, int]) -> None:
+    """PyPI's wyoming-bench against both servers on the same clips (its own pacing and scoring):
+    non-streaming (the clip sent at once) and streaming (1024-sample chunks in real time)."""
+    corpus = tmp / "wyoming-bench-corpus"
+    corpus.mkdir()
+    for clip in work:
+        write_wav(corpus / clip.name, clip.pcm)
+        (corpus / clip.name).with_suffix(".txt").write_text(clip.text)
+    tool = bench_python(venv, "wyoming-bench", "wyoming_bench").parent / "wyoming-bench"
+    subprocess.run([str(tool), "stt", "--corpus", str(corpus), "--mode", "both", "--rounds", "1", "--warmup", "1",
+                    "--chunk-delay", f"{CHUNK / 16000:.3f}", *(f"127.0.0.1:{port}" for port in ports.values())],
+                   check=True)
 
 
 def main() -> None:
@@ -150,6 +167,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value",
                         help="captiond config override, e.g. asr.beam_size=1")
     parser.add_argument("--texts", type=Path, help="also write each transcript, a JSON line per clip, to this file")
+    parser.add_argument("--wyoming-bench", action="store_true",
+                        help="then run PyPI's wyoming-bench (installed into --wfw-venv) against both servers")
     args = parser.parse_args()
     config = load(None, args.set)[0]
     texts_out = args.texts.open("w", buffering=1) if args.texts else None  # a bad path fails now, not minutes in
@@ -163,7 +182,7 @@ def main() -> None:
                      "--set", f"server.socket={tmp / 'captiond.sock'}", "--set", "wyoming.enabled=true",
                      "--set", f"wyoming.uri=tcp://127.0.0.1:{cap_port}", "--set", "wyoming.max_sessions=4",
                      *(x for s in args.set for x in ("--set", s))],
-        "wyoming-faster-whisper": [str(wfw_python(args.wfw_venv)), "-m", "wyoming_faster_whisper",
+        "wyoming-faster-whisper": [str(bench_python(args.wfw_venv, "wyoming-faster-whisper", "wyoming_faster_whisper")), "-m", "wyoming_faster_whisper",
                                    "--uri", f"tcp://127.0.0.1:{wfw_port}", "--model", model,
                                    "--data-dir", str(tmp / "wfw"), "--local-files-only", "--language", "en",
                                    "--beam-size", str(config.asr.beam_size), "--compute-type", config.asr.compute_type,
@@ -191,6 +210,8 @@ def main() -> None:
                              corpus_wer([(r.clip.text, r.text) for r in results]), cpu / audio_s))
                 print(f"{name:24} {clients} client(s): stop->transcript p50 {rows[-1][2]:.3f} s, "
                       f"p95 {rows[-1][3]:.3f} s, WER {rows[-1][4]:.3f}", file=sys.stderr)
+        if args.wyoming_bench:
+            run_wyoming_bench(args.wfw_venv, work, tmp, ports)
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -196,7 +196,7 @@ def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("full, text", [("word word word word Word.", "word word word word Word."),
-                                        ("word, " * 6, "word, " * 6)])
+                                        ("word, " * 6, "word,")])  # looping either way: cut to one saying
 def test_a_chunk_that_loops_in_the_short_window_is_decoded_again_hearing_the_whole_window(full, text):
     decoder = ShortWindowLoops(full)
     transcript = transcribe_file(CORPUS / "mfa_words.wav", decoder, Config())

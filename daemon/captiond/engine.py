@@ -10,7 +10,7 @@ import itertools
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -65,10 +65,25 @@ class Transcript:
 
     def loops(self, rules: TextRules, after: int = 0) -> bool:
         """True when a loop (rules.loop) begins at or after words[after] and within the words heard:
-        one that the text rules would cut."""
-        words = self.words
-        found = loop([*(w.word for w in words), *self.unheard], rules, after=after)
-        return found is not None and found[0] < len(words)
+        one that unlooped() would cut."""
+        return self.unlooped(rules, after)[1]
+
+    def unlooped(self, rules: TextRules, after: int = 0, written: Sequence[str] = ()) -> tuple[Transcript, bool]:
+        """The transcript less every loop (rules.loop) from words[after] on, each cut back to one saying,
+        and whether any was cut.
+
+        Loops are found in the decode as Whisper wrote it (`written`; by default its words, then those
+        left out as unheard), so a loop the engine already shortened is still seen: with its last
+        saying left out, "10 of clubs.. 10 of clubs.." for 1.1 s of "ten of clubs" was too short to
+        be one. A loop only left-out words make is gone already."""
+        written = list(written or [*(w.word for w in self.words), *self.unheard])
+        kept, cut = self, False
+        while (found := loop(written, rules, after=after)) is not None:
+            first, stop = found
+            if first < len(kept.words):  # kept.words is always the first of the written words
+                cut, kept = True, kept.without(first, min(stop, len(kept.words)))
+            del written[first:stop]
+        return kept, cut
 
     def without(self, first: int, end: int) -> Transcript:
         """The transcript less words[first:end] (a loop, a tail the decoder ran on into)."""

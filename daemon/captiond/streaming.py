@@ -11,7 +11,7 @@ from .engine import Transcript
 from .events import Final, Partial, Word
 from .frames import SAMPLE_RATE
 from .gate import UtteranceAudio, UtteranceEnd
-from .rules import WHISPER, TextRules, doubtful, guessed, loop, looping, tail_guesses, trusted
+from .rules import WHISPER, TextRules, doubtful, guessed, looping, tail_guesses, trusted
 from .stable import StableWords, after, holding, spoken
 from .window import AudioWindow
 
@@ -233,17 +233,8 @@ class UtteranceStream:
         cut = t.without(n - tail, n)
         # Every loop after the stable words is cut back to one saying, one after another: a decode
         # bound to all that was said went "… Thank you. Thank you. Thank you. Bye bye." and "Bye bye."
-        # forty times more. Loops are found in the decode as Whisper wrote it, the words it placed
-        # after the audio included: with those left out, "10 of clubs.. 10 of clubs.. 10 of clubs.."
-        # for 1.1 s of "ten of clubs" kept two sayings, too few to be a loop. A loop that only the
-        # left-out words make is gone already: it flags nothing.
-        looped, kept = False, cut
-        written = [*(w.word for w in t.words), *t.unheard]  # kept.words is always its first words
-        while (found := loop(written, rules, after=held)) is not None:
-            first, stop = found
-            if first < len(kept.words):
-                looped, kept = True, kept.without(first, min(stop, len(kept.words)))
-            del written[first:stop]
+        # forty times more. Found in the decode as Whisper wrote it, before the tail was cut.
+        kept, looped = cut.unlooped(rules, held, written=[*(w.word for w in t.words), *t.unheard])
         if looped or looping([*t.text.split(), *t.unheard], rules):  # the text: a decode may lack word times
             flags.append("repetition")
         if end.reason in ("max_length", "end_of_stream"):  # a pause did not end it

@@ -176,6 +176,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         if window is not None and t.loops(decoder.rules):  # as a live final's loop (AsrWorker._unlooped)
             again = decoder.decode(audio, beam_size=config.asr.beam_size, words=True, fallback=True, window=None)
             t = t if again.loops(decoder.rules) or not again.text.strip() else again
+        t = t.unlooped(decoder.rules)[0]  # a loop left is cut back to one saying, as in a final
         language = t.language
         to_file = _TimeMap(group)
         for seg in t.segments:
