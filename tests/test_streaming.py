@@ -655,6 +655,8 @@ def test_a_final_that_does_not_loop_heard_the_whole_window_or_is_not_the_models_
             return dataclasses.replace(super().decode(audio, **kw), origin="fallback")
 
     once = AsrConfig(partials=False, early_final=False)
+    # past 23 s of audio the short window is Whisper's whole one: a retry would hear the same
+    assert SHORT.cuts(22.0) and not SHORT.cuts(23.0)
     for cfg, decoder in ((once, FakeDecoder()),
                          (dataclasses.replace(once, short_window=False), ShortWindowLoops("word " * 6)),
                          (once, FallbackLoops("word"))):

@@ -195,10 +195,8 @@ def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("full, text", [("word word word word Word.", "word word word word Word."),
-                                        ("word, " * 6, "word,")])  # looping either way: cut to one saying
-def test_a_chunk_that_loops_in_the_short_window_is_decoded_again_hearing_the_whole_window(full, text):
-    decoder = ShortWindowLoops(full)
+def test_a_chunk_that_loops_is_cut_back_to_one_saying():
+    decoder = ShortWindowLoops("word, " * 6)  # it loops whatever window it hears
     transcript = transcribe_file(CORPUS / "mfa_words.wav", decoder, Config())
-    assert " ".join(s.text for s in transcript.segments).strip() == text.strip()
-    assert decoder.windows == [SHORT, None]
+    assert " ".join(s.text for s in transcript.segments) == "word,"
+    assert decoder.windows == [SHORT], "a file's chunk is decoded once: its fallback samples again already"

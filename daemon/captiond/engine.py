@@ -7,6 +7,7 @@ import concurrent.futures
 import ctypes
 import heapq
 import itertools
+import math
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -109,6 +110,10 @@ class Window:
 
     pad_s: float
     min_s: float = 0.0
+
+    def cuts(self, seconds: float) -> bool:
+        """True when, for this much audio, the encoder hears less than Whisper's whole 30 s window."""
+        return math.ceil(max(self.min_s, seconds + self.pad_s)) * _FRAMES_PER_S < _WINDOW_FRAMES
 
 
 SHORT = Window(7.0, 10.0)

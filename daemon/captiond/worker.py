@@ -208,7 +208,8 @@ class AsrWorker:
         neither looped (docs/benchmarks.md). Only loops pay for the second decode."""
         # Only the local model's own decodes: a server's encoder is its own, and a fallback's retry
         # would go to the server that just failed.
-        if t.origin != "local" or self._final_window is None or not stream.loops(t, self.binds):
+        window = self._final_window
+        if t.origin != "local" or window is None or not window.cuts(t.audio_seconds) or not stream.loops(t, self.binds):
             return t
         try:
             again = await self._final_decode(stream, audio_end, bound=bound, whole=whole, full=True)
