@@ -129,8 +129,8 @@ class ShortWindowLoops(FakeDecoder):
         said = (self.full if window is None else "word, " * 6).split()
         timed = tuple(Word(w, 0.3 * i, 0.3 * i + 0.25, 0.9) for i, w in enumerate(said))
         text = " ".join(said)
-        return Transcript(text, (Segment(0.0, timed[-1].end, text, timed, -0.3, 0.01),), "en", -0.3, 1.5, 0.01,
-                          len(audio) / SAMPLE_RATE, 0.1)
+        segments = (Segment(0.0, timed[-1].end, text, timed, -0.3, 0.01),) if said else ()
+        return Transcript(text, segments, "en", -0.3, 1.5, 0.01, len(audio) / SAMPLE_RATE, 0.1)
 
 
 class EventLog:

@@ -104,12 +104,10 @@ def test_translate_gives_english_text_for_any_spoken_language(vmic, daemon_facto
                                "--set", "asr.task=translate")
     assert [f["language"] for f in finals] == [clip["lang"] for clip in MULTILINGUAL], finals
     # base itself leaves a translation undone now and then: decoded alone at 16 paddings, the Spanish
-    # prompt came out Spanish 1-2 times (French and Russian never; docs/benchmarks.md). One of the
-    # three may be left in its language (ASCII tells English from the prompts' own scripts).
-    english = [f["text"] for f in finals if f["text"].isascii()]
-    assert len(english) >= 2, [f["text"] for f in finals]
-    # "Lo siento, …" and "Désolé, …": both prompts apologise.
-    assert any("sorry" in words_of_any_language(f["text"]) for f in finals[:2]), [f["text"] for f in finals]
+    # prompt came out Spanish 1-2 times, the French and Russian ones never (docs/benchmarks.md,
+    # fourteenth round). So only the Spanish one may stay Spanish.
+    spanish, french, russian = (f["text"] for f in finals)
+    assert spanish and "sorry" in words_of_any_language(french) and russian.isascii(), (spanish, french, russian)
 
 
 def test_a_known_model_resolves_without_being_joined(tmp_path, monkeypatch):

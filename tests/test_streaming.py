@@ -629,11 +629,11 @@ def test_a_final_that_loops_is_cut_back_to_one_saying():
 
 
 @pytest.mark.parametrize("full, text", [("word word word word Word.", "word word word word Word."),
-                                        ("word, " * 6, "word,")])
+                                        ("more " * 6, "word,"), ("", "word,")])
 def test_a_final_that_loops_in_the_short_window_is_decoded_again_hearing_the_whole_window(full, text):
-    # tiny.en on the dev clip mfa_words: "word," six times through the short window, cut to one; through
-    # Whisper's whole window "word word word word Word." The retry is the final only when it loops not
-    # (five sayings are too few to be cut, enough to be flagged).
+    # tiny.en on the dev clip mfa_words: "word," seven times through the short window, cut to one; through
+    # Whisper's whole window "word word word word Word." (five sayings: too few to be cut, enough to be
+    # flagged). A retry that loops too, or says nothing, is not taken: the first decode's loop is cut.
     async def feed(queue, worker):
         for item in utterance(1, 0, 2.0):
             await queue.put(item)
@@ -645,24 +645,69 @@ def test_a_final_that_loops_in_the_short_window_is_decoded_again_hearing_the_who
     assert decoder.windows[-2:] == [SHORT, None] and worker.decodes["retry"] == 1
 
 
-def test_a_final_that_does_not_loop_heard_the_whole_window_or_is_not_the_models_own_is_not_decoded_again():
+def test_a_retry_under_bind_finals_begins_with_the_stable_words_or_is_not_taken(monkeypatch):
+    # "word," made stable by a check; the first decode keeps it and loops. A free retry that does not
+    # begin with it would have the final say the stable word and then the whole retry.
+    made = UtteranceStream.__init__
+
+    def with_a_stable_word(self, *args, **kw):
+        made(self, *args, **kw)
+        self.words.committed = ["word,"]
+
+    monkeypatch.setattr(UtteranceStream, "__init__", with_a_stable_word)
+
     async def feed(queue, worker):
         for item in utterance(1, 0, 2.0):
             await queue.put(item)
+
+    for full, text in (("word word word word Word.", "word, word word word Word."), ("other words here", "word,")):
+        worker, events = run_worker(ShortWindowLoops(full), feed,
+                                    cfg=AsrConfig(partials=False, early_final=False, bind_finals=True))
+        final = next(e for e in events if isinstance(e, Final))
+        assert worker.decodes["retry"] == 1 and final.text == text, (full, final)
+
+
+def test_no_retry_past_the_short_window_when_stopping_or_for_decodes_not_the_models_own():
+    def feed_of(seconds):
+        async def feed(queue, worker):
+            for item in utterance(1, 0, seconds):
+                await queue.put(item)
+        return feed
 
     class FallbackLoops(ShortWindowLoops):  # decoded here because an inference server failed
         def decode(self, audio, **kw):
             return dataclasses.replace(super().decode(audio, **kw), origin="fallback")
 
+    class Stopping(ShortWindowLoops):  # the daemon is told to stop while the final decodes
+        def decode(self, audio, **kw):
+            self.worker.stop()
+            return super().decode(audio, **kw)
+
+    class Failing(ShortWindowLoops):
+        def decode(self, audio, *, window=None, **kw):
+            if window is None:
+                raise RuntimeError("out of memory")
+            return super().decode(audio, window=window, **kw)
+
     once = AsrConfig(partials=False, early_final=False)
-    # past 23 s of audio the short window is Whisper's whole one: a retry would hear the same
-    assert SHORT.cuts(22.0) and not SHORT.cuts(23.0)
-    for cfg, decoder in ((once, FakeDecoder()),
-                         (dataclasses.replace(once, short_window=False), ShortWindowLoops("word " * 6)),
-                         (once, FallbackLoops("word"))):
+    assert SHORT.cuts(22.0) and not SHORT.cuts(22.5)  # past 22 s the short window is Whisper's whole one
+    stopping = Stopping("fine")
+    for cfg, decoder, seconds in ((once, FakeDecoder(), 2.0),
+                                  (dataclasses.replace(once, short_window=False), ShortWindowLoops("fine"), 2.0),
+                                  (once, ShortWindowLoops("fine"), 24.0),
+                                  (once, FallbackLoops("fine"), 2.0),
+                                  (once, stopping, 2.0)):
+        async def feed(queue, worker, seconds=seconds):
+            stopping.worker = worker
+            await feed_of(seconds)(queue, worker)
+
         worker, events = run_worker(decoder, feed, cfg=cfg)
-        assert worker.decodes["retry"] == 0 and len(decoder.calls) == 1
+        assert worker.decodes["retry"] == 0 and len(decoder.calls) == 1, decoder
         assert next(e for e in events if isinstance(e, Final)).text
+    # a retry that fails costs nothing: the first decode, its loop cut, is the final
+    worker, events = run_worker(Failing("fine"), feed_of(2.0), cfg=once)
+    final = next(e for e in events if isinstance(e, Final))
+    assert final.text == "word," and "repetition" in final.flags and worker.decodes["retry"] == 0
 
 
 def test_a_loop_the_decoder_ran_on_past_the_audio_is_cut_from_what_it_heard_too():

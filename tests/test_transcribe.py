@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from captiond.config import Config
-from captiond.engine import SHORT, Segment
+from captiond.engine import SHORT, Segment, Transcript
+from captiond.rules import TINY_EN
 from captiond.events import Word
 from captiond.transcribe import FileTranscript, Piece, _TimeMap, cues, pack, render, transcribe_file
 from conftest import CORPUS, ROOT, ShortWindowLoops, clip
@@ -200,3 +201,15 @@ def test_a_chunk_that_loops_is_cut_back_to_one_saying():
     transcript = transcribe_file(CORPUS / "mfa_words.wav", decoder, Config())
     assert " ".join(s.text for s in transcript.segments) == "word,"
     assert decoder.windows == [SHORT], "a file's chunk is decoded once: its fallback samples again already"
+
+
+def test_a_loop_cut_from_a_chunk_leaves_its_other_segments_as_they_were():
+    def seg(text, start, p):
+        words = tuple(Word(w, start + 0.3 * i, start + 0.3 * i + 0.25, 0.9) for i, w in enumerate(text.split()))
+        return Segment(start, words[-1].end + 0.1, text, words, p, 0.01)
+
+    segments = (seg("Thank you. " * 3, 0.0, -0.5), seg("And then we", 3.0, -0.1), seg("went home.", 5.0, -0.2))
+    looped = Transcript(" ".join(s.text for s in segments), segments, "en", -0.5, 1.5, 0.01, 6.0, 0.1)
+    kept, cut = looped.unlooped(TINY_EN)
+    assert cut and [s.text for s in kept.segments] == ["Thank you.", "And then we", "went home."]
+    assert kept.segments[1:] == segments[1:] and kept.segments[0].start == 0.0

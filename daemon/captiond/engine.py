@@ -69,7 +69,7 @@ class Transcript:
         one that unlooped() would cut."""
         return self.unlooped(rules, after)[1]
 
-    def unlooped(self, rules: TextRules, after: int = 0, written: Sequence[str] = ()) -> tuple[Transcript, bool]:
+    def unlooped(self, rules: TextRules, after: int = 0, written: Sequence[str] | None = None) -> tuple[Transcript, bool]:
         """The transcript less every loop (rules.loop) from words[after] on, each cut back to one saying,
         and whether any was cut.
 
@@ -77,7 +77,7 @@ class Transcript:
         left out as unheard), so a loop the engine already shortened is still seen: with its last
         saying left out, "10 of clubs.. 10 of clubs.." for 1.1 s of "ten of clubs" was too short to
         be one. A loop only left-out words make is gone already."""
-        written = list(written or [*(w.word for w in self.words), *self.unheard])
+        written = list([*(w.word for w in self.words), *self.unheard] if written is None else written)
         kept, cut = self, False
         while (found := loop(written, rules, after=after)) is not None:
             first, stop = found
@@ -87,14 +87,21 @@ class Transcript:
         return kept, cut
 
     def without(self, first: int, end: int) -> Transcript:
-        """The transcript less words[first:end] (a loop, a tail the decoder ran on into)."""
-        words = self.words
+        """The transcript less words[first:end] (a loop, a tail the decoder ran on into); every
+        segment keeps its own bounds and scores, less those words (a file's lines and JSON show them)."""
         if end <= first:
             return self
-        head, tail = kept(self.segments, first), list(words[end:])
-        segments = (*head, Segment(tail[0].start, tail[-1].end, " ".join(w.word for w in tail), tuple(tail),
-                                   self.avg_logprob, self.no_speech_prob)) if tail else tuple(head)
-        dropped = tuple(w.word for w in words[first:end])
+        segments, at = [], 0
+        for seg in self.segments:
+            lo, hi = max(first - at, 0), min(end - at, len(seg.words))
+            at += len(seg.words)
+            if hi <= lo:
+                segments.append(seg)
+            elif left := seg.words[:lo] + seg.words[hi:]:
+                segments.append(dataclasses.replace(seg, start=seg.start if lo else left[0].start,
+                                                    end=left[-1].end if hi == len(seg.words) else seg.end,
+                                                    text=" ".join(w.word for w in left), words=left))
+        dropped = tuple(w.word for w in self.words[first:end])
         return dataclasses.replace(self, text=_joined(seg.text for seg in segments), segments=tuple(segments),
                                    unheard=self.unheard + dropped)
 

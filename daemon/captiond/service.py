@@ -159,6 +159,7 @@ class Service:
         if not self._stopping.is_set():
             self._stopping.set()
             self._arm_exit_bound()
+            self.worker.stop()
             if self.remote is not None:
                 self.remote.hurry()
             capture = self._tasks.get("capture")

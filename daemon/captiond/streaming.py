@@ -199,22 +199,31 @@ class UtteranceStream:
         rules = self._rules
         return t.no_speech_prob > rules.max_no_speech and (not timed or t.avg_logprob < rules.min_logprob)
 
-    def _held(self, t: Transcript, bind: bool) -> tuple[bool, int]:
-        """Whether the decode stands free of the stable words (a server's, or unbound, that does not
-        begin with them), and how many of its first words are stable ones no rule may cut."""
-        # Had the tail rule cut the last stable word, the final would have said the stable words and
-        # then the whole decode again. A decode that stands free does not begin with them.
+    def _trimmed(self, t: Transcript, end: UtteranceEnd, bind: bool) -> tuple[Transcript, bool, bool]:
+        """What final() keeps of a decode of the window: t less the tail the decoder ran on into and
+        every loop after the stable words; whether a loop was cut; whether t stands free of the
+        stable words (a server's, or unbound, that does not begin with them)."""
+        rules = self._rules
         free = (t.origin == "remote" or not bind) and after(" ".join(self.words.committed), t.text) is None
-        return free, 0 if free else holding(t.words, self.words.committed)
+        # Stable words a final begins with are never cut: had the tail rule cut the last one, the final
+        # would have said the stable words and then the whole decode again.
+        n, held = len(t.words), 0 if free else holding(t.words, self.words.committed)
+        tail = min(tail_guesses(t.words, (end.end - self.start) / SAMPLE_RATE - self.window.offset, rules), n - held)
+        # Every loop after the stable words is cut back to one saying, one after another: a decode
+        # bound to all that was said went "… Thank you. Thank you. Thank you. Bye bye." and "Bye bye."
+        # forty times more. Found in the decode as Whisper wrote it, before the tail was cut.
+        kept, looped = t.without(n - tail, n).unlooped(rules, held, written=[*(w.word for w in t.words), *t.unheard])
+        return kept, looped, free
 
-    def loops(self, t: Transcript, bind: bool = True) -> bool:
-        """True when final() would cut a loop out of this decode's text."""
-        return t.loops(self._rules, after=self._held(t, bind)[1])
+    def loops(self, t: Transcript, end: UtteranceEnd, bind: bool = True) -> bool:
+        """True when final() would cut a loop out of this decode of the window."""
+        return self._trimmed(t, end, bind)[1]
 
-    def sound(self, t: Transcript, bind: bool = True) -> bool:
-        """True when a decode has text, Whisper does not doubt it, and final() would cut no loop from it."""
+    def sound(self, t: Transcript, end: UtteranceEnd, bind: bool = True) -> bool:
+        """True when a decode of the window has text, Whisper does not doubt it, and final() would cut
+        no loop from it."""
         return (bool(t.text.strip()) and not doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules)
-                and not self.loops(t, bind))
+                and not self.loops(t, end, bind))
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float, bind: bool = True) -> Final:
         """The final event for the decode of the window, less what the text rules cut (rules.py).
@@ -227,14 +236,7 @@ class UtteranceStream:
         elif doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             flags.append("possible_hallucination")
         committed = " ".join(self.words.committed)
-        free, held = self._held(t, bind)
-        n = len(t.words)
-        tail = min(tail_guesses(t.words, (end.end - self.start) / SAMPLE_RATE - self.window.offset, rules), n - held)
-        cut = t.without(n - tail, n)
-        # Every loop after the stable words is cut back to one saying, one after another: a decode
-        # bound to all that was said went "… Thank you. Thank you. Thank you. Bye bye." and "Bye bye."
-        # forty times more. Found in the decode as Whisper wrote it, before the tail was cut.
-        kept, looped = cut.unlooped(rules, held, written=[*(w.word for w in t.words), *t.unheard])
+        kept, looped, free = self._trimmed(t, end, bind)
         if looped or looping([*t.text.split(), *t.unheard], rules):  # the text: a decode may lack word times
             flags.append("repetition")
         if end.reason in ("max_length", "end_of_stream"):  # a pause did not end it

@@ -96,6 +96,7 @@ class AsrWorker:
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
+        self._stopping = False
         self.waiting = False
         """True while the worker waits for gate events (a replay feeds it at the pace it takes them)."""
         self.speculations_used = 0
@@ -197,29 +198,34 @@ class AsrWorker:
                                   prefix=stream.prefix if bound else "", window=None if full else self._final_window,
                                   priority=self._priority, fallback=self._cfg.temperature_fallback, on=self._finals)
 
-    async def _unlooped(self, stream: UtteranceStream, audio_end: int, t: Transcript, *, whole: bool = False,
-                        bound: bool = False) -> Transcript:
-        """t, or the same decode again with the encoder hearing Whisper's whole 30 s window when t,
-        heard through the short one, loops and that one is sound (has text Whisper does not doubt
-        and does not loop).
+    async def _retried(self, stream: UtteranceStream, end: UtteranceEnd, t: Transcript, *, bound: bool,
+                       binds: bool) -> Transcript:
+        """The final's decode of the window t, or the same decode again with the encoder hearing
+        Whisper's whole 30 s window when t, heard through the short one, loops and that one is sound
+        (has text Whisper does not doubt and does not loop).
 
         The short window is not what Whisper was trained on, and loops came with it: "word word word
-        word word" came out "word," six times and was cut to one, "five five" seven times; heard whole,
-        neither looped (docs/benchmarks.md). Only loops pay for the second decode."""
-        # Only the local model's own decodes: a server's encoder is its own, and a fallback's retry
-        # would go to the server that just failed.
+        word word" came out "word," seven times and was cut to one, "five five" seven times; heard
+        whole, neither looped (docs/benchmarks.md). Only loops pay for the second decode, and not
+        once the daemon is stopping (stop()): its wait for the last final is bounded."""
         window = self._final_window
-        if t.origin != "local" or window is None or not window.cuts(t.audio_seconds) or not stream.loops(t, self.binds):
+        if (self._stopping or t.origin != "local" or window is None or not window.cuts(t.audio_seconds)
+                or not stream.loops(t, end, binds)):
             return t
         try:
-            again = await self._final_decode(stream, audio_end, bound=bound, whole=whole, full=True)
+            again = await self._final_decode(stream, end.audio_end, bound=bound, full=True)
         except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
             log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
             return t
-        sound = stream.sound(again, self.binds)
+        # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
+        taken = stream.sound(again, end, binds) and (bound or not binds or stream.keeps_stable(again))
         log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
-                  "" if sound else ", not taken")
-        return again if sound else t
+                  "" if taken else ", not taken")
+        return again if taken else t
+
+    def stop(self) -> None:
+        """The daemon is stopping: finish what was heard without second decodes."""
+        self._stopping = True
 
     def _sentence_ended(self, spec: _Speculation, decode: asyncio.Task[Transcript]) -> None:
         # Its words end a sentence: the gate may end the utterance after a shorter pause than its
@@ -326,8 +332,7 @@ class AsrWorker:
                     self._discard(spec)
                     whole = stream.fits_whole(item.audio_end)
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
-                t = await self._unlooped(stream, item.audio_end, t, whole=whole)
-                binds, local = self.binds, t.origin != "remote"  # one setting for the whole final
+                binds, local, bound = self.binds, t.origin != "remote", False  # one setting for the whole final
                 # Unbound, a local decode is the final even where it hears the stable words otherwise:
                 # it heard more of the utterance than the checks that made them stable, and binding to
                 # them made replay WER worse on every corpus (docs/benchmarks.md, seventh round). Not
@@ -345,7 +350,9 @@ class AsrWorker:
                     if t.origin != "remote" and not stands and ((whole and local) or not stream.keeps_stable(t)):
                         self.finals_bound += 1
                         t = await self._final_decode(stream, item.audio_end, bound=True)
-                        t = await self._unlooped(stream, item.audio_end, t, bound=True)
+                        bound = True
+                # Now the decode that will be the final, of the window (all the utterance if uncut).
+                t = await self._retried(stream, item, t, bound=bound, binds=binds)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
                 self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
