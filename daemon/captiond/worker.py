@@ -200,9 +200,9 @@ class AsrWorker:
 
     async def _retried(self, stream: UtteranceStream, end: UtteranceEnd, t: Transcript, *, bound: bool,
                        binds: bool) -> Transcript:
-        """The final's decode of the window t, or the same decode again with the encoder hearing
-        Whisper's whole 30 s window when t, heard through the short one, loops and that one is sound
-        (has text Whisper does not doubt and does not loop).
+        """t, the decode of the window that is to be the final, or the same decode again with the
+        encoder hearing Whisper's whole 30 s window when t, heard through the short one, loops and
+        that one is sound (has text Whisper does not doubt and does not loop).
 
         The short window is not what Whisper was trained on, and loops came with it: "word word word
         word word" came out "word," seven times and was cut to one, "five five" seven times; heard
