@@ -798,7 +798,7 @@ def test_real_repetition_the_short_window_loops_on_is_kept_with_the_real_model(t
     # The dev clip mfa_words ends "… here's some more word word word word word": through the short
     # window tiny.en writes "Word." seven times, a loop cut back to one; hearing the whole window, five.
     pcm = read_wav(CORPUS / "mfa_words.wav")
-    assert tiny.decode(int16_to_float(pcm), beam_size=5, words=True, window=SHORT, fallback=False).loops(tiny.rules)
+    assert tiny.decode(int16_to_float(pcm), beam_size=5, words=True, window=SHORT, fallback=False).unlooped(tiny.rules)[1]
 
     async def feed(queue, worker):
         await queue.put(UtteranceStart(1, 0))

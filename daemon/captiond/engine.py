@@ -64,11 +64,6 @@ class Transcript:
         """Every word of every segment, in order."""
         return tuple(w for seg in self.segments for w in seg.words)
 
-    def loops(self, rules: TextRules, after: int = 0) -> bool:
-        """True when a loop (rules.loop) begins at or after words[after] and within the words heard:
-        one that unlooped() would cut."""
-        return self.unlooped(rules, after)[1]
-
     def unlooped(self, rules: TextRules, after: int = 0, written: Sequence[str] | None = None) -> tuple[Transcript, bool]:
         """The transcript less every loop (rules.loop) from words[after] on, each cut back to one saying,
         and whether any was cut.

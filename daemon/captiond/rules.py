@@ -154,13 +154,14 @@ def doubtful(avg_logprob: float, compression_ratio: float, no_speech_prob: float
 
 
 def trusted(text: str, avg_logprob: float, compression_ratio: float, no_speech_prob: float,
-            rules: TextRules) -> bool:
+            rules: TextRules, looped: bool | None = None) -> bool:
     """True when Whisper itself trusts a decode: it has text, passes the doubtful() thresholds and does
-    not loop. Only such a decode may stand as a final that revises stable words, which passed those
-    tests in the checks that made them stable (an empty one would drop them all). A guard, not a fit:
-    on replay of tune, held-out and dev it changed no final."""
+    not loop (`looped`, when the caller judged that by the loop cut; else looping()). Only such a
+    decode may stand as a final that revises stable words, which passed those tests in the checks
+    that made them stable (an empty one would drop them all). A guard, not a fit: on replay of tune,
+    held-out and dev it changed no final."""
     return (bool(text.strip()) and not doubtful(avg_logprob, compression_ratio, no_speech_prob, rules)
-            and not looping(text.split(), rules))
+            and not (looping(text.split(), rules) if looped is None else looped))
 
 
 def guessed(words: Sequence[Word], no_speech_prob: float, repetition: bool, rules: TextRules) -> bool:

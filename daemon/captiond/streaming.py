@@ -96,9 +96,9 @@ class UtteranceStream:
         cut off it included for a decode of the `whole` utterance."""
         return self.words.kept_by(t.text, cut_off=whole)
 
-    def trusted(self, t: Transcript) -> bool:
+    def trusted(self, t: Transcript, looped: bool | None = None) -> bool:
         """rules.trusted for a decode of this utterance, with its model's rules."""
-        return trusted(t.text, t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules)
+        return trusted(t.text, t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules, looped)
 
     def fits_whole(self, until: int) -> bool:
         """True when the window was cut at stable words and the utterance up to stream sample `until`
@@ -218,12 +218,6 @@ class UtteranceStream:
     def loops(self, t: Transcript, end: UtteranceEnd, bind: bool = True) -> bool:
         """True when final() would cut a loop out of this decode of the window."""
         return self._trimmed(t, end, bind)[1]
-
-    def sound(self, t: Transcript, end: UtteranceEnd, bind: bool = True) -> bool:
-        """True when a decode of the window has text, Whisper does not doubt it, and final() would cut
-        no loop from it."""
-        return (bool(t.text.strip()) and not doubtful(t.avg_logprob, t.compression_ratio, t.no_speech_prob, self._rules)
-                and not self.loops(t, end, bind))
 
     def final(self, t: Transcript, end: UtteranceEnd, latency: float, bind: bool = True) -> Final:
         """The final event for the decode of the window, less what the text rules cut (rules.py).

@@ -202,7 +202,7 @@ class AsrWorker:
                        binds: bool) -> Transcript:
         """t, the decode of the window that is to be the final, or the same decode again with the
         encoder hearing Whisper's whole 30 s window when t, heard through the short one, loops and
-        that one is sound (has text Whisper does not doubt and does not loop).
+        that one is trusted (has text Whisper does not doubt, and no loop to cut).
 
         The short window is not what Whisper was trained on, and loops came with it: "word word word
         word word" came out "word," seven times and was cut to one, "five five" seven times; heard
@@ -218,7 +218,8 @@ class AsrWorker:
             log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
             return t
         # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
-        taken = stream.sound(again, end, binds) and (bound or not binds or stream.keeps_stable(again))
+        taken = (stream.trusted(again, looped=stream.loops(again, end, binds))
+                 and (bound or not binds or stream.keeps_stable(again)))
         log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
                   "" if taken else ", not taken")
         return again if taken else t
