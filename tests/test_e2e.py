@@ -45,8 +45,15 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
     assert len(finals) >= len(SESSION)
     assert len(events.of("speech_start")) == len(events.of("speech_end")) == len(finals)
     assert events.of("partial"), "an 11 s utterance must produce partials"
+    # An extra utterance the gate opened on a breath or a click may decode to nothing (the protocol's
+    # `empty` / `withheld`); every clip's speech must still reach a final with words.
+    assert len([f for f in finals if f["words"]]) >= len(SESSION), finals
     for final in finals:
-        assert final["words"] and final["language"] == "en" and isinstance(final["latency"], float)
+        assert isinstance(final["latency"], float) and "error" not in final["flags"], final
+        if not final["words"]:
+            assert not final["text"] and {"empty", "withheld"} & set(final["flags"]), final
+            continue
+        assert final["language"] == "en", final
         assert final["start"] <= final["words"][0]["start"] <= final["words"][-1]["end"] <= final["end"] + 0.5
         stable = [p["stable"] for p in events.of("partial") if p["utt"] == final["utt"]]
         if stable and "unbound" not in final["flags"]:  # the protocol: it begins with them, or says it does not
