@@ -1137,6 +1137,9 @@ def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier
     ("Montreal. Forced? A liner.", False), ("Well... so it goes.", True), ("Hello.", False),
     ("I hardly know her", False), ("and then...", False), ("and then…", False), ("", False),
     ("Yes sir !", False),  # a lone mark is no word
+    ("And then came Mr.", False), ("He went to see Dr.", False),  # a title waits for its name
+    ("We met at five p.m.", True), ("They said, “we are done.”", True),
+    ("今日はいい天気です。", True), ("我很好。谢谢。", False), ("はい。", False), ("好的，然后", False),
 ])
 def test_only_a_sentence_of_three_words_or_more_may_end_an_utterance_early(text, ends):
     for rules in (TINY_EN, WHISPER):

@@ -9,6 +9,7 @@ model until they are measured there, so a rule fitted to tiny.en never silently 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,21 +89,35 @@ def unheard(words: Sequence[Word], seconds: float, rules: TextRules) -> int:
     return trailing if trailing and len(said) > 1 and said[-1] == said[-2] else 0
 
 
-def ends_sentence(text: str, rules: TextRules) -> bool:
-    """True when text ends as a sentence does (. ? !), not trailing off ("...", "…") or mid-clause,
-    and that last sentence has at least sentence_words words. Whisper writes a full stop after a
-    single slowly said word ("Montreal. Forced? A liner.", "forced. forced"), and an utterance ended
-    there left the next word to be decoded alone ("Forst"). The rule can only make an utterance wait
-    its full hangover, so it holds for any model."""
-    def ends(word: str) -> bool:
-        word = word.rstrip("\"')]")
-        return word.endswith((".", "?", "!")) and not word.endswith(("..", "…"))
+_ENDS = (".", "?", "!", "。", "？", "！")
+_CLOSERS = "\"')]”’»」』）"
+_TITLES = frozenset({"mr", "mrs", "ms", "mx", "dr", "prof"})
+"""Abbreviations that stand before a name, so never end a sentence ("And Mr. | John Dashwood")."""
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
+"""Kana and ideographs: Chinese and Japanese write no spaces, so each counts as a word."""
+_AFTER_FULL_WIDTH_END = re.compile("([。？！][" + re.escape(_CLOSERS) + "]*)")
 
-    said = text.split()
+
+def ends_sentence(text: str, rules: TextRules) -> bool:
+    """True when text ends as a sentence does (. ? ! and their full-width forms), not trailing off
+    ("...", "…"), mid-clause or on a title ("Mr."), and that last sentence has at least
+    sentence_words words. Whisper writes a full stop after a single slowly said word ("Montreal.
+    Forced? A liner.", "forced. forced"), and an utterance ended there left the next word to be
+    decoded alone ("Forst"). The rule can only make an utterance wait its full hangover, so it holds
+    for any model."""
+    def ends(word: str) -> bool:
+        word = word.rstrip(_CLOSERS)
+        return (word.endswith(_ENDS) and not word.endswith(("..", "…"))
+                and word.rstrip(".").lstrip(PUNCTUATION).lower() not in _TITLES)
+
+    def words(token: str) -> int:
+        return len(_CJK.findall(token)) or any(c.isalnum() for c in token)
+
+    said = _AFTER_FULL_WIDTH_END.sub(r"\1 ", text).split()
     if not said or not ends(said[-1]):
         return False
     last = [said[-1], *itertools.takewhile(lambda w: not ends(w), reversed(said[:-1]))]
-    return sum(1 for w in last if any(c.isalnum() for c in w)) >= rules.sentence_words
+    return sum(words(w) for w in last) >= rules.sentence_words
 
 
 def tail_guesses(words: Sequence[Word], voiced_end: float, rules: TextRules) -> int:
