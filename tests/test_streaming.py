@@ -234,6 +234,7 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
 @pytest.mark.parametrize("ending, went_on, asked", [  # the fake says "heard 1.20" and then the ending
     (" so far.", False, True), (" so far?", False, True), ("", False, False), (" so far...", False, False),
     (". Done.", False, False),  # a one-word sentence: Whisper's full stop after a slow word
+    (". We are done." * 4, False, False),  # a loop: its full stop says nothing of the speech
     (" so far.", True, False)])
 def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_at_its_pause(ending, went_on, asked):
     items = utterance(1, 0, 3.0)

@@ -18,7 +18,7 @@ from .engine import SHORT, Engine, Transcript, Window
 from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from .rules import ends_sentence
+from .rules import ends_sentence, trusted
 from .streaming import UtteranceStream
 from .tasks import spawn
 
@@ -230,9 +230,12 @@ class AsrWorker:
 
     def _sentence_ended(self, spec: _Speculation, decode: asyncio.Task[Transcript]) -> None:
         # Its words end a sentence: the gate may end the utterance after a shorter pause than its
-        # hangover (the final is this decode, already done), unless speech comes first.
-        if (self._end_at_pause is not None and self._speculation is spec and not decode.cancelled()
-                and decode.exception() is None and ends_sentence(decode.result().text, self._engine.rules)):
+        # hangover (the final is this decode, already done), unless speech comes first. Not when
+        # Whisper doubts the decode: a loop's last full stop says nothing about the speech.
+        if self._end_at_pause is None or self._speculation is not spec or decode.cancelled() or decode.exception():
+            return
+        t, rules = decode.result(), self._engine.rules
+        if ends_sentence(t.text, rules) and trusted(t.text, t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
             self._end_at_pause(spec.utt, spec.voiced_end)
 
     @property
