@@ -265,12 +265,34 @@ def test_foreign_origins_and_rebinding_hosts_are_refused(harness):
         connect(f"ws://evil.example:{port}/events", sock=socket.create_connection(("127.0.0.1", port)),
                 additional_headers={"Origin": f"http://evil.example:{port}"})
     assert err.value.response.status_code == 403
-    with pytest.raises(InvalidStatus) as err:
+    with pytest.raises(InvalidStatus) as err:  # a second Host header: which one names the server?
         connect(f"ws://{h.base}/events", additional_headers={"Host": h.base})
-    assert err.value.response.status_code == 403
+    assert err.value.response.status_code == 400
     for origin in (f"http://{h.base}", "http://localhost:3000"):  # the page's own origin and a listed one
         with connect(f"ws://{h.base}/events", additional_headers={"Origin": origin}) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+
+
+def _raw_status(port: int, headers: str) -> int:
+    """The status line's code for a hand-written handshake to /events (headers end with CRLF)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /events HTTP/1.1\r\n" + headers.encode() + b"Connection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        return int(sock.makefile("rb").readline().split()[1])
+
+
+def test_a_header_given_twice_is_a_bad_request_and_a_bare_ipv6_loopback_host_is_local(harness, caplog):
+    h = harness()
+    port = h.service.web.port
+    for twice in ("Upgrade: websocket\r\nUpgrade: websocket\r\nHost: 127.0.0.1\r\n",
+                  "Upgrade: websocket\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n",
+                  "Upgrade: websocket\r\nHost: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\nOrigin: null\r\n",
+                  "Upgrade: websocket\r\nHost: 127.0.0.1\r\nAuthorization: a\r\nAuthorization: b\r\n"):
+        assert _raw_status(port, twice) == 400, twice
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "a bad request is no server error"
+    assert _raw_status(port, "Upgrade: websocket\r\nHost: [::1]\r\n") == 101
+    assert _raw_status(port, f"Upgrade: websocket\r\nHost: [::1]:{port}\r\n") == 101
+    assert _raw_status(port, "Upgrade: websocket\r\nHost: [::1\r\n") == 403
 
 
 def test_token_is_required_when_set(harness):

@@ -32,9 +32,17 @@ from .tasks import spawn
 log = logging.getLogger(__name__)
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_SINGLE_HEADERS = ("Host", "Origin", "Upgrade", "Authorization")  # two of one would make the checks ambiguous
 _SESSION_QUEUE = 512  # events buffered for one /listen client before partials are dropped
 _SESSION_CLOSE_S = 10.0  # a CloseStream or idle session may take this long for its last final
 _WRITE_LIMIT = 16 * 1024
+
+
+def _host_name(host: str) -> str:
+    """A Host header without its port: "[::1]:8765" and "[::1]" are "[::1]", "localhost:80" is "localhost"."""
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0]
 
 
 class WebError(ServerError):
@@ -109,6 +117,9 @@ class WebServer:
     def _check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Serve the page; refuse unknown paths, missing tokens, foreign origins and rebinding hosts."""
         url = urlsplit(request.path)
+        if any(len(request.headers.get_all(name)) > 1 for name in _SINGLE_HEADERS):
+            return connection.respond(http.HTTPStatus.BAD_REQUEST,
+                                      f"at most one of each of these headers: {', '.join(_SINGLE_HEADERS)}\n")
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
         if url.path in ("/", "/index.html") and not upgrade:
             headers = Headers({"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
@@ -128,10 +139,9 @@ class WebServer:
         return None
 
     def _refusal(self, request: Request, query: str) -> str:
-        hosts, origins = request.headers.get_all("Host"), request.headers.get_all("Origin")
-        if len(hosts) != 1 or len(origins) > 1:
-            return "exactly one Host and at most one Origin header are allowed"
-        host = hosts[0]
+        host, origin = request.headers.get("Host"), request.headers.get("Origin")
+        if host is None:
+            return "a Host header is required"
         if self._cfg.token:
             given = parse_qs(query).get("token", [""])[0]
             auth = request.headers.get("Authorization", "")
@@ -139,11 +149,10 @@ class WebServer:
                 given = auth[7:].strip()
             if not hmac.compare_digest(given.encode(), self._cfg.token.encode()):
                 return "missing or wrong token (send ?token=... or Authorization: Bearer ...)"
-        elif host.rsplit(":", 1)[0] not in _LOCAL_HOSTS:
+        elif _host_name(host) not in _LOCAL_HOSTS:
             # Without a token only this machine may connect, and only by a loopback name: a page on
             # another site that resolves its own name to 127.0.0.1 (DNS rebinding) is turned away here.
             return f"Host {host!r} is not a loopback name; use http://127.0.0.1 or set websocket.token"
-        origin = origins[0] if origins else None
         if origin is not None and origin.rstrip("/") not in (f"http://{host}", f"https://{host}",
                                                              *self._cfg.allowed_origins):
             return f"Origin {origin!r} is not allowed; add it to websocket.origins"
