@@ -5,6 +5,7 @@ against a Service with the fake decoder for the protocol's errors, limits and au
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 from typing import Awaitable, Callable
@@ -16,7 +17,7 @@ from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error as WyError
-from wyoming.event import Event, async_write_event
+from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import Describe, Info
 
 from captiond.config import ConfigError, load
@@ -517,6 +518,32 @@ def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harne
     assert text and set(h.decoder.languages) == {"fr"}, "every decode of the session is told its language"
     refused = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="xx")))
     assert WyError.from_event(refused[-1]).code == "unsupported_language"
+
+
+def test_a_prompt_or_names_the_decoder_cannot_take_are_refused_with_an_error_event(harness):
+    h = harness()
+
+    async def run() -> list[WyError]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        errors = []
+        for data in ({"context": {"prompt": "\ud800"}}, {"transcript_names": ["Ada", "\x1b[2Jrm"]},
+                     {"transcript_terms": ["\u202eevil"]}):
+            # json.dumps escapes the lone surrogate, which the wyoming package's writer cannot encode.
+            writer.write((json.dumps({"type": "transcribe", "data": {"language": "en", **data}}) + "\n").encode())
+            await async_write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event(), writer)
+            while (event := await asyncio.wait_for(async_read_event(reader), READ_S)).type != "error":
+                assert event.type != "transcript"
+            errors.append(WyError.from_event(event))
+            await async_write_event(AudioStop().event(), writer)
+        writer.close()
+        return errors
+
+    errors = asyncio.run(run())
+    assert [e.code for e in errors] == ["bad_request"] * 3
+    assert "prompt" in errors[0].text and "transcript_names" in errors[1].text and "transcript_terms" in errors[2].text
+    text, _ = transcript_of(asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(
+        language="en", context={"prompt": "Plain words, two lines.\nFine."}))))
+    assert text, "a plain prompt is taken"
 
 
 def test_unsupported_language_and_idle_connections_get_error_events(harness):

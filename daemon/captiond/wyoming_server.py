@@ -24,7 +24,7 @@ from wyoming.vad import VoiceStarted, VoiceStopped
 
 from . import __version__
 from .config import AsrConfig, WyomingConfig
-from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart
+from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart, text_problem
 from .frames import SAMPLE_RATE
 from .server import ServerError, check_socket_path
 from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
@@ -520,6 +520,14 @@ class WyomingServer:
             served = repr(languages[0]) if len(languages) == 1 else "Whisper's language codes"
             return "unsupported_language", (f"language {transcribe.language!r} is not served: the model is "
                                             f"set to {served} (asr.language, asr.model)")
+        # What goes to the decoder is checked as the socket's context command checks it.
+        texts = [("context prompt", (transcribe.context or {}).get("prompt"))]
+        texts += [("transcript_names", t) for t in transcribe.transcript_names or ()]
+        texts += [("transcript_terms", t) for t in transcribe.transcript_terms or ()]
+        for name, text in texts:
+            why = text_problem(text) if isinstance(text, str) else None
+            if why:
+                return "bad_request", f"transcribe {name} {why}; send plain text"
         return None
 
     def _handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Handler:
