@@ -19,6 +19,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error as WyError
 from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import Describe, Info
+from wyoming.ping import Ping
 
 from captiond.config import ConfigError, load
 from conftest import CORPUS, SPEECH, Daemon, Harness, clip, read_wav, silence
@@ -518,6 +519,32 @@ def test_a_multilingual_model_decodes_each_session_in_its_clients_language(harne
     assert text and set(h.decoder.languages) == {"fr"}, "every decode of the session is told its language"
     refused = asyncio.run(session(h.port, SPEECH, transcribe=Transcribe(language="xx")))
     assert WyError.from_event(refused[-1]).code == "unsupported_language"
+
+
+def test_a_transcription_that_trickles_pings_and_scraps_of_audio_is_ended_at_max_audio_s(harness):
+    h = harness("wyoming.max_sessions=1", "wyoming.max_audio_s=2")
+
+    async def run() -> tuple[list[Event], str]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+            got: list[Event] = []
+            for _ in range(60):  # 10 ms of audio and a ping every 0.1 s: 0.3 s of audio in 6 s
+                await client.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                                    audio=to_bytes(SPEECH[:RATE // 100])).event())
+                await client.write_event(Ping(text="still here").event())
+                got.append(await asyncio.wait_for(client.read_event(), READ_S))
+                if got[-1].type == "error":
+                    break
+                await asyncio.sleep(0.1)
+            got += await read_until(client, "transcript-stop")
+            await client.write_event(AudioStop().event())
+            text, _ = transcript_of(await session(h.port, SPEECH[:RATE]))  # the slot is free again
+            return got, text
+
+    got, text = asyncio.run(run())
+    errors = [WyError.from_event(e) for e in got if e.type == "error"]
+    assert [e.code for e in errors] == ["too_long"] and "of time" in errors[0].text
+    assert text == "" or text.startswith("heard")
 
 
 def test_a_prompt_or_names_the_decoder_cannot_take_are_refused_with_an_error_event(harness):

@@ -329,7 +329,7 @@ class WyomingConfig:
     max_connections: int = 64
     """Connections at once (at least max_sessions); more are sent a too_many_connections error event and closed."""
     max_audio_s: float = 600.0
-    """Seconds of audio one transcription may stream; past it the client gets a too_long error and the transcript."""
+    """Seconds of audio one transcription may stream, and seconds it may stay open; past either the client gets a too_long error and the transcript."""
 
     def __post_init__(self) -> None:
         url = _url(self.uri, "wyoming.uri")

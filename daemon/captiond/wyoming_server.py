@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -170,6 +171,8 @@ class _Transcription:
         """Set when the audio cannot be used; the rest of the stream is ignored until audio-stop."""
         self.seconds = 0.0
         """Audio the client has sent, in seconds."""
+        self.opened = time.monotonic()
+        """When audio-start came (time.monotonic(), seconds)."""
         self._wake = asyncio.Event()
         self._ended = False
         self._emitter: asyncio.Task | None = None
@@ -323,6 +326,7 @@ class _Handler(AsyncEventHandler):
             await self._handle(event)
         except BadEvent as exc:  # a field missing or of the wrong type: the stream itself is fine
             await self._error("bad_request", f"{exc}; the event is ignored")
+        await self._expire()  # at least every idle_timeout_s: a quieter client is closed
         return True
 
     async def _handle(self, event: WyEvent) -> None:
@@ -400,11 +404,16 @@ class _Handler(AsyncEventHandler):
             return
         await current.session.feed(self._mono16(current, chunk))
         current.seconds += len(chunk.audio) / frame / chunk.rate
-        most = self._server.cfg.max_audio_s
-        if current.seconds > most:
-            # A stream that never stops would hold its transcription slot for ever.
-            await self._error("too_long", f"more than {most:g} s of audio (wyoming.max_audio_s); here is the "
-                                          "transcript so far, and the rest of this stream is ignored")
+
+    async def _expire(self) -> None:
+        """End the open transcription once it has streamed, or been open, longer than max_audio_s: a
+        stream that never stops, or trickles audio or pings, would hold its slot for ever."""
+        current, most = self._current, self._server.cfg.max_audio_s
+        if current is None or current.failed or current.session is None:
+            return
+        if current.seconds > most or time.monotonic() - current.opened > most:
+            await self._error("too_long", f"more than {most:g} s of audio or of time (wyoming.max_audio_s); here "
+                                          "is the transcript so far, and the rest of this stream is ignored")
             current.failed = True  # its chunks until audio-stop are dropped
             await self._finish(current)
 
