@@ -35,7 +35,9 @@ class Commands:
                 self._worker.prompt = cmd.prompt
             if cmd.hotwords is not None:
                 self._worker.hotwords = cmd.hotwords
-            log.info("context set by a client: prompt %r, hotwords %r", self._worker.prompt, self._worker.hotwords)
+            # Lengths only: up to 50 commands a second per client would otherwise copy 2 KiB each into the log.
+            log.info("context set by a client: prompt of %d characters, hotwords of %d",
+                     len(self._worker.prompt), len(self._worker.hotwords))
         if cmd.cmd == "finalize" and not self._feed.paused:  # paused, nothing is open and nothing is heard
             self._feed.finalize()
         if cmd.cmd == "pause" and not self._feed.paused:
