@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from captiond.config import ConfigError, WebSocketConfig, load
 from captiond.engine import Engine
-from captiond.events import Pong
+from captiond.events import Error, Final, Pong
 from captiond.server import Hub
 from captiond.websocket import WebError, WebServer
 from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
@@ -446,6 +446,53 @@ def test_a_session_whose_task_fails_tells_its_client_and_its_feed_never_blocks()
     assert session.failed == "session failed" and session.broken.is_set()  # its client's handler stops waiting
     errors = [e for e in sent if getattr(e, "code", "") == "session_failed"]
     assert len(errors) == 1 and "a bug in the worker" in errors[0].message
+
+
+def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float) -> list:
+    """What a linear16 session sends when `utterances` clips arrive at once and the stream then ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captiond.session import LiveSession
+
+    engine, sent, gate_thread = Engine(decoder), [], ThreadPoolExecutor(max_workers=1)
+    session = LiveSession(engine, load(None, ["asr.partials=false"])[0], sent.append, encoding="linear16",
+                          sample_rate=16000, gate_thread=gate_thread)
+
+    async def main():
+        session.start()
+        speech = np.tile(SPEECH, utterances).astype("<i2").tobytes()
+        for at in range(0, len(speech), 32000):
+            await asyncio.wait_for(session.feed(speech[at:at + 32000]), 60)
+        await asyncio.wait_for(session.close(timeout), 120)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate_thread.shutdown()
+        engine.close()
+    return sent
+
+
+def test_a_closing_session_decodes_everything_it_took_in_while_it_makes_progress():
+    # Eight utterances sent at once take longer to decode than the close bound, one decode at a time
+    # well within it: the wait goes on, and every utterance gets its final.
+    sent = _closed_session(FakeDecoder(delay=0.15), 8, timeout=0.5)
+    finals = [e for e in sent if isinstance(e, Final)]
+    assert len(finals) == 8 and all(f.text.startswith("heard") for f in finals)
+    assert not [e for e in sent if isinstance(e, Error)]
+
+
+def test_a_closing_session_that_decodes_nothing_for_its_bound_is_abandoned_and_says_so():
+    class Stuck(FakeDecoder):
+        def decode(self, audio, **kw):
+            if len(self.calls) >= 2:  # a decoder thread that hangs from the third decode on
+                time.sleep(3.0)
+            return super().decode(audio, **kw)
+
+    sent = _closed_session(Stuck(), 4, timeout=0.5)
+    errors = [e for e in sent if isinstance(e, Error)]
+    assert [e.code for e in errors] == ["audio_dropped"] and "not transcribed" in errors[0].message
+    assert 1 <= len([e for e in sent if isinstance(e, Final)]) < 4
 
 
 def test_events_clients_beyond_server_max_clients_get_an_error_and_a_1013_close(harness):

@@ -134,7 +134,8 @@ class LiveSession:
         self.broken = asyncio.Event()
         """Set (on the event loop) when `failed` is: the client's handler stops waiting for its messages."""
         self.samples = 0
-        """Audio received so far, in 16 kHz samples."""
+        """Audio the gate has taken so far, in 16 kHz samples."""
+        self._received = 0  # audio put on the queue to the gate, in 16 kHz samples
         self._tasks: list[asyncio.Task] = []
         self._cancelled = threading.Event()  # tells the WebM thread to stop waiting and end
 
@@ -170,16 +171,38 @@ class LiveSession:
         await self._audio.put(FINALIZE)
 
     async def close(self, timeout: float) -> None:
-        """End the stream: the open utterance gets its final, then the session's tasks end (bounded)."""
+        """End the stream: every utterance the session took in gets its final. The wait lasts while
+        the session makes progress (a client may send minutes of audio faster than it is decoded);
+        after `timeout` seconds without any, the rest is abandoned and the client told."""
+        if self._cancelled.is_set():  # the client is gone or the daemon stops: nothing is waited for
+            return
+        ending = spawn(self._end_stream(), "session-end")
+        progress = self._progress()
+        while True:
+            _, busy = await asyncio.wait([ending, *self._tasks], timeout=timeout)
+            if not busy or self._cancelled.is_set():
+                return
+            if self._progress() == progress:
+                break
+            progress = self._progress()
+        left = (self._received - self.samples) / SAMPLE_RATE + self.worker.lag
+        log.warning("live session: no decode for %.0f s with %.1f s of audio left (%s busy); abandoning it",
+                    timeout, left, ", ".join(t.get_name() for t in busy))
+        self._send(Error("audio_dropped", f"the session decoded nothing for {timeout:.0f} s; about {left:.1f} s "
+                                          "of the audio sent before the end were not transcribed"))
+        ending.cancel()
+        self.cancel()
+
+    async def _end_stream(self) -> None:
         if self._pipe is not None:
             await self._to_pipe(self._pipe, None)
         elif self._linear is not None:
             await self._put(self._linear.finish())
             await self._audio.put(None)
-        _, stuck = await asyncio.wait(self._tasks, timeout=timeout)
-        for task in stuck:
-            log.warning("live session: %s still busy after %.0f s; abandoning it", task.get_name(), timeout)
-            task.cancel()
+
+    def _progress(self) -> tuple[int, int]:
+        """Changes whenever the session takes audio in or finishes a decode."""
+        return self.samples, sum(self.worker.decodes.values())
 
     def cancel(self) -> None:
         """Stop at once (the client is gone); the WebM thread ends within half a second."""
@@ -226,6 +249,7 @@ class LiveSession:
     async def _put(self, pcm: np.ndarray) -> None:
         if len(pcm) and not self.failed:
             await self._audio.put(pcm)
+            self._received += len(pcm)
 
     def _decode_webm(self, loop: asyncio.AbstractEventLoop, pipe: _Pipe) -> None:
         """Decoder thread: demux and decode the WebM stream as its bytes arrive."""
@@ -244,7 +268,9 @@ class LiveSession:
                 raise
             while True:  # the session is behind: wait, but not for a session that was abandoned
                 try:
-                    return done.result(timeout=0.5)
+                    done.result(timeout=0.5)
+                    self._received += 0 if item is None else len(item)
+                    return
                 except concurrent.futures.TimeoutError:
                     if self._cancelled.is_set():
                         done.cancel()

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _SINGLE_HEADERS = ("Host", "Origin", "Upgrade", "Authorization")  # two of one would make the checks ambiguous
 _SESSION_QUEUE = 512  # events buffered for one /listen client before partials are dropped
-_SESSION_CLOSE_S = 10.0  # a CloseStream or idle session may take this long for its last final
+_SESSION_CLOSE_S = 10.0  # a closing session that decodes nothing for this long loses what it has left
 _WRITE_LIMIT = 16 * 1024
 
 

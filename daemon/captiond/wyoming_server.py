@@ -33,7 +33,7 @@ from .tasks import spawn
 
 log = logging.getLogger(__name__)
 
-_CLOSE_S = 10.0  # how long audio-stop may wait for the session's last final
+_CLOSE_S = 10.0  # after audio-stop, a session that decodes nothing for this long loses what it has left
 _MAX_CHANNELS = 8
 _NOTICES = 64  # voice and error events not yet written; a client that never reads loses the oldest
 _MAX_DATA = 64 * 1024  # JSON data an event may carry after its header, in bytes
