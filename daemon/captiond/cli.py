@@ -62,6 +62,24 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 # --- run ---------------------------------------------------------------------------------------
 
+_OPEN_FILES = 1 << 16
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files towards the hard one (at most 65536): every client holds
+    one, and at systemd's default soft limit of 1024 a burst of connections to the WebSocket port
+    left none for the model's own files (a decode failed opening a module)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("open files limit stays %d: %s", soft, exc)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
     # A reload (SIGHUP) before the service's handler is in place would kill the daemon it asks to
@@ -78,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .translog import TranscriptLog
 
     setup_logging(args.debug)
+    raise_open_files_limit()
     config, _ = _config(args)
     try:
         source = make_source(args.source or config.audio.source, args.realtime or config.audio.realtime,
