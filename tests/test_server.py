@@ -53,6 +53,22 @@ def test_hello_first_then_gap_free_seq_to_every_subscriber(tmp_path):
     asyncio.run(main())
 
 
+def test_a_client_that_ends_its_sending_side_gets_its_answers_and_then_the_close(tmp_path):
+    # As `echo '{"cmd":"ping"}' | nc -N -U SOCKET` does (docs/protocol.md).
+    async def main():
+        server = make_server(tmp_path / "s.sock")
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(b'{"cmd":"ping"}\n{"cmd":"status"}\n')
+        writer.write_eof()
+        lines = (await asyncio.wait_for(reader.read(), 5)).splitlines()  # read() returns at the close
+        writer.close()
+        await server.close()
+        return [json.loads(line)["type"] for line in lines]
+
+    assert asyncio.run(main()) == ["hello", "pong", "status"]
+
+
 def test_stalled_reader_loses_events_others_do_not(tmp_path):
     async def main():
         server = make_server(tmp_path / "s.sock", client_queue=8)
