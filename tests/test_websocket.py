@@ -476,7 +476,7 @@ def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float) -> li
 def test_a_closing_session_decodes_everything_it_took_in_while_it_makes_progress():
     # Eight utterances sent at once take longer to decode than the close bound, one decode at a time
     # well within it: the wait goes on, and every utterance gets its final.
-    sent = _closed_session(FakeDecoder(delay=0.15), 8, timeout=0.5)
+    sent = _closed_session(FakeDecoder(delay=0.3), 8, timeout=1.5)
     finals = [e for e in sent if isinstance(e, Final)]
     assert len(finals) == 8 and all(f.text.startswith("heard") for f in finals)
     assert not [e for e in sent if isinstance(e, Error)]
@@ -489,7 +489,7 @@ def test_a_closing_session_that_decodes_nothing_for_its_bound_is_abandoned_and_s
                 time.sleep(3.0)
             return super().decode(audio, **kw)
 
-    sent = _closed_session(Stuck(), 4, timeout=0.5)
+    sent = _closed_session(Stuck(), 4, timeout=1.0)
     errors = [e for e in sent if isinstance(e, Error)]
     assert [e.code for e in errors] == ["audio_dropped"] and "not transcribed" in errors[0].message
     assert 1 <= len([e for e in sent if isinstance(e, Final)]) < 4
