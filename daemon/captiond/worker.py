@@ -18,7 +18,7 @@ from .engine import SHORT, Engine, Transcript, Window
 from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from .rules import ends_sentence, trusted
+from .rules import ends_sentence
 from .streaming import UtteranceStream
 from .tasks import spawn
 
@@ -232,10 +232,12 @@ class AsrWorker:
         # Its words end a sentence: the gate may end the utterance after a shorter pause than its
         # hangover (the final is this decode, already done), unless speech comes first. Not when
         # Whisper doubts the decode: a loop's last full stop says nothing about the speech.
-        if self._end_at_pause is None or self._speculation is not spec or decode.cancelled() or decode.exception():
+        stream = self._stream
+        if (self._end_at_pause is None or self._speculation is not spec or stream is None or stream.utt != spec.utt
+                or decode.cancelled() or decode.exception()):
             return
-        t, rules = decode.result(), self._engine.rules
-        if ends_sentence(t.text, rules) and trusted(t.text, t.avg_logprob, t.compression_ratio, t.no_speech_prob, rules):
+        t = decode.result()
+        if ends_sentence(t.text, self._engine.rules) and stream.trusted(t):
             self._end_at_pause(spec.utt, spec.voiced_end)
 
     @property
