@@ -8,7 +8,7 @@ through the daemon's gate and ASR worker (bench/replay.py): the finals' language
 keeping the speaker's language through short and unsure detections, and the streamed WER beside
 each clip decoded alone.
 
-    .venv/bin/python bench/languages.py [--model base] [--clips N] [--lang es] [--streamed]
+    .venv/bin/python bench/languages.py [--model base] [--clips N] [--lang es] [--streamed] [--set asr.languages=en,es]
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--lang", help="only this language's clips (es, fr or ru)")
     parser.add_argument("--streamed", action="store_true",
                         help="play each language's clips as one session through the gate and worker")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override, e.g. asr.languages=en,es,fr,ru (repeatable)")
     args = parser.parse_args()
-    config, _ = load(ROOT / "config" / "captiond.toml", [f"asr.model={args.model}", "asr.language=auto"])
+    config, _ = load(ROOT / "config" / "captiond.toml", [f"asr.model={args.model}", "asr.language=auto", *args.set])
     decoder = WhisperDecoder(config.asr)
     decoder.load()
     clips = [json.loads(line) for line in (CORPUS / "manifest.jsonl").read_text().splitlines() if line.strip()]
@@ -72,7 +74,7 @@ def main() -> None:
             errors[lang] += edit_distance(ref, words_of_any_language(t.text))
             words[lang] += len(ref)
     print(f"languages: {args.model}, {platform.machine()}, {os.cpu_count()} cores; each clip decoded alone, "
-          "asr.language = auto, beam 5\n")
+          f"asr.language = auto, asr.languages = {config.asr.languages or 'any'}, beam 5\n")
     print("| language | clips | detected right | WER | decode s per clip |")
     print("|---|---|---|---|---|")
     for lang in sorted(total):
@@ -85,7 +87,7 @@ def main() -> None:
 
 
 def alone(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> Transcript:
-    """One clip decoded alone at the final's beam with word times, no temperature fallback, Whisper's full window."""
+    """One clip decoded alone at the final's beam with word times, no temperature fallback, the short window."""
     return decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False)
 
 

@@ -171,6 +171,15 @@ def test_language_must_be_a_whisper_code_or_auto():
     assert load(None, ["asr.language=de"])[0].asr.language == "de"
 
 
+def test_languages_to_detect_among_are_whisper_codes_and_need_auto():
+    asr = load(None, ["asr.language=auto", "asr.languages= EN, es,"])[0].asr
+    assert asr.candidate_languages == {"en", "es"}
+    with pytest.raises(ConfigError, match="asr.languages: 'xx' is not a Whisper language code"):
+        load(None, ["asr.language=auto", "asr.languages=en,xx"])
+    with pytest.raises(ConfigError, match="asr.languages: only applies to asr.language = auto"):
+        load(None, ["asr.language=en", "asr.languages=en,es"])
+
+
 def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes(b'[asr]\ninitial_prompt = "caf\xe9"\n')  # Latin-1

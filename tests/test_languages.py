@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from captiond.config import load
+from captiond.engine import Transcript, WhisperDecoder
+from captiond.frames import int16_to_float
 from captiond.models import BASE, ModelError, Piece, folder, installed, resolve_model
 from conftest import ROOT, read_wav, silence, write_wav
 from wer import edit_distance, words_of_any_language
@@ -58,12 +61,14 @@ def test_missing_parts_name_the_pip_command(tmp_path):
         folder(missing, tmp_path)
 
 
-@pytest.mark.parametrize("setting, why", [("asr.language=es", "asr.language = es needs a multilingual model"),
-                                          ("asr.task=translate", "asr.task = translate needs a multilingual model")])
-def test_an_english_only_model_with_another_language_is_a_one_line_error(tmp_path, setting, why):
+@pytest.mark.parametrize("settings, why", [
+    (["asr.language=es"], "asr.language = es needs a multilingual model"),
+    (["asr.task=translate"], "asr.task = translate needs a multilingual model"),
+    (["asr.language=auto", "asr.languages=en,es"], "asr.languages = en,es needs a multilingual model")])
+def test_an_english_only_model_with_another_language_is_a_one_line_error(tmp_path, settings, why):
     wav = write_wav(tmp_path / "s.wav", silence(1.0))
-    result = subprocess.run([sys.executable, "-m", "captiond", "transcribe", "--set", setting, str(wav)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "captiond", "transcribe", *(a for s in settings for a in ("--set", s)),
+                             str(wav)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and why in result.stderr and "set asr.model = base" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -95,6 +100,23 @@ def test_spanish_french_and_russian_are_detected_and_transcribed_through_the_mic
         assert final["language"] == clip["lang"], (clip["id"], final)
         ref, hyp = words_of_any_language(clip["text"]), words_of_any_language(final["text"])
         assert edit_distance(ref, hyp) <= 0.35 * len(ref), (clip["text"], final["text"])
+
+
+@needs_base
+def test_a_clip_detected_as_another_language_is_heard_in_its_own_among_the_configured_ones():
+    clip = json.loads((CLIPS / "unsure.jsonl").read_text())
+    pcm = int16_to_float(read_wav(CLIPS / clip["file"]))
+
+    def decode(*settings: str) -> Transcript:
+        decoder = WhisperDecoder(load(None, ["asr.model=base", "asr.language=auto", *settings])[0].asr)
+        decoder.load()
+        return decoder.decode(pcm, beam_size=5, words=False, fallback=False)
+
+    assert decode().language != clip["lang"]  # base alone names it otherwise (Italian)
+    among = decode("asr.languages=en,es,fr,ru")
+    assert among.language == clip["lang"] and among.language_p > 0.5
+    ref, hyp = words_of_any_language(clip["text"]), words_of_any_language(among.text)
+    assert edit_distance(ref, hyp) <= 0.35 * len(ref), among.text
 
 
 @needs_base

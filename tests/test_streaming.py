@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import SHORT, Engine, Segment, Transcript, WhisperDecoder, speakers_language
+from captiond.engine import SHORT, Engine, Segment, Transcript, WhisperDecoder, among, speakers_language
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -1130,6 +1130,12 @@ def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier
     assert speakers_language("he", 0.63, [("he", 0.63), ("fr", 0.03), ("es", 0.0083)], "es") == ("he", 0.63)
     assert speakers_language("fr", 0.99, [("fr", 0.99), ("es", 0.0007)], "es") == ("fr", 0.99)  # a new speaker
     assert speakers_language("it", 0.65, [("it", 0.65), ("es", 0.28)], "") == ("it", 0.65)  # none known yet
+
+
+def test_detection_among_the_configured_languages_rescales_their_probabilities():
+    probs = [("it", 0.6), ("es", 0.3), ("en", 0.05), ("fr", 0.05)]
+    assert among(probs, frozenset({"es", "en"})) == [("es", pytest.approx(0.3 / 0.35)), ("en", pytest.approx(0.05 / 0.35))]
+    assert among(probs, frozenset({"zh"})) == probs  # none of them heard at all: detection as Whisper gave it
 
 
 @pytest.mark.parametrize("text, ends", [

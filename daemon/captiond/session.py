@@ -154,7 +154,7 @@ class LiveSession:
 
     async def feed(self, data: bytes) -> None:
         """Take one binary message of audio; waits while the session is behind (backpressure)."""
-        if self.failed:
+        if self.failed or self._cancelled.is_set():
             return
         if self._linear is not None:
             await self._put(self._linear.insert(data))
@@ -163,7 +163,7 @@ class LiveSession:
 
     async def finalize(self) -> None:
         """Close the open utterance after the audio sent so far (the client's Finalize)."""
-        if self.failed:
+        if self.failed or self._cancelled.is_set():
             return
         if self._pipe is not None:
             # Only once the decoder waits for bytes has every chunk sent so far reached the queue.
@@ -177,9 +177,10 @@ class LiveSession:
         if self._cancelled.is_set():  # the client is gone or the daemon stops: nothing is waited for
             return
         ending = spawn(self._end_stream(), "session-end")
+        self._tasks.append(ending)  # cancel() ends it too: its put may wait for a gate that is gone
         progress = self._progress()
         while True:
-            _, busy = await asyncio.wait([ending, *self._tasks], timeout=timeout)
+            _, busy = await asyncio.wait(self._tasks, timeout=timeout)
             if not busy or self._cancelled.is_set():
                 return
             if self._progress() == progress:
@@ -190,7 +191,6 @@ class LiveSession:
                     timeout, left, ", ".join(t.get_name() for t in busy))
         self._send(Error("audio_dropped", f"the session decoded nothing for {timeout:.0f} s; about {left:.1f} s "
                                           "of the audio sent before the end were not transcribed"))
-        ending.cancel()
         self.cancel()
 
     async def _end_stream(self) -> None:
@@ -209,6 +209,8 @@ class LiveSession:
         self._cancelled.set()
         for task in self._tasks:
             task.cancel()
+        while not self._audio.empty():  # wakes a feed() waiting for room that no task will make now
+            self._audio.get_nowait()
         if self._pipe is not None:
             try:
                 self._pipe.chunks.put_nowait(None)
@@ -224,8 +226,6 @@ class LiveSession:
         self._send(Error("session_failed", f"the session's {task.get_name()} failed "
                                            f"({task.exception()!r}); start a new session"))
         self.cancel()
-        while not self._audio.empty():  # wakes a feed() waiting for room that no task will make now
-            self._audio.get_nowait()
 
     async def _to_pipe(self, pipe: _Pipe, chunk: bytes | None) -> None:
         try:
@@ -247,7 +247,7 @@ class LiveSession:
             pass
 
     async def _put(self, pcm: np.ndarray) -> None:
-        if len(pcm) and not self.failed:
+        if len(pcm) and not self.failed and not self._cancelled.is_set():
             await self._audio.put(pcm)
             self._received += len(pcm)
 

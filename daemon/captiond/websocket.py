@@ -224,7 +224,12 @@ class WebServer:
             log.info("live session from %s: %d in use", ws.remote_address, len(self._sessions))
             session.start()
             reason = await self._session_loop(ws, hub, client, session)
-            await session.close(_SESSION_CLOSE_S)
+            # A client gone while its session closes would have it decode, for no one, all it sent.
+            gone = spawn(self._cancel_when_gone(ws, session), "websocket-listen-gone")
+            try:
+                await session.close(_SESSION_CLOSE_S)
+            finally:
+                gone.cancel()
             await self._end(ws, hub, client, 1000, reason)
             log.info("live session from %s ended (%s) after %.1f s of audio", ws.remote_address, reason,
                      session.samples / SAMPLE_RATE)
@@ -235,6 +240,13 @@ class WebServer:
                 session.cancel()
                 self._sessions.discard(session)
             hub.detach(client)
+
+    @staticmethod
+    async def _cancel_when_gone(ws: ServerConnection, session: LiveSession) -> None:
+        """Cancel the session once the client's connection is closed."""
+        await ws.wait_closed()
+        log.info("live session from %s: the client went while its session closed; abandoned it", ws.remote_address)
+        session.cancel()
 
     @staticmethod
     async def _end(ws: ServerConnection, hub: Hub, client: Client, code: int, reason: str,

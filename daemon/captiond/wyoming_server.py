@@ -221,8 +221,10 @@ class _Transcription:
     async def _emit(self) -> None:
         try:
             await self._emit_events()
-        except ConnectionError as exc:  # the client went; its handler sees that and abandons the session
+        except ConnectionError as exc:  # the client went: nothing it sent need be decoded any more
             log.info("wyoming: cannot write to the client: %r", exc)
+            if self.session is not None:
+                self.session.cancel()
 
     async def _emit_events(self) -> None:
         write = self._handler.write_event
