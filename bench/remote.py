@@ -12,6 +12,7 @@ fallback and the server's CPU per N: where the server (here: the machine) satura
 
     .venv/bin/python bench/remote.py [--clips N] [--seed S] [--timeout S]
     .venv/bin/python bench/remote.py --fleet 1,2,4,8 [--clips N]
+    .venv/bin/python bench/remote.py --url http://127.0.0.1:8000/v1 --server-pid PID   # another server
 
 The server decodes as the local finals do where its options allow (beam 5, temperature 0) but always
 encodes Whisper's full 30 s window (the local finals: 10 s), and it shares this machine's 2 cores with
@@ -21,11 +22,13 @@ the daemons' partials: on loopback the remote backend can only cost, never save.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -37,6 +40,14 @@ from conftest import Daemon, manifest, read_wav, silence, write_wav  # noqa: E40
 from session import build_session, cpu_seconds, pct, score, stream  # noqa: E402
 from wer import corpus_wer  # noqa: E402
 from whisper_server import WhisperServer  # noqa: E402
+
+
+class Running:
+    """An OpenAI-compatible server started by someone else (--url), shaped like a WhisperServer."""
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url = url
+        self.proc = SimpleNamespace(pid=pid)
 
 
 def table(head: tuple[str, ...], rows: list[tuple]) -> None:
@@ -53,7 +64,7 @@ def flagged(finals: list[dict], flag: str) -> int:
     return sum(flag in f["flags"] for f in finals)
 
 
-def compare(session: Path, spans, server: WhisperServer, timeout: float, tmp: Path) -> None:
+def compare(session: Path, spans, server: WhisperServer | Running, timeout: float, tmp: Path) -> None:
     """The same session through the local backend and through the loopback server."""
     audio_s = spans[-1][2] + 3.0
     rows = []
@@ -80,7 +91,7 @@ def compare(session: Path, spans, server: WhisperServer, timeout: float, tmp: Pa
            "remote latency (avg)", "CPU s per audio s (daemon + server)"), rows)
 
 
-def fleet(session: Path, sizes: list[int], server: WhisperServer, timeout: float, tmp: Path) -> None:
+def fleet(session: Path, sizes: list[int], server: WhisperServer | Running, timeout: float, tmp: Path) -> None:
     """N daemons at once, each reading the session in real time, against one server."""
     audio_s = len(read_wav(session)) / 16000
     rows = []
@@ -121,12 +132,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=5.0, help="asr.remote_timeout_s (default 5)")
     parser.add_argument("--fleet", metavar="N,N,...", help="run the fleet bench for these numbers of daemons")
+    parser.add_argument("--url", help="a running OpenAI-compatible server's base URL (e.g. http://127.0.0.1:8000/v1) "
+                                      "instead of starting faster-whisper-server")
+    parser.add_argument("--server-pid", type=int, default=0, help="with --url: the server's process id, for its CPU")
     args = parser.parse_args()
+    if args.url and not args.server_pid:
+        parser.error("--url needs --server-pid (the server's CPU is measured)")
     rng = np.random.default_rng(args.seed)
     usable = [m for m in manifest() if m["wer_ok"] and m["duration"] <= 15.0]
     clips = [usable[i] for i in rng.permutation(len(usable))[: args.clips]]
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="captiond-bench-remote-") as tmpdir, WhisperServer() as server:
+    running = contextlib.nullcontext(Running(args.url, args.server_pid)) if args.url else WhisperServer()
+    with tempfile.TemporaryDirectory(prefix="captiond-bench-remote-") as tmpdir, running as server:
         tmp = Path(tmpdir)
         spans = build_session(clips, args.seed, tmp / "session.wav")
         if args.fleet:
