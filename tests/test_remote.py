@@ -1,6 +1,7 @@
 """Unit tests of remote.py: the answer's validation, the key, the request, fallback and backoff."""
 
 import asyncio
+import contextlib
 import gc
 import http.client
 import io
@@ -95,6 +96,10 @@ def bad_word(**w):
     (answer(words=list(reversed(OPENAI["words"]))), "out of order"),
     (answer(segments=[{"start": 0, "end": 1, "text": 7}]), "segments[0].text"),
     (answer(segments=[{"start": 0, "end": 1, "text": "x", "avg_logprob": "low"}]), "avg_logprob"),
+    # More than anyone says in 2.8 s: no transcript of it, and such finals outgrew clients' lines.
+    (json.dumps({"text": " ".join(["word"] * 100)}).encode(), "has 100 words"),
+    (json.dumps({"text": "x" * 500}).encode(), "500 characters"),
+    (answer(text="x", words=[{"word": "x", "start": 0, "end": 0}] * 50, segments=[]), "words are more than 38"),
 ])
 def test_a_malformed_answer_is_refused_saying_what_is_wrong(body, why):
     with pytest.raises(RemoteError, match=why.replace("[", r"\[").replace("]", r"\]")):
@@ -108,6 +113,46 @@ def test_an_error_answer_quotes_the_servers_message_short_and_printable():
         == "HTTP 400 Bad Request: unknown model: x"
     assert str(_server_error(502, "Bad Gateway", b"<html>" + b"x" * 5000)) == "HTTP 502 Bad Gateway"
     assert len(str(_server_error(500, "Oops", json.dumps({"error": "\x1b[2J" + "y" * 900}).encode()))) < 260
+    assert str(_server_error(500, "Oops", b'{"error": ' * 100_000)) == "HTTP 500 Oops"  # deeper than json recurses
+
+
+def canned_server(answer: bytes) -> socket.socket:
+    """A server that answers every connection with these bytes and closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(1 << 20)
+                    conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    # An error's status is what names the cause (troubleshooting keys on it), however big its body.
+    (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 70_000, "HTTP 401 Unauthorized"),
+    # A length that str.isdigit() takes and int() does not: read to the close instead.
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\nConnection: close\r\n\r\n" + b'{"text": " fine"}', "fine"),
+])
+def test_an_http_answer_s_status_and_length_are_read_safely(answer, outcome):
+    listener = canned_server(answer)
+    try:
+        cfg = AsrConfig(backend="openai", remote_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+        try:
+            got = TranscriptionClient(cfg, "").transcribe(np.zeros(1600, np.float32), "", Call()).text
+        except RemoteError as exc:
+            got = str(exc)
+        assert got == outcome
+    finally:
+        listener.close()
 
 
 def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printable_line(tmp_path):
@@ -240,15 +285,21 @@ def test_a_server_past_the_timeout_is_abandoned_and_a_bound_decode_stays_here():
     client = FakeClient()
     client.outcomes = ["block"]
     finals, engine, now, changes = remote_finals(client, timeout=0.5, real_time=True)
+    unhandled = []
 
     async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context["message"]))
         t = await finals.decode(np.zeros(SAMPLE_RATE, np.float32), **ARGS)
         bound = await finals.decode(np.zeros(SAMPLE_RATE, np.float32), prefix="heard", **ARGS)
+        client.release.set()  # the abandoned request's thread now ends, raising
+        while finals._running:
+            await asyncio.sleep(0.01)
+        gc.collect()
         return t, bound
 
     t, bound = asyncio.run(main())
-    client.release.set()
     engine.close()
+    assert unhandled == []  # its exception is nobody's: not left to the loop's "never retrieved"
     assert t.origin == "fallback" and "no answer within 0.5 s" in finals.problem
     assert bound.origin == "fallback" and engine.decoder.prefixes[-1] == "heard"
     assert client.calls == 1 and finals.fallbacks == 1  # the bound decode is the same final's

@@ -51,6 +51,11 @@ _MAX_BODY = 4 << 20  # bytes of answer read: a verbose_json of 30 s of speech is
 _MAX_TEXT = 20_000
 _MAX_ITEMS = 5_000  # segments or words in one answer
 _MAX_ERROR = 200  # characters of a server's error message quoted in logs and status
+_MAX_ERROR_BODY = 64 << 10  # bytes of an error answer read for its message
+# Words and characters an answer may hold per second of audio (plus a few): fast speech is ~4 words
+# and ~20 characters a second. More is no transcript of this audio, and a final that long would
+# outgrow the lines clients read (a 5000-word final is a 283 KB event).
+_WORDS_PER_S, _CHARS_PER_S = 8, 60
 
 
 class RemoteError(Exception):
@@ -174,6 +179,10 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
     if not isinstance(data, dict):
         raise RemoteError("the server's answer is not a JSON object")
     text = _text(data.get("text"), "text")
+    most_words, most_chars = 16 + int(_WORDS_PER_S * audio_seconds), 200 + int(_CHARS_PER_S * audio_seconds)
+    if len(text) > most_chars or len(text.split()) > most_words:
+        raise RemoteError(f"the server's text has {len(text.split())} words, {len(text)} characters for "
+                          f"{audio_seconds:.1f} s of audio (at most {most_words}, {most_chars}): no transcript of it")
     words = []
     for i, w in enumerate(_items(data, "words")):
         start, end = _timed(w, f"words[{i}]", audio_seconds)
@@ -184,6 +193,9 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
             raise RemoteError(f"the server's answer has a bad words[{i}].probability: {p}")
         if said := _text(w.get("word", w.get("text")), f"words[{i}].word"):  # some services say "text"
             words.append(Word(said, start, end, p))
+        if len(words) > most_words or sum(len(w.word) for w in words) > most_chars:
+            raise RemoteError(f"the server's words are more than {most_words} or longer than {most_chars} characters "
+                              f"for {audio_seconds:.1f} s of audio: no transcript of it")
     segments, logprob, ratio, no_speech = [], 0.0, 0.0, 0.0
     raw = _items(data, "segments")
     for i, seg in enumerate(raw):
@@ -211,7 +223,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
 def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
     """An HTTP error answer as a short message, quoting the server's own message when it gives one."""
     message = ""
-    with contextlib.suppress(UnicodeDecodeError, ValueError, AttributeError):
+    with contextlib.suppress(UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         error = json.loads(body.decode("utf-8"))
         for _ in range(4):  # OpenAI: {"error": {"message"}}; FastAPI: {"detail": ...}, maybe nested
             if isinstance(error, dict):
@@ -269,14 +281,14 @@ class TranscriptionClient:
             call.attach(conn)
             conn.request("POST", self._path, body=body, headers=headers)
             response = conn.getresponse()
-            length = response.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > _MAX_BODY:
+            if response.status != 200:  # its status says what went wrong, whatever its body holds
+                raise _server_error(response.status, response.reason, response.read(_MAX_ERROR_BODY))
+            length = response.getheader("Content-Length", "")
+            if length.isascii() and length.isdigit() and int(length) > _MAX_BODY:  # not "²": isdigit, no int
                 raise RemoteError(f"the server's answer is {int(length)} bytes, more than {_MAX_BODY}")
             answer = response.read(_MAX_BODY + 1)
             if len(answer) > _MAX_BODY:
                 raise RemoteError(f"the server's answer is more than {_MAX_BODY} bytes")
-            if response.status != 200:
-                raise _server_error(response.status, response.reason, answer)
         except (OSError, http.client.HTTPException) as exc:
             if call.aborted:
                 raise RemoteError("abandoned") from None
@@ -426,9 +438,11 @@ class RemoteFinals:
         try:
             if not await self._until(asyncio.shield(result), deadline):
                 call.abort()
+                result.cancel()  # abandoned: what the thread ends with is not set on it (_ended)
                 raise RemoteError(f"no answer within {self._timeout:g} s")
         except asyncio.CancelledError:  # a speculative final thrown away, or shutdown: not the server's fault
             call.abort()
+            result.cancel()
             raise
         return result.result()
 
