@@ -187,6 +187,31 @@ def test_an_output_dir_that_cannot_be_made_is_a_one_line_error(tmp_path):
     assert "--output-dir" in err and "cannot create it (Not a directory)" in err
 
 
+def test_an_output_disk_that_fills_leaves_no_truncated_transcript_under_its_name(small_disk):
+    with open(small_disk / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):
+        while True:  # the disk full to its last page
+            filler.write(b"x" * 1024)
+    result = run(str(CORPUS / "ps_forever.wav"), "--format", "json", "--output-dir", str(small_disk))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "cannot write" in err and "No space left on device" in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # nothing half-written, under any name
+
+
+def test_names_that_are_not_utf8_or_hold_newlines_and_escapes_stay_on_one_line(tmp_path):
+    odd = os.fsdecode(b"bad\xff\xfe\x1b[31mname.wav")
+    (tmp_path / odd).write_bytes((CORPUS / "ps_forever.wav").read_bytes())
+    missing = str(tmp_path / "one\ntwo.wav")
+    result = run(str(tmp_path / odd), missing, str(CORPUS / "ps_forever.wav"), "--format", "json",
+                 "--output-dir", str(tmp_path / "out"))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err and "\x1b" not in err, err
+    assert "one\\ntwo.wav: no such file" in err  # the newline shown, not obeyed
+    written = json.loads((tmp_path / "out" / os.fsdecode(b"bad\xff\xfe\x1b[31mname.json")).read_text(errors="surrogateescape"))
+    assert written["file"].endswith("bad\\xff\\xfe\\x1b[31mname.wav") and written["segments"]
+    assert (tmp_path / "out" / "ps_forever.json").exists()  # the file after them is still done
+
+
 def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

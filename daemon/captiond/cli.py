@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load, log_path, socket_path
+from .events import one_line
 
 EXIT_USAGE = 2
 """Exit code for errors the user can fix: bad config, missing device or model, socket in use."""
@@ -52,8 +54,29 @@ def setup_logging(debug: bool, quiet: bool = False) -> None:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"captiond: error: {message}", file=sys.stderr)
+    _error(message)
     return code
+
+
+def _error(message: str) -> None:
+    """One error line on stderr, whatever names it quotes (a file name may hold a newline or ESC)."""
+    print(f"captiond: error: {one_line(message)}", file=sys.stderr)
+
+
+def _write_whole(target: Path, text: str) -> None:
+    """Write the file under its name only once all of it is written: a full disk leaves no truncated
+    transcript that looks finished. Raises OSError."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
 
 
 def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
@@ -350,35 +373,35 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         def progress(done: float) -> None:
             if show_progress:
                 bar = "#" * int(done * 30)
-                print(f"\r{path.name[:40]} [{bar:<30}] {done:4.0%}", end="", file=sys.stderr, flush=True)
+                print(f"\r{one_line(path.name)[:40]} [{bar:<30}] {done:4.0%}", end="", file=sys.stderr, flush=True)
 
         try:
             result = transcribe_file(path, decoder, config, progress)
         except CaptureError as exc:
             if show_progress:
                 print(file=sys.stderr)
-            print(f"captiond: error: {exc}", file=sys.stderr)
+            _error(str(exc))
             failed += 1
             continue
         if show_progress:
             print(file=sys.stderr)
         if result.damage:
-            print(f"captiond: error: {result.damage}", file=sys.stderr)
+            _error(result.damage)
             failed += 1
         text = render(result, args.format)
         if out_dir:
             target = out_dir / f"{path.stem}.{args.format}"
             try:
-                target.write_text(text, encoding="utf-8")
+                _write_whole(target, text)
             except OSError as exc:
-                print(f"captiond: error: cannot write {target}: {exc.strerror}", file=sys.stderr)
+                _error(f"cannot write {target}: {exc.strerror}")
                 failed += 1 if not result.damage else 0
                 continue
-            print(f"wrote {target}", file=sys.stderr)
+            print(f"wrote {one_line(str(target))}", file=sys.stderr)
         else:
             try:
                 if len(args.files) > 1 and args.format == "txt":
-                    print(f"==> {path} <==")
+                    print(f"==> {one_line(str(path))} <==")
                 sys.stdout.write(text)
                 sys.stdout.flush()
             except (OSError, AttributeError) as exc:  # a full disk, a closed pipe; AttributeError: no stdout at all

@@ -247,6 +247,14 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else "".join("\ufffd" if _acts(c) else c for c in text)
 
 
+def one_line(text: str) -> str:
+    """Text for one line of a terminal or log: bytes a file name held that are not UTF-8 as \\xNN, and
+    characters that would act (a newline, ESC) as their escapes, so a name can neither break nor
+    drive the line it is in."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def text_problem(text: str) -> str | None:
     """Why text from outside (a client, the config, a server) cannot go to the decoder or into a
     final (lone surrogates, control characters, bidirectional overrides), or None. Tab, newline and

@@ -18,7 +18,7 @@ from .capture import Capture, CaptureError, Source, portaudio_settled
 from .commands import Commands
 from .config import Config, ConfigError, log_path
 from .engine import Engine
-from .events import Error, Event, Hello, Stats, Status
+from .events import Error, Event, Hello, Stats, Status, one_line
 from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
 from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
@@ -262,7 +262,7 @@ class Service:
         try:
             new = self._reload()
         except ConfigError as exc:
-            log.error("SIGHUP: config not reloaded, the running one stays: %s", exc)
+            log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
             return
         change = reloader.plan(self.config, new)
         self.config = change.config
