@@ -171,6 +171,13 @@ def test_language_must_be_a_whisper_code_or_auto():
     assert load(None, ["asr.language=de"])[0].asr.language == "de"
 
 
+def test_a_config_file_of_more_than_a_mebibyte_is_refused_unread(tmp_path):
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"# " + b"x" * (1 << 20) + b"\n[gate]\nhangover_ms = 700\n")
+    with pytest.raises(ConfigError, match="huge.toml: more than 1 MiB"):
+        load(huge)
+
+
 def test_languages_to_detect_among_are_whisper_codes_and_need_auto():
     asr = load(None, ["asr.language=auto", "asr.languages= EN, es,"])[0].asr
     assert asr.candidate_languages == {"en", "es"}

@@ -120,7 +120,8 @@ def test_a_reload_with_a_config_that_is_not_utf8_or_has_a_bad_key_keeps_the_runn
         events = daemon.connect()
         bad = {b"[gate]\nhangover_ms = 700 # caf\xe9, saved as Latin-1\n": ("not UTF-8 text", "save it as UTF-8"),
                b"[gate]\nhangover_ms = 700\nhang_over_ms = 700\n": ("gate.hang_over_ms: unknown key",
-                                                                    "known keys in [gate]: ")}
+                                                                    "known keys in [gate]: "),
+               b"# " + b"x" * (1 << 20) + b"\n[gate]\nhangover_ms = 700\n": ("more than 1 MiB", "right file?")}
         for n, (text, (cause, fix)) in enumerate(bad.items(), 1):
             write_atomically(config, text)
             daemon.proc.send_signal(signal.SIGHUP)

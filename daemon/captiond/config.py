@@ -486,6 +486,10 @@ def default_config_paths() -> list[Path]:
     return [Path(xdg) / "captiond" / "captiond.toml", Path("/etc/captiond/captiond.toml")]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The longest config file read: a 200 MB one (all comments) took seconds and half a gigabyte to parse."""
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tuple[Config, Path | None]:
     """Load the config from `path` (or the default places) and apply --set overrides."""
     if path is not None:
@@ -502,7 +506,11 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
     if chosen is not None:
         try:
             with open(chosen, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = fh.read(MAX_CONFIG_BYTES + 1)
+            if len(raw) > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{chosen}: more than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few "
+                                  "kilobytes (is this the right file?)")
+            data = tomllib.loads(raw.decode("utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
         except RecursionError:  # tomllib nests by recursion

@@ -28,6 +28,7 @@ from .server import Server
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
+from .tasks import spawn
 from .translog import LogWriter, TranscriptLog
 from .websocket import WebServer
 from .wyoming_server import WyomingServer
@@ -56,6 +57,8 @@ class Service:
         self._stop_bound_s = stop_bound_s
         self._exit_timer: threading.Timer | None = None
         self._reload = reload
+        self._reloading: asyncio.Task | None = None
+        self._reload_again = False  # a SIGHUP came while the config was being read
         self.source = source
         self.engine = engine
         self.server = server
@@ -249,21 +252,35 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:
-            self.reconfigure()
+            # A storm of SIGHUPs re-reads the file once more after the read under way, not once each.
+            self._reload_again = self._reloading is not None
+            if self._reloading is None:
+                self._reloading = spawn(self._reconfigure(), "reload")
             return
         log.info("%s: finishing the open utterance, then stopping", sig.name)
         self.stop()
 
-    def reconfigure(self) -> None:
-        """Re-read the config (SIGHUP): apply what is safe while running, name what needs a restart."""
-        if self._reload is None:
-            log.warning("SIGHUP: this daemon was started without a config to re-read")
-            return
+    async def _reconfigure(self) -> None:
+        """Re-read the config (SIGHUP) off the event loop, as often as asked while it read."""
         try:
-            new = self._reload()
-        except ConfigError as exc:
-            log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
-            return
+            while True:
+                self._reload_again = False
+                if self._reload is None:
+                    log.warning("SIGHUP: this daemon was started without a config to re-read")
+                    return
+                try:
+                    new = await asyncio.get_running_loop().run_in_executor(None, self._reload)
+                except ConfigError as exc:
+                    log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
+                else:
+                    self.reconfigure(new)
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = None
+
+    def reconfigure(self, new: Config) -> None:
+        """Take a re-read config: apply what is safe while running, name what needs a restart."""
         change = reloader.plan(self.config, new)
         self.config = change.config
         self.worker.reconfigure(change.config.asr)
