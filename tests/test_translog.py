@@ -1,3 +1,5 @@
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +50,28 @@ def test_dev_full_gives_enospc(tmp_path):
     log = TranscriptLog(Path("/dev/full"), 10_000, 1)
     assert not log.write(final(1), 1.0)
     assert "No space left on device" in log.error
+
+
+def test_a_fifo_at_the_log_path_is_refused_at_once_and_the_line_waits_for_a_file(tmp_path):
+    path = tmp_path / "t.log"
+    os.mkfifo(path)
+    log = TranscriptLog(path, 10_000, 1)
+    outcome = []
+
+    def use():  # opening a FIFO for writing waits for a reader: this thread would never end
+        try:
+            log.check()
+        except OSError as exc:
+            outcome.append(exc.strerror)
+        outcome.append(log.write(final(1), 1.0))
+
+    thread = threading.Thread(target=use, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the log waited on the FIFO"
+    assert outcome == ["a FIFO or socket, not a regular file", False] and "not a regular file" in log.error
+    path.unlink()
+    assert log.flush() and path.read_text().endswith("\thello world\n")  # the held line, once a file can be made
 
 
 def test_a_line_is_in_the_log_whole_or_not_at_all_when_the_disk_fills(small_disk):

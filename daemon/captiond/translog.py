@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import queue
+import stat
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +37,23 @@ def _append_whole(fd: int, data: bytes) -> None:
         raise
 
 
+def _open_append(path: Path) -> int:
+    """Open the log for appending, never waiting: a FIFO (or socket) at its path would block the
+    open, or every write once its reader stops, so it is refused; a device such as /dev/null is not."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise OSError(errno.EINVAL, "a FIFO or socket, not a regular file") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "a FIFO or socket, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class TranscriptLog:
     """Appends `wall-time<TAB>utt<TAB>text` lines; rotates by size to path.1 … path.N.
 
@@ -59,8 +78,7 @@ class TranscriptLog:
     def check(self) -> None:
         """Make the log's folder and open the file once, raising OSError with the cause if that fails."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8"):
-            pass
+        os.close(_open_append(self.path))
 
     @staticmethod
     def format(final: Final, ts: float) -> str:
@@ -79,7 +97,7 @@ class TranscriptLog:
         """Write the backlog; False when the disk refused it (it stays, `error` says why)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = _open_append(self.path)
             try:
                 while self._backlog:
                     _append_whole(fd, self._backlog[0].encode("utf-8"))
