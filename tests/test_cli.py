@@ -67,6 +67,10 @@ def test_missing_model_folder(tmp_path):
                             f"asr.model={tmp_path}/no-model", tmp=tmp_path), "no such model folder")
 
 
+def test_a_model_name_too_long_for_a_path_is_a_one_line_error(tmp_path):
+    one_line_error(captiond("check-config", "--set", f"asr.model={'x' * 256}", tmp=tmp_path), "File name too long")
+
+
 def test_model_name_that_cannot_be_fetched_offline(tmp_path):
     result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", "asr.model=base.en",
                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, tmp=tmp_path)

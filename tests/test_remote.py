@@ -187,6 +187,10 @@ def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printabl
     ({"backend": "openai", "remote_url": "http://me:sk-1@gpu/v1"}, "asr.remote_url: must not hold a user"),
     ({"backend": "openai", "remote_url": "http://gpu:99999/v1"}, "asr.remote_url: .* bad port"),
     ({"backend": "openai", "remote_url": "http://gpu/v1?key=1"}, "asr.remote_url: must not have a query"),
+    # Hosts a resolver refuses failed on every final, with a traceback, instead of here.
+    ({"backend": "openai", "remote_url": f"http://{'a' * 64}/v1"}, "asr.remote_url: the host .* is not a host name"),
+    ({"backend": "openai", "remote_url": "http://gpu box/v1"}, "asr.remote_url: the host 'gpu box' is not"),
+    ({"backend": "openai", "remote_url": "http://gpu\u202ebox/v1"}, "asr.remote_url: the host .* is not"),
     ({"backend": "remote"}, "asr.backend: must be local or openai"),
     ({"backend": "openai", "remote_url": "http://gpu/v1", "task": "translate"}, "asr.task: translate needs asr.backend = local"),
     ({"remote_model": "large v3"}, "asr.remote_model"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -32,6 +33,24 @@ def _url(text: str, key: str) -> SplitResult:
         return urlsplit(text)
     except ValueError as exc:  # e.g. "tcp://[::1": an unclosed IPv6 bracket
         raise ConfigError(f"{key}: {text!r} is not a URL ({exc})") from None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?")
+
+
+def _check_host(host: str, key: str) -> None:
+    """An IP address or a DNS name whose labels a resolver takes (1-63 characters, at most 253)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    _check(bool(_HOST_NAME.fullmatch(ascii_name)) and len(ascii_name) <= 253, key,
+           f"the host {host[:70]!r} is not a host name or IP address")
 
 
 def _check_path(text: str, key: str) -> None:
@@ -208,6 +227,7 @@ class AsrConfig:
             _check(url.scheme in ("http", "https") and bool(url.hostname), "asr.remote_url",
                    f"{self.remote_url!r} is not an http(s) base URL such as http://gpu-box:8000/v1"
                    if self.remote_url else "must be set with asr.backend = openai, e.g. http://gpu-box:8000/v1")
+            _check_host(url.hostname or "", "asr.remote_url")
             _check(url.username is None and url.password is None, "asr.remote_url",
                    "must not hold a user or password (they would be logged); put the key in asr.remote_key_file")
             _check(not url.query and not url.fragment, "asr.remote_url", "must not have a query or fragment")

@@ -257,8 +257,13 @@ def resolve_model(name: str) -> ModelRef:
         _require(known)
         return ModelRef("", known.display, False, known)
     path = Path(name).expanduser()
-    if "/" in name or name.startswith((".", "~")) or path.is_dir():
-        if not path.is_dir():
+    try:
+        folder = path.is_dir()
+    except OSError as exc:  # a name too long for a path
+        raise ModelError(f"asr.model: {name[:60]!r}…: {exc.strerror}; give a model folder, a model name, "
+                         "bundled or base") from None
+    if "/" in name or name.startswith((".", "~")) or folder:
+        if not folder:
             raise ModelError(f"asr.model: no such model folder {str(path)!r}; "
                              "give a CTranslate2 Whisper model folder, a model name, bundled or base")
         if not (path / "model.bin").is_file():
