@@ -239,6 +239,19 @@ class Daemon:
 SPEECH = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), silence(1.0)])
 
 
+class HeldDecoder(FakeDecoder):
+    """A fake decoder whose decodes wait until `go` is set: what a test does meanwhile cannot depend on
+    how fast the machine decodes."""
+
+    def __init__(self, delay=0.0):
+        super().__init__(delay)
+        self.go = threading.Event()
+
+    def decode(self, audio, **kw):
+        self.go.wait(120)
+        return super().decode(audio, **kw)
+
+
 class Harness:
     """A Service on a real socket in a background event loop, fed through a pipe the test writes."""
 

@@ -1,5 +1,7 @@
 """The service wired for real (socket, gate, worker, log) with a fake decoder and a pipe as the source."""
 
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -255,3 +257,33 @@ def test_finalize_then_pause_keeps_every_frame_heard_before_the_pause(tmp_path):
     assert len(events.of("speech_start")) == 1
     h.end()
     assert h.exit_code == 0
+
+
+def test_sighups_while_the_config_is_read_read_it_once_more_not_once_each(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log")
+    reads, release = [], threading.Event()
+    events = EventLog(h.sock)
+
+    def slow_reload():  # a config on a slow disk: the reads happen off the event loop
+        reads.append(time.monotonic())
+        release.wait(30)
+        return load(None, ["server.stats_interval_s=0", "gate.hangover_ms=600"])[0]
+
+    h.service._reload = slow_reload
+    h.loop.call_soon_threadsafe(h.service._on_signal, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not reads:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    events.client.send({"cmd": "ping"})  # the loop answers while the read waits
+    events.wait_for(lambda e: e["type"] == "pong")
+    for _ in range(20):  # the file may have changed since the read began
+        h.loop.call_soon_threadsafe(h.service._on_signal, signal.SIGHUP)
+    events.client.send({"cmd": "ping"})  # every one of them handled
+    events.wait_for(lambda e: e["type"] == "pong" and len(events.of("pong")) == 2)
+    release.set()
+    while h.service.config.gate.hangover_ms != 600 or h.service._reloading is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(reads) == 2  # the first, and one for all the SIGHUPs that came during it
+    h.end()

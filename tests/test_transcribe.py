@@ -208,7 +208,7 @@ def test_names_that_are_not_utf8_or_hold_newlines_and_escapes_stay_on_one_line(t
     assert result.returncode == 1 and "Traceback" not in err and "\x1b" not in err, err
     assert "one\\ntwo.wav: no such file" in err  # the newline shown, not obeyed
     written = json.loads((tmp_path / "out" / os.fsdecode(b"bad\xff\xfe\x1b[31mname.json")).read_text(errors="surrogateescape"))
-    assert written["file"].endswith("bad\\xff\\xfe\\x1b[31mname.wav") and written["segments"]
+    assert written["file"].endswith("bad\\xff\\xfe\x1b[31mname.wav") and written["segments"]  # JSON escapes ESC
     assert (tmp_path / "out" / "ps_forever.json").exists()  # the file after them is still done
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -66,16 +67,19 @@ def _error(message: str) -> None:
 def _write_whole(target: Path, text: str) -> None:
     """Write the file under its name only once all of it is written: a full disk leaves no truncated
     transcript that looks finished. Raises OSError."""
-    partial = target.with_name(f".{target.name}.partial")
+    fd, partial = tempfile.mkstemp(prefix=".captiond-", suffix=".partial", dir=target.parent)
     try:
-        with open(partial, "w", encoding="utf-8") as out:
+        with open(fd, "w", encoding="utf-8") as out:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(out.fileno(), 0o666 & ~umask)  # as a plain open() makes it, not mkstemp's 0600
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.replace(partial, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            partial.unlink()
+            os.unlink(partial)
         raise
 
 

@@ -49,8 +49,8 @@ def _check_host(host: str, key: str) -> None:
         ascii_name = host.encode("idna").decode("ascii")
     except UnicodeError:
         ascii_name = ""
-    _check(bool(_HOST_NAME.fullmatch(ascii_name)) and len(ascii_name) <= 253, key,
-           f"the host {host[:70]!r} is not a host name or IP address")
+    _check(bool(_HOST_NAME.fullmatch(ascii_name)) and len(ascii_name.rstrip(".")) <= 253, key,
+           f"the host {host[:70]!r} is not a host name or IP address; e.g. http://gpu-box:8000/v1")
 
 
 def _check_path(text: str, key: str) -> None:
@@ -138,7 +138,7 @@ class AsrConfig:
     language: str = "en"
     """Spoken language code, or auto to detect it (under 2 s of audio, or unless another is 20 times likelier, the last language a final detected surely is kept)."""
     languages: str = ""
-    """Under language = auto, the languages detection may choose from, comma-separated (e.g. en,es); empty: any Whisper language."""
+    """Under language = auto, the languages detection may choose from, comma-separated (e.g. en,es); empty: any Whisper language (the local model's detection: a remote server detects on its own)."""
     task: str = "transcribe"
     """transcribe (text in the spoken language) or translate (English text from any language; needs a multilingual model)."""
     beam_size: int = 5

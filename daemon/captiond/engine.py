@@ -184,7 +184,9 @@ def among(probs: list[tuple[str, float]], allowed: frozenset[str]) -> list[tuple
     the others dropped, the rest scaled to sum to 1, likeliest first."""
     kept = [(code, p) for code, p in probs if code in allowed]
     total = sum(p for _, p in kept)
-    return sorted(((code, p / total) for code, p in kept), key=lambda item: -item[1]) if total > 0 else probs
+    if total <= 0:  # none of them heard at all: each as likely, the restriction still holds
+        return [(code, 1 / len(allowed)) for code in sorted(allowed)]
+    return sorted(((code, p / total) for code, p in kept), key=lambda item: -item[1])
 
 
 def _load_whisper(cfg: AsrConfig) -> Any:

@@ -247,12 +247,17 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else "".join("\ufffd" if _acts(c) else c for c in text)
 
 
+def undecoded(text: str) -> str:
+    """A name from the file system as text any encoder writes: bytes that were not UTF-8 (held as lone
+    surrogates by os.fsdecode) become \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def one_line(text: str) -> str:
-    """Text for one line of a terminal or log: bytes a file name held that are not UTF-8 as \\xNN, and
-    characters that would act (a newline, ESC) as their escapes, so a name can neither break nor
-    drive the line it is in."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """Text for one line of a terminal or log: undecoded() names, and characters that would act (a
+    newline, ESC, a bidi override) as their escapes, so a name can neither break nor drive its line."""
+    text = undecoded(text)
+    return text if text.isprintable() else "".join(repr(c)[1:-1] if _acts(c) else c for c in text)
 
 
 def text_problem(text: str) -> str | None:

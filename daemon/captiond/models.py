@@ -259,9 +259,9 @@ def resolve_model(name: str) -> ModelRef:
     path = Path(name).expanduser()
     try:
         folder = path.is_dir()
-    except OSError as exc:  # a name too long for a path
-        raise ModelError(f"asr.model: {name[:60]!r}…: {exc.strerror}; give a model folder, a model name, "
-                         "bundled or base") from None
+    except OSError as exc:  # a name too long for a path, a folder that may not be searched
+        raise ModelError(f"asr.model: {name if len(name) <= 60 else name[:60] + '…'!r}: {exc.strerror}; "
+                         "give a model folder, a model name, bundled or base") from None
     if "/" in name or name.startswith((".", "~")) or folder:
         if not folder:
             raise ModelError(f"asr.model: no such model folder {str(path)!r}; "

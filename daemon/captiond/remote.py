@@ -183,7 +183,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
     if len(text) > most_chars or len(text.split()) > most_words:
         raise RemoteError(f"the server's text has {len(text.split())} words, {len(text)} characters for "
                           f"{audio_seconds:.1f} s of audio (at most {most_words}, {most_chars}): no transcript of it")
-    words = []
+    words, chars = [], 0
     for i, w in enumerate(_items(data, "words")):
         start, end = _timed(w, f"words[{i}]", audio_seconds)
         if words and start < words[-1].start:
@@ -193,9 +193,11 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
             raise RemoteError(f"the server's answer has a bad words[{i}].probability: {p}")
         if said := _text(w.get("word", w.get("text")), f"words[{i}].word"):  # some services say "text"
             words.append(Word(said, start, end, p))
-        if len(words) > most_words or sum(len(w.word) for w in words) > most_chars:
-            raise RemoteError(f"the server's words are more than {most_words} or longer than {most_chars} characters "
-                              f"for {audio_seconds:.1f} s of audio: no transcript of it")
+            # Characters, not words: Thai, Lao, Burmese and Chinese come as one "word" per token.
+            chars += len(said)
+            if chars > most_chars:
+                raise RemoteError(f"the server's words hold more than {most_chars} characters for "
+                                  f"{audio_seconds:.1f} s of audio: no transcript of it")
     segments, logprob, ratio, no_speech = [], 0.0, 0.0, 0.0
     raw = _items(data, "segments")
     for i, seg in enumerate(raw):
@@ -344,6 +346,13 @@ class Call:
 
 # --- the final decoder --------------------------------------------------------------------------
 
+def _abandon(result: asyncio.Future[Transcript]) -> None:
+    """Nobody will read this request's outcome: cancel it, or read an exception it already has, so that
+    asyncio does not log it as never retrieved."""
+    if not result.cancel() and not result.cancelled():
+        result.exception()
+
+
 class RemoteFinals:
     """Decodes finals on an inference server; the engine decodes those the server does not.
 
@@ -438,11 +447,11 @@ class RemoteFinals:
         try:
             if not await self._until(asyncio.shield(result), deadline):
                 call.abort()
-                result.cancel()  # abandoned: what the thread ends with is not set on it (_ended)
+                _abandon(result)
                 raise RemoteError(f"no answer within {self._timeout:g} s")
         except asyncio.CancelledError:  # a speculative final thrown away, or shutdown: not the server's fault
             call.abort()
-            result.cancel()
+            _abandon(result)
             raise
         return result.result()
 

@@ -252,6 +252,8 @@ class Service:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:
+            if self._stopping.is_set():  # the log may be closed already: nothing is reopened now
+                return
             # A storm of SIGHUPs re-reads the file once more after the read under way, not once each.
             self._reload_again = self._reloading is not None
             if self._reloading is None:
@@ -273,6 +275,8 @@ class Service:
                 except ConfigError as exc:
                     log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
                 else:
+                    if self._stopping.is_set():
+                        return
                     self.reconfigure(new)
                 if not self._reload_again:
                     return

@@ -19,7 +19,7 @@ import numpy as np
 from .capture import CaptureError, decode_file
 from .config import Config
 from .engine import SHORT, Segment, WhisperDecoder
-from .events import Word, one_line
+from .events import Word, undecoded
 from .frames import SAMPLE_RATE, int16_to_float
 from .gate import UtteranceAudio, UtteranceEnd, UtteranceStart
 from .gatedriver import segment
@@ -190,7 +190,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
     damage = reading.damage
     if not damage:
         damage = _truncated(path, decoded, duration)
-    return FileTranscript(one_line(str(path)), duration or end, language, tuple(segments), damage)
+    return FileTranscript(undecoded(str(path)), duration or end, language, tuple(segments), damage)
 
 
 # --- output formats ------------------------------------------------------------------------------

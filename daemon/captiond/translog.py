@@ -37,20 +37,25 @@ def _append_whole(fd: int, data: bytes) -> None:
         raise
 
 
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _open_append(path: Path) -> int:
-    """Open the log for appending, never waiting: a FIFO (or socket) at its path would block the
-    open, or every write once its reader stops, so it is refused; a device such as /dev/null is not."""
+    """Open the log for appending, never waiting. A FIFO nobody reads would block the open, and one
+    whose reader stops would block every write: a FIFO is refused until something reads it, and then
+    written without blocking (a full pipe refuses the line, which waits in the backlog)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
     except OSError as exc:
-        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
-            raise OSError(errno.EINVAL, "a FIFO or socket, not a regular file") from None
+        if exc.errno == errno.ENXIO and _is_fifo(path):
+            raise OSError(errno.ENXIO, "a FIFO nobody reads; give log.path a regular file") from None
         raise
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "a FIFO or socket, not a regular file")
-    os.set_blocking(fd, True)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)
     return fd
 
 

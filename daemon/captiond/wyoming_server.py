@@ -114,12 +114,14 @@ def _transcribe(event: WyEvent) -> Transcribe:
 
 
 def _languages(cfg: AsrConfig, multilingual: bool) -> list[str]:
-    """What the loaded model transcribes: the configured language, or under auto every Whisper
-    language a multilingual model hears."""
+    """What the loaded model transcribes: the configured language, or under auto the languages
+    asr.languages names, else every Whisper language a multilingual model hears."""
     if cfg.language != "auto":
         return [cfg.language]
     if not multilingual:
         return ["en"]
+    if cfg.candidate_languages:
+        return sorted(cfg.candidate_languages)
     from faster_whisper.tokenizer import _LANGUAGE_CODES
 
     return list(_LANGUAGE_CODES)
