@@ -3,7 +3,6 @@ import threading
 import time
 from pathlib import Path
 
-
 from captiond.events import Final
 from captiond.translog import TranscriptLog
 
