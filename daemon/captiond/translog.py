@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _PENDING_MAX = 10000  # lines held in memory while the disk refuses them
 _QUEUE_MAX = 1000  # finals waiting for the writer thread; past it the disk is hung, not slow
+_RETRY_S = 2.0  # how often lines a disk refused are tried again while no new final comes
 
 
 def _append_whole(fd: int, data: bytes) -> None:
@@ -200,6 +201,14 @@ class LogWriter:
         with self._lock:
             self._next = _Settings(path, max_bytes, backups)
 
+    def _write(self, write: Callable[[], object], then: Callable[[], None] = lambda: None) -> None:
+        """One write of the log, then `then()`; the log's health is reported when it changed."""
+        had_error = self.log.error
+        write()
+        then()
+        if self.log.error != had_error:
+            self._report(self.log.error)
+
     def close(self, timeout: float) -> None:
         """Write what is queued within timeout seconds, then stop (a hung disk's thread is abandoned)."""
         with contextlib.suppress(queue.Full):
@@ -208,16 +217,19 @@ class LogWriter:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            try:  # lines a disk refused are tried again now and then, not only when the next final comes
+                item = self._queue.get(timeout=_RETRY_S if self.log.backlog else None)
+            except queue.Empty:
+                self._write(self.log.flush)
+                continue
+            if item is None:
+                break
             with self._lock:
                 if self._next is not None:
                     self.log.reconfigure(self._next.path, self._next.max_bytes, self._next.backups)
                     self._next = None
-            had_error = self.log.error
-            self.log.write(item.final, item.ts)
-            item.written()
-            if self.log.error != had_error:
-                self._report(self.log.error)
+            self._write(lambda: self.log.write(item.final, item.ts), item.written)
         # Stopping: the lines a refusing disk held get one more try, and are never lost in silence.
         if self.log.backlog and not self.log.flush():
             log.error("%d transcript line(s) could not be written (%s) and are lost; clients had their finals",
