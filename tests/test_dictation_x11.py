@@ -187,10 +187,12 @@ def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserv
         text = box.wait_for(lambda t: t == expected, timeout=30)
     # tiny.en heard the clip "no" as "No.", as "No, no." (either scratches the sentence before it) and, in
     # a fresh-clone CI run, as "No, no. So thank you.": more than the phrase, so words to type, not a command.
-    if set(heard[1]) == {"no"}:
+    # A final flagged as doubtful (NOT_TYPED, e.g. possible_hallucination) is not typed: it scratches nothing.
+    no = [f for f in finals if f["text"]][1]
+    if set(heard[1]) == {"no"} and not set(no["flags"]) & set(NOT_TYPED):
         assert "fox" not in text.lower(), "scratch that deleted the sentence before it"
         assert text.startswith("This is a\n\nI have"), repr(text)
     else:
-        assert "fox" in text.lower(), repr(text)  # nothing scratched it
+        assert "fox" in text.lower(), (repr(text), no)  # nothing scratched it
     assert "\n\n" in text and "stop" not in text and "thing" not in text, repr(text)
     assert text.endswith("about."), repr(text)
