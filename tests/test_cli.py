@@ -1,7 +1,10 @@
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -123,6 +126,22 @@ def test_stale_socket_is_replaced_and_stdin_source_transcribes(tmp_path):
     line = (tmp_path / "t.log").read_text().strip().split("\t")
     assert line[1] == "1" and "forever" in line[2].lower()
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_a_reload_racing_the_stop_does_not_kill_a_daemon_that_stopped_cleanly(tmp_path):
+    from conftest import Daemon
+
+    daemon = Daemon(tmp_path, "--source", f"file:{CORPUS}/ps_forever.wav", "--set", "audio.realtime=true")
+    try:
+        daemon.connect()
+        daemon.proc.send_signal(signal.SIGTERM)
+        while daemon.proc.poll() is None:  # systemctl reload during a stop, until the process is gone
+            with contextlib.suppress(ProcessLookupError):
+                daemon.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        assert daemon.proc.returncode == 0, daemon.stderr[-2000:]
+    finally:
+        daemon.kill()
 
 
 def test_run_raises_a_low_open_files_limit(tmp_path):

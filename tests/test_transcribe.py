@@ -212,6 +212,23 @@ def test_names_that_are_not_utf8_or_hold_newlines_and_escapes_stay_on_one_line(t
     assert (tmp_path / "out" / "ps_forever.json").exists()  # the file after them is still done
 
 
+def test_an_output_name_too_long_is_refused_before_any_work_and_a_symlinked_target_is_written_through(tmp_path):
+    long_input = tmp_path / ("x" * 251 + ".wav")  # 255 bytes: its .json would be 256
+    long_input.write_bytes((CORPUS / "ps_forever.wav").read_bytes())
+    result = run(str(long_input), "--format", "json", "--output-dir", str(tmp_path / "out"))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "longer than 255 bytes" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    kept = tmp_path / "elsewhere.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    (tmp_path / "out" / "ps_forever.txt").symlink_to(kept)
+    assert run(str(CORPUS / "ps_forever.wav"), "--output-dir", str(tmp_path / "out")).returncode == 0
+    assert (tmp_path / "out" / "ps_forever.txt").is_symlink() and "forever" in kept.read_text().lower()
+    assert kept.stat().st_mode & 0o777 == 0o640  # its mode kept
+
+
 def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()

@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 from captiond.events import Final
-from captiond.translog import TranscriptLog
+from captiond.translog import LogWriter, TranscriptLog
 
 
 def final(utt, text="hello world"):
@@ -165,8 +165,6 @@ def test_a_log_slower_than_the_hold_holds_nothing_until_it_catches_up_and_a_flus
 
 
 def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_reported(tmp_path, caplog):
-    from captiond.translog import LogWriter
-
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the log folder should be")
     writer = LogWriter(TranscriptLog(blocker / "t.log", 10_000, 1), report=lambda error: None)
@@ -188,3 +186,21 @@ def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_rep
     assert [r.getMessage() for r in caplog.records if "are lost" in r.getMessage()] == [
         "1 transcript line(s) could not be written (cannot write transcript log /dev/full: No space left on device) "
         "and are lost; clients had their finals"]
+
+
+def test_held_lines_go_to_the_path_a_reload_gives_without_another_final(tmp_path):
+    reports = []
+    writer = LogWriter(TranscriptLog(Path("/proc/captiond-nope/t.log"), 10_000, 1), report=reports.append)
+    writer.start()
+    writer.offer(final(1), 1.0)
+    deadline = time.monotonic() + 30
+    while not reports:  # refused: held in memory
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    good = tmp_path / "good.log"
+    writer.reconfigure(good, 10_000, 1)  # SIGHUP: a path that works
+    while not good.exists():
+        assert time.monotonic() < deadline, "the held line waited for another final"
+        time.sleep(0.05)
+    writer.close(5)
+    assert good.read_text().endswith("\t1\thello world\n") and reports[-1] is None

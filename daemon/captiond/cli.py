@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -66,13 +68,20 @@ def _error(message: str) -> None:
 
 def _write_whole(target: Path, text: str) -> None:
     """Write the file under its name only once all of it is written: a full disk leaves no truncated
-    transcript that looks finished. Raises OSError."""
+    transcript that looks finished. Raises OSError (a target that may not be written, as open() would)."""
+    target = target.resolve()  # through a symlink, as a shell's > writes
+    if target.exists() and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied (the file exists and is read-only)")
     fd, partial = tempfile.mkstemp(prefix=".captiond-", suffix=".partial", dir=target.parent)
     try:
         with open(fd, "w", encoding="utf-8") as out:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(out.fileno(), 0o666 & ~umask)  # as a plain open() makes it, not mkstemp's 0600
+            try:  # the mode the file had, else as a plain open() makes it (not mkstemp's 0600)
+                mode = stat.S_IMODE(os.stat(target).st_mode)
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.fchmod(out.fileno(), mode)
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
@@ -358,6 +367,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             if target in targets:
                 return _fail(f"{targets[target]} and {name} would both be written to {target}; "
                              "rename one or transcribe them into different --output-dir folders")
+            if len(os.fsencode(target.name)) > 255:  # found before any decoding, not after it
+                return _fail(f"{name}: its output name would be longer than 255 bytes; rename the file")
             targets[target] = name
         try:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -248,7 +248,9 @@ class Service:
         finally:
             await self._shutdown()
             for sig in signals:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # puts back the default action: for SIGHUP, death
+            if signals:  # a reload racing the stop (systemctl reload) must not kill a daemon that stopped cleanly
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:

@@ -139,6 +139,11 @@ class LiveSession:
         self._tasks: list[asyncio.Task] = []
         self._cancelled = threading.Event()  # tells the WebM thread to stop waiting and end
 
+    @property
+    def abandoned(self) -> bool:
+        """True once the session was given up (its client gone, a stalled close, the daemon stopping)."""
+        return self._cancelled.is_set()
+
     def start(self) -> None:
         """Start the session's tasks (and the decoder thread for WebM)."""
         loop = asyncio.get_running_loop()

@@ -201,6 +201,13 @@ class LogWriter:
         with self._lock:
             self._next = _Settings(path, max_bytes, backups)
 
+    def _take_settings(self) -> None:
+        """Apply a reload's path and rotation (between two lines)."""
+        with self._lock:
+            if self._next is not None:
+                self.log.reconfigure(self._next.path, self._next.max_bytes, self._next.backups)
+                self._next = None
+
     def _write(self, write: Callable[[], object], then: Callable[[], None] = lambda: None) -> None:
         """One write of the log, then `then()`; the log's health is reported when it changed."""
         had_error = self.log.error
@@ -221,16 +228,15 @@ class LogWriter:
             try:  # lines a disk refused are tried again now and then, not only when the next final comes
                 item = self._queue.get(timeout=_RETRY_S if self.log.backlog else None)
             except queue.Empty:
+                self._take_settings()  # a reload may have pointed the log at a disk that takes the lines
                 self._write(self.log.flush)
                 continue
             if item is None:
                 break
-            with self._lock:
-                if self._next is not None:
-                    self.log.reconfigure(self._next.path, self._next.max_bytes, self._next.backups)
-                    self._next = None
+            self._take_settings()
             self._write(lambda: self.log.write(item.final, item.ts), item.written)
         # Stopping: the lines a refusing disk held get one more try, and are never lost in silence.
+        self._take_settings()
         if self.log.backlog and not self.log.flush():
             log.error("%d transcript line(s) could not be written (%s) and are lost; clients had their finals",
                       self.log.backlog, self.log.error)

@@ -231,8 +231,8 @@ class WebServer:
             finally:
                 gone.cancel()
             await self._end(ws, hub, client, 1000, reason)
-            log.info("live session from %s ended (%s) after %.1f s of audio", ws.remote_address, reason,
-                     session.samples / SAMPLE_RATE)
+            log.info("live session from %s %s after %.1f s of audio", ws.remote_address,
+                     "was abandoned" if session.abandoned else f"ended ({reason})", session.samples / SAMPLE_RATE)
         except ConnectionClosed:
             pass
         finally:

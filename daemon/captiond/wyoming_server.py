@@ -449,8 +449,9 @@ class _Handler(AsyncEventHandler):
             await current.session.close(_CLOSE_S)
             await current.finish()
             # What was said goes to the client only, not to the system log.
-            log.info("wyoming transcription from %s: %.1f s of audio, %d word(s)", self._peer,
-                     current.session.samples / SAMPLE_RATE, len(current.finals.split()))
+            log.info("wyoming transcription from %s%s: %.1f s of audio, %d word(s)", self._peer,
+                     " abandoned" if current.session.abandoned else "", current.session.samples / SAMPLE_RATE,
+                     len(current.finals.split()))
         finally:
             self._server.release(current)
 
