@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import LOOPBACK, WHISPER_LANGUAGES, AsrConfig, ConfigError
 from .engine import Engine, Segment, Transcript
-from .events import Word, text_problem
+from .events import Word, one_line, text_problem
 from .frames import SAMPLE_RATE
 from .tasks import spawn
 
@@ -231,11 +231,11 @@ def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
             if isinstance(error, dict):
                 error = next((error[k] for k in ("message", "error", "detail") if k in error), "")
         message = error if isinstance(error, str) else ""
-    def printable(text: str, n: int) -> str:
-        return "".join(c for c in " ".join(text.split()) if c.isprintable())[:n]
+    def shown(text: str, n: int) -> str:
+        return one_line(" ".join(text.split()))[:n]
 
-    message = printable(message, _MAX_ERROR)
-    return RemoteError(f"HTTP {status} {printable(reason, 40)}" + (f": {message}" if message else ""))
+    message = shown(message, _MAX_ERROR)
+    return RemoteError(f"HTTP {status} {shown(reason, 40)}" + (f": {message}" if message else ""))
 
 
 # --- one request, on its own thread -------------------------------------------------------------
