@@ -1147,6 +1147,9 @@ def test_detection_among_the_configured_languages_rescales_their_probabilities()
     ("And then came Mr.", False), ("He went to see Dr.", False),  # a title waits for its name
     ("We met at five p.m.", True), ("They said, “we are done.”", True),
     ("今日はいい天気です。", True), ("我很好。谢谢。", False), ("はい。", False), ("好的，然后", False),
+    # a filled pause holds the floor, and is no word of the sentence
+    ("Montreal forced, uh, um, uh, mmm, mmm, mmm.", False), ("And so we went, um.", False),
+    ("Il est parti, euh.", False), ("Uh, um, okay.", False), ("Um, I think so.", True), ("Hmm. Er, we know.", False),
 ])
 def test_only_a_sentence_of_three_words_or_more_may_end_an_utterance_early(text, ends):
     for rules in (TINY_EN, WHISPER):

@@ -96,12 +96,16 @@ _TITLES = frozenset({"mr", "mrs", "ms", "mx", "dr", "prof"})
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
 """Kana and ideographs: Chinese and Japanese write no spaces, so each counts as a word."""
 _AFTER_FULL_WIDTH_END = re.compile("([。？！][" + re.escape(_CLOSERS) + "]*)")
+_HESITATION = re.compile(r"(u+h+|u+h*m+|e+r+m*|e+h+|e+u+h+|a+h+|h+m+|m+h*m+|э+м*|м+)", re.IGNORECASE)
+"""Filled pauses (uh, um, er, hmm, mmm; French euh, Russian э): a speaker says them to hold the floor,
+so they neither end a sentence nor count among its words ("Montreal forced, uh, um, uh, mmm, mmm." was
+ended there at a 300 ms pause, and "forced aligner", decoded alone, came out "for a still")."""
 
 
 def ends_sentence(text: str, rules: TextRules) -> bool:
     """True when text ends as a sentence does (. ? ! and their full-width forms), not trailing off
-    ("...", "…"), mid-clause or on a title ("Mr."), and that last sentence has at least
-    sentence_words words. Whisper writes a full stop after a single slowly said word ("Montreal.
+    ("...", "…"), mid-clause, on a title ("Mr.") or on a filled pause ("um."), and that last sentence
+    has at least sentence_words words besides filled pauses. Whisper writes a full stop after a single slowly said word ("Montreal.
     Forced? A liner.", "forced. forced"), and an utterance ended there left the next word to be
     decoded alone ("Forst"). The rule can only make an utterance wait its full hangover, so it holds
     for any model."""
@@ -111,10 +115,13 @@ def ends_sentence(text: str, rules: TextRules) -> bool:
                 and word.rstrip(".").lstrip(PUNCTUATION).lower() not in _TITLES)
 
     def words(token: str) -> int:
-        return len(_CJK.findall(token)) or any(c.isalnum() for c in token)
+        return len(_CJK.findall(token)) or (any(c.isalnum() for c in token) and not hesitation(token))
+
+    def hesitation(token: str) -> bool:
+        return _HESITATION.fullmatch(token.strip(PUNCTUATION + _CLOSERS + "。？！，")) is not None
 
     said = _AFTER_FULL_WIDTH_END.sub(r"\1 ", text).split()
-    if not said or not ends(said[-1]):
+    if not said or not ends(said[-1]) or hesitation(said[-1]):
         return False
     last = [said[-1], *itertools.takewhile(lambda w: not ends(w), reversed(said[:-1]))]
     return sum(words(w) for w in last) >= rules.sentence_words
