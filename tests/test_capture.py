@@ -1,6 +1,7 @@
 import asyncio
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,25 @@ def test_truncated_file_gives_what_it_has(tmp_path):
     FileSource(cut).check()
     frames, _ = drain(FileSource(cut))
     assert 0.4 * 11.0 < len(frames) * 0.03 < 0.6 * 11.0
+
+
+def test_a_pipe_given_as_a_file_is_refused_before_it_is_read(tmp_path):
+    # check() and run() each open the file: on a pipe the check took the WAV header away (a FIFO with
+    # no writer: it waited for ever), so a clear error, naming what to use instead.
+    r, w = os.pipe()
+    os.write(w, (CORPUS / "ps_forever.wav").read_bytes()[:30000])  # a valid WAV's start: decodable
+    os.close(w)
+    try:
+        with pytest.raises(CaptureError, match="a pipe, not a file.*--source -"):
+            FileSource(Path(f"/proc/self/fd/{r}")).check()
+    finally:
+        os.close(r)
+
+
+def test_stdin_closed_is_an_error_before_the_model_loads(monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # what Python sets when fd 0 was closed at start
+    with pytest.raises(CaptureError, match="standard input is closed"):
+        StdinSource().check()
 
 
 def test_stdin_source_reads_raw_pcm_from_a_pipe():

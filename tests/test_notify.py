@@ -89,3 +89,30 @@ def test_watchdog_pings_only_while_the_pipeline_moves(tmp_path, monkeypatch, cap
     assert stalled == [] and stuck_worker == []
     assert "WATCHDOG=1" in recovered
     assert "no audio from stuck microphone" in caplog.text and "decoder has been busy" in caplog.text
+
+
+def test_a_file_name_that_is_not_utf8_or_holds_a_newline_neither_stops_the_daemon_nor_writes_systemd_lines(tmp_path):
+    # The source's name is the state's detail: sent to clients (a byte that is not UTF-8 could not be
+    # encoded, and the daemon died) and to systemd, which reads its message line by line.
+    import os
+    import shutil
+
+    from conftest import CORPUS, Daemon
+
+    sock = bind(tmp_path)
+    name = os.fsencode(tmp_path) + b"/bad\xffname\nREADY=1\nSTOPPING=1.wav"
+    shutil.copy(CORPUS / "ps_forever.wav", name)
+    daemon = Daemon(tmp_path, "--source", "file:" + os.fsdecode(name), "--set", "audio.realtime=true",
+                    env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    try:
+        events = daemon.connect()
+        status = events.wait_for(lambda e: e.get("state") == "listening")
+        assert "bad\\xffname\\nREADY=1" in status["detail"]
+        assert events.wait_for(lambda e: e["type"] == "final" and e["text"])
+        got = drain(sock, lambda g: any(m.startswith("STATUS=listening") for m in g), timeout=30)
+        assert [m for m in got if m.startswith("STATUS=listening")][0].count("\n") == 0
+        assert daemon.stop() == 0
+        got += drain(sock, lambda g: "STOPPING=1" in g, timeout=20)
+        assert "READY=1" in got and not any("\nREADY=1" in m or "\nSTOPPING=1" in m for m in got)
+    finally:
+        daemon.kill()

@@ -7,7 +7,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import fcntl
 import os
+import stat
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import numpy as np
 
+from .events import one_line
 from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
 
 log = logging.getLogger(__name__)
@@ -478,10 +481,20 @@ class FileSource:
     def __init__(self, path: Path, realtime: bool = False) -> None:
         self.path = path
         self.realtime = realtime
-        self.description = f"file {path}" + (" (real time)" if realtime else "")
+        self.description = f"file {one_line(str(path))}" + (" (real time)" if realtime else "")
 
     def check(self) -> None:
-        """Open the file and decode its first chunk, so a bad file fails before the model loads."""
+        """Open the file and decode its first chunk, so a bad file fails before the model loads.
+
+        A pipe (a FIFO, <(cmd), /dev/stdin) is refused first: it is read twice, by this check and by
+        run(), and the check either waits for ever for a writer or takes the stream's header away."""
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            mode = 0  # decode_file names what is wrong
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise CaptureError(f"{one_line(str(self.path))}: a pipe, not a file; pipe raw PCM to --source - "
+                               "instead (e.g. ffmpeg -i IN -f s16le -ac 1 -ar 16000 - | captiond run --source -)")
         gen = decode_file(self.path)
         try:
             next(gen, None)
@@ -525,7 +538,16 @@ class StdinSource:
         self._stream = stream
 
     def check(self) -> None:
-        """Standard input needs no check."""
+        """Standard input must be open for reading: found now, not once the model has loaded."""
+        if self._stream is not None:
+            return
+        try:
+            readable = sys.stdin is not None and fcntl.fcntl(0, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY
+        except OSError:  # fd 0 closed
+            readable = False
+        if not readable:
+            raise CaptureError("--source -: standard input is closed or not open for reading; "
+                               "pipe raw s16le 16 kHz mono PCM into captiond run --source -")
 
     async def run(self, capture: Capture) -> None:
         """Read until end of file; an odd trailing byte is dropped (it cannot be a sample)."""

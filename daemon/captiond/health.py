@@ -10,6 +10,8 @@ import time
 from enum import Enum
 from typing import Callable
 
+from .events import one_line
+
 log = logging.getLogger(__name__)
 
 OVERLOADED_LAG_S = 5.0
@@ -54,6 +56,9 @@ class Health:
 
     def set(self, state: State, detail: str = "") -> None:
         """Change the state (a status event for subscribers, a STATUS line for systemd)."""
+        # The detail names files and devices: a name that is not UTF-8 could not be sent to clients,
+        # and a newline in one would add lines to systemd's message (READY=1, STOPPING=1, ...).
+        detail = one_line(detail)
         if (state, detail) == (self.state, self.detail):
             return
         self.state, self.detail = state, detail
