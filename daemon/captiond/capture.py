@@ -140,7 +140,11 @@ def open_pyaudio() -> Any:
 
     _silence_alsa()
     with _stderr_muted():
-        return pyaudio.PyAudio()
+        try:
+            return pyaudio.PyAudio()
+        except OSError as exc:  # "Unanticipated host error" from a broken ~/.asoundrc
+            raise CaptureError(f"PortAudio cannot start ({exc}): check the ALSA configuration in ~/.asoundrc "
+                               "and /etc/asound.conf") from None
 
 
 @dataclass(frozen=True)
