@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,25 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert cli.stderr.strip().splitlines() == [f"captiond: error: {path}: not UTF-8 text (byte 27 is 0xe9); save it as UTF-8"]
+
+
+def test_no_home_folder_is_a_one_line_error_naming_what_to_set(monkeypatch):
+    # Containers run with arbitrary user ids and no HOME: Path.home() raised RuntimeError in every command.
+    import pwd
+
+    from captiond.config import LogConfig, default_config_paths, log_path
+    from captiond.models import cache_dir
+
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    for var in ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "LOGS_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")  # a user's daemon, not the system one
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert default_config_paths() == [Path("/etc/captiond/captiond.toml")]
+    with pytest.raises(ConfigError, match=r"cannot tell the home folder .*: set HOME or XDG_STATE_HOME$"):
+        log_path(LogConfig())
+    with pytest.raises(ConfigError, match="set HOME or XDG_CACHE_HOME"):
+        cache_dir({})
+    assert cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/captiond/models")

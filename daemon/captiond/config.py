@@ -8,7 +8,7 @@ import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 from .events import MAX_CONTEXT, text_problem
@@ -500,10 +500,27 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
+def xdg_home(var: str, *default: str, env: Mapping[str, str] = os.environ) -> Path:
+    """The XDG base folder `var` names ($XDG_CONFIG_HOME, ...), else `default` under the home folder;
+    a ConfigError naming both when there is no home folder (no $HOME, a user id with no passwd entry,
+    as containers run)."""
+    if env.get(var):
+        return Path(env[var])
+    try:
+        return Path.home().joinpath(*default)
+    except RuntimeError:
+        raise ConfigError(f"cannot tell the home folder (HOME is not set and user id {os.getuid()} has no "
+                          f"passwd entry): set HOME or {var}") from None
+
+
 def default_config_paths() -> list[Path]:
-    """Where the config file is looked for when --config is not given, first match wins."""
-    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return [Path(xdg) / "captiond" / "captiond.toml", Path("/etc/captiond/captiond.toml")]
+    """Where the config file is looked for when --config is not given, first match wins (with no home
+    folder, only /etc)."""
+    try:
+        user = [xdg_home("XDG_CONFIG_HOME", ".config") / "captiond" / "captiond.toml"]
+    except ConfigError:
+        user = []
+    return [*user, Path("/etc/captiond/captiond.toml")]
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -578,5 +595,4 @@ def log_path(log: LogConfig) -> Path:
         return Path(os.environ["LOGS_DIRECTORY"].split(":")[0]) / "transcript.log"
     if _system_mode():
         return Path("/var/log/captiond/transcript.log")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "captiond" / "transcript.log"
+    return xdg_home("XDG_STATE_HOME", ".local", "state") / "captiond" / "transcript.log"

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import xdg_home
+
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 """The source checkout this package runs from (editable installs, `make` set-ups)."""
 
@@ -44,7 +46,7 @@ def plan(system: bool, root: Path = Path("/")) -> Plan:
                     "systemctl daemon-reload && systemctl enable --now captiond\n"
                     "journalctl -u captiond -f        # its log;  captiond captions --set "
                     "server.socket=/run/captiond/captiond.sock  # as a member of server.group")
-    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    config_home = xdg_home("XDG_CONFIG_HOME", ".config")
     if root != Path("/"):
         config_home = root / config_home.relative_to("/")
     return Plan(units / "captiond.service", config_home / "systemd/user/captiond.service",

@@ -98,8 +98,9 @@ def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     """Where joined models live: the system unit's CacheDirectory, else $XDG_CACHE_HOME/captiond."""
     if env.get("CACHE_DIRECTORY"):  # set by systemd for CacheDirectory=captiond
         return Path(env["CACHE_DIRECTORY"].split(":")[0]) / "models"
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "captiond" / "models"
+    from .config import xdg_home
+
+    return xdg_home("XDG_CACHE_HOME", ".cache", env=env) / "captiond" / "models"
 
 
 def _installed(model: KnownModel, piece: Piece) -> Path:
