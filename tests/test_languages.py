@@ -40,10 +40,12 @@ def test_base_is_joined_once_into_the_cache_and_a_damaged_copy_is_joined_again(t
 
 
 @needs_base
-def test_a_join_killed_midway_leaves_nothing_the_next_one_keeps(tmp_path):
+def test_a_join_killed_midway_or_a_stray_file_in_its_place_leaves_nothing_the_next_one_keeps(tmp_path):
     (tmp_path / ".base-killed").mkdir()
     (tmp_path / ".base-killed" / "model.bin").write_bytes(b"half")
+    (tmp_path / f"base-{BASE.bin_sha256[:12]}").write_text("a file where the folder goes")
     joined = folder(BASE, tmp_path)
+    assert joined.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".base.lock", joined.name]
 
 

@@ -179,6 +179,8 @@ def folder(model: KnownModel, cache: Path | None = None) -> Path:
             work = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
             try:
                 _join(model, sources, work)
+                if target.is_symlink() or (target.exists() and not target.is_dir()):
+                    target.unlink()  # a stray file or link: rmtree skips it and the replace then fails
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(work, target)
                 parent = os.open(target.parent, os.O_RDONLY)
