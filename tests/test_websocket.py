@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -562,3 +563,22 @@ def test_events_clients_beyond_server_max_clients_get_an_error_and_a_1013_close(
             with pytest.raises(ConnectionClosed) as closed:
                 second.recv(timeout=10)
     assert refused["code"] == "too_many_clients" and closed.value.rcvd.code == 1013
+
+
+def test_a_session_whose_client_just_leaves_has_its_end_logged(harness, caplog):
+    # Sessions ended by CloseStream were logged, those whose client closed the connection were not:
+    # the log could not tell a session still running from one gone.
+    caplog.set_level(logging.INFO, logger="captiond.websocket")
+    h = harness("asr.partials=false")
+    with connect(f"ws://{h.base}/listen?encoding=linear16&sample_rate=16000") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        stream(ws, SPEECH[:16000])
+        deadline = time.monotonic() + 60
+        while not any(s.samples >= 16000 for s in h.service.web._sessions):
+            assert time.monotonic() < deadline, "the session did not take the audio in"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while h.service.web._sessions:
+        assert time.monotonic() < deadline, "the session outlived its client"
+        time.sleep(0.05)
+    assert "the client disconnected after 1.0 s of audio" in caplog.text

@@ -234,7 +234,9 @@ class WebServer:
             log.info("live session from %s %s after %.1f s of audio", ws.remote_address,
                      "was abandoned" if session.abandoned else f"ended ({reason})", session.samples / SAMPLE_RATE)
         except ConnectionClosed:
-            pass
+            if session is not None:  # every session's end is logged, as the Unix socket logs each client's
+                log.info("live session from %s: the client disconnected after %.1f s of audio; its session is "
+                         "abandoned", ws.remote_address, session.samples / SAMPLE_RATE)
         finally:
             if session is not None:
                 session.cancel()
