@@ -75,13 +75,17 @@ def test_corrupt_missing_and_audio_less_files_are_clear_errors(tmp_path):
         FileSource(text).check()
 
 
-def test_truncated_file_gives_what_it_has(tmp_path):
+def test_truncated_file_gives_what_it_has_and_says_so(tmp_path, caplog):
     full = (CORPUS / "jfk_inaugural.wav").read_bytes()
     cut = tmp_path / "cut.wav"
     cut.write_bytes(full[:len(full) // 2])
     FileSource(cut).check()
     frames, _ = drain(FileSource(cut))
     assert 0.4 * 11.0 < len(frames) * 0.03 < 0.6 * 11.0
+    assert "cut.wav: the file looks truncated (what is there was transcribed): its header states" in caplog.text
+    caplog.clear()
+    drain(FileSource(CORPUS / "jfk_inaugural.wav"))
+    assert "truncated" not in caplog.text
 
 
 def test_a_pipe_given_as_a_file_is_refused_before_it_is_read(tmp_path):

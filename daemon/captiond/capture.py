@@ -450,6 +450,46 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
             raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
 
 
+def probe_duration(path: Path) -> float:
+    """The file's duration in seconds as its container states it, 0 if unknown."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.duration / 1_000_000 if container.duration else 0.0
+    except (av.error.FFmpegError, OSError, ValueError):
+        return 0.0
+
+
+def truncation(path: Path, decoded: float, duration: float) -> str:
+    """Why a file that decoded without an error looks cut short, or "" if it does not.
+
+    A file cut short decodes cleanly: only its header says there should be more. FFmpeg trims a
+    WAV's stated length to the file's size, so its data chunk is read here.
+    """
+    short = f"{path}: the file looks truncated (what is there was transcribed): "
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            size = os.fstat(fh.fileno()).st_size
+            while head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    break
+                length = int.from_bytes(chunk[4:], "little")
+                if chunk[:4] == b"data":
+                    present = size - fh.tell()
+                    if length != 0xFFFFFFFF and present < length:
+                        return short + f"its header states {length} bytes of audio, it holds {present}"
+                    break
+                fh.seek(length + (length & 1), os.SEEK_CUR)
+    except OSError:
+        pass
+    if duration and decoded < duration - max(0.5, 0.02 * duration):
+        return short + f"only {decoded:.1f} s of the {duration:.1f} s its header states could be read"
+    return ""
+
+
 def _mono16k(resampler: Any, frame: Any, name: str, first: bool = False) -> list[np.ndarray]:
     """A decoded frame (None: the end) as 16 kHz mono int16; CaptureError naming the format when the
     `first` frame cannot be converted (a valid file of 64 channels was called corrupt)."""
@@ -529,6 +569,10 @@ class FileSource:
             if reading is not None and not reading.done():
                 await asyncio.wait([reading])
             chunks.close()
+        # A file cut short decodes cleanly: said, as `captiond transcribe` says it.
+        duration = await loop.run_in_executor(None, probe_duration, self.path)
+        if damage := await loop.run_in_executor(None, truncation, self.path, fed / SAMPLE_RATE, duration):
+            log.warning("%s", one_line(damage))
         await capture.finish()
 
 

@@ -8,7 +8,6 @@ more), decoded with word timestamps, and mapped back to the file's own time line
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .capture import CaptureError, decode_file
+from .capture import CaptureError, decode_file, probe_duration, truncation
 from .config import Config
 from .engine import SHORT, Segment, WhisperDecoder
 from .events import Word, undecoded
@@ -119,46 +118,6 @@ class _TimeMap:
         return round(f_start + (c_end - c_start), 3)
 
 
-def probe_duration(path: Path) -> float:
-    """The file's duration in seconds as its container states it, 0 if unknown."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            return container.duration / 1_000_000 if container.duration else 0.0
-    except (av.error.FFmpegError, OSError, ValueError):
-        return 0.0
-
-
-def _truncated(path: Path, decoded: float, duration: float) -> str:
-    """Why a file that decoded without an error looks cut short, or "" if it does not.
-
-    A file cut short decodes cleanly: only its header says there should be more. FFmpeg trims a
-    WAV's stated length to the file's size, so its data chunk is read here.
-    """
-    short = f"{path}: the file looks truncated (what is there was transcribed): "
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-            size = os.fstat(fh.fileno()).st_size
-            while head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-                chunk = fh.read(8)
-                if len(chunk) < 8:
-                    break
-                length = int.from_bytes(chunk[4:], "little")
-                if chunk[:4] == b"data":
-                    present = size - fh.tell()
-                    if length != 0xFFFFFFFF and present < length:
-                        return short + f"its header states {length} bytes of audio, it holds {present}"
-                    break
-                fh.seek(length + (length & 1), os.SEEK_CUR)
-    except OSError:
-        pass
-    if duration and decoded < duration - max(0.5, 0.02 * duration):
-        return short + f"only {decoded:.1f} s of the {duration:.1f} s its header states could be read"
-    return ""
-
-
 def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
                     progress: Callable[[float], None] = lambda done: None) -> FileTranscript:
     """Transcribe one file; progress(fraction) is called after each chunk. Raises CaptureError for bad files."""
@@ -189,7 +148,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
     decoded = reading.samples / SAMPLE_RATE
     damage = reading.damage
     if not damage:
-        damage = _truncated(path, decoded, duration)
+        damage = truncation(path, decoded, duration)
     return FileTranscript(undecoded(str(path)), duration or end, language, tuple(segments), damage)
 
 
