@@ -192,3 +192,17 @@ def test_a_pause_after_a_sentence_ends_the_utterance_sooner_unless_speech_comes_
     ends = [e for e in _pause_then_end(twice, cfg, end_here) if isinstance(e, UtteranceEnd)]
     assert len(ends) == 1 and ends[0].reason == "sentence_end"
     assert ends[0].end > 0.5 * SAMPLE_RATE + len(trimmed(speech))
+
+
+def test_a_filterbank_child_that_cannot_start_is_a_feature_error(monkeypatch, tmp_path):
+    # The interpreter's folder unreadable to the daemon's user made subprocess.run raise PermissionError,
+    # a traceback, where a child that fails was already a one-line FeatureError.
+    from captiond import gate
+
+    monkeypatch.setattr(gate.sys, "executable", str(tmp_path / "no-python"))
+    gate._mel_basis.cache_clear()
+    try:
+        with pytest.raises(gate.FeatureError, match="cannot design the gate's mel filterbank.*no-python"):
+            gate.features(np.zeros(16000, dtype=np.int16))
+    finally:
+        gate._mel_basis.cache_clear()

@@ -65,9 +65,13 @@ def _mel_basis() -> tuple[np.ndarray, np.ndarray]:
     months would carry for one 40 x 257 matrix. The child designs it and exits; the features are
     then a matrix product here (librosa's melspectrogram would also JIT-compile numba helpers).
     """
-    done = subprocess.run([sys.executable, "-c", _MEL_PROGRAM], capture_output=True, timeout=120, check=False)
-    if done.returncode != 0:
-        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+    try:
+        done = subprocess.run([sys.executable, "-c", _MEL_PROGRAM], capture_output=True, timeout=120, check=False)
+        why = "" if done.returncode == 0 else (done.stderr.decode(errors="replace").strip().splitlines() or
+                                               ["no output"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:  # the interpreter not runnable by this user, a hang
+        why = str(exc)
+    if why:
         raise FeatureError(f"cannot design the gate's mel filterbank with librosa ({why}); "
                            "reinstall captiond's dependencies (pip install -e .)")
     out = io.BytesIO(done.stdout)
