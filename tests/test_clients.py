@@ -198,6 +198,12 @@ FINAL = (b'{"type":"final","seq":1,"ts":2.0,"utt":1,"start":0,"end":1,"text":"at
     b"not json\n", b"\xff\xfe\n", b"[1,2,3]\n", b'{"type":"final","text":5}\n', b"[" * 60000 + b"\n",
     b'{"type":"final","seq":1,"ts":2,"utt":1,"start":0,"end":1,"text":"x","words":[{"word":"a"}],"language":"en",'
     b'"latency":0}\n',
+    # json.loads takes these, but no time or count is NaN or infinite (`status --json` printed NaN, not JSON)
+    b'{"type":"status","seq":1,"ts":1,"state":"listening","uptime":NaN}\n',
+    b'{"type":"status","seq":1,"ts":1,"state":"listening","lag":-Infinity}\n',
+    b'{"type":"status","seq":1,"ts":1,"state":"listening","uptime":1e400}\n',
+    FINAL.replace(b'"ts":2.0', b'"ts":NaN'),
+    FINAL.replace(b'"ts":2.0', b'"ts":1e300'),  # no local time to show it as
 ])
 def test_a_line_that_is_no_event_is_a_clear_error_for_every_client(tmp_path, bad):
     from captiond.client import BadDaemon
@@ -290,4 +296,83 @@ def test_status_and_ptt_against_a_refusing_or_babbling_daemon_exit_1_with_one_li
     result = cli("ptt", "stop")
     err = result.stderr.decode()
     assert result.returncode == 1 and "did not answer within" in err and "Traceback" not in err, err
+    fake.close()
+
+
+def cli(path, *args):
+    """captiond with the socket at `path`, in this process (the tests' short timeouts apply): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    from captiond import cli as captiond_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = captiond_cli.main([*args, "--set", f"server.socket={path}"])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_status_against_a_daemon_that_hangs_up_or_breaks_the_protocol_is_one_line(tmp_path):
+    bad_status = b'{"type":"status","seq":1,"ts":1,"state":"listening","uptime":NaN,"lag":Infinity}\n'
+    cases = {
+        "closed": ([], "the daemon closed the connection before answering"),  # not "[Errno 32] Broken pipe"
+        "nan": ([HELLO, bad_status], "not a captiond event (status.uptime is 'nan', not a finite number)"),
+        "no_hello": ([bad_status.replace(b"NaN", b"1").replace(b"Infinity", b"0")], "did not start with hello"),
+    }
+    for name, (script, said) in cases.items():
+        for args in (["status"], ["status", "--json"]):
+            fake = FakeDaemon(tmp_path / f"{name}.sock", [script], linger=5 if script else 0)
+            code, out, err = cli(fake.path, *args)
+            fake.close()
+            (tmp_path / f"{name}.sock").unlink()
+            assert code == 1 and out == "" and said in err and err.count("\n") == 1, (name, args, err)
+
+
+def test_a_command_to_a_daemon_that_has_gone_is_a_clear_error_and_a_reset_ends_the_events(tmp_path):
+    import select
+    import socket
+    import threading
+
+    from captiond.client import Closed
+
+    fake = FakeDaemon(tmp_path / "gone.sock", [[]])
+    with Client(fake.path) as client:
+        assert list(client.events()) == []
+        with pytest.raises(Closed, match="^the daemon closed the connection before answering$"):
+            client.send({"cmd": "status"})
+    fake.close()
+
+    # A daemon that closes with a command of ours unread resets the connection: an end, as a close is.
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "reset.sock"))
+    server.listen(1)
+
+    def daemon():
+        conn, _ = server.accept()
+        select.select([conn], [], [], 10)  # the command is there, unread
+        conn.close()
+
+    thread = threading.Thread(target=daemon)
+    thread.start()
+    with Client(tmp_path / "reset.sock") as client:
+        client.send({"cmd": "status"})
+        thread.join(10)
+        assert list(client.lines()) == []
+    server.close()
+
+
+def test_async_client_refuses_a_long_line_and_an_error_for_hello_as_the_blocking_one_does(tmp_path):
+    from captiond.client import BadDaemon
+
+    async def read(path):
+        async with AsyncClient(path) as client:
+            return [env async for env in client]
+
+    fake = FakeDaemon(tmp_path / "long.sock", [[HELLO, b"x" * (1 << 20)]], linger=5)
+    with pytest.raises(BadDaemon, match="sent a line longer than"):
+        asyncio.run(read(fake.path))
+    fake.close()
+    fake = FakeDaemon(tmp_path / "full.sock", [[REFUSED]])
+    with pytest.raises(BadDaemon, match="captiond refused the connection: 2 clients are connected"):
+        asyncio.run(read(fake.path))
     fake.close()

@@ -186,7 +186,7 @@ def _client(args: argparse.Namespace):
 
 def cmd_listen(args: argparse.Namespace) -> int:
     """Print events as JSON Lines until the daemon stops."""
-    from .client import BadDaemon, NotRunning
+    from .client import BadDaemon, Closed, NotRunning
 
     try:
         client = _client(args)
@@ -209,7 +209,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except BrokenPipeError:  # `captiond listen | head` is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (BadDaemon, ConnectionResetError) as exc:
+        except (BadDaemon, Closed) as exc:
             return _fail(str(exc), 1)
         except KeyboardInterrupt:
             pass

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 from .config import ServerConfig, socket_path
-from .events import MAX_LINE, Envelope, Error, decode
+from .events import MAX_LINE, Envelope, Error, Hello, decode
 
 if TYPE_CHECKING:
     import asyncio
@@ -37,6 +37,12 @@ class BadDaemon(ConnectionError):
     error instead of hello, e.g. too_many_clients); the message says which."""
 
 
+class Closed(ConnectionError):
+    """The daemon closed the connection before a command could reach it (it stopped, or dropped us)."""
+
+
+_CLOSED = "the daemon closed the connection before answering"
+
 _LINE_MAX = 4 * MAX_LINE  # the longest line a client reads (a final with every word's time fits many times)
 
 
@@ -49,6 +55,24 @@ def _not_running(path: Path, exc: OSError) -> NotRunning:
                           "--set server.socket=PATH")
     return NotRunning(f"captiond is not running: nothing listens on {path} "
                       "(start it with `captiond run`, or point at its socket with --set server.socket=PATH)")
+
+
+def _checked(path: Path, line: bytes, first: bool) -> Envelope | None:
+    """One line from the daemon as a typed event (None for a type this version does not know); BadDaemon
+    for a line that is not a v1 event, or a first line that is not hello (an error there is a refusal)."""
+    try:
+        env = decode(line)
+    except ValueError as exc:
+        raise BadDaemon(f"{path} sent something that is not a captiond event ({exc})") from None
+    if first and env is not None and isinstance(env.event, Error):
+        raise BadDaemon(f"captiond refused the connection: {env.event.message}")
+    if first and (env is None or not isinstance(env.event, Hello)):
+        raise BadDaemon(f"{path} did not start with hello, as captiond does; is that captiond's socket?")
+    return env
+
+
+def _too_long(path: Path) -> str:
+    return f"{path} sent a line longer than {_LINE_MAX} bytes; is that captiond's socket?"
 
 
 def _subscribe_line(types: list[str] | None, since: int | None) -> dict:
@@ -76,10 +100,14 @@ class Client:
             self._sock.close()
             raise NotRunning(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
         self._file = self._sock.makefile("rb")
+        self._read = 0  # lines read so far: the first must be hello, whichever call reads it
 
     def send(self, command: dict) -> None:
-        """Send one command, e.g. {"cmd": "pause"}."""
-        self._sock.sendall((json.dumps(command) + "\n").encode())
+        """Send one command, e.g. {"cmd": "pause"}; Closed when the daemon has gone."""
+        try:
+            self._sock.sendall((json.dumps(command) + "\n").encode())
+        except (BrokenPipeError, ConnectionResetError):
+            raise Closed(_CLOSED) from None
 
     def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
         """Ask for only some event types and/or a replay of kept finals after seq `since`."""
@@ -88,23 +116,23 @@ class Client:
     def lines(self) -> Iterator[bytes]:
         """Raw JSON lines as they arrive, until the daemon closes the connection; BadDaemon for a
         line longer than any event (memory stays bounded whatever answers on the socket)."""
-        while line := self._file.readline(_LINE_MAX + 1):
+        while True:
+            try:
+                line = self._file.readline(_LINE_MAX + 1)
+            except ConnectionResetError:  # it closed with a command of ours unread: as much an end as a close
+                return
+            if not line:
+                return
             if len(line) > _LINE_MAX:
-                raise BadDaemon(f"{self.path} sent a line longer than {_LINE_MAX} bytes; is that captiond's socket?")
+                raise BadDaemon(_too_long(self.path))
+            self._read += 1
             yield line
 
     def events(self) -> Iterator[Envelope]:
         """Typed events as they arrive (types this version does not know are skipped); BadDaemon when
         a line is not a v1 event, or the daemon answers the connection with an error, not hello."""
-        first = True
         for line in self.lines():
-            try:
-                env = decode(line)
-            except ValueError as exc:
-                raise BadDaemon(f"{self.path} sent something that is not a captiond event ({exc})") from None
-            if first and env is not None and isinstance(env.event, Error):
-                raise BadDaemon(f"captiond refused the connection: {env.event.message}")
-            first = False
+            env = _checked(self.path, line, self._read == 1)
             if env is not None:
                 yield env
 
@@ -135,22 +163,26 @@ class AsyncClient:
         self.path = path or socket_path(ServerConfig())
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._read = 0  # as in Client
 
     async def connect(self) -> "AsyncClient":
         """Open the connection, raising NotRunning when no daemon answers."""
         import asyncio  # only here: blocking clients (`captiond ptt` on a key press) start faster without it
 
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=4 * MAX_LINE)
+            self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=_LINE_MAX)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             raise _not_running(self.path, exc) from None
         return self
 
     async def send(self, command: dict) -> None:
-        """Send one command."""
+        """Send one command; Closed when the daemon has gone."""
         assert self._writer is not None, "connect() first"
-        self._writer.write((json.dumps(command) + "\n").encode())
-        await self._writer.drain()
+        try:
+            self._writer.write((json.dumps(command) + "\n").encode())
+            await self._writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise Closed(_CLOSED) from None
 
     async def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
         """Ask for only some event types and/or a replay of kept finals after seq `since`."""
@@ -158,11 +190,17 @@ class AsyncClient:
 
     async def __aiter__(self) -> AsyncIterator[Envelope]:
         assert self._reader is not None, "connect() first"
-        while line := await self._reader.readline():
+        while True:
             try:
-                env = decode(line)
-            except ValueError as exc:
-                raise BadDaemon(f"{self.path} sent something that is not a captiond event ({exc})") from None
+                line = await self._reader.readline()
+            except ValueError:  # asyncio's word for a line over the reader's limit
+                raise BadDaemon(_too_long(self.path)) from None
+            except ConnectionResetError:  # as in Client.lines: an end like a close
+                return
+            if not line:
+                return
+            self._read += 1
+            env = _checked(self.path, line, self._read == 1)
             if env is not None:
                 yield env
 

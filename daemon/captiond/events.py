@@ -142,6 +142,8 @@ class Envelope:
 
 
 _HINTS = {cls: get_type_hints(cls) for cls in (*EVENT_TYPES.values(), Word)}
+_LAST_TS = 253402300799.0
+"""9999-12-31 23:59:59 UTC in seconds since 1970: the last wall-clock time an event's ts may hold."""
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -150,10 +152,15 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return _shown(value)
     if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
             and (hint is float or isinstance(value, int)):
+        if hint is int:
+            return value
         try:
-            return float(value) if hint is float else value
+            number = float(value)
         except OverflowError:  # a 400-digit integer
-            pass
+            number = math.inf
+        if math.isfinite(number):  # NaN and Infinity (no JSON, yet json.loads takes them) are no time, lag or count
+            return number
+        raise ValueError(f"{where} is {str(value)[:40]!r}, not a finite number")
     elif hint == tuple[str, ...] and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(_shown(v) for v in value)
     elif hint == tuple[Word, ...] and isinstance(value, list) and all(isinstance(w, dict) for w in value):
@@ -166,7 +173,8 @@ def decode(line: bytes | str) -> Envelope | None:
     """Parse one server line into a typed event; None for event types this version does not know.
 
     Fields this version does not know are ignored, so newer daemons stay readable.
-    Raises ValueError for a line that is not a v1 event, or holds a field of the wrong type.
+    Raises ValueError for a line that is not a v1 event, or holds a field of the wrong type (a NaN or
+    infinite number, a ts no clock shows, included).
     """
     try:
         body = json.loads(line)
@@ -179,9 +187,11 @@ def decode(line: bytes | str) -> Envelope | None:
         raise ValueError(f"not a protocol v1 event: {line!r:.80}")
     hints = _HINTS[cls]
     values = {k: _typed(v, hints[k], f"{cls.type}.{k}") for k, v in body.items() if k in hints and k != "type"}
+    ts = _typed(body.get("ts", 0.0), float, "ts")
+    if not 0 <= ts <= _LAST_TS:  # a client shows it as a local time, which cannot go past year 9999
+        raise ValueError(f"ts is {ts:g}, not a time in seconds since 1970")
     try:
-        return Envelope(_typed(body.get("seq", 0), int, "seq"), _typed(body.get("ts", 0.0), float, "ts"),
-                        cls(**values))
+        return Envelope(_typed(body.get("seq", 0), int, "seq"), ts, cls(**values))
     except TypeError as exc:
         raise ValueError(f"{body.get('type')} event with missing fields: {exc}") from None
 
