@@ -312,6 +312,21 @@ def cli(path, *args):
     return code, out.getvalue(), err.getvalue()
 
 
+def test_status_gives_up_on_a_daemon_that_does_not_answer(tmp_path, monkeypatch):
+    from captiond import cli as captiond_cli
+
+    monkeypatch.setattr(captiond_cli, "_ANSWER_TIMEOUT_S", 0.2)
+    stats = b'{"type":"stats","seq":1,"ts":1.0,"lag":0,"rtf":0,"dropped_frames":0,"queue":0}\n'
+    # Says hello and then nothing (a stopped daemon); babbles stats and never answers. Both hang up
+    # after a few seconds, so a status without a time limit fails here rather than hanging.
+    for name, script, kw in [("silent", [HELLO], {"linger": 5}), ("babbling", [HELLO] + [stats] * 100, {"pace": 0.05})]:
+        fake = FakeDaemon(tmp_path / f"{name}.sock", [script], **kw)
+        code, out, err = cli(fake.path, "status")
+        fake.close()
+        assert code == 1 and out == "", (name, err)
+        assert err.startswith("captiond: error: captiond did not answer within 0.2 s") and err.count("\n") == 1, err
+
+
 def test_status_against_a_daemon_that_hangs_up_or_breaks_the_protocol_is_one_line(tmp_path):
     bad_status = b'{"type":"status","seq":1,"ts":1,"state":"listening","uptime":NaN,"lag":Infinity}\n'
     cases = {

@@ -177,11 +177,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- clients -------------------------------------------------------------------------------------
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, timeout: float | None = None):
     from .client import Client
 
     config, _ = _config(args)
-    return Client(socket_path(config.server))
+    return Client(socket_path(config.server), timeout)
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -253,22 +253,55 @@ def cmd_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+_ANSWER_TIMEOUT_S = 10.0
+"""How long status and ptt wait for the daemon's answer: a health check or a key binding must not hang."""
+
+
+def _answer(client, talk):
+    """talk(client)'s result, or TimeoutError once the daemon has not answered within _ANSWER_TIMEOUT_S."""
+    # The socket's timeout bounds each read, not the whole exchange: a daemon that keeps sending
+    # anything but the answer (stats, a byte at a time) is cut off here.
+    gave_up = threading.Event()
+    watchdog = threading.Timer(_ANSWER_TIMEOUT_S, lambda: (gave_up.set(), client.close()))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        result = talk(client)
+    except (ConnectionError, OSError, ValueError) as exc:  # ValueError: a read of the file closed under it
+        if not gave_up.is_set() and not isinstance(exc, TimeoutError):
+            raise
+    else:
+        if not gave_up.is_set():  # else what ended the reads was the watchdog's close
+            return result
+    finally:
+        watchdog.cancel()
+    raise TimeoutError(f"captiond did not answer within {_ANSWER_TIMEOUT_S:g} s")
+
+
+def _ask_status(client):
+    """The daemon's hello and its answer to a status command (None for one it closed before)."""
+    from .events import Status
+
+    events = client.events()
+    hello = next(events, None)
+    client.send({"cmd": "status"})
+    return hello, next((env.event for env in events if isinstance(env.event, Status)), None)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the daemon's state and health; exit 3 when it is not running."""
     from .client import NotRunning
-    from .events import Status
 
     try:
-        client = _client(args)
+        client = _client(args, _ANSWER_TIMEOUT_S)
     except NotRunning as exc:
         print(exc, file=sys.stderr)
         return 3
     with client:
         try:
-            events = client.events()
-            hello = next(events, None)
-            client.send({"cmd": "status"})
-            status = next((env.event for env in events if isinstance(env.event, Status)), None)
+            hello, status = _answer(client, _ask_status)
+        except TimeoutError as exc:
+            return _fail(f"{exc} (stopped or stuck?); see its log, or restart it", 1)
         except ConnectionError as exc:  # refused (too many clients), or not captiond on the socket
             return _fail(str(exc), 1)
     if hello is None or status is None:
@@ -313,9 +346,6 @@ def cmd_type(args: argparse.Namespace) -> int:
     return 0
 
 
-_PTT_TIMEOUT_S = 10.0
-
-
 def cmd_ptt(args: argparse.Namespace) -> int:
     """Push-to-talk: start or stop listening (a stop types what was just said at once)."""
     from .client import Client, NotRunning
@@ -323,24 +353,16 @@ def cmd_ptt(args: argparse.Namespace) -> int:
 
     config, _ = _config(args)
     try:
-        client = Client(socket_path(config.server), timeout=_PTT_TIMEOUT_S)  # a key binding must not hang
+        client = Client(socket_path(config.server), timeout=_ANSWER_TIMEOUT_S)  # a key binding must not hang
     except NotRunning as exc:
         return _fail(str(exc), 1)
-    # The socket's timeout bounds each read, not the whole exchange: a daemon that keeps sending
-    # anything but the answer (stats, a byte at a time) is cut off here.
-    gave_up = threading.Event()
-    watchdog = threading.Timer(_PTT_TIMEOUT_S, lambda: (gave_up.set(), client.close()))
-    watchdog.daemon = True
     with client:
-        watchdog.start()
         try:
-            state = push_to_talk(client, args.action)
-        except (ConnectionError, OSError, ValueError) as exc:  # ValueError: a read of the file closed under it
-            if gave_up.is_set() or isinstance(exc, TimeoutError):
-                return _fail(f"captiond did not answer within {_PTT_TIMEOUT_S:.0f} s; see `captiond status`", 1)
+            state = _answer(client, lambda c: push_to_talk(c, args.action))
+        except TimeoutError as exc:
+            return _fail(f"{exc}; see `captiond status`", 1)
+        except (ConnectionError, OSError, ValueError) as exc:
             return _fail(str(exc), 1)
-        finally:
-            watchdog.cancel()
     print(state)
     return 0
 
