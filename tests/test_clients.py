@@ -376,6 +376,46 @@ def test_a_command_to_a_daemon_that_has_gone_is_a_clear_error_and_a_reset_ends_t
     server.close()
 
 
+def test_captions_wait_before_reconnecting_to_a_daemon_that_says_hello_and_hangs_up(tmp_path):
+    from captiond.captions import CaptionView, follow
+    import io
+
+    # Its hello's seq is below the final's, as a restarted daemon's: nothing is sent, nothing fails.
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, FINAL]] * 3)
+    out = io.StringIO()
+
+    class Done(Exception):
+        pass
+
+    def sleep(seconds):
+        raise Done
+
+    with pytest.raises(Done):
+        follow(fake.path, CaptionView(out, color=False), retry_s=0.01, sleep=sleep)
+    fake.close()
+    assert fake.accepted == 1 and out.getvalue().count("at last") == 1, out.getvalue()
+
+
+def test_a_partial_of_wide_characters_fits_on_one_row(monkeypatch):
+    import io
+    import unicodedata
+
+    from captiond.captions import CaptionView
+    from captiond.events import Envelope
+
+    def columns(text):
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+                   for c in text)
+
+    monkeypatch.setenv("COLUMNS", "40")
+    said = "我们今天讨论的是一个非常重要的问题关于人工智能的发展以及它对社会的影响"  # 35 characters, 70 columns
+    for text, shown in [(said, "…" + said[-19:]), (said[:19], said[:19]), ("e\u0301" * 50, "…" + "e\u0301" * 38),
+                        ("a" * 50, "…" + "a" * 38)]:
+        out = io.StringIO()
+        CaptionView(out, color=False).show(Envelope(1, 1.0, Partial(1, 1, 0.0, 1.0, "", text, text)))
+        assert out.getvalue() == "\r\x1b[2K" + shown and columns(shown) <= 39
+
+
 def test_async_client_refuses_a_long_line_and_an_error_for_hello_as_the_blocking_one_does(tmp_path):
     from captiond.client import BadDaemon
 

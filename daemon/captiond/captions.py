@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 import time
+import unicodedata
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -14,6 +15,26 @@ from .events import Envelope, Error, Final, Hello, Partial, Status
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
 _CLEAR_LINE = "\r\x1b[2K"
+
+
+def _columns(c: str) -> int:
+    """Terminal columns one character takes: two for wide and fullwidth ones (CJK), none for a combining mark."""
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def _newest(text: str, width: int) -> str:
+    """The end of text that fits in `width` columns, after "…" when some of it had to go."""
+    if sum(map(_columns, text)) <= width:
+        return text
+    used, start = 1, len(text)  # 1: the "…"
+    while start and used + _columns(text[start - 1]) <= width:
+        start -= 1
+        used += _columns(text[start])
+    while start < len(text) and not _columns(text[start]):  # marks whose letter did not fit
+        start += 1
+    return "…" + text[start:]
 
 
 class CaptionView:
@@ -43,10 +64,8 @@ class CaptionView:
         """Render one event."""
         event = env.event
         if isinstance(event, Partial):
-            text = event.text
-            width = self._width() - 1
-            if len(text) > width:  # keep the newest words visible on one line
-                text = "…" + text[-(width - 1):]
+            # One row, counted in columns: a partial that wraps leaves rows _CLEAR_LINE cannot reach.
+            text = _newest(event.text, self._width() - 1)
             self._out.write(_CLEAR_LINE + (f"{_DIM}{text}{_RESET}" if self._color else text))
             self._partial_shown = True
         elif isinstance(event, Final):
@@ -89,3 +108,4 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
                 sleep(retry_s)
                 continue
         view.note("connection to captiond lost; reconnecting")
+        sleep(retry_s)  # a peer that says hello and hangs up at once must not be reconnected to in a tight loop
