@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import logging
 import fcntl
+import logging
 import os
 import stat
 import sys
