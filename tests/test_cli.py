@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -243,3 +244,46 @@ def test_models_lists_each_model_with_what_was_measured_here(tmp_path):
     after = captiond("models", env=env).stdout.decode()
     assert "0.123" in after.splitlines()[2] and "0.57 s" in after.splitlines()[2]
     assert "measured here on 2026-12-05" in after
+
+
+def test_listen_refuses_an_unknown_type_or_a_negative_since_itself(tmp_path):
+    # The daemon only answers an error line and goes on: a typo waited for ever, printing nothing.
+    result = captiond("listen", "--types", "final,finals", tmp=tmp_path)
+    one_line_error(result, "--types", "'finals'", "final, speech_end")
+    one_line_error(captiond("listen", "--since", "-5", tmp=tmp_path), "--since -5")
+
+
+@pytest.mark.parametrize("command", [["models"], ["check-config"], ["captions"]])
+def test_output_closed_by_its_reader_ends_quietly(tmp_path, command):
+    """`captiond models | head -1`: no BrokenPipeError traceback."""
+    sock = tmp_path / "c.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # for captions: a daemon saying hello
+    server.bind(str(sock))
+    server.listen(1)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "captiond", *command, "--set", f"server.socket={sock}"],
+                                stdout=write, stderr=subprocess.PIPE, cwd=ROOT)
+        os.close(write)
+        if command == ["captions"]:
+            conn, _ = server.accept()
+            conn.sendall(b'{"type":"hello","seq":0,"ts":1.0,"version":"x","model":"m","sample_rate":16000,'
+                         b'"state":"listening","protocol":1}\n')
+        _, err = proc.communicate(timeout=60)
+    finally:
+        server.close()
+    assert proc.returncode == 0 and err == b"", err.decode()
+
+
+def test_check_config_prints_toml_whatever_the_strings_hold(tmp_path):
+    import tomllib
+
+    prompt = 'He said "hi" C:\\temp\nline two\ttab ü 😀'
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[asr]\ninitial_prompt = {json.dumps(prompt, ensure_ascii=False)}\n", encoding="utf-8")
+    result = captiond("check-config", "--config", str(cfg), "--set", 'asr.hotwords=a "b" \\c')
+    assert result.returncode == 0, result.stderr
+    values = tomllib.loads(result.stdout.decode())
+    assert values["asr"]["initial_prompt"] == prompt and values["asr"]["hotwords"] == 'a "b" \\c'
+    assert {"audio", "gate", "asr", "server", "log"} <= set(values)

@@ -103,6 +103,8 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
                 for env in events:
                     view.show(env)
                     last_seq = max(last_seq, env.seq)
+            except BrokenPipeError:  # our output was closed (`captiond captions | head`); client.py names its own
+                raise
             except ConnectionError as exc:  # refused (too many clients), broken, or not captiond at all
                 view.note(f"{exc}; trying again in {retry_s:g} s")
                 sleep(retry_s)

@@ -187,13 +187,21 @@ def _client(args: argparse.Namespace, timeout: float | None = None):
 def cmd_listen(args: argparse.Namespace) -> int:
     """Print events as JSON Lines until the daemon stops."""
     from .client import BadDaemon, Closed, NotRunning
+    from .events import EVENT_TYPES
 
+    types = [t.strip() for t in args.types.split(",")] if args.types else None
+    # The daemon refuses these with an error line and goes on: a typo would then print nothing, for ever.
+    unknown = sorted(set(types or ()) - set(EVENT_TYPES))
+    if unknown:
+        return _fail(f"--types: unknown event type {', '.join(map(repr, unknown))}; "
+                     f"the types are {', '.join(EVENT_TYPES)}")
+    if args.since is not None and args.since < 0:
+        return _fail(f"--since {args.since}: a seq is 0 or more (0 replays every kept final)")
     try:
         client = _client(args)
     except NotRunning as exc:
         return _fail(str(exc), 1)
     with client:
-        types = [t.strip() for t in args.types.split(",")] if args.types else None
         try:
             lines = client.lines()
             first = next(lines, b"")
@@ -207,8 +215,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
                     continue
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
-        except BrokenPipeError:  # `captiond listen | head` is fine
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (BadDaemon, Closed) as exc:
             return _fail(str(exc), 1)
         except KeyboardInterrupt:
@@ -506,6 +512,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toml_string(text: str) -> str:
+    """text as a TOML basic string."""
+    # json.dumps escapes ", \ and control characters as TOML does, all but DEL; not with ensure_ascii,
+    # which writes an emoji as a surrogate pair: TOML refuses those.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
@@ -520,13 +533,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             read_key(config.asr)
     except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
-    print(f"# config OK ({path or 'built-in defaults; no config file found'})")
-    print(f"# socket: {socket_path(config.server)}\n# transcript log: {log_path(config.log)}")
+    # Names go through one_line: a newline in one would end its comment and break the TOML below.
+    print(f"# config OK ({one_line(str(path)) if path else 'built-in defaults; no config file found'})")
+    print(f"# socket: {one_line(str(socket_path(config.server)))}\n"
+          f"# transcript log: {one_line(str(log_path(config.log)))}")
     for section, values in vars(config).items():
         print(f"\n[{section}]")
         for key, value in vars(values).items():
             shown = ("true" if value else "false") if isinstance(value, bool) else (
-                f'"{value}"' if isinstance(value, str) else value)
+                _toml_string(value) if isinstance(value, str) else value)
             print(f"{key} = {shown}")
     return 0
 
@@ -655,3 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (the daemon's start-up)
         return 130
+    except BrokenPipeError:  # `captiond listen | head`, `captiond models | head -1`: the reader had enough
+        # What is still buffered goes nowhere, not into a second error as the interpreter exits.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
