@@ -300,7 +300,7 @@ def test_status_and_ptt_against_a_refusing_or_babbling_daemon_exit_1_with_one_li
 
 
 def cli(path, *args):
-    """captiond with the socket at `path`, in this process (the tests' short timeouts apply): exit code, stdout, stderr."""
+    """`captiond ARGS` on the socket at path, in this process (short timeouts apply): exit code, out, err."""
     import contextlib
     import io
 

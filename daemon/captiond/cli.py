@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)",
                             description="Ask the running daemon for its state (listening, paused, device_lost, "
                             "overloaded, …), model, uptime, subscribers, decoder lag, dropped frames and "
-                            "version. Exits 3 when the daemon is not running.")
+                            "version. Exits 3 when the daemon is not running, 1 when it does not answer within 10 s.")
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
     status.set_defaults(func=cmd_status)
     typing = sub.add_parser(
