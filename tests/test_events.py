@@ -76,3 +76,15 @@ def test_context_command():
     for bad in (b'{"cmd":"context","prompt":7}', b'{"cmd":"context","prompt":"' + b"x" * 1001 + b'"}'):
         with pytest.raises(ProtocolError, match="context"):
             parse_command(bad)
+
+
+def test_an_encoded_line_holds_no_character_a_terminal_acts_on_and_always_encodes():
+    # json.dumps escapes C0 controls only: a C1 CSI (U+009B) or a bidi override in a file name went
+    # raw to whatever `captiond listen` printed to, and a lone surrogate (a name that is not UTF-8)
+    # could not be encoded at all.
+    text = "a\u009b2Jb\u202ec\x7fd\udcffe\tf"
+    line = encode(Final(1, 0.0, 1.0, text, (), "en", 0.1, ()), 1, 0.0)
+    raw = line.decode("utf-8")
+    assert not any(c in raw for c in "\u009b\u202e\x7f\udcff\t") and raw.endswith("}\n") and raw.count("\n") == 1
+    assert json.loads(raw)["text"] == text  # escapes: the text itself is unchanged
+    assert encode(Final(1, 0.0, 1.0, "plain é 日本", (), "en", 0.1, ()), 1, 0.0).decode().count("\\u") == 0

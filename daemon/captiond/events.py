@@ -209,7 +209,13 @@ def encode(event: Event, seq: int, ts: float) -> bytes:
         elif isinstance(value, tuple):
             value = list(value)
         body[key] = value
-    return (json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    line = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    if not line.isprintable():
+        # json escapes C0 controls only: C1 ones (U+009B is a CSI), bidi overrides and lone surrogates
+        # (a file name that is not UTF-8) are written as escapes too, so no line can drive a terminal
+        # that `captiond listen` prints to, nor fail to encode.
+        line = "".join(f"\\u{ord(c):04x}" if _acts(c) else c for c in line)
+    return (line + "\n").encode()
 
 
 class ProtocolError(ValueError):
