@@ -115,11 +115,12 @@ def test_a_broken_alsa_configuration_is_a_one_line_error(tmp_path):
     (tmp_path / ".asoundrc").write_text("pcm.!default { type nonsense\n")
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path),
            "XDG_RUNTIME_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "captiond", "run", "--source", "mic"], env=env, capture_output=True,
-                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("captiond: error: PortAudio cannot start"), run.stderr
-    assert "Traceback" not in run.stderr
+    for command in (["run", "--source", "mic"], ["devices"]):
+        run = subprocess.run([sys.executable, "-m", "captiond", *command], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 2, command
+        assert run.stderr.strip().splitlines()[-1].startswith("captiond: error: PortAudio cannot start"), run.stderr
+        assert "Traceback" not in run.stderr
 
 
 def test_stdin_source_reads_raw_pcm_from_a_pipe():

@@ -472,9 +472,12 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     """List audio input devices PortAudio can see."""
-    from .capture import list_input_devices, open_pyaudio
+    from .capture import CaptureError, list_input_devices, open_pyaudio
 
-    pa = open_pyaudio()
+    try:
+        pa = open_pyaudio()
+    except CaptureError as exc:
+        return _fail(str(exc))
     try:
         devices = list_input_devices(pa)
     finally:
