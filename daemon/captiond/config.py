@@ -90,8 +90,8 @@ class GateConfig:
     """Window in which start_ms of voiced frames must fall, in ms."""
     hangover_ms: int = 500
     """Unvoiced audio that closes an utterance, in ms."""
-    sentence_end_ms: int = 400
-    """Unvoiced audio that closes an utterance whose words so far end a sentence of three words or more, in ms (0: off; no effect at or above hangover_ms)."""
+    sentence_end_ms: int = 300
+    """Unvoiced audio that closes an utterance whose words so far end a sentence of three words or more (filled pauses aside), in ms (0: off; no effect at or above hangover_ms)."""
     preroll_ms: int = 300
     """Audio kept from before the speech start and prepended to the utterance, in ms."""
     max_utterance_s: float = 60.0
