@@ -219,3 +219,11 @@ def test_no_home_folder_is_a_one_line_error_naming_what_to_set(monkeypatch):
     with pytest.raises(ConfigError, match="set HOME or XDG_CACHE_HOME"):
         cache_dir({})
     assert cache_dir({"XDG_CACHE_HOME": "/c"}) == Path("/c/captiond/models")
+
+
+def test_a_default_config_path_that_is_a_directory_is_an_error_not_passed_over(tmp_path, monkeypatch):
+    # Passed over, the defaults (or /etc's file) were used and the user's settings silently lost.
+    (tmp_path / "captiond.toml").mkdir()
+    monkeypatch.setattr(cfgmod, "default_config_paths", lambda: [tmp_path / "captiond.toml", tmp_path / "etc.toml"])
+    with pytest.raises(ConfigError, match="captiond.toml: not a regular file"):
+        load(None, [])

@@ -538,7 +538,10 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
         if not chosen.is_file():
             raise ConfigError(f"--config {path}: no such file")
     else:
-        chosen = next((p for p in default_config_paths() if p.is_file()), None)
+        chosen = next((p for p in default_config_paths() if p.exists()), None)
+        if chosen is not None and not chosen.is_file():  # passed over, its settings would be silently lost
+            raise ConfigError(f"{chosen}: not a regular file (a directory?); make it the TOML config file, "
+                              "or remove it")
     data: dict = {}
     if chosen is not None:
         try:
