@@ -431,3 +431,18 @@ def test_async_client_refuses_a_long_line_and_an_error_for_hello_as_the_blocking
     with pytest.raises(BadDaemon, match="captiond refused the connection: 2 clients are connected"):
         asyncio.run(read(fake.path))
     fake.close()
+
+
+def test_captions_into_a_file_writes_finals_only():
+    # `captiond captions > notes.txt`: partials rewritten in place left every one of them in the file,
+    # each behind a carriage return and an erase sequence.
+    import io
+
+    from captiond.captions import CaptionView
+    from captiond.events import Envelope
+
+    out = io.StringIO()
+    view = CaptionView(out, color=False, partials=False)
+    view.show(Envelope(1, 1.0, Partial(1, 1, 0.0, 1.0, "", "hello wor", "hello wor")))
+    view.show(Envelope(2, 2.0, Final(1, 0.0, 1.5, "Hello world.", (), "en", 0.3, ())))
+    assert out.getvalue() == "Hello world.\n"

@@ -40,9 +40,12 @@ def _newest(text: str, width: int) -> str:
 class CaptionView:
     """Turns events into terminal output; holds the one partial line currently shown."""
 
-    def __init__(self, out: TextIO, color: bool = True, timestamps: bool = False) -> None:
+    def __init__(self, out: TextIO, color: bool = True, timestamps: bool = False, partials: bool = True) -> None:
         self._out = out
         self._color = color
+        # Rewriting a line in place needs a terminal: into a file every partial would stay, each
+        # behind a carriage return and an erase sequence.
+        self._partials = partials
         self._timestamps = timestamps
         self._partial_shown = False
 
@@ -64,6 +67,8 @@ class CaptionView:
         """Render one event."""
         event = env.event
         if isinstance(event, Partial):
+            if not self._partials:
+                return
             # One row, counted in columns: a partial that wraps leaves rows _CLEAR_LINE cannot reach.
             text = _newest(event.text, self._width() - 1)
             self._out.write(_CLEAR_LINE + (f"{_DIM}{text}{_RESET}" if self._color else text))

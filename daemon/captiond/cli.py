@@ -250,8 +250,9 @@ def cmd_captions(args: argparse.Namespace) -> int:
     config, _ = _config(args)
     # Ctrl-C must quit even when we were started with SIGINT ignored (a background job's child).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    view = CaptionView(sys.stdout, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
-                       timestamps=args.timestamps)
+    terminal = sys.stdout.isatty()
+    view = CaptionView(sys.stdout, color=terminal and not os.environ.get("NO_COLOR"), timestamps=args.timestamps,
+                       partials=terminal)
     try:
         follow(socket_path(config.server), view)
     except KeyboardInterrupt:
@@ -597,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     captions = sub.add_parser("captions", parents=[common], help="live captions in this terminal",
                               description="Partials dimmed and rewritten in place, finals scrolling; waits for "
-                              "the daemon and reconnects by itself. Ctrl-C quits.")
+                              "the daemon and reconnects by itself. Ctrl-C quits. Into a file or a pipe, "
+                              "finals only.")
     captions.add_argument("--timestamps", action="store_true", help="prefix finals with the time they were said")
     captions.set_defaults(func=cmd_captions)
     status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)",
