@@ -263,8 +263,11 @@ def test_output_closed_by_its_reader_ends_quietly(tmp_path, command):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line is written
     try:
+        # Unbuffered (PYTHONUNBUFFERED, set here) the write fails at once; block-buffered, as in a user's
+        # shell, only as the output is flushed: both must end quietly.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         proc = subprocess.Popen([sys.executable, "-m", "captiond", *command, "--set", f"server.socket={sock}"],
-                                stdout=write, stderr=subprocess.PIPE, cwd=ROOT)
+                                stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=env)
         os.close(write)
         if command == ["captions"]:
             conn, _ = server.accept()

@@ -376,12 +376,14 @@ def test_a_command_to_a_daemon_that_has_gone_is_a_clear_error_and_a_reset_ends_t
     server.close()
 
 
-def test_captions_wait_before_reconnecting_to_a_daemon_that_says_hello_and_hangs_up(tmp_path):
+@pytest.mark.parametrize("client", ["captions", "type"])
+def test_clients_wait_before_reconnecting_to_a_daemon_that_says_hello_and_hangs_up(tmp_path, client):
     from captiond.captions import CaptionView, follow
+    from captiond.dictation import Composer, type_finals
     import io
 
     # Its hello's seq is below the final's, as a restarted daemon's: nothing is sent, nothing fails.
-    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, FINAL]] * 3)
+    fake = FakeDaemon(tmp_path / "s.sock", [[HELLO, FINAL]] * 3, linger=0.2)  # linger: it reads `type`'s subscribe
     out = io.StringIO()
 
     class Done(Exception):
@@ -390,10 +392,21 @@ def test_captions_wait_before_reconnecting_to_a_daemon_that_says_hello_and_hangs
     def sleep(seconds):
         raise Done
 
+    class Typist:
+        name = "recorder"
+
+        def press(self, keys):
+            out.write("typed\n")
+
     with pytest.raises(Done):
-        follow(fake.path, CaptionView(out, color=False), retry_s=0.01, sleep=sleep)
+        if client == "captions":
+            follow(fake.path, CaptionView(out, color=False), retry_s=0.01, sleep=sleep)
+        else:
+            type_finals(fake.path, Composer(), Typist(), lambda text: out.write(text + "\n"), retry_s=0.01,
+                        sleep=sleep)
     fake.close()
-    assert fake.accepted == 1 and out.getvalue().count("at last") == 1, out.getvalue()
+    assert fake.accepted == 1, out.getvalue()
+    assert out.getvalue().count("at last") == 1, out.getvalue()  # shown, or typed, once
 
 
 def test_a_partial_of_wide_characters_fits_on_one_row(monkeypatch):

@@ -204,8 +204,16 @@ class Stop(Exception):
     pass
 
 
-def _stop(_seconds):
-    raise Stop
+def _stop_at_second():
+    """A sleep that ends type_finals at its second wait: the pause after a lost connection, then the
+    wait for a daemon that is not running."""
+    sleeps = []
+
+    def sleep(_seconds):
+        sleeps.append(_seconds)
+        if len(sleeps) >= 2:
+            raise Stop
+    return sleep
 
 
 def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_path):
@@ -215,7 +223,7 @@ def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_p
     events.wait_for(lambda e: e.get("state") == "listening")
     typist, notes = Recorder(), []
     typer = threading.Thread(target=lambda: pytest.raises(Stop, type_finals, h.sock, Composer(), typist,
-                                                          notes.append, sleep=_stop), daemon=True)
+                                                          notes.append, sleep=_stop_at_second()), daemon=True)
     typer.start()
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[:16000])  # said, not ended by a pause: the pipe stalls
     events.wait_for(lambda e: e["type"] == "speech_start")

@@ -297,7 +297,7 @@ def _ask_status(client):
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the daemon's state and health; exit 3 when it is not running."""
-    from .client import NotRunning
+    from .client import CLOSED, NotRunning
 
     try:
         client = _client(args, _ANSWER_TIMEOUT_S)
@@ -312,7 +312,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         except ConnectionError as exc:  # refused (too many clients), or not captiond on the socket
             return _fail(str(exc), 1)
     if hello is None or status is None:
-        return _fail("the daemon closed the connection before answering", 1)
+        return _fail(CLOSED, 1)
     if args.json:
         print(json.dumps({"version": hello.event.version, **dataclasses.asdict(status)}))
         return 0
@@ -670,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the captiond console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # block-buffered into a pipe: a reader gone is found here, not as the interpreter exits
+        return code
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (the daemon's start-up)

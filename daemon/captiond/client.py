@@ -41,7 +41,8 @@ class Closed(ConnectionError):
     """The daemon closed the connection before a command could reach it (it stopped, or dropped us)."""
 
 
-_CLOSED = "the daemon closed the connection before answering"
+CLOSED = "the daemon closed the connection before answering"
+"""What a client says when the daemon hung up before its answer came."""
 
 _LINE_MAX = 4 * MAX_LINE  # the longest line a client reads (a final with every word's time fits many times)
 
@@ -107,7 +108,7 @@ class Client:
         try:
             self._sock.sendall((json.dumps(command) + "\n").encode())
         except (BrokenPipeError, ConnectionResetError):
-            raise Closed(_CLOSED) from None
+            raise Closed(CLOSED) from None
 
     def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
         """Ask for only some event types and/or a replay of kept finals after seq `since`."""
@@ -182,7 +183,7 @@ class AsyncClient:
             self._writer.write((json.dumps(command) + "\n").encode())
             await self._writer.drain()
         except (BrokenPipeError, ConnectionResetError):
-            raise Closed(_CLOSED) from None
+            raise Closed(CLOSED) from None
 
     async def subscribe(self, types: list[str] | None = None, since: int | None = None) -> None:
         """Ask for only some event types and/or a replay of kept finals after seq `since`."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .client import Client, connect_when_running
+from .client import CLOSED, Client, connect_when_running
 from .models import resolve_model
 from .events import Final, Hello, Pong, Status
 
@@ -299,22 +299,19 @@ def type_finals(path: Path, composer: Composer, typist: Typist, note: Callable[[
     """
     while True:
         with connect_when_running(path, note, retry_s, sleep) as client:
-            greeted = False
             try:
                 client.subscribe(["final"])
                 for env in client.events():
                     if isinstance(env.event, Hello):
-                        greeted = True
                         note(f"connected: typing finals with {typist.name}; Ctrl-C to quit")
                     elif isinstance(env.event, Final):
                         _type(env.event, composer, typist, note)
-                if not greeted:  # closed at once: a daemon stopping or starting; do not spin on it
-                    sleep(retry_s)
             except ConnectionError as exc:  # refused (too many clients), broken, or not captiond at all
                 note(f"{exc}; trying again in {retry_s:g} s")
                 sleep(retry_s)
                 continue
         note("connection to captiond lost; reconnecting")
+        sleep(retry_s)  # a peer that says hello and hangs up at once must not be reconnected to in a tight loop
 
 
 def _type(final: Final, composer: Composer, typist: Typist, note: Callable[[str], None]) -> None:
@@ -338,7 +335,7 @@ def push_to_talk(client: Client, action: str) -> str:
     """start: resume listening; stop: finalise the open utterance and pause; toggle: whichever fits. The new state."""
     events = client.events()
     hello = next(events, None)
-    if hello is None or not isinstance(hello.event, Hello):
+    if hello is None:  # a first line that is not hello is refused by events() itself
         raise ConnectionError("the daemon closed the connection before saying hello")
     if action == "toggle":
         action = "start" if hello.event.state == "paused" else "stop"
@@ -352,4 +349,4 @@ def push_to_talk(client: Client, action: str) -> str:
             state = env.event.state
         elif isinstance(env.event, Pong):
             return state
-    raise ConnectionError("the daemon closed the connection before answering")
+    raise ConnectionError(CLOSED)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .config import xdg_home
+
 _CHUNK = 1 << 20  # read in megabytes: a 145 MB join never holds more than one in memory
 
 
@@ -98,8 +100,6 @@ def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     """Where joined models live: the system unit's CacheDirectory, else $XDG_CACHE_HOME/captiond."""
     if env.get("CACHE_DIRECTORY"):  # set by systemd for CacheDirectory=captiond
         return Path(env["CACHE_DIRECTORY"].split(":")[0]) / "models"
-    from .config import xdg_home
-
     return xdg_home("XDG_CACHE_HOME", ".cache", env=env) / "captiond" / "models"
 
 

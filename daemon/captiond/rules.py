@@ -105,10 +105,10 @@ ended there at a 300 ms pause, and "forced aligner", decoded alone, came out "fo
 def ends_sentence(text: str, rules: TextRules) -> bool:
     """True when text ends as a sentence does (. ? ! and their full-width forms), not trailing off
     ("...", "…"), mid-clause, on a title ("Mr.") or on a filled pause ("um."), and that last sentence
-    has at least sentence_words words besides filled pauses. Whisper writes a full stop after a single slowly said word ("Montreal.
-    Forced? A liner.", "forced. forced"), and an utterance ended there left the next word to be
-    decoded alone ("Forst"). The rule can only make an utterance wait its full hangover, so it holds
-    for any model."""
+    has at least sentence_words words besides filled pauses. Whisper writes a full stop after a single
+    slowly said word ("Montreal. Forced? A liner.", "forced. forced"), and an utterance ended there
+    left the next word to be decoded alone ("Forst"). The rule can only make an utterance wait its
+    full hangover, so it holds for any model."""
     def ends(word: str) -> bool:
         word = word.rstrip(_CLOSERS)
         return (word.endswith(_ENDS) and not word.endswith(("..", "…"))

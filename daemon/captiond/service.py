@@ -274,6 +274,7 @@ class Service:
                     return
                 try:
                     new = await asyncio.get_running_loop().run_in_executor(None, self._reload)
+                    log_path(new.log)  # one it cannot tell (no home folder) must not fail halfway through reconfigure()
                 except ConfigError as exc:
                     log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
                 else:

@@ -205,7 +205,7 @@ class WebServer:
         # This handler closes the connection itself, with the reason the stream ended.
         client = hub.attach(self._sender(ws), lambda: None, ws.transport.abort, str(ws.remote_address),
                             "WebSocket /listen")
-        session = None
+        session, closed = None, False
         try:
             if len(self._sessions) >= self._cfg.max_sessions:
                 await self._end(ws, hub, client, 1013, "too many sessions", Error(
@@ -228,15 +228,18 @@ class WebServer:
             gone = spawn(self._cancel_when_gone(ws, session), "websocket-listen-gone")
             try:
                 await session.close(_SESSION_CLOSE_S)
+                closed = True
             finally:
                 gone.cancel()
             await self._end(ws, hub, client, 1000, reason)
             log.info("live session from %s %s after %.1f s of audio", ws.remote_address,
                      "was abandoned" if session.abandoned else f"ended ({reason})", session.samples / SAMPLE_RATE)
         except ConnectionClosed:
-            if session is not None:  # every session's end is logged, as the Unix socket logs each client's
-                log.info("live session from %s: the client disconnected after %.1f s of audio; its session is "
-                         "abandoned", ws.remote_address, session.samples / SAMPLE_RATE)
+            # Every session's end is logged, as the Unix socket logs each client's (_cancel_when_gone
+            # already said so for one abandoned while it closed).
+            if session is not None and not session.abandoned:
+                log.info("live session from %s: the client disconnected after %.1f s of audio%s", ws.remote_address,
+                         session.samples / SAMPLE_RATE, "" if closed else "; its session is abandoned")
         finally:
             if session is not None:
                 session.cancel()
