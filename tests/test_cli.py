@@ -193,7 +193,8 @@ def test_listen_types_prints_only_those_even_before_the_daemon_applied_the_filte
 
     def daemon():
         conn, _ = server.accept()
-        conn.sendall(b'{"type":"hello","seq":0}\n{"type":"stats","seq":1}\n')
+        conn.sendall(b'{"type":"hello","seq":0,"version":"x","model":"m","sample_rate":16000,"state":"listening"}\n'
+                     b'{"type":"stats","seq":1}\n')
         got.append(conn.makefile("rb").readline())  # the subscribe command, read after the stats went out
         conn.sendall(b'{"type":"final","seq":2,"text":"hi"}\n{"type":"error","seq":2,"code":"x"}\n')
         conn.close()

@@ -290,6 +290,12 @@ def test_status_and_ptt_against_a_refusing_or_babbling_daemon_exit_1_with_one_li
         assert result.returncode == 1 and "refused the connection" in err and "Traceback" not in err, (args, err)
     fake.close()
     (tmp_path / "s.sock").unlink()
+    # Another program on the socket: `listen` printed its lines (escape sequences included) as they came.
+    fake = FakeDaemon(tmp_path / "s.sock", [[b"raw \x1b[2J garbage\n", HELLO]])
+    result = cli("listen")
+    assert result.returncode == 1 and result.stdout == b"" and b"not a captiond event" in result.stderr
+    fake.close()
+    (tmp_path / "s.sock").unlink()
     stats = b'{"type":"stats","seq":1,"ts":1.0,"lag":0,"rtf":0,"dropped_frames":0,"queue":0}\n'
     # Never the pong, but a line every half second: each read is answered, the exchange never is.
     fake = FakeDaemon(tmp_path / "s.sock", [[HELLO] + [stats] * 60], pace=0.5)

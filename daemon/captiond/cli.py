@@ -204,10 +204,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     with client:
         try:
             lines = client.lines()
-            first = next(lines, b"")
-            refusal = _refusal(first)
-            if refusal:
-                return _fail(f"captiond refused the connection: {refusal}", 1)
+            first = next(lines, b"")  # checked by lines(): hello, not a refusal or another program's line
             if types or args.since is not None:
                 client.subscribe(types, args.since)
             for line in itertools.chain([first] if first else [], lines):
@@ -220,17 +217,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
     return 0
-
-
-def _refusal(line: bytes) -> str:
-    """The message of an error event that takes hello's place (e.g. too_many_clients), else ""."""
-    from .events import Error, decode
-
-    try:
-        env = decode(line) if line else None
-    except ValueError:
-        return ""  # printed as it came: `listen` passes on what it gets
-    return env.event.message if env is not None and isinstance(env.event, Error) else ""
 
 
 def _listed(line: bytes, types: list[str]) -> bool:

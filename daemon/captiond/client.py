@@ -116,7 +116,8 @@ class Client:
 
     def lines(self) -> Iterator[bytes]:
         """Raw JSON lines as they arrive, until the daemon closes the connection; BadDaemon for a
-        line longer than any event (memory stays bounded whatever answers on the socket)."""
+        line longer than any event (memory stays bounded whatever answers on the socket), and for a
+        first line that is not hello (an error there is a refusal, e.g. too_many_clients)."""
         while True:
             try:
                 line = self._file.readline(_LINE_MAX + 1)
@@ -127,13 +128,15 @@ class Client:
             if len(line) > _LINE_MAX:
                 raise BadDaemon(_too_long(self.path))
             self._read += 1
+            if self._read == 1:
+                _checked(self.path, line, first=True)
             yield line
 
     def events(self) -> Iterator[Envelope]:
         """Typed events as they arrive (types this version does not know are skipped); BadDaemon when
         a line is not a v1 event, or the daemon answers the connection with an error, not hello."""
-        for line in self.lines():
-            env = _checked(self.path, line, self._read == 1)
+        for line in self.lines():  # which checked the first line
+            env = _checked(self.path, line, first=False)
             if env is not None:
                 yield env
 
@@ -201,7 +204,7 @@ class AsyncClient:
             if not line:
                 return
             self._read += 1
-            env = _checked(self.path, line, self._read == 1)
+            env = _checked(self.path, line, first=self._read == 1)
             if env is not None:
                 yield env
 
