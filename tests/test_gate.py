@@ -194,6 +194,28 @@ def test_a_pause_after_a_sentence_ends_the_utterance_sooner_unless_speech_comes_
     assert ends[0].end > 0.5 * SAMPLE_RATE + len(trimmed(speech))
 
 
+def test_an_end_asked_after_the_pause_was_long_enough_closes_without_waiting_for_more_frames():
+    # The final's decode finished 400 ms into the pause: the gate had passed 300 ms without an ask, and
+    # a microphone's next frames come 60 ms later; the utterance ends at the ask, with no frame.
+    from captiond.gate import UtterancePause
+
+    gate = Gate(GateConfig(hangover_ms=500, sentence_end_ms=300))
+    pause = None
+    for frame in FrameAssembler().insert(np.concatenate([silence(0.5), read_wav(CORPUS / "mfa_thoughts.wav"),
+                                                         silence(1.0)]), 0.0):
+        events = gate.feed([frame])
+        assert not any(isinstance(e, UtteranceEnd) for e in events)
+        pause = next((e for e in events if isinstance(e, UtterancePause)), pause)
+        if any(isinstance(e, UtteranceAudio) and e.unvoiced_ms >= 360 for e in events):  # past sentence_end_ms, short of the hangover
+            break
+    assert gate.in_speech
+    assert gate.process() == [], "nothing asked: the pause goes on to the hangover"
+    gate.end_at_pause(pause.utt, pause.voiced_end)
+    ends = gate.process()
+    assert [(type(e), e.reason, e.end) for e in ends] == [(UtteranceEnd, "sentence_end", pause.voiced_end)]
+    assert not gate.in_speech
+
+
 def test_a_filterbank_child_that_cannot_start_is_a_feature_error(monkeypatch, tmp_path):
     # The interpreter's folder unreadable to the daemon's user made subprocess.run raise PermissionError,
     # a traceback, where a child that fails was already a one-line FeatureError.

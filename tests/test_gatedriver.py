@@ -193,6 +193,28 @@ def test_a_finalize_closes_only_what_was_captured_before_it_and_speech_after_it_
     asyncio.run(main())
 
 
+def test_an_end_asked_at_a_pause_wakes_the_feed_so_the_gate_closes_before_the_next_frames():
+    async def main():
+        capture = Capture(FrameRing(100))
+        stage = GateStage(dataclasses.replace(CONFIG, hangover_ms=600, sentence_end_ms=150), LoudVad())
+        feed = CaptureFeed(capture, stage, lambda: False)
+        batches = feed.batches()
+
+        async def next_batch():
+            return await asyncio.wait_for(batches.__anext__(), 5)
+
+        capture.put_nowait(np.concatenate([speech(10), quiet(8)]), 0.0)  # 240 ms into the pause
+        events = stage.feed((await next_batch()).frames)
+        assert stage.in_speech and not any(isinstance(e, UtteranceEnd) for e in events)
+        feed.end_at_pause(1, 10 * FRAME_SAMPLES)  # no frame follows: the ask alone wakes the feed
+        batch = await next_batch()
+        assert batch.frames == [] and not batch.close
+        ends = [e for e in stage.feed(batch.frames) if isinstance(e, UtteranceEnd)]
+        assert [(e.reason, e.end) for e in ends] == [("sentence_end", 10 * FRAME_SAMPLES)]
+
+    asyncio.run(main())
+
+
 class FakeWorker:
     prompt = ""
     hotwords = ""

@@ -240,6 +240,10 @@ class Gate:
             else:
                 self._idle(frame, voiced, out)
         self._pending.clear()
+        # An end asked after the pause had lasted long enough closes now, not with the next frames
+        # (a microphone's come 60 ms apart): the final's decode is done, only this decision waited.
+        if self._open and self._end_due():
+            self._close("sentence_end", out)
         return out
 
     def finish(self) -> list[GateEvent]:
@@ -308,11 +312,15 @@ class Gate:
             out.append(UtterancePause(self._utt, self._last_voiced.end, frame.end))
         if self._unvoiced_run >= self._hangover_frames:
             self._close("silence", out)
-        elif (self._unvoiced_run >= self._sentence_end_frames and self._last_voiced is not None
-              and self._end_asked == (self._utt, self._last_voiced.end)):
+        elif self._end_due():
             self._close("sentence_end", out)
         elif len(self._speech) >= self._max_frames:
             self._split(out)
+
+    def _end_due(self) -> bool:
+        """True when end_at_pause() asked to end at this pause and it has lasted gate.sentence_end_ms."""
+        return (self._unvoiced_run >= self._sentence_end_frames and self._last_voiced is not None
+                and self._end_asked == (self._utt, self._last_voiced.end))
 
     def _close(self, reason: str, out: list[GateEvent]) -> None:
         last = self._last_voiced or self._speech[-1][0]

@@ -117,6 +117,12 @@ class CaptureFeed:
         self.tick = time.monotonic()
         """When frames were last taken from the ring (for the watchdog)."""
 
+    def end_at_pause(self, utt: int, voiced_end: int) -> None:
+        """GateStage.end_at_pause, and a wake-up with no frames, so that a pause already long enough ends
+        the utterance now rather than with the next frames (on the event loop)."""
+        self._stage.end_at_pause(utt, voiced_end)
+        self._capture.frames_ready.set()
+
     def flush(self) -> None:
         """Close the open utterance after the frames captured so far (its final comes now)."""
         self._flush = True

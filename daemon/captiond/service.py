@@ -77,11 +77,11 @@ class Service:
         # Finals of the microphone only: /listen and Wyoming sessions decode theirs here.
         self.remote = remote or (RemoteFinals(config.asr, engine, changed=lambda: self.publish(self.status()))
                                  if config.asr.backend == "openai" else None)
-        self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote,
-                                end_at_pause=self.stage.end_at_pause)
         self.health = Health(lambda: self.publish(self.status()))
         self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
         self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
+        self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote,
+                                end_at_pause=self.feed.end_at_pause)
         if server is not None:
             server.hello = self.hello
             server.on_command = Commands(self.worker, self.feed, self.health, self.status,
