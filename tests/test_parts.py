@@ -130,3 +130,76 @@ def test_supervisor_lets_a_file_source_failure_through():
             return "raised"
 
     assert asyncio.run(main()) == "raised"
+
+
+def test_an_open_that_finishes_after_its_attempt_gave_up_is_the_next_attempts_stream_not_a_second_one():
+    # A slow audio server: the first open outlasts audio.read_timeout_s and finishes while the
+    # supervisor waits to retry. The retry used to open again beside it, leaving the first stream
+    # running unclosed into the same capture (each slow open one more: the gate heard audio twice).
+    from captiond.capture import MicSource
+
+    release, streams = threading.Event(), []
+
+    class Stream:
+        def __init__(self, callback):
+            self.callback, self.stopped = callback, threading.Event()
+
+        def start_stream(self):
+            streams.append(self)
+
+            def play():
+                while not self.stopped.wait(0.03):
+                    self.callback(np.zeros(480, np.int16).tobytes(), 480, {}, 0)
+
+            threading.Thread(target=play, daemon=True).start()
+
+        def stop_stream(self):
+            self.stopped.set()
+
+        def close(self):
+            pass
+
+    class SlowServer:
+        made = 0
+
+        def __init__(self):
+            SlowServer.made += 1
+            if SlowServer.made == 1:
+                release.wait(30)
+
+        def get_default_input_device_info(self):
+            return {"index": 0}
+
+        def get_device_count(self):
+            return 1
+
+        def get_device_info_by_index(self, i):
+            return {"name": "slow", "maxInputChannels": 1, "defaultSampleRate": 16000.0}
+
+        def is_format_supported(self, rate, **kw):
+            return True
+
+        def open(self, stream_callback, **kw):
+            return Stream(stream_callback)
+
+        def terminate(self):
+            pass
+
+    health = Health(lambda: None)
+    health.set(State.LISTENING)
+
+    async def main():
+        capture = Capture(FrameRing(1000))
+        supervisor = CaptureSupervisor(MicSource("", 0.2, SlowServer), capture, health, lambda: None)
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        while health.state is not State.DEVICE_LOST:  # the first open timed out
+            await asyncio.sleep(0.01)
+        release.set()  # it finishes now, while the supervisor waits to retry
+        while health.state is not State.LISTENING:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # time for a second open, if one were started
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert len(streams) == 1 and SlowServer.made == 1, "the late open was taken, no second one made"

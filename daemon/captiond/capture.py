@@ -248,7 +248,9 @@ class MicSource:
         loop = asyncio.get_running_loop()
         # An open that hangs (a frozen audio server) is a lost device after audio.read_timeout_s; the
         # next attempt waits for that same open rather than queue another one behind it.
-        if self._opening is None or self._opening.done():
+        # One that finished after its attempt gave up is this attempt's: a new open beside it left
+        # its stream running, unclosed, into the same capture (each retry one more: audio at 23x).
+        if self._opening is None:
             self._opening = portaudio(self._open, loop, capture, abandoned=_close_later)
         try:
             pa, stream = await asyncio.wait_for(asyncio.shield(self._opening), self._timeout)
@@ -256,8 +258,15 @@ class MicSource:
             raise CaptureError(f"{self.description} did not open in {self._timeout:.0f} s: the audio server "
                                "does not answer (hung or frozen?)") from None
         except asyncio.CancelledError:
-            self._opening.cancel()  # stopping: a late result is closed, not kept
+            opening, self._opening = self._opening, None
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                _close_later(opening.result())  # opened as we stopped: closed, not kept
+            opening.cancel()  # a later result is closed by abandonable()
             raise
+        except BaseException:
+            self._opening = None  # the open failed: the next attempt opens anew
+            raise
+        self._opening = None
         try:
             log.info("recording from %s", self.description)
             opened = time.monotonic()
