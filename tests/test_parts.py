@@ -203,3 +203,58 @@ def test_an_open_that_finishes_after_its_attempt_gave_up_is_the_next_attempts_st
 
     asyncio.run(main())
     assert len(streams) == 1 and SlowServer.made == 1, "the late open was taken, no second one made"
+
+
+def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not_every_second(monkeypatch):
+    # Each retry initialises PortAudio again, which leaks native memory (~13 kB here): retried every
+    # second for ever, an absent microphone cost a gigabyte a day.
+    from captiond import supervisor as module
+
+    monkeypatch.setattr(module, "_DEVICES_POLL_S", 0.01)
+    now, devices, looked = [0.0], ["no card"], []
+
+    class Absent:
+        live, description, runs = True, "absent mic", 0
+
+        def check(self):
+            pass
+
+        async def run(self, capture):
+            self.runs += 1
+            raise CaptureError("no audio input device")
+
+    def current_devices():
+        looked.append(now[0])
+        return devices[0]
+
+    source = Absent()
+
+    async def until(condition):
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("never happened")
+
+    async def main():
+        supervisor = CaptureSupervisor(source, Capture(FrameRing(10)), Health(lambda: None), lambda: None,
+                                       devices=current_devices, clock=lambda: now[0])
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        await until(lambda: source.runs >= 3)  # within the first minute: retried within a second
+        assert not looked
+        now[0] = 61.0
+        await until(lambda: len(looked) >= 2)  # away a minute: now it waits for the devices to change
+        runs = source.runs
+        await until(lambda: len(looked) >= 30)
+        assert source.runs == runs, "not retried while nothing changed"
+        devices[0] = "a USB microphone"
+        await until(lambda: source.runs == runs + 1)
+        looked.clear()
+        await until(lambda: len(looked) >= 2)
+        now[0] = 61.0 + 61.0  # nothing changed for a minute: retried anyway
+        await until(lambda: source.runs == runs + 2)
+        assert supervisor.stuck(now[0], paused=False) is None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())

@@ -158,6 +158,33 @@ class InputDevice:
     default: bool
 
 
+def audio_devices(env: dict[str, str] | None = None) -> tuple[Any, ...]:
+    """What changes when a sound card or an audio server comes or goes: ALSA's card list, /dev/snd's
+    device nodes and the PulseAudio and PipeWire sockets (cheap to read, unlike PortAudio's own look)."""
+    env = os.environ if env is None else env
+
+    def seen(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    try:
+        cards = Path("/proc/asound/cards").read_text(errors="replace")
+    except OSError:
+        cards = ""
+    try:
+        nodes = tuple(sorted(os.listdir("/dev/snd")))
+    except OSError:
+        nodes = ()
+    server, runtime = env.get("PULSE_SERVER", ""), env.get("XDG_RUNTIME_DIR", "")
+    sockets = [server.removeprefix("unix:")] if server.startswith(("unix:", "/")) else []
+    if runtime:
+        sockets += [f"{runtime}/pulse/native", f"{runtime}/pipewire-0"]
+    return cards, nodes, tuple(seen(path) for path in sockets)
+
+
 def list_input_devices(pa: Any) -> list[InputDevice]:
     """Every device with input channels."""
     try:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
-from .capture import Capture, CaptureError, Source
+from .capture import Capture, CaptureError, Source, audio_devices
 from .health import Health, State
 
 log = logging.getLogger(__name__)
 
 _RETRY_MIN_S = 0.25
-_RETRY_MAX_S = 1.0  # a returning device is picked up within about a second
+_RETRY_MAX_S = 1.0  # a device back within a minute is picked up within about a second
+# Each retry initialises PortAudio again, which leaks ~13 kB here (libportaudio 19.6, libasound 1.2.8):
+# a gigabyte a day at one a second. A device away longer is retried when the system's audio devices
+# change (audio_devices), else once a minute.
+_ABSENT_S = 60.0
+_ABSENT_RETRY_S = 60.0
+_DEVICES_POLL_S = 1.0
 _CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
-_CAPTURE_RETRY_STALL_S = 30.0
+_CAPTURE_RETRY_STALL_S = _ABSENT_RETRY_S + 30.0
 
 
 class CaptureSupervisor:
@@ -24,22 +30,25 @@ class CaptureSupervisor:
     `lost()` is called once per loss, so the open utterance can be finalised at once.
     """
 
-    def __init__(self, source: Source, capture: Capture, health: Health, lost: Callable[[], None]) -> None:
+    def __init__(self, source: Source, capture: Capture, health: Health, lost: Callable[[], None],
+                 devices: Callable[[], Hashable] = audio_devices, clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source
+        self._devices = devices
+        self._clock = clock
         self.capture = capture
         self._health = health
         self._lost = lost
         self.done = False
         """Set when the source has ended for good (a file or pipe at its end, or a stop)."""
-        self._tick = time.monotonic()  # the last (re)open attempt
+        self._tick = clock()  # the last (re)open attempt
 
     async def run(self) -> None:
         """Run the source until it ends; a live device that fails is retried until it comes back."""
-        delay = _RETRY_MIN_S
+        delay, lost_at = _RETRY_MIN_S, None
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self._tick = time.monotonic()
+                self._tick = self._clock()
                 self.capture.started.clear()
                 run = loop.create_task(self.source.run(self.capture), name="capture-source")
                 try:
@@ -54,19 +63,28 @@ class CaptureSupervisor:
                 except CaptureError as exc:
                     if not self.source.live:
                         raise
-                    if self.capture.started.is_set():  # it had worked: retry quickly again
-                        delay = _RETRY_MIN_S
+                    if self.capture.started.is_set() or lost_at is None:  # it had worked: retry quickly again
+                        delay, lost_at = _RETRY_MIN_S, self._clock()
                     if self._health.state is not State.DEVICE_LOST:
                         log.error("%s; retrying until it comes back", exc)
                         self._health.set(State.DEVICE_LOST, str(exc))
                         self._lost()
                 finally:
                     run.cancel()
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, _RETRY_MAX_S)
+                if self._clock() - lost_at > _ABSENT_S:
+                    await self._devices_change(_ABSENT_RETRY_S)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, _RETRY_MAX_S)
         finally:
             self.done = True
             self.capture.frames_ready.set()
+
+    async def _devices_change(self, limit: float) -> None:
+        """Wait until the system's audio devices change, or `limit` seconds."""
+        before, until = self._devices(), self._clock() + limit
+        while self._clock() < until and self._devices() == before:
+            await asyncio.sleep(_DEVICES_POLL_S)
 
     def stuck(self, now: float, paused: bool) -> str | None:
         """What is wrong with capture for the watchdog, or None."""
