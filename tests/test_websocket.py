@@ -254,6 +254,43 @@ def test_a_webm_session_closed_before_any_audio_ends_at_once(harness, caplog):
     assert not [r for r in caplog.records if "abandoning it" in r.getMessage()]
 
 
+def test_a_webm_session_cancelled_with_its_pipe_full_ends_its_decoder_thread(monkeypatch):
+    # A client that sent its stream's header in small messages, then vanished while they all waited:
+    # the decoder thread, still reading the header, emptied the queue the end could not be put on, and
+    # waited for more bytes for ever (a thread per such client, not counted against max_sessions).
+    import concurrent.futures
+    import threading
+
+    from captiond import capture
+    from captiond.session import _PIPE_CHUNKS, LiveSession
+
+    header = webm_opus(SPEECH[:16000])[:200]
+    decode_file, filled = capture.decode_file, threading.Event()
+
+    def late_reader(*args, **kwargs):  # the thread begins reading once the queue is full
+        filled.wait(30)
+        return decode_file(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "decode_file", late_reader)
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as gate_thread:
+            session = LiveSession(Engine(FakeDecoder()), load(None, [])[0], lambda event: None, encoding="webm",
+                                  sample_rate=48000, gate_thread=gate_thread)
+            session.start()
+            for i in range(_PIPE_CHUNKS):
+                await session.feed(header[i:i + 1])
+            session.cancel()
+            filled.set()
+            for _ in range(600):
+                if not any(t.name == "captiond-webm" for t in threading.enumerate()):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the WebM decoder thread never ended")
+
+    asyncio.run(main())
+
+
 def test_foreign_origins_and_rebinding_hosts_are_refused(harness):
     h = harness("websocket.origins='http://localhost:3000'")
     port = h.service.web.port

@@ -4,6 +4,7 @@ that shares the daemon's engine at a lower priority than the microphone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import io
 import logging
@@ -216,11 +217,15 @@ class LiveSession:
             task.cancel()
         while not self._audio.empty():  # wakes a feed() waiting for room that no task will make now
             self._audio.get_nowait()
-        if self._pipe is not None:
+        while self._pipe is not None:
+            # The end must reach the thread: one still reading the stream's header checks nothing
+            # else, and a full queue it then emptied left it waiting for bytes for ever.
             try:
                 self._pipe.chunks.put_nowait(None)
+                break
             except queue.Full:
-                pass  # the thread is not waiting for bytes then, and sees _cancelled at its next put
+                with contextlib.suppress(queue.Empty):
+                    self._pipe.chunks.get_nowait()  # the client is gone: its unread bytes make room
 
     def _task_done(self, task: asyncio.Task) -> None:
         """A session task that failed (spawn logged why) ends the session; the client is told."""
