@@ -223,6 +223,25 @@ def test_group_socket_is_0660_and_peers_are_logged(tmp_path, caplog):
     assert f"pid={os.getpid()} uid={os.getuid()}" in caplog.text
 
 
+def test_the_owners_own_connections_are_logged_at_debug_level_only(tmp_path, caplog):
+    # A status bar polling `captiond status` every 2 s made two journal lines each time.
+    import logging
+
+    async def main():
+        server = make_server(tmp_path / "s.sock")
+        await server.start()
+        for _ in range(3):
+            reader, writer = await asyncio.open_unix_connection(str(server.path))
+            await read_event(reader)
+            writer.close()
+        await server.close()
+
+    with caplog.at_level(logging.DEBUG, logger="captiond.server"):
+        asyncio.run(main())
+    said = [r for r in caplog.records if "connected over" in r.getMessage() or "disconnected after" in r.getMessage()]
+    assert len(said) == 6 and {r.levelname for r in said} == {"DEBUG"}
+
+
 def test_unknown_group_is_a_clear_error(tmp_path):
     async def main():
         with pytest.raises(ServerError, match="server.group: no such group 'nosuchgroup'"):

@@ -311,6 +311,17 @@ def test_foreign_origins_and_rebinding_hosts_are_refused(harness):
             assert json.loads(ws.recv(timeout=10))["type"] == "hello"
 
 
+def test_refusals_are_logged_now_and_then_not_each(harness, caplog):
+    # A captions page left open with an old token retries every 2 s: 43,200 warnings a day.
+    h = harness()
+    for _ in range(30):
+        with pytest.raises(InvalidStatus):
+            connect(f"ws://{h.base}/events", additional_headers={"Origin": "http://evil.example"})
+    said = [r.getMessage() for r in caplog.records if "websocket: refused" in r.getMessage()]
+    assert len(said) == 2 and "(1 refused so far)" in said[0] and "(10 refused so far)" in said[1], said
+    assert h.service.web.refused == 30
+
+
 def _raw_status(port: int, headers: str) -> int:
     """The status line's code for a hand-written handshake to /events (headers end with CRLF)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -50,6 +50,8 @@ class Client:
     """Drops the connection at once."""
     capacity: int
     peer: str = ""
+    audited: bool = True
+    """Its connection and disconnection are logged at info level (others: debug)."""
     types: frozenset[str] | None = None
     lost: int = 0
     queue: deque[_Item] = field(default_factory=deque)
@@ -134,6 +136,12 @@ def check_socket_path(path: Path, key: str = "server.socket") -> None:
                       f"(systemctl --user stop captiond) or set {key} to another path")
 
 
+def worth_a_line(count: int) -> bool:
+    """True for the 1st, 10th and every 100th of a repeated refusal: clients retry every second or two,
+    and a line each would fill the journal."""
+    return count in (1, 10) or count % 100 == 0
+
+
 class Hub:
     """Subscribers on any transport: publish() fans events out without ever waiting for a reader."""
 
@@ -174,7 +182,7 @@ class Hub:
         if len(self._clients) < self._max_clients:
             return None
         self.refused += 1
-        if self.refused in (1, 10) or self.refused % 100 == 0:  # clients retry every second or two: not a line each
+        if worth_a_line(self.refused):
             log.warning("%d client connection(s) refused so far: %d connected (server.max_clients)", self.refused,
                         len(self._clients))
         return encode(Error("too_many_clients", f"{self._max_clients} clients are connected (server.max_clients); "
@@ -186,12 +194,14 @@ class Hub:
         client.offer(_Item(self.seq, event.type, encode(event, self.seq, time.time())), reply=True)
 
     def attach(self, send: Callable[[bytes], Awaitable[None]], close: Callable[[], None], abort: Callable[[], None],
-               peer: str, transport: str) -> Client:
-        """Register a new subscriber, queue its hello and start its writer."""
+               peer: str, transport: str, audited: bool = True) -> Client:
+        """Register a new subscriber, queue its hello and start its writer; `audited`: log who came and
+        went at info level (a connection other users or machines can make), else at debug level."""
         self._next_client += 1
-        client = Client(self._next_client, send, close, abort, self._capacity, peer)
+        client = Client(self._next_client, send, close, abort, self._capacity, peer, audited)
         self._clients[client.ident] = client
-        log.info("client %d connected over %s (%s); %d connected", client.ident, transport, peer, len(self._clients))
+        log.log(logging.INFO if audited else logging.DEBUG, "client %d connected over %s (%s); %d connected",
+                client.ident, transport, peer, len(self._clients))
         self.reply(client, self.hello())
         spawn(self._write_loop(client), f"client-{client.ident}-writer", keep=self._writers)
         return client
@@ -249,8 +259,8 @@ class Hub:
         finally:
             self._clients.pop(client.ident, None)
             client.close()
-            log.info("client %d disconnected after %d command(s); %d connected", client.ident, client.commands,
-                     len(self._clients))
+            log.log(logging.INFO if client.audited else logging.DEBUG, "client %d disconnected after %d command(s); "
+                    "%d connected", client.ident, client.commands, len(self._clients))
 
     async def close_clients(self, flush_timeout: float) -> None:
         """Give every subscriber up to flush_timeout to receive what is queued, then drop it."""
@@ -349,7 +359,10 @@ class Server(Hub):
             writer.write(refused)  # a line fits the transport's buffer: no wait for a client that may not read
             writer.close()
             return
-        client = self.attach(send, writer.close, writer.transport.abort, _peer_credentials(writer), "the Unix socket")
+        # The owner's own `captiond status`, polled by a status bar every 2 s, made 86,000 journal lines a
+        # day; a socket shared with a group keeps its audit.
+        client = self.attach(send, writer.close, writer.transport.abort, _peer_credentials(writer), "the Unix socket",
+                             audited=bool(self._group))
         try:
             while not client.closing:
                 try:

@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 from .config import WebSocketConfig
 from .events import Error
 from .frames import SAMPLE_RATE
-from .server import Client, Hub, ServerError
+from .server import Client, Hub, ServerError, worth_a_line
 from .session import AudioError, LiveSession
 from .tasks import spawn
 
@@ -63,6 +63,8 @@ class WebServer:
         self._server: _WsServer | None = None
         self._sessions: set[LiveSession] = set()
         self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
+        self.refused = 0
+        """Connections refused (foreign origin or host, missing token) since the start."""
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
@@ -134,7 +136,10 @@ class WebServer:
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, f"{url.path} is a WebSocket endpoint\n")
         problem = self._refusal(request, url.query)
         if problem:
-            log.warning("websocket: refused %s from %s: %s", url.path, connection.remote_address, problem)
+            self.refused += 1
+            if worth_a_line(self.refused):  # the captions page retries every 2 s, refused or not
+                log.warning("websocket: refused %s from %s: %s (%d refused so far)", url.path,
+                            connection.remote_address, problem, self.refused)
             return connection.respond(http.HTTPStatus.FORBIDDEN, problem + "\n")
         return None
 
