@@ -224,10 +224,14 @@ def test_logs_suit_journald_or_a_terminal(tmp_path):
 def test_log_lines_still_reach_stderr_while_capture_mutes_fd_2():
     code = ("import logging; from captiond.cli import setup_logging; from captiond.capture import _stderr_muted\n"
             "setup_logging(False)\n"
+            "import threading\n"
+            "def die(): raise RuntimeError('a thread died while the audio server hung')\n"
             "with _stderr_muted():\n"
-            "    logging.getLogger('captiond.service').error('device lost while PortAudio probes')\n")
+            "    logging.getLogger('captiond.service').error('device lost while PortAudio probes')\n"
+            "    t = threading.Thread(target=die); t.start(); t.join()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "device lost while PortAudio probes" in result.stderr
+    assert "RuntimeError: a thread died while the audio server hung" in result.stderr, result.stderr
 
 
 def test_models_lists_each_model_with_what_was_measured_here(tmp_path):

@@ -43,10 +43,13 @@ def setup_logging(debug: bool, quiet: bool = False) -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     # Our own copy of stderr: capture points fd 2 at /dev/null while PortAudio probes (JACK writes
-    # there), on every device retry, and the daemon's log lines must not vanish meanwhile.
+    # there), on every device retry, and for as long as a hung audio server keeps it there. Neither
+    # the daemon's log lines nor Python's own reports (a dying thread's traceback, a warning) may
+    # vanish meanwhile.
     sys.stderr.flush()
     stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding=sys.stderr.encoding,
                        errors="backslashreplace", closefd=True)
+    sys.stderr = stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
