@@ -105,9 +105,17 @@ class HeldLog:
         self.accept = accept
         self.pending = []
 
+    @property
+    def queued(self):
+        return len(self.pending)
+
     def offer(self, final, ts, written):
         self.pending.append(written)
         return self.accept
+
+    def write_next(self):
+        """The writer thread writes the oldest line it has."""
+        self.pending.pop(0)()
 
 
 def test_the_outbox_sends_a_final_only_once_its_line_is_written_and_keeps_the_order():
@@ -154,12 +162,44 @@ def test_a_log_slower_than_the_hold_holds_nothing_until_it_catches_up_and_a_flus
             await asyncio.sleep(0.01)
         outbox.publish(final(3))
         assert [e.utt for e in sent] == [1, 2, 3], "stalled: not held at all"
-        outbox.log.pending[0]()  # a write completes: the log keeps up again
+        while outbox.log.pending:  # the log catches up
+            outbox.log.write_next()
         await asyncio.sleep(0.01)
         outbox.publish(final(4))
         assert [e.utt for e in sent] == [1, 2, 3], "held again"
         await outbox.flush(0.01)  # shutdown: whatever is held goes now
         assert [e.utt for e in sent] == [1, 2, 3, 4]
+
+    asyncio.run(main())
+
+
+def test_a_log_steadily_slower_than_the_hold_is_warned_about_once_and_holds_nothing_until_caught_up(caplog):
+    import asyncio
+
+    from captiond.outbox import Outbox
+
+    async def main():
+        sent = []
+        outbox = Outbox(sent.append, hold_s=0.1)
+        outbox.log = HeldLog()
+        outbox.publish(final(1))
+        while not sent:  # the disk is slow: 1 goes after the hold
+            await asyncio.sleep(0.01)
+        outbox.publish(final(2))
+        outbox.publish(final(3))
+        outbox.log.write_next()  # line 1 is down, but 2 and 3 still wait: the log has not caught up
+        await asyncio.sleep(0.01)
+        outbox.publish(final(4))
+        assert [e.utt for e in sent] == [1, 2, 3, 4], "held again while the log is still behind"
+        assert len([r for r in caplog.records if "has not written" in r.getMessage()]) == 1
+        while outbox.log.pending:  # caught up: finals wait for their lines again
+            outbox.log.write_next()
+        await asyncio.sleep(0.01)
+        outbox.publish(final(5))
+        assert [e.utt for e in sent] == [1, 2, 3, 4]
+        outbox.log.write_next()
+        await asyncio.sleep(0.01)
+        assert [e.utt for e in sent] == [1, 2, 3, 4, 5]
 
     asyncio.run(main())
 

@@ -39,7 +39,7 @@ class Outbox:
         self.log: LogWriter | None = None
         """The transcript log's writer; replaced when a reload turns the log on or off."""
         self._queue: deque[_Entry] = deque()
-        self._stalled = False  # a final waited hold_s for the log: hold none until a write completes
+        self._stalled = False  # a final waited hold_s for the log: hold none until its queue is empty
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -49,10 +49,13 @@ class Outbox:
         entry = _Entry(event, ready=True)
         if isinstance(event, Final) and event.text and self.log is not None:
             loop = asyncio.get_running_loop()
+            writer = self.log
 
             def written() -> None:  # on the writer's thread, once the line is written (or kept in memory)
+                # Asked here, between two lines: one written while hundreds wait is no catching up.
+                caught_up = not writer.queued
                 with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
-                    loop.call_soon_threadsafe(self._written, entry)
+                    loop.call_soon_threadsafe(self._written, entry, caught_up)
 
             if self.log.offer(event, time.time(), written) and not self._stalled:
                 entry.ready = False
@@ -71,8 +74,9 @@ class Outbox:
             entry.ready = True
         self._release()
 
-    def _written(self, entry: _Entry) -> None:
-        self._stalled = False
+    def _written(self, entry: _Entry, caught_up: bool) -> None:
+        if caught_up:
+            self._stalled = False
         if entry.timer is not None:
             entry.timer.cancel()
         entry.ready = True

@@ -196,6 +196,11 @@ class LogWriter:
             return False
         return True
 
+    @property
+    def queued(self) -> int:
+        """Finals waiting for the writer thread."""
+        return self._queue.qsize()
+
     def reconfigure(self, path: Path, max_bytes: int, backups: int) -> None:
         """Write to a new path and/or rotate differently from the next line on."""
         with self._lock:
