@@ -228,6 +228,46 @@ def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_rep
         "and are lost; clients had their finals"]
 
 
+class HangingLog(TranscriptLog):
+    """A disk whose writes hang while `answers` is clear; `hung` is set once a write waits on it."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.answers = threading.Event()
+        self.answers.set()
+        self.hung = threading.Event()
+
+    def write(self, final, ts):
+        if not self.answers.is_set():
+            self.hung.set()
+            self.answers.wait(60)
+        return super().write(final, ts)
+
+
+def _hang_and_fill(writer, first_utt):
+    """Hang the disk under a line and queue finals until the writer drops them; the utts it took."""
+    writer.log.answers.clear()
+    writer.log.hung.clear()
+    assert writer.offer(final(first_utt), 1.0)
+    assert writer.log.hung.wait(30), "the writer thread never took the line"
+    utt = first_utt
+    while writer.offer(final(utt + 1), 1.0):
+        utt += 1
+    return list(range(first_utt, utt + 1))
+
+
+def test_turning_the_log_off_while_its_queue_is_full_ends_the_writer_once_it_has_written_the_queue(tmp_path):
+    path = tmp_path / "t.log"
+    writer = LogWriter(HangingLog(path, 10_000, 1), report=lambda error: None, capacity=3)
+    writer.start()
+    taken = _hang_and_fill(writer, 1)
+    writer.close(0)  # a reload turns the log off: nothing waits for the hung disk
+    writer.log.answers.set()
+    writer._thread.join(30)
+    assert not writer._thread.is_alive(), "the writer thread never ended"
+    assert [line.split("\t")[1] for line in path.read_text().splitlines()] == [str(u) for u in taken]
+
+
 def test_held_lines_go_to_the_path_a_reload_gives_without_another_final(tmp_path):
     reports = []
     writer = LogWriter(TranscriptLog(Path("/proc/captiond-nope/t.log"), 10_000, 1), report=reports.append)

@@ -172,6 +172,8 @@ class LogWriter:
         self._queue: queue.Queue[_Line | None] = queue.Queue(maxsize=capacity)
         self._lock = threading.Lock()
         self._next: _Settings | None = None  # applied between two lines
+        # close() came: end once the queue is empty, for a full queue has no room for the stop marker.
+        self._stopping = threading.Event()
         self.dropped = 0
         """Finals never written because the writer was this far behind (a disk that hangs)."""
         self._thread = threading.Thread(target=self._run, name="captiond-translog", daemon=True)
@@ -223,13 +225,14 @@ class LogWriter:
 
     def close(self, timeout: float) -> None:
         """Write what is queued within timeout seconds, then stop (a hung disk's thread is abandoned)."""
-        with contextlib.suppress(queue.Full):
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):  # full: the thread sees _stopping once it has emptied it
             self._queue.put(None, timeout=timeout)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
+        while not (self._stopping.is_set() and self._queue.empty()):
             try:  # lines a disk refused are tried again now and then, not only when the next final comes
                 item = self._queue.get(timeout=_RETRY_S if self.log.backlog else None)
             except queue.Empty:
