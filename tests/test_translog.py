@@ -31,6 +31,22 @@ def test_rotation_keeps_the_configured_number_of_backups(tmp_path):
     assert last[-1].split("\t")[1] == "199"
 
 
+def test_a_log_that_cannot_be_rotated_stops_growing_and_holds_its_lines_until_it_can(tmp_path):
+    path = tmp_path / "t.log"
+    path.with_name("t.log.1").mkdir()  # rename(2) puts no file over a folder, even for root
+    log = TranscriptLog(path, 1024, 1)
+    line = len(TranscriptLog.format(final(0, "x" * 40), 1.0).encode())
+    count = 1024 // line + 6  # a file's worth, and 5 more
+    for i in range(count):
+        log.write(final(i, "x" * 40), 1.0)
+    assert path.stat().st_size < 1024 + line, "the log grew past log.max_bytes"
+    assert log.error.startswith(f"cannot rotate transcript log {path}: Is a directory") and log.backlog
+    path.with_name("t.log.1").rmdir()
+    assert log.flush() and log.error is None and log.backlog == 0
+    lines = path.with_name("t.log.1").read_text().splitlines() + path.read_text().splitlines()
+    assert [line.split("\t")[1] for line in lines] == [str(i) for i in range(count)], "a held line was lost"
+
+
 def test_full_disk_is_reported_and_nothing_is_lost_once_it_recovers(tmp_path):
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the log folder should be")

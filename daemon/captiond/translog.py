@@ -93,50 +93,61 @@ class TranscriptLog:
         return f"{when}\t{final.utt}\t{' '.join(final.text.split())}\n"
 
     def write(self, final: Final, ts: float) -> bool:
-        """Log one final; False when the disk refused it (it stays in the backlog)."""
+        """Log one final; False when the disk or a rotation refused it (`error` says why)."""
         if len(self._backlog) == self._backlog.maxlen:
             self.dropped += 1
         self._backlog.append(self.format(final, ts))
         return self.flush()
 
     def flush(self) -> bool:
-        """Write the backlog; False when the disk refused it (it stays, `error` says why)."""
+        """Write the backlog, rotating at max_bytes; False when the disk or a rotation refused it (what
+        is not written stays, `error` says why)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = _open_append(self.path)
-            try:
-                while self._backlog:
-                    _append_whole(fd, self._backlog[0].encode("utf-8"))
-                    self._backlog.popleft()
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
+            while self._append() >= self._max_bytes:
+                if not self._rotate():
+                    return False
+                if not self._backlog:
+                    break
         except OSError as exc:
             self.error = f"cannot write transcript log {self.path}: {exc.strerror or exc}"
             return False
         self.error = None
-        if size >= self._max_bytes:
-            self._rotate()
         return True
+
+    def _append(self) -> int:
+        """Append backlog lines while the file is under max_bytes; its size after."""
+        fd = _open_append(self.path)
+        try:
+            # A file that could not be rotated takes no more: its lines wait in the bounded backlog.
+            while self._backlog and os.fstat(fd).st_size < self._max_bytes:
+                _append_whole(fd, self._backlog[0].encode("utf-8"))
+                self._backlog.popleft()
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     @property
     def backlog(self) -> int:
         """Lines waiting for the disk."""
         return len(self._backlog)
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> bool:
         # Rename, never copy: `tail -F` and log shippers follow the name and see the new file.
         try:
             if self._backups == 0:
                 os.unlink(self.path)
-                return
+                return True
             for i in range(self._backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{i}")
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         except OSError as exc:
-            self.error = f"cannot rotate transcript log {self.path}: {exc.strerror or exc}"
+            self.error = (f"cannot rotate transcript log {self.path}: {exc.strerror or exc}; "
+                          f"captiond must be able to rename files in {self.path.parent}")
+            return False
+        return True
 
 
 @dataclass(frozen=True)
