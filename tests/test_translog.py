@@ -223,7 +223,7 @@ def test_a_log_steadily_slower_than_the_hold_is_warned_about_once_and_holds_noth
 def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_reported(tmp_path, caplog):
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the log folder should be")
-    writer = LogWriter(TranscriptLog(blocker / "t.log", 10_000, 1), report=lambda error: None)
+    writer = LogWriter(TranscriptLog(blocker / "t.log", 10_000, 1), report=lambda error, lost: None)
     writer.start()
     writer.offer(final(1), 1.0)
     writer.offer(final(2), 2.0)
@@ -235,7 +235,7 @@ def test_at_the_stop_held_lines_get_one_more_try_and_lines_still_refused_are_rep
     writer.close(10)
     assert [line.split("\t")[1] for line in (blocker / "t.log").read_text().splitlines()] == ["1", "2"]
 
-    full = LogWriter(TranscriptLog(Path("/dev/full"), 10_000, 1), report=lambda error: None)
+    full = LogWriter(TranscriptLog(Path("/dev/full"), 10_000, 1), report=lambda error, lost: None)
     full.start()
     full.offer(final(3), 3.0)
     full.close(10)
@@ -274,7 +274,7 @@ def _hang_and_fill(writer, first_utt):
 
 def test_turning_the_log_off_while_its_queue_is_full_ends_the_writer_once_it_has_written_the_queue(tmp_path):
     path = tmp_path / "t.log"
-    writer = LogWriter(HangingLog(path, 10_000, 1), report=lambda error: None, capacity=3)
+    writer = LogWriter(HangingLog(path, 10_000, 1), report=lambda error, lost: None, capacity=3)
     writer.start()
     taken = _hang_and_fill(writer, 1)
     writer.close(0)  # a reload turns the log off: nothing waits for the hung disk
@@ -284,9 +284,53 @@ def test_turning_the_log_off_while_its_queue_is_full_ends_the_writer_once_it_has
     assert [line.split("\t")[1] for line in path.read_text().splitlines()] == [str(u) for u in taken]
 
 
+def test_each_hang_of_the_disk_is_reported_and_its_end_with_the_lines_it_dropped(tmp_path):
+    reports = []
+    writer = LogWriter(HangingLog(tmp_path / "t.log", 10_000, 1), capacity=3,
+                       report=lambda error, lost: reports.append((error, lost)))
+    writer.start()
+    for episode in (1, 2):
+        _hang_and_fill(writer, 10 * episode)
+        assert not writer.offer(final(99), 1.0)  # dropped too, and not reported on its own
+        writer.log.answers.set()
+        deadline = time.monotonic() + 30
+        while len(reports) < 2 * episode:
+            assert time.monotonic() < deadline, f"hang {episode} or its end was not reported: {reports}"
+            time.sleep(0.01)
+    writer.close(10)
+    behind = (f"transcript log {tmp_path / 't.log'} is 3 lines behind (a disk that does not answer?); "
+              "dropping lines until it catches up")
+    assert reports == [(behind, 1), (None, 2), (behind, 1), (None, 2)]
+
+
+def test_lines_the_full_backlog_lost_are_counted_when_the_log_works_again(tmp_path, monkeypatch):
+    import captiond.translog
+
+    monkeypatch.setattr(captiond.translog, "_PENDING_MAX", 2)
+    monkeypatch.setattr(captiond.translog, "_RETRY_S", 0.05)  # the held lines are retried soon
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log folder should be")
+    reports = []
+    writer = LogWriter(TranscriptLog(blocker / "t.log", 10_000, 1), report=lambda error, lost: reports.append(lost))
+    writer.start()
+    for utt in range(1, 6):
+        writer.offer(final(utt), 1.0)
+    deadline = time.monotonic() + 30
+    while writer.log.dropped < 3:  # 2 held, 3 pushed out
+        assert time.monotonic() < deadline, "the writer thread did not take the lines"
+        time.sleep(0.01)
+    blocker.unlink()
+    while len(reports) < 2:
+        assert time.monotonic() < deadline, f"the log's recovery was not reported: {reports}"
+        time.sleep(0.01)
+    writer.close(10)
+    assert reports == [0, 3]
+    assert [line.split("\t")[1] for line in (blocker / "t.log").read_text().splitlines()] == ["4", "5"]
+
+
 def test_held_lines_go_to_the_path_a_reload_gives_without_another_final(tmp_path):
     reports = []
-    writer = LogWriter(TranscriptLog(Path("/proc/captiond-nope/t.log"), 10_000, 1), report=reports.append)
+    writer = LogWriter(TranscriptLog(Path("/proc/captiond-nope/t.log"), 10_000, 1), report=lambda error, lost: reports.append(error))
     writer.start()
     writer.offer(final(1), 1.0)
     deadline = time.monotonic() + 30

@@ -106,9 +106,13 @@ class Service:
         return self.outbox.log.log if self.outbox.log is not None else None
 
     def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
-        def report(error: str | None) -> None:  # on the writer's thread
+        def report(error: str | None, lost: int) -> None:  # on the writer's thread
             if error is None:
-                log.info("transcript log %s is writable again", translog.path)
+                if lost:
+                    log.warning("transcript log %s is writable again; %d line(s) were lost meanwhile",
+                                translog.path, lost)
+                else:
+                    log.info("transcript log %s is writable again", translog.path)
                 return
             log.error("%s; %d line(s) held in memory until it works again", error, translog.backlog)
             with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting

@@ -172,11 +172,12 @@ class LogWriter:
     """The transcript log as an ordinary subscriber: finals go into a bounded queue that a thread of
     its own writes, so no disk call (open, write, rotate) ever runs on the event loop.
 
-    `report(error)` is called on that thread when the log's health changes: the new error text, or
-    None once it is writable again.
+    `report(error, lost)` is called on that thread (for a full queue, on offer()'s) when the log's
+    health changes: the new error text, or None once it works again and the writer has caught up;
+    `lost` is how many lines were lost since it last worked (dropped here, or out of the full backlog).
     """
 
-    def __init__(self, translog: TranscriptLog, report: Callable[[str | None], None],
+    def __init__(self, translog: TranscriptLog, report: Callable[[str | None, int], None],
                  capacity: int = _QUEUE_MAX) -> None:
         self.log = translog
         self._report = report
@@ -187,6 +188,8 @@ class LogWriter:
         self._stopping = threading.Event()
         self.dropped = 0
         """Finals never written because the writer was this far behind (a disk that hangs)."""
+        self._behind = False  # the queue was full: one report until it is empty again, not one per drop
+        self._lost_before = 0  # lines lost (dropped here and by the backlog) when the log last worked
         self._thread = threading.Thread(target=self._run, name="captiond-translog", daemon=True)
 
     def start(self) -> None:
@@ -202,10 +205,13 @@ class LogWriter:
         try:
             self._queue.put_nowait(_Line(final, ts, written))
         except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1:
+            with self._lock:
+                self.dropped += 1
+                starting, self._behind = not self._behind, True
+                lost = self._lost()
+            if starting:
                 self._report(f"transcript log {self.log.path} is {self._queue.maxsize} lines behind "
-                             "(a disk that does not answer?); dropping lines until it catches up")
+                             "(a disk that does not answer?); dropping lines until it catches up", lost)
             return False
         return True
 
@@ -226,13 +232,27 @@ class LogWriter:
                 self.log.reconfigure(self._next.path, self._next.max_bytes, self._next.backups)
                 self._next = None
 
+    def _lost(self) -> int:
+        """Lines lost since the log last worked."""
+        return self.dropped + self.log.dropped - self._lost_before
+
     def _write(self, write: Callable[[], object], then: Callable[[], None] = lambda: None) -> None:
         """One write of the log, then `then()`; the log's health is reported when it changed."""
         had_error = self.log.error
         write()
         then()
-        if self.log.error != had_error:
-            self._report(self.log.error)
+        if self.log.error is not None:
+            if self.log.error != had_error:
+                self._report(self.log.error, self._lost())
+            return
+        with self._lock:  # a hang ends once the writer has caught up, not at the first line it writes
+            was_behind = self._behind
+            self._behind = was_behind and not self._queue.empty()
+            if self._behind or (had_error is None and not was_behind):
+                return
+            lost = self._lost()
+            self._lost_before += lost
+        self._report(None, lost)
 
     def close(self, timeout: float) -> None:
         """Write what is queued within timeout seconds, then stop (a hung disk's thread is abandoned)."""
