@@ -254,6 +254,36 @@ def test_a_webm_session_closed_before_any_audio_ends_at_once(harness, caplog):
     assert not [r for r in caplog.records if "abandoning it" in r.getMessage()]
 
 
+def test_a_session_whose_pause_already_lasted_long_enough_ends_at_its_sentence_end_without_more_audio():
+    # The whole message (speech, then 0.6 s of quiet) goes through the gate before the final's decode
+    # ends the sentence: the gate has passed gate.sentence_end_ms already, and no later message comes.
+    import concurrent.futures
+
+    from captiond.events import SpeechEnd
+    from captiond.session import LiveSession
+
+    config = load(None, ["gate.hangover_ms=1000", "gate.sentence_end_ms=300", "asr.partials=false"])[0]
+    sent = []
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as gate_thread:
+            session = LiveSession(Engine(FakeDecoder(ending=" of speech.")), config, sent.append,
+                                  encoding="linear16", sample_rate=16000, gate_thread=gate_thread)
+            session.start()
+            await session.feed(np.concatenate([SPEECH[:-16000], silence(0.6)]).tobytes())
+            for _ in range(600):
+                if any(isinstance(e, SpeechEnd) for e in sent):
+                    break
+                await asyncio.sleep(0.05)
+            session.cancel()
+
+    asyncio.run(main())
+    ends = [e for e in sent if isinstance(e, SpeechEnd)]
+    assert [e.reason for e in ends] == ["sentence_end"], sent
+    finals = [e for e in sent if isinstance(e, Final)]
+    assert len(finals) == 1 and finals[0].text.endswith(" of speech."), finals
+
+
 def test_a_webm_session_cancelled_with_its_pipe_full_ends_its_decoder_thread(monkeypatch):
     # A client that sent its stream's header in small messages, then vanished while they all waited:
     # the decoder thread, still reading the header, emptied the queue the end could not be put on, and
@@ -277,13 +307,15 @@ def test_a_webm_session_cancelled_with_its_pipe_full_ends_its_decoder_thread(mon
         with concurrent.futures.ThreadPoolExecutor(1) as gate_thread:
             session = LiveSession(Engine(FakeDecoder()), load(None, [])[0], lambda event: None, encoding="webm",
                                   sample_rate=48000, gate_thread=gate_thread)
+            before = set(threading.enumerate())
             session.start()
+            ours = [t for t in threading.enumerate() if t.name == "captiond-webm" and t not in before]
             for i in range(_PIPE_CHUNKS):
                 await session.feed(header[i:i + 1])
             session.cancel()
             filled.set()
             for _ in range(600):
-                if not any(t.name == "captiond-webm" for t in threading.enumerate()):
+                if len(ours) == 1 and not ours[0].is_alive():
                     return
                 await asyncio.sleep(0.05)
             raise AssertionError("the WebM decoder thread never ended")
@@ -317,9 +349,14 @@ def test_refusals_are_logged_now_and_then_not_each(harness, caplog):
     for _ in range(30):
         with pytest.raises(InvalidStatus):
             connect(f"ws://{h.base}/events", additional_headers={"Origin": "http://evil.example"})
+    with pytest.raises(InvalidStatus):  # another kind of refusal is said at once
+        connect(f"ws://evil.example:{h.service.web.port}/events",
+                sock=socket.create_connection(("127.0.0.1", h.service.web.port)))
     said = [r.getMessage() for r in caplog.records if "websocket: refused" in r.getMessage()]
-    assert len(said) == 2 and "(1 refused so far)" in said[0] and "(10 refused so far)" in said[1], said
-    assert h.service.web.refused == 30
+    assert len(said) == 3, said
+    assert "(1 refused for this so far)" in said[0] and "(10 refused for this so far)" in said[1], said
+    assert "'evil.example:" in said[2] and "(1 refused for this so far)" in said[2], said
+    assert h.service.web.refused == {"origin": 30, "host": 1}
 
 
 def _raw_status(port: int, headers: str) -> int:

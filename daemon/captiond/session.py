@@ -4,8 +4,8 @@ that shares the daemon's engine at a lower priority than the microphone."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import io
 import logging
 import queue
@@ -129,7 +129,7 @@ class LiveSession:
         self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
-                                end_at_pause=self._stage.end_at_pause, bind=bind, language=language)
+                                end_at_pause=self._end_at_pause, bind=bind, language=language)
         self.failed = ""
         """Why the session ended early ("undecodable audio", "session failed"); empty while it works."""
         self.broken = asyncio.Event()
@@ -144,6 +144,14 @@ class LiveSession:
     def abandoned(self) -> bool:
         """True once the session was given up (its client gone, a stalled close, the daemon stopping)."""
         return self._cancelled.is_set()
+
+    def _end_at_pause(self, utt: int, voiced_end: int) -> None:
+        """GateStage.end_at_pause, and an empty chunk through the gate, so that a pause already long
+        enough ends the utterance now rather than with the client's next message (the captions page
+        sends one every 100 ms)."""
+        self._stage.end_at_pause(utt, voiced_end)
+        with contextlib.suppress(asyncio.QueueFull):  # full: chunks are on their way through the gate anyway
+            self._audio.put_nowait(np.zeros(0, dtype=np.int16))
 
     def start(self) -> None:
         """Start the session's tasks (and the decoder thread for WebM)."""
