@@ -12,6 +12,7 @@ import http
 import json
 import logging
 import socket
+from collections import Counter
 from importlib import resources
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -63,8 +64,8 @@ class WebServer:
         self._server: _WsServer | None = None
         self._sessions: set[LiveSession] = set()
         self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
-        self.refused = 0
-        """Connections refused (foreign origin or host, missing token) since the start."""
+        self.refused: Counter[str] = Counter()
+        """Handshakes refused since the start, by kind: host, token, origin."""
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
@@ -134,34 +135,37 @@ class WebServer:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: use /, /events or /listen\n")
         if not upgrade:
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, f"{url.path} is a WebSocket endpoint\n")
-        problem = self._refusal(request, url.query)
+        kind, problem = self._refusal(request, url.query)
         if problem:
-            self.refused += 1
-            if worth_a_line(self.refused):  # the captions page retries every 2 s, refused or not
-                log.warning("websocket: refused %s from %s: %s (%d refused so far)", url.path,
-                            connection.remote_address, problem, self.refused)
+            self.refused[kind] += 1
+            # The captions page retries every 2 s, refused or not: a line now and then for each kind,
+            # so that a stale tab's token does not hide a first foreign origin.
+            if worth_a_line(self.refused[kind]):
+                log.warning("websocket: refused %s from %s: %s (%d refused for this so far)", url.path,
+                            connection.remote_address, problem, self.refused[kind])
             return connection.respond(http.HTTPStatus.FORBIDDEN, problem + "\n")
         return None
 
-    def _refusal(self, request: Request, query: str) -> str:
+    def _refusal(self, request: Request, query: str) -> tuple[str, str]:
+        """Why the handshake is refused, as (a kind, a one-line text); ("", "") when it is not."""
         host, origin = request.headers.get("Host"), request.headers.get("Origin")
         if host is None:
-            return "a Host header is required"
+            return "host", "a Host header is required"
         if self._cfg.token:
             given = parse_qs(query).get("token", [""])[0]
             auth = request.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
             if not hmac.compare_digest(given.encode(), self._cfg.token.encode()):
-                return "missing or wrong token (send ?token=... or Authorization: Bearer ...)"
+                return "token", "missing or wrong token (send ?token=... or Authorization: Bearer ...)"
         elif _host_name(host) not in _LOCAL_HOSTS:
             # Without a token only this machine may connect, and only by a loopback name: a page on
             # another site that resolves its own name to 127.0.0.1 (DNS rebinding) is turned away here.
-            return f"Host {host!r} is not a loopback name; use http://127.0.0.1 or set websocket.token"
+            return "host", f"Host {host!r} is not a loopback name; use http://127.0.0.1 or set websocket.token"
         if origin is not None and origin.rstrip("/") not in (f"http://{host}", f"https://{host}",
                                                              *self._cfg.allowed_origins):
-            return f"Origin {origin!r} is not allowed; add it to websocket.origins"
-        return ""
+            return "origin", f"Origin {origin!r} is not allowed; add it to websocket.origins"
+        return "", ""
 
     # --- connections -----------------------------------------------------------------------
 
