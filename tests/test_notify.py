@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from captiond.capture import Source
 from captiond.config import load
 from captiond.engine import Engine
 from captiond.service import Service
@@ -46,7 +47,7 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(vmic, daemon_factory
     assert daemon.proc.wait(20) == 0
 
 
-class QuietLiveSource:
+class QuietLiveSource(Source):
     """A live source whose device hangs: no audio, no error (a stuck driver call)."""
 
     live = True

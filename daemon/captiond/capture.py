@@ -99,6 +99,9 @@ class Source(Protocol):
     async def run(self, capture: Capture) -> None:
         """Deliver audio until the stream ends (return) or the task is cancelled."""
 
+    def abandon(self) -> None:
+        """Nothing more will be run: close what a run() left under way (at once, without waiting)."""
+
 
 # --- PyAudio ---------------------------------------------------------------------------------
 
@@ -221,7 +224,7 @@ def pick_device(devices: list[InputDevice], wanted: str) -> InputDevice:
     return matches[0]
 
 
-class MicSource:
+class MicSource(Source):
     """A PyAudio input stream; its callback hands chunks to the event loop with call_soon_threadsafe."""
 
     live = True
@@ -285,10 +288,7 @@ class MicSource:
             raise CaptureError(f"{self.description} did not open in {self._timeout:.0f} s: the audio server "
                                "does not answer (hung or frozen?)") from None
         except asyncio.CancelledError:
-            opening, self._opening = self._opening, None
-            if opening.done() and not opening.cancelled() and opening.exception() is None:
-                _close_later(opening.result())  # opened as we stopped: closed, not kept
-            opening.cancel()  # a later result is closed by abandonable()
+            self.abandon()
             raise
         except BaseException:
             self._opening = None  # the open failed: the next attempt opens anew
@@ -311,6 +311,16 @@ class MicSource:
             # Not awaited: stop_stream() blocks for as long as the audio server is hung. The next
             # open waits for it (PortAudio calls are serialised), a stop does not.
             _close_later((pa, stream))
+
+    def abandon(self) -> None:
+        """Close an open under way, or one that finished and was never taken (the supervisor stopped
+        between two attempts), instead of leaving its stream running."""
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            _close_later(opening.result())
+        opening.cancel()  # a later result is closed by abandonable()
 
     def _open(self, loop: asyncio.AbstractEventLoop, capture: Capture) -> tuple[Any, Any]:
         """Create PyAudio, pick the device and rate, open and start the stream (all blocking calls)."""
@@ -553,7 +563,7 @@ def _rechunk(chunks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.concatenate(pending)
 
 
-class FileSource:
+class FileSource(Source):
     """An audio or video file, decoded with PyAV; paced like a microphone when realtime is set."""
 
     live = False
@@ -612,7 +622,7 @@ class FileSource:
         await capture.finish()
 
 
-class StdinSource:
+class StdinSource(Source):
     """Raw s16le 16 kHz mono PCM on a pipe or file (standard input by default)."""
 
     live = False

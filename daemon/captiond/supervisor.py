@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
-from .capture import Capture, CaptureError, Source, audio_devices
+from .capture import Capture, CaptureError, Source, abandonable, audio_devices
 from .health import Health, State
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ _RETRY_MAX_S = 1.0  # a device back within a minute is picked up within about a 
 _ABSENT_S = 60.0
 _ABSENT_RETRY_S = 60.0
 _DEVICES_POLL_S = 1.0
+_LOOK_S = 1.0  # a look at the devices that takes longer (a driver stuck in a USB disconnect) sees no change
 _CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
 _CAPTURE_RETRY_STALL_S = _ABSENT_RETRY_S + 30.0
 
@@ -41,6 +42,7 @@ class CaptureSupervisor:
         self.done = False
         """Set when the source has ended for good (a file or pipe at its end, or a stop)."""
         self._tick = clock()  # the last (re)open attempt
+        self._looking: asyncio.Future[Any] | None = None  # the last look at the audio devices
 
     async def run(self) -> None:
         """Run the source until it ends; a live device that fails is retried until it comes back."""
@@ -50,6 +52,8 @@ class CaptureSupervisor:
             while True:
                 self._tick = self._clock()
                 self.capture.started.clear()
+                # Looked at before the attempt: a device that comes while it opens is a change too.
+                devices = await self._look() if lost_at is not None else None
                 run = loop.create_task(self.source.run(self.capture), name="capture-source")
                 try:
                     flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
@@ -71,20 +75,41 @@ class CaptureSupervisor:
                         self._lost()
                 finally:
                     run.cancel()
-                if self._clock() - lost_at > _ABSENT_S:
-                    await self._devices_change(_ABSENT_RETRY_S)
-                else:
+                self.capture.started.clear()  # audio from now on is news: a late open's, say
+                if self._clock() - lost_at <= _ABSENT_S:
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX_S)
+                elif await self._devices_change(devices, _ABSENT_RETRY_S):
+                    # A USB microphone's nodes come before the user may open them and before the audio
+                    # server lists it: retried quickly again for a minute, not once.
+                    delay, lost_at = _RETRY_MIN_S, self._clock()
         finally:
+            self.source.abandon()
             self.done = True
             self.capture.frames_ready.set()
 
-    async def _devices_change(self, limit: float) -> None:
-        """Wait until the system's audio devices change, or `limit` seconds."""
-        before, until = self._devices(), self._clock() + limit
-        while self._clock() < until and self._devices() == before:
+    async def _devices_change(self, before: Hashable | None, limit: float) -> bool:
+        """Wait up to `limit` seconds for the system's audio devices to differ from `before`, or for
+        audio to flow (an open that hung has finished); True if either came."""
+        until = self._clock() + limit
+        while self._clock() < until:
             await asyncio.sleep(_DEVICES_POLL_S)
+            if self.capture.started.is_set():
+                return True
+            now = await self._look()
+            if before is not None and now is not None and now != before:
+                return True
+        return False
+
+    async def _look(self) -> Hashable | None:
+        """The audio devices, looked at off the event loop; None when the look does not answer within
+        _LOOK_S (one stuck look is waited for again, never a second one started beside it)."""
+        if self._looking is None or self._looking.done():
+            self._looking = abandonable(self._devices)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._looking), _LOOK_S)
+        except asyncio.TimeoutError:
+            return None
 
     def stuck(self, now: float, paused: bool) -> str | None:
         """What is wrong with capture for the watchdog, or None."""
