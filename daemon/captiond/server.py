@@ -95,13 +95,14 @@ class Client:
         return self.queue[0] if item.type == "final" else None
 
 
-def _peer_credentials(writer: asyncio.StreamWriter) -> str:
+def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[str, int | None]:
+    """The peer's pid, uid and gid as a log text, and its uid (None when the system does not say)."""
     sock = writer.get_extra_info("socket")
     try:
         pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     except (OSError, AttributeError):
-        return "peer unknown"
-    return f"pid={pid} uid={uid} gid={gid}"
+        return "peer unknown", None
+    return f"pid={pid} uid={uid} gid={gid}", uid
 
 
 _SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)
@@ -359,10 +360,11 @@ class Server(Hub):
             writer.write(refused)  # a line fits the transport's buffer: no wait for a client that may not read
             writer.close()
             return
-        # The owner's own `captiond status`, polled by a status bar every 2 s, made 86,000 journal lines a
-        # day; a socket shared with a group keeps its audit.
-        client = self.attach(send, writer.close, writer.transport.abort, _peer_credentials(writer), "the Unix socket",
-                             audited=bool(self._group))
+        # The daemon's own user's `captiond status`, polled by a status bar every 2 s, made 86,000 journal
+        # lines a day; every other user's connection keeps its audit line.
+        peer, uid = _peer_credentials(writer)
+        client = self.attach(send, writer.close, writer.transport.abort, peer, "the Unix socket",
+                             audited=uid != os.geteuid())
         try:
             while not client.closing:
                 try:

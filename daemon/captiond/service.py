@@ -106,7 +106,7 @@ class Service:
         return self.outbox.log.log if self.outbox.log is not None else None
 
     def _new_logwriter(self, translog: TranscriptLog) -> LogWriter:
-        def report(error: str | None, lost: int) -> None:  # on the writer's thread
+        def report(error: str | None, lost: int) -> None:  # on the writer's thread, or offer()'s (the loop)
             if error is None:
                 if lost:
                     log.warning("transcript log %s is writable again; %d line(s) were lost meanwhile",
@@ -114,7 +114,8 @@ class Service:
                 else:
                     log.info("transcript log %s is writable again", translog.path)
                 return
-            log.error("%s; %d line(s) held in memory until it works again", error, translog.backlog)
+            held = translog.backlog
+            log.error("%s%s", error, f"; {held} line(s) held in memory until it works again" if held else "")
             with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
                 self._loop.call_soon_threadsafe(self.publish, Error("log_write_failed", error))
 
