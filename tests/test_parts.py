@@ -239,6 +239,31 @@ def test_a_stop_while_an_open_hangs_closes_the_stream_it_opens_later():
     asyncio.run(main())
 
 
+def test_an_audio_server_that_answers_again_after_a_minute_is_listened_to_at_once():
+    # Away over a minute, the supervisor waits for the devices to change; an audio server that hung
+    # changes none of them when it recovers, but its pending open's stream starts delivering audio.
+    from captiond.capture import MicSource
+
+    server, now = SlowAudioServer(), [0.0]
+    health = Health(lambda: None)
+    health.set(State.LISTENING)
+
+    async def main():
+        supervisor = CaptureSupervisor(MicSource("", 0.5, server), Capture(FrameRing(1000)), health, lambda: None,
+                                       devices=lambda: "nothing changes", clock=lambda: now[0])
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        await _until(lambda: health.state is State.DEVICE_LOST)
+        now[0] = 61.0  # the hang has lasted a minute
+        await asyncio.sleep(1.5)  # the next attempt times out too: now it waits for a change
+        server.release.set()
+        await _until(lambda: health.state is State.LISTENING, timeout=20)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert len(server.streams) == 1
+
+
 def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not_every_second(monkeypatch):
     # Each retry initialises PortAudio again, which leaks native memory (~13 kB here): retried every
     # second for ever, an absent microphone cost a gigabyte a day.
