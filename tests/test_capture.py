@@ -243,3 +243,16 @@ def test_make_source_understands_every_spec(tmp_path):
     assert isinstance(make_source("mic:USB"), MicSource)
     with pytest.raises(CaptureError, match="expected mic"):
         make_source("speaker")
+
+
+def test_the_audio_devices_signature_changes_when_the_audio_server_comes_back(tmp_path, monkeypatch):
+    from captiond.capture import audio_devices
+
+    server = tmp_path / "native"
+    monkeypatch.setenv("PULSE_SERVER", f"unix:{server}")
+    gone = audio_devices()
+    server.write_text("")  # the audio server's socket, made again by a restarted server
+    back = audio_devices()
+    assert back != gone and audio_devices() == back
+    server.unlink()
+    assert audio_devices() == gone

@@ -161,11 +161,9 @@ class InputDevice:
     default: bool
 
 
-def audio_devices(env: dict[str, str] | None = None) -> tuple[Any, ...]:
+def audio_devices() -> tuple[Any, ...]:
     """What changes when a sound card or an audio server comes or goes: ALSA's card list, /dev/snd's
     device nodes and the PulseAudio and PipeWire sockets (cheap to read, unlike PortAudio's own look)."""
-    env = os.environ if env is None else env
-
     def seen(path: str) -> tuple[int, int] | None:
         try:
             st = os.stat(path)
@@ -181,7 +179,7 @@ def audio_devices(env: dict[str, str] | None = None) -> tuple[Any, ...]:
         nodes = tuple(sorted(os.listdir("/dev/snd")))
     except OSError:
         nodes = ()
-    server, runtime = env.get("PULSE_SERVER", ""), env.get("XDG_RUNTIME_DIR", "")
+    server, runtime = os.environ.get("PULSE_SERVER", ""), os.environ.get("XDG_RUNTIME_DIR", "")
     sockets = [server.removeprefix("unix:")] if server.startswith(("unix:", "/")) else []
     if runtime:
         sockets += [f"{runtime}/pulse/native", f"{runtime}/pipewire-0"]
