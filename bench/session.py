@@ -48,6 +48,7 @@ from wer import corpus_wer, normalize  # noqa: E402
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
 from captiond.engine import SHORT, WhisperDecoder  # noqa: E402
+from captiond.events import EVENT_TYPES  # noqa: E402
 from captiond.models import resolve_model  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, int16_to_float  # noqa: E402
 from captiond.gate import UtteranceEnd, UtteranceStart  # noqa: E402
@@ -138,8 +139,8 @@ def offline(clips: list[dict], session: Path, spans, config: Config,
     return whole, texts
 
 
-def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
-    """Play the session into the daemon and collect what it published."""
+def stream(session: Path, overrides: list[str], tmp: Path, subscribe: dict | None = None) -> dict:
+    """Play the session into the daemon and collect what it published (the events `subscribe` asks for)."""
     with VirtualMic() as mic:
         args = ["--source", "mic", "--set", "server.stats_interval_s=1", *(["--debug"] if os.environ.get("BENCH_DEBUG") else [])]
         for o in overrides:
@@ -147,7 +148,7 @@ def stream(session: Path, overrides: list[str], tmp: Path) -> dict:
         started = time.monotonic()
         daemon = Daemon(tmp, *args, env=mic.env)
         try:
-            events = daemon.connect(timeout=120)
+            events = daemon.connect(timeout=120, subscribe=subscribe)
             ready = time.monotonic() - started
             pid = daemon.proc.pid
             cpu0 = cpu_seconds(pid)
@@ -248,6 +249,8 @@ def main() -> None:
                         help="say every K clips as one long utterance (0.25 s pauses): decode windows past asr.max_window_s")
     parser.add_argument("--phases", type=int, default=8, metavar="N",
                         help="offline reference: the mean over N alignments of the frames on the session (default 8)")
+    parser.add_argument("--finals-only", action="store_true",
+                        help="the daemon's subscriber wants every event but partials, as dictation does: no partial is decoded")
     parser.add_argument("--verbose", action="store_true",
                         help="print per clip the reference, streamed, naive and offline (utterances, whole) text")
     args = parser.parse_args()
@@ -271,7 +274,8 @@ def main() -> None:
         ref_offline, ref_utterances = offline(clips, tmp / "session.wav", spans, config, max(1, args.phases))
         offline_s = time.monotonic() - t0
         (tmp / "ours").mkdir()
-        run = stream(tmp / "session.wav", args.set, tmp / "ours")
+        run = stream(tmp / "session.wav", args.set, tmp / "ours",
+                     {"cmd": "subscribe", "types": sorted(set(EVENT_TYPES) - {"partial"})} if args.finals_only else None)
         naive = None
         if not args.no_baseline:
             (tmp / "naive").mkdir()

@@ -73,6 +73,23 @@ def test_speech_into_the_microphone_reaches_subscribers_and_the_log(vmic, daemon
     assert not daemon.socket.exists()
 
 
+def test_partials_are_not_decoded_while_every_subscriber_wants_finals_only(vmic, daemon_factory, tmp_path):
+    daemon = daemon_factory("--source", "mic", "--debug", env=vmic.env)
+    events = daemon.connect(subscribe={"cmd": "subscribe", "types": ["final", "speech_end", "status"]})
+    player = vmic.play(session_wav(tmp_path, SESSION[:1]))  # 11 s: partials every 0.4-1 s for a watcher
+    assert player.wait(60) == 0
+    end = events.wait_for(lambda e: e["type"] == "speech_end" and e["end"] > 0.8 + clip(SESSION[0])["duration"] - 1,
+                          timeout=30)
+    events.wait_for(lambda e: e["type"] == "final" and e["utt"] == end["utt"], timeout=30)
+    assert daemon.stop() == 0
+    log = daemon.stderr
+    assert "speculation decode of" in log or "final decode of" in log, log
+    assert "partial decode of" not in log and "check decode of" not in log, log
+    said = " ".join(f["text"] for f in events.of("final"))
+    error = corpus_wer([(clip(SESSION[0])["text"], said)])
+    assert error <= WER_BOUND, f"WER {error:.2f}: {said}"
+
+
 def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_factory, tmp_path):
     # Three clips said as one utterance (0.25 s pauses; the clips pause for up to a second inside, so
     # the hangover is longer here): 19.5 s of speech, decoded in windows of at most 8 s.

@@ -319,3 +319,22 @@ def test_sighups_while_the_config_is_read_read_it_once_more_not_once_each(tmp_pa
         time.sleep(0.01)
     assert len(reads) == 2  # the first, and one for all the SIGHUPs that came during it
     h.end()
+
+
+def test_partials_are_decoded_only_while_a_subscriber_wants_them(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log")
+    finals_only = EventLog(h.sock, subscribe={"cmd": "subscribe", "types": ["final", "status"]})
+    h.say(silence(0.3))
+    finals_only.wait_for(lambda e: e.get("state") == "listening")
+    h.say(SPEECH)
+    finals_only.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+    decodes = h.service.worker.decodes
+    assert decodes["partial"] == decodes["check"] == 0, decodes
+    assert decodes["speculation"] + decodes["final"] >= 1, decodes
+
+    watcher = EventLog(h.sock)  # every type, partials included
+    h.say(SPEECH)
+    watcher.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
+    assert decodes["partial"] >= 1 and watcher.of("partial"), decodes
+    assert [f["utt"] for f in finals_only.of("final")] == [1, 2] and not finals_only.of("partial")
+    h.end()

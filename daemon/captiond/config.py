@@ -152,7 +152,7 @@ class AsrConfig:
     partial_pad_s: float = 7.0
     """Silence after the audio that greedy partials encode (never the full window), in seconds: less is faster, rougher."""
     partials: bool = True
-    """Decode partials while someone speaks; false: finals only, each utterance decoded once at its end (least CPU)."""
+    """Decode partials while someone speaks and a subscriber wants them; false: finals only, each utterance decoded once at its end (least CPU)."""
     partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance, in seconds."""
     partial_share: float = 0.1

@@ -168,6 +168,10 @@ class Hub:
         """Connected subscribers."""
         return len(self._clients)
 
+    def wants(self, event_type: str) -> bool:
+        """True when a connected subscriber's filter lets events of this type through."""
+        return any(c.types is None or event_type in c.types for c in self._clients.values() if not c.closing)
+
     def publish(self, event: Event) -> int:
         """Stamp an event with the next seq and queue it for every subscriber; returns the seq."""
         self.seq += 1

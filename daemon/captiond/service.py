@@ -81,7 +81,8 @@ class Service:
         self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
         self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote,
-                                end_at_pause=self.feed.end_at_pause)
+                                end_at_pause=self.feed.end_at_pause,
+                                watched=(lambda: server.wants("partial")) if server is not None else None)
         if server is not None:
             server.hello = self.hello
             server.on_command = Commands(self.worker, self.feed, self.health, self.status,

@@ -68,12 +68,15 @@ class AsrWorker:
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
                  priority: int = MIC, finals: FinalDecoder | None = None,
                  end_at_pause: Callable[[int, int], None] | None = None, bind: bool | None = None,
-                 language: str = "") -> None:
+                 language: str = "", watched: Callable[[], bool] | None = None) -> None:
         self._engine = engine
         self._language = language  # a Wyoming client names its language: never detected, never changed
         self._bind = bind  # None: asr.bind_finals decides; a client that streams stable words as settled needs True
         self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
         self._finals = finals or engine
+        # Partials nobody would be sent (every subscriber wants finals only, or none is connected) are not
+        # decoded: they are most of the streaming's CPU, and a final comes sooner with the model thread free.
+        self._watched = watched or (lambda: True)
         self._priority = priority
         self._cfg = cfg
         self.queue = queue
@@ -161,7 +164,7 @@ class AsrWorker:
                 self._discard(spec)
                 self._speculation = None
             if (self._cfg.partials and stream is not None and stream.partial_due() and self._speculation is None
-                    and stream.utt != self._partials_failed):
+                    and stream.utt != self._partials_failed and self._watched()):
                 if self.queue.empty():
                     covered = stream.samples
                     check = stream.wants_check()
