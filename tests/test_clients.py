@@ -465,3 +465,20 @@ def test_captions_into_a_file_writes_finals_only():
     view.show(Envelope(1, 1.0, Partial(1, 1, 0.0, 1.0, "", "hello wor", "hello wor")))
     view.show(Envelope(2, 2.0, Final(1, 0.0, 1.5, "Hello world.", (), "en", 0.3, ())))
     assert out.getvalue() == "Hello world.\n"
+
+
+def test_captions_into_a_file_do_not_ask_for_partials_so_none_are_decoded(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log")
+    server = h.service.server
+    captions = subprocess.Popen([sys.executable, "-m", "captiond", "captions", "--set", f"server.socket={h.sock}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.clients or server.wants("partial"):  # it shows no partials outside a terminal
+            assert captions.poll() is None and time.monotonic() < deadline, "captions did not subscribe"
+            time.sleep(0.05)
+        assert server.wants("final")
+    finally:
+        captions.kill()
+        captions.wait()
+        h.end()

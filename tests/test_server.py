@@ -173,6 +173,34 @@ def test_subscribe_filters_and_replays_finals_since(tmp_path):
     asyncio.run(main())
 
 
+def test_partials_are_wanted_while_a_connected_subscriber_would_be_sent_them(tmp_path):
+    async def until(condition):
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the server did not get there within 5 s")
+
+    async def main():
+        server = make_server(tmp_path / "s.sock")
+        await server.start()
+        assert not server.wants("partial"), "nobody is connected"
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        await read_event(reader)
+        assert server.wants("partial"), "a client that has not subscribed gets every type"
+        writer.write(b'{"cmd":"subscribe","types":["final","status"]}\n')
+        await until(lambda: not server.wants("partial"))
+        assert server.wants("final")
+        writer.write(b'{"cmd":"subscribe","types":["partial"]}\n')
+        await until(lambda: server.wants("partial"))
+        writer.write_eof()  # a client going away is no longer counted, even before its writer ends
+        await until(lambda: not server.wants("partial"))
+        writer.close()
+        await server.close()
+
+    asyncio.run(main())
+
+
 def test_live_socket_is_refused_and_stale_one_replaced(tmp_path):
     async def main():
         path = tmp_path / "s.sock"

@@ -321,20 +321,41 @@ def test_sighups_while_the_config_is_read_read_it_once_more_not_once_each(tmp_pa
     h.end()
 
 
-def test_partials_are_decoded_only_while_a_subscriber_wants_them(tmp_path):
+def say_slowly(h, pcm, piece_s=0.3):
+    """Say pcm a piece at a time, each through the gate and the worker before the next (on a slow
+    machine too: the worker sees the utterance go on, not all of it at once)."""
+    step = round(piece_s * 16000)
+    for i in range(0, len(pcm), step):
+        h.say(pcm[i:i + step])
+        h.wait_captured()
+        deadline = time.monotonic() + 30
+        while len(h.service.ring) > 2 or not (h.service.worker.waiting and h.service.worker.queue.empty()):
+            assert time.monotonic() < deadline, "the worker did not take the piece within 30 s"
+            time.sleep(0.01)
+
+
+def test_partials_are_decoded_only_for_utterances_that_begin_while_a_subscriber_wants_them(tmp_path):
     h = Harness(tmp_path, tmp_path / "t.log")
     finals_only = EventLog(h.sock, subscribe={"cmd": "subscribe", "types": ["final", "status"]})
     h.say(silence(0.3))
     finals_only.wait_for(lambda e: e.get("state") == "listening")
-    h.say(SPEECH)
-    finals_only.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
     decodes = h.service.worker.decodes
+    say_slowly(h, SPEECH)
+    finals_only.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
     assert decodes["partial"] == decodes["check"] == 0, decodes
     assert decodes["speculation"] + decodes["final"] >= 1, decodes
 
-    watcher = EventLog(h.sock)  # every type, partials included
-    h.say(SPEECH)
+    half = len(SPEECH) // 2
+    say_slowly(h, SPEECH[:half])
+    watcher = EventLog(h.sock)  # every type, partials included: it comes in the middle of utterance 2
+    say_slowly(h, SPEECH[half:])
     watcher.wait_for(lambda e: e["type"] == "final" and e["utt"] == 2)
-    assert decodes["partial"] >= 1 and watcher.of("partial"), decodes
-    assert [f["utt"] for f in finals_only.of("final")] == [1, 2] and not finals_only.of("partial")
+    assert decodes["partial"] == decodes["check"] == 0, "no catch-up decode of an utterance begun unwatched"
+
+    say_slowly(h, SPEECH)
+    watcher.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3)
+    assert decodes["partial"] >= 1, decodes
+    assert {p["utt"] for p in watcher.of("partial")} == {3}
+    finals_only.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3)
+    assert [f["utt"] for f in finals_only.of("final")] == [1, 2, 3] and not finals_only.of("partial")
     h.end()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .client import connect_when_running
-from .events import Envelope, Error, Final, Hello, Partial, Status
+from .events import EVENT_TYPES, Envelope, Error, Final, Hello, Partial, Status
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
@@ -45,7 +45,8 @@ class CaptionView:
         self._color = color
         # Rewriting a line in place needs a terminal: into a file every partial would stay, each
         # behind a carriage return and an erase sequence.
-        self._partials = partials
+        self.partials = partials
+        """Partials are shown (and so asked for: the daemon decodes none that no subscriber is sent)."""
         self._timestamps = timestamps
         self._partial_shown = False
 
@@ -67,7 +68,7 @@ class CaptionView:
         """Render one event."""
         event = env.event
         if isinstance(event, Partial):
-            if not self._partials:
+            if not self.partials:
                 return
             # One row, counted in columns: a partial that wraps leaves rows _CLEAR_LINE cannot reach.
             text = _newest(event.text, self._width() - 1)
@@ -102,8 +103,10 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
                     continue
                 view.show(hello)
                 # The same daemon as before (its seq went on, not back to 0): replay finals we missed.
-                if last_seq is not None and hello.seq >= last_seq:
-                    client.subscribe(since=last_seq)
+                since = last_seq if last_seq is not None and hello.seq >= last_seq else None
+                types = None if view.partials else sorted(set(EVENT_TYPES) - {"partial"})
+                if since is not None or types is not None:
+                    client.subscribe(types, since)
                 last_seq = hello.seq
                 for env in events:
                     view.show(env)

@@ -280,6 +280,8 @@ def _ask_status(client):
 
     events = client.events()
     hello = next(events, None)
+    # Answers only: a connection that asks for every type counts as one that wants partials decoded.
+    client.send({"cmd": "subscribe", "types": []})
     client.send({"cmd": "status"})
     return hello, next((env.event for env in events if isinstance(env.event, Status)), None)
 

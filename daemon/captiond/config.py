@@ -164,7 +164,7 @@ class AsrConfig:
     bind_finals: bool = False
     """Make a final begin with the words its partials made stable even when its own decode, which heard more of the utterance than the checks, heard them otherwise; false lets that decode stand, flagged unbound, unless Whisper doubts it (Wyoming sessions always bind)."""
     max_window_s: float = 15.0
-    """Longest audio a decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
+    """Longest audio a partial's decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True
     """Begin the final's decode at a 90 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
     queue_seconds: float = 120.0

@@ -74,8 +74,9 @@ class AsrWorker:
         self._bind = bind  # None: asr.bind_finals decides; a client that streams stable words as settled needs True
         self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
         self._finals = finals or engine
-        # Partials nobody would be sent (every subscriber wants finals only, or none is connected) are not
-        # decoded: they are most of the streaming's CPU, and a final comes sooner with the model thread free.
+        # An utterance that begins while no subscriber would be sent its partials (each wants finals only,
+        # or none is connected) gets none: they are most of the streaming's CPU. Decided once per utterance,
+        # so none is half streamed, and a watcher who comes mid-utterance costs no catch-up decode of it all.
         self._watched = watched or (lambda: True)
         self._priority = priority
         self._cfg = cfg
@@ -110,7 +111,7 @@ class AsrWorker:
         """Finals decoded a second time, made to begin with the stable words the first decode disagreed with."""
         self.finals_unbound = 0
         """Finals whose decode disagreed with the stable words and stood (flag unbound): stable words revised."""
-        self._partials_failed = 0  # the utterance whose partial decode raised: no more partials for it
+        self._no_partials = 0  # an utterance nobody watched at its start, or whose partial decode raised
         self.decodes: Counter[str] = Counter()
         """Decodes finished, by kind: partial, check, speculation, final, "whole" ones of these two (of
         the whole utterance, not the window), bound (a final decoded again, made to begin with the
@@ -164,7 +165,7 @@ class AsrWorker:
                 self._discard(spec)
                 self._speculation = None
             if (self._cfg.partials and stream is not None and stream.partial_due() and self._speculation is None
-                    and stream.utt != self._partials_failed and self._watched()):
+                    and stream.utt != self._no_partials):
                 if self.queue.empty():
                     covered = stream.samples
                     check = stream.wants_check()
@@ -180,7 +181,7 @@ class AsrWorker:
                                                priority=self._priority + 2,
                                                window=self._final_window if check else Window(self._cfg.partial_pad_s))
                     except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
-                        self._partials_failed = stream.utt
+                        self._no_partials = stream.utt
                         self._decode_failed(stream.utt, "partial", exc)
                         continue
                     partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
@@ -307,6 +308,8 @@ class AsrWorker:
                                            self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s,
                                            self._cfg.stable_from_s, self._cfg.partial_share,
                                            settles=self._cfg.task != "translate")
+            if not self._watched():
+                self._no_partials = item.utt
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
