@@ -48,7 +48,13 @@ done
 echo "daemon ready (log: $DEMO/daemon.log, transcript: $DEMO/transcript.log)"
 
 if [ -n "$SAMPLE" ]; then
-    (while true; do paplay -d vsink "$SAMPLE" || exit 0; sleep 3; done) &
+    # Played once the captions are connected: an utterance that begins while no subscriber wants
+    # partials gets none.
+    (for _ in $(seq 100); do
+         "$PY" -m captiond status --json --set "server.socket=$SOCK" 2>/dev/null | grep -qE '"subscribers": ([2-9]|[1-9][0-9])' && break  # itself and the captions
+         sleep 0.1
+     done
+     while true; do paplay -d vsink "$SAMPLE" || exit 0; sleep 3; done) &
     PLAYER_PID=$!
 fi
 "$PY" -m captiond captions --set "server.socket=$SOCK"
