@@ -482,3 +482,33 @@ def test_captions_into_a_file_do_not_ask_for_partials_so_none_are_decoded(tmp_pa
         captions.kill()
         captions.wait()
         h.end()
+
+
+def test_subscribing_to_no_types_asks_for_answers_only(tmp_path):
+    h = Harness(tmp_path, tmp_path / "t.log")
+    server = h.service.server
+    with Client(h.sock) as client:
+        next(client.events())  # hello
+        assert server.wants("partial")
+        client.subscribe([])  # a status bar's connection: it must not make the daemon decode partials
+        deadline = time.monotonic() + 30
+        while server.wants("partial") or server.wants("final"):
+            assert time.monotonic() < deadline, "subscribe([]) still asks for events"
+            time.sleep(0.05)
+    h.end()
+
+
+def test_a_socket_path_with_a_newline_and_an_escape_stays_on_one_line_in_status_and_captions(tmp_path):
+    path = str(tmp_path / "x\ny\x1b[31m.sock")
+    status = subprocess.run([sys.executable, "-m", "captiond", "status", "--set", f"server.socket={path}"],
+                            capture_output=True, timeout=60, cwd=ROOT)
+    err = status.stderr.decode()
+    assert status.returncode == 3 and len(err.strip().splitlines()) == 1 and "\x1b" not in err, err
+    captions = subprocess.Popen([sys.executable, "-m", "captiond", "captions", "--set", f"server.socket={path}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        first = captions.stdout.readline().decode()  # its note that it waits for the daemon
+    finally:
+        captions.kill()
+        captions.wait()
+    assert "\x1b" not in first and "\\n" in first and first.endswith("]\n"), first

@@ -172,6 +172,19 @@ def test_short_window_decodes_like_the_full_one_and_long_context_fits():
 
 
 @pytest.mark.slow
+def test_a_prompt_and_hotwords_that_fill_whispers_context_leave_room_for_the_words():
+    # Each within the 1000 characters the config and the context command allow, dense in tokens.
+    item = clip("jfk_inaugural.wav")
+    audio = int16_to_float(read_wav(CORPUS / item["file"]))
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    prompt = ("東京都の渋谷区で開催された会議では、機械学習と音声認識の最新研究が発表されました。" * 30)[:1000]
+    hotwords = ("Kubernetes kubectl etcd Prometheus Grafana Istio Envoy Linkerd Helm ArgoCD Tekton Terraform " * 12)[:1000]
+    t = decoder.decode(audio, beam_size=5, words=True, prompt=prompt, hotwords=hotwords)
+    assert wer(item["text"], t.text) <= 0.3, t.text
+
+
+@pytest.mark.slow
 def test_memory_stays_flat_over_decodes_of_every_length():
     # Partials and finals decode every length up to 20 s of any speech. Before the decoder settled
     # glibc's allocator, RSS rose by 30-65 MB over 45 such decodes after the first 15 (here; 15 MB since).

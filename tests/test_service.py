@@ -5,9 +5,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from captiond.config import load
 from captiond.translog import TranscriptLog
-from conftest import SPEECH, EventLog, FakeDecoder, Harness, silence
+from conftest import CORPUS, SPEECH, EventLog, FakeDecoder, Harness, read_wav, silence, trimmed
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
     h = Harness(tmp_path, Path("/dev/full"))
@@ -359,3 +361,31 @@ def test_partials_are_decoded_only_for_utterances_that_begin_while_a_subscriber_
     finals_only.wait_for(lambda e: e["type"] == "final" and e["utt"] == 3)
     assert [f["utt"] for f in finals_only.of("final")] == [1, 2, 3] and not finals_only.of("partial")
     h.end()
+
+
+class CostlyDecoder(FakeDecoder):
+    """Takes time as a real decode does, in proportion to its audio and beam (20 ms per second per beam)."""
+
+    def decode(self, audio, *, beam_size, **kwargs):
+        time.sleep(len(audio) / 16000 * beam_size * 0.02)
+        return super().decode(audio, beam_size=beam_size, **kwargs)
+
+
+def test_a_stop_in_a_long_utterance_nobody_watched_partials_of_still_delivers_its_final(tmp_path):
+    # Nothing cut its window, so its final decodes all of it: at beam 5 longer than the stop waits.
+    config = load(None, ["server.stats_interval_s=0", "gate.hangover_ms=3000", "asr.early_final=false"])[0]
+    h = Harness(tmp_path, tmp_path / "t.log", config=config, decoder=CostlyDecoder())
+    finals_only = EventLog(h.sock, subscribe={"cmd": "subscribe", "types": ["speech_start", "final", "status"]})
+    h.say(silence(0.3))
+    finals_only.wait_for(lambda e: e.get("state") == "listening")
+    speech = np.tile(trimmed(read_wav(CORPUS / "jfk_inaugural.wav")), 5)  # ~55 s, no pause as long as 3 s
+    h.say(speech)
+    h.wait_captured()
+    finals_only.wait_for(lambda e: e["type"] == "speech_start")
+    h.loop.call_soon_threadsafe(h.service.stop)
+    final = finals_only.wait_for(lambda e: e["type"] == "final", timeout=30)
+    assert final["text"] and "error" not in final["flags"], final
+    assert final["end"] - final["start"] > 45, "the whole utterance, not a piece"
+    h.end()
+    assert h.exit_code == 0
+    assert (tmp_path / "t.log").read_text().count("\n") == 1

@@ -170,6 +170,19 @@ def test_a_sound_file_with_more_channels_than_ffmpeg_can_mix_down_names_its_form
     assert "cannot convert its audio (64 channel(s), 16000 Hz" in err and "corrupt" not in err, err
 
 
+def test_a_header_with_a_sample_rate_no_recording_has_is_refused_at_once(tmp_path):
+    import struct
+
+    wav = bytearray((CORPUS / "jfk_inaugural.wav").read_bytes())
+    wav[24:32] = struct.pack("<II", 1, 2)  # 1 Hz, 2 bytes a second: 11 s of speech became 49 hours of work
+    damaged = tmp_path / "rate1.wav"
+    damaged.write_bytes(bytes(wav))
+    result = run(str(damaged))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "header says 1 Hz" in err.splitlines()[0] and "1 of 1 file(s) failed" in err, err
+
+
 def test_standard_output_that_cannot_be_written_is_a_one_line_error():
     with open("/dev/full", "wb") as full:
         result = subprocess.run([sys.executable, "-m", "captiond", "transcribe", str(CORPUS / "ps_forever.wav")],

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .client import connect_when_running
-from .events import EVENT_TYPES, Envelope, Error, Final, Hello, Partial, Status
+from .events import EVENT_TYPES, Envelope, Error, Final, Hello, Partial, Status, one_line
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
@@ -61,7 +61,7 @@ class CaptionView:
     def note(self, text: str) -> None:
         """A bracketed line about the connection or the daemon, never mixed into a partial."""
         self._clear_partial()
-        self._out.write(f"[{text}]\n")
+        self._out.write(f"[{one_line(text)}]\n")
         self._out.flush()
 
     def show(self, env: Envelope) -> None:

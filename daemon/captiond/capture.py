@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 import numpy as np
 
 from .events import one_line
-from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
+from .frames import FRAME_SAMPLES, MAX_RATE, MIN_RATE, SAMPLE_RATE, FrameAssembler, FrameRing
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +485,10 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
         streams = [s for s in container.streams if s.type == "audio"]
         if not streams:
             raise CaptureError(f"{name}: has no audio stream")
+        rate = streams[0].rate or 0
+        if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header: 1 Hz made a 11 s file 49 hours of work
+            raise CaptureError(f"{name}: its header says {rate} Hz, which is no recording's sample rate "
+                               f"({MIN_RATE}-{MAX_RATE} Hz); the file is damaged")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
             for i, frame in enumerate(container.decode(streams[0])):

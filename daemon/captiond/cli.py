@@ -293,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         client = _client(args, _ANSWER_TIMEOUT_S)
     except NotRunning as exc:
-        print(exc, file=sys.stderr)
+        print(one_line(str(exc)), file=sys.stderr)
         return 3
     with client:
         try:
@@ -335,7 +335,7 @@ def cmd_type(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def note(text: str) -> None:
-        print(f"[{text}]", file=sys.stderr, flush=True)
+        print(f"[{one_line(text)}]", file=sys.stderr, flush=True)
 
     try:
         type_finals(socket_path(config.server), Composer(dictation.phrases(), casing), typist, note)

@@ -78,7 +78,7 @@ def _too_long(path: Path) -> str:
 
 def _subscribe_line(types: list[str] | None, since: int | None) -> dict:
     command: dict = {"cmd": "subscribe"}
-    if types:
+    if types is not None:  # [] asks for none: answers to this client's own commands only
         command["types"] = list(types)
     if since is not None:
         command["since"] = since

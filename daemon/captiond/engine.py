@@ -233,6 +233,10 @@ def _load_whisper(cfg: AsrConfig) -> Any:
 _TEMPERATURES = (0.0, 0.4, 0.8)
 _TOKENS_BASE, _TOKENS_PER_S = 16, 8  # fast speech is ~5 tokens a second, timestamps included
 _MAX_LENGTH = 448  # Whisper's decoder context, prompt included
+# Tokens a prompt and hotwords may each take of it, so a prefix (up to half) and the decode's own words
+# always fit: 1000 characters of a Japanese prompt and of technical names as hotwords filled it, and
+# every final failed ("the length of the prompt is 448 ... exceeds the max_length").
+_CONTEXT_TOKENS = _MAX_LENGTH // 4
 
 
 try:
@@ -349,6 +353,7 @@ class WhisperDecoder:
         `window` is what the encoder hears of Whisper's 30 s window (None: all of it).
         """
         started = time.monotonic()
+        prompt, hotwords = self._fitted(prompt, keep_end=True), self._fitted(hotwords, keep_end=False)
         self._model.window, self._model.likely = window, likely
         language = language or (None if self._cfg.language == "auto" else self._cfg.language)
         segments, info = self._model.transcribe(
@@ -369,6 +374,16 @@ class WhisperDecoder:
         return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard,
                           language_p=1.0 if language else info.language_probability)
+
+    def _fitted(self, text: str | None, keep_end: bool) -> str | None:
+        """The text cut to _CONTEXT_TOKENS tokens: its end kept (a prompt: what was said last) or its
+        start (hotwords: as listed)."""
+        if not text:
+            return text
+        ids = self._model.hf_tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
+        if len(ids) <= _CONTEXT_TOKENS:
+            return text
+        return self._model.hf_tokenizer.decode(ids[-_CONTEXT_TOKENS:] if keep_end else ids[:_CONTEXT_TOKENS]).strip()
 
     def _token_budget(self, seconds: float, prompt: str | None, hotwords: str | None, prefix: str | None) -> int:
         """New tokens a decode of this much audio may produce: enough for fast speech, not for a loop.

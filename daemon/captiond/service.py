@@ -35,9 +35,10 @@ from .wyoming_server import WyomingServer
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 3.0
-"""How long shutdown waits for the open utterance's final before giving up on it; with the task and
-subscriber bounds below (and 1 s for the last finals' log lines), a stop takes at most ~6 s (systemd's TimeoutStopSec is 15 s)."""
+DRAIN_TIMEOUT_S = 5.0
+"""How long shutdown waits for the open utterance's final before giving up on it (a greedy decode of all
+of it: up to gate.max_utterance_s); with the task and subscriber bounds below (and 1 s for the last
+finals' log lines), a stop takes at most ~8 s (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
