@@ -381,6 +381,21 @@ def test_a_stop_hurries_a_slow_request_into_a_local_final():
     assert t.origin == "fallback"
 
 
+def test_a_stop_before_the_first_request_hurries_that_request_too():
+    client = FakeClient()
+    client.outcomes = ["block"]
+    finals, engine, now, changes = remote_finals(client, timeout=60, real_time=True)
+
+    async def main():
+        finals.hurry()  # SIGTERM in the daemon's first utterance, before any final was asked for
+        return await asyncio.wait_for(finals.decode(np.zeros(SAMPLE_RATE, np.float32), **ARGS), 30)
+
+    t = asyncio.run(main())
+    client.release.set()
+    engine.close()
+    assert t.origin == "fallback"
+
+
 def test_a_servers_final_that_disagrees_with_the_stable_words_stands_flagged_unbound():
     stream = UtteranceStream(1, 0, 0.5)
     stream.words.committed = ["Fields", "like"]

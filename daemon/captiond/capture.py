@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 import numpy as np
 
 from .events import one_line
-from .frames import FRAME_SAMPLES, MAX_RATE, MIN_RATE, SAMPLE_RATE, FrameAssembler, FrameRing
+from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
 
 log = logging.getLogger(__name__)
 
@@ -485,10 +485,6 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
         streams = [s for s in container.streams if s.type == "audio"]
         if not streams:
             raise CaptureError(f"{name}: has no audio stream")
-        rate = streams[0].rate or 0
-        if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header: 1 Hz made a 11 s file 49 hours of work
-            raise CaptureError(f"{name}: its header says {rate} Hz, which is no recording's sample rate "
-                               f"({MIN_RATE}-{MAX_RATE} Hz); the file is damaged")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         try:
             for i, frame in enumerate(container.decode(streams[0])):
@@ -538,11 +534,19 @@ def truncation(path: Path, decoded: float, duration: float) -> str:
     return ""
 
 
+_FILE_RATES = (1000, 768000)  # Hz: 5512 Hz AAC and 384 kHz studio files are real; 1 Hz is a damaged header
+
+
 def _mono16k(resampler: Any, frame: Any, name: str, first: bool = False) -> list[np.ndarray]:
     """A decoded frame (None: the end) as 16 kHz mono int16; CaptureError naming the format when the
     `first` frame cannot be converted (a valid file of 64 channels was called corrupt)."""
     import av
 
+    # Read from the frame, not the header (an MPEG-TS says 0 Hz until its audio begins): a damaged
+    # one saying 1 Hz made an 11 s WAV 49 hours of resampling.
+    if first and not _FILE_RATES[0] <= frame.sample_rate <= _FILE_RATES[1]:
+        raise CaptureError(f"{name}: its audio says {frame.sample_rate} Hz, which is no recording's sample rate "
+                           f"({_FILE_RATES[0]}-{_FILE_RATES[1]} Hz); the file is damaged")
     try:
         return [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
     except (av.error.FFmpegError, ValueError) as exc:

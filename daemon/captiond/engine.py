@@ -377,13 +377,17 @@ class WhisperDecoder:
 
     def _fitted(self, text: str | None, keep_end: bool) -> str | None:
         """The text cut to _CONTEXT_TOKENS tokens: its end kept (a prompt: what was said last) or its
-        start (hotwords: as listed)."""
+        start (hotwords: as listed), without the word or character the cut went through."""
         if not text:
             return text
         ids = self._model.hf_tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
         if len(ids) <= _CONTEXT_TOKENS:
             return text
-        return self._model.hf_tokenizer.decode(ids[-_CONTEXT_TOKENS:] if keep_end else ids[:_CONTEXT_TOKENS]).strip()
+        cut = self._model.hf_tokenizer.decode(ids[-_CONTEXT_TOKENS:] if keep_end else ids[:_CONTEXT_TOKENS])
+        cut = cut.replace("\ufffd", "").strip()  # a character whose bytes the cut split
+        if " " in cut:
+            cut = cut.split(" ", 1)[1] if keep_end else cut.rsplit(" ", 1)[0]
+        return cut
 
     def _token_budget(self, seconds: float, prompt: str | None, hotwords: str | None, prefix: str | None) -> int:
         """New tokens a decode of this much audio may produce: enough for fast speech, not for a loop.

@@ -372,6 +372,7 @@ class RemoteFinals:
         self._running = 0  # request threads alive, abandoned ones included until they end
         self._freed: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
+        self._hurried = False
         self._backoff = 0.0
         self._next_try = 0.0
         self.problem = ""
@@ -394,6 +395,7 @@ class RemoteFinals:
 
     def hurry(self) -> None:
         """The daemon is stopping: requests in flight and new ones get HURRY_S at most, then fall back."""
+        self._hurried = True
         if self._hurry is not None:
             self._hurry.set()
 
@@ -402,6 +404,8 @@ class RemoteFinals:
         """A final's transcript from the server, else from the engine (origin fallback)."""
         if self._hurry is None:
             self._hurry, self._freed = asyncio.Event(), asyncio.Event()
+            if self._hurried:  # a stop before the first request: that one is hurried too
+                self._hurry.set()
         if not prefix and self._clock() >= self._next_try:
             # faster-whisper's hotwords go where the prompt goes; the API has only the prompt.
             context = " ".join(t for t in (hotwords, prompt) if t)

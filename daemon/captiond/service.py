@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
 """How long shutdown waits for the open utterance's final before giving up on it (a greedy decode of all
-of it: up to gate.max_utterance_s); with the task and subscriber bounds below (and 1 s for the last
-finals' log lines), a stop takes at most ~8 s (systemd's TimeoutStopSec is 15 s)."""
+of it: up to gate.max_utterance_s); the 1 s bounds after it (tasks, subscribers, servers, the log, the
+audio device) keep a stop under STOP_BOUND_S in practice (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
