@@ -364,16 +364,17 @@ def test_partials_are_decoded_only_for_utterances_that_begin_while_a_subscriber_
 
 
 class CostlyDecoder(FakeDecoder):
-    """Takes time as a real decode does, in proportion to its audio and beam (20 ms per second per beam)."""
+    """Takes time as a real decode does, in proportion to its audio and beam (15 ms per second per beam)."""
 
     def decode(self, audio, *, beam_size, **kwargs):
-        time.sleep(len(audio) / 16000 * beam_size * 0.02)
+        time.sleep(len(audio) / 16000 * beam_size * 0.015)
         return super().decode(audio, beam_size=beam_size, **kwargs)
 
 
 def test_a_stop_in_a_long_utterance_nobody_watched_partials_of_still_delivers_its_final(tmp_path):
-    # Nothing cut its window, so its final decodes all of it: at beam 5 longer than the stop waits.
-    config = load(None, ["server.stats_interval_s=0", "gate.hangover_ms=3000", "asr.early_final=false"])[0]
+    # Nothing cut its window, so its final decodes all of it: at beam 5 longer than the stop waits, and
+    # so would an early final of all of it begun at a pause just before the stop.
+    config = load(None, ["server.stats_interval_s=0", "gate.hangover_ms=3000"])[0]
     h = Harness(tmp_path, tmp_path / "t.log", config=config, decoder=CostlyDecoder())
     finals_only = EventLog(h.sock, subscribe={"cmd": "subscribe", "types": ["speech_start", "final", "status"]})
     h.say(silence(0.3))

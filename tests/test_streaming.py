@@ -1154,3 +1154,26 @@ def test_detection_among_the_configured_languages_rescales_their_probabilities()
 def test_only_a_sentence_of_three_words_or_more_may_end_an_utterance_early(text, ends):
     for rules in (TINY_EN, WHISPER):
         assert ends_sentence(text, rules) is ends
+
+
+def test_no_early_final_of_more_audio_than_whispers_window():
+    # An utterance nobody watched partials of keeps its window uncut: a pause 20 s in gets an early
+    # final, one 40 s in does not (its decode would be a second 30 s pass, held a stop past its drain).
+    items = utterance(1, 0, 45.0)
+    pauses = {20.0: UtterancePause(1, int(20.0 * SAMPLE_RATE), int(20.1 * SAMPLE_RATE)),
+              40.0: UtterancePause(1, int(40.0 * SAMPLE_RATE), int(40.1 * SAMPLE_RATE))}
+
+    async def feed(queue, worker):
+        for item in items:
+            if isinstance(item, UtteranceAudio):
+                for at, pause in list(pauses.items()):
+                    if item.end >= pause.audio_end:
+                        await queue.put(pause)
+                        del pauses[at]
+                        while worker.speculating or not queue.empty():
+                            await asyncio.sleep(0.01)
+            await queue.put(item)
+
+    worker, events = run_worker(FakeDecoder(), feed, cfg=AsrConfig(partials=False))
+    assert worker.speculations_wasted == 1 and worker.decodes["speculation"] + worker.decodes["whole speculation"] == 1
+    assert events[-1].text

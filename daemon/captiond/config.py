@@ -166,7 +166,7 @@ class AsrConfig:
     max_window_s: float = 15.0
     """Longest audio a partial's decode hears, in seconds: past it, the audio of stable words is cut off the utterance's front."""
     early_final: bool = True
-    """Begin the final's decode at a 90 ms pause, before the hangover ends (lower latency; a decode is wasted when speech goes on)."""
+    """Begin the final's decode at a 90 ms pause, before the hangover ends, for up to 30 s of audio (lower latency; a decode is wasted when speech goes on)."""
     queue_seconds: float = 120.0
     """Speech audio that may wait for the decoder before new frames are dropped (and counted), in seconds."""
     initial_prompt: str = ""

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 _RESUMED = SAMPLE_RATE // 2
 _BEHIND_S = 1.0  # with this much speech waiting for the decoder, no final is begun early
+# Nor one of more audio than Whisper's window: a second 30 s pass (60 s took 2.3-2.5 s here). Begun at
+# every pause of a long utterance nobody watched partials of (nothing cuts its window), most were
+# thrown away, and one under way held a stop's final past its drain.
+_EARLY_FINAL_MAX = 30 * SAMPLE_RATE
 _DETECT_S = 2.0  # audio Whisper's language detection needs before its answer may change the language
 _SURE_LANGUAGE = 0.5  # detection probability from which a detected language is the speaker's
 
@@ -324,9 +328,10 @@ class AsrWorker:
             # Start the final's decode while the gate waits out the rest of its hangover; if the
             # utterance does end here the decode is already done or under way. Not when behind.
             stream = self._stream
-            if self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S:
+            whole = stream is not None and stream.fits_whole(item.audio_end)
+            if (self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S
+                    and item.audio_end - stream.start - (0 if whole else stream.window.base) <= _EARLY_FINAL_MAX):
                 self._discard(self._speculation)
-                whole = stream.fits_whole(item.audio_end)
                 decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
                                f"speculative-final-{item.utt}")
                 self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, whole, decode)
