@@ -48,7 +48,7 @@ from wer import corpus_wer, normalize  # noqa: E402
 from captiond.capture import decode_file  # noqa: E402
 from captiond.config import Config, load  # noqa: E402
 from captiond.engine import SHORT, WhisperDecoder  # noqa: E402
-from captiond.events import EVENT_TYPES  # noqa: E402
+from captiond.events import NOT_PARTIAL  # noqa: E402
 from captiond.models import resolve_model  # noqa: E402
 from captiond.frames import FRAME_SAMPLES, int16_to_float  # noqa: E402
 from captiond.gate import UtteranceEnd, UtteranceStart  # noqa: E402
@@ -275,7 +275,7 @@ def main() -> None:
         offline_s = time.monotonic() - t0
         (tmp / "ours").mkdir()
         run = stream(tmp / "session.wav", args.set, tmp / "ours",
-                     {"cmd": "subscribe", "types": sorted(set(EVENT_TYPES) - {"partial"})} if args.finals_only else None)
+                     {"cmd": "subscribe", "types": NOT_PARTIAL} if args.finals_only else None)
         naive = None
         if not args.no_baseline:
             (tmp / "naive").mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from .client import connect_when_running
-from .events import EVENT_TYPES, Envelope, Error, Final, Hello, Partial, Status, one_line
+from .events import NOT_PARTIAL, Envelope, Error, Final, Hello, Partial, Status, one_line
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
@@ -104,7 +104,7 @@ def follow(path: Path, view: CaptionView, retry_s: float = 1.0,
                 view.show(hello)
                 # The same daemon as before (its seq went on, not back to 0): replay finals we missed.
                 since = last_seq if last_seq is not None and hello.seq >= last_seq else None
-                types = None if view.partials else sorted(set(EVENT_TYPES) - {"partial"})
+                types = None if view.partials else NOT_PARTIAL
                 if since is not None or types is not None:
                     client.subscribe(types, since)
                 last_seq = hello.seq

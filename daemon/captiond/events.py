@@ -130,6 +130,8 @@ class Pong(Event):
 
 
 EVENT_TYPES = {cls.type: cls for cls in (Hello, Status, SpeechStart, Partial, Final, SpeechEnd, Stats, Error, Lost, Pong)}
+NOT_PARTIAL = [t for t in EVENT_TYPES if t != "partial"]
+"""What a client that shows no partials subscribes to: the daemon decodes none that nobody is sent."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 SAMPLE_RATE = 16000
-MIN_RATE, MAX_RATE = 8000, 192000  # the input sample rates taken: outside them a header or a client is wrong
 FRAME_MS = 30
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 480
 

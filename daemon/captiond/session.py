@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config
 from .engine import Engine
 from .events import Error, Event
-from .frames import MAX_RATE, MIN_RATE, SAMPLE_RATE, FrameAssembler
+from .frames import SAMPLE_RATE, FrameAssembler
 from .gatedriver import Batch, GateStage, drive
 from .tasks import spawn
 from .worker import SESSION, AsrWorker, gate_queue
@@ -26,6 +26,7 @@ from .worker import SESSION, AsrWorker, gate_queue
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("linear16", "webm")
+MIN_RATE, MAX_RATE = 8000, 192000
 _AUDIO_QUEUE = 32  # decoded chunks waiting for the gate; a full queue stops reading the client's socket
 _PIPE_CHUNKS = 32  # WebM messages waiting for the decoder thread
 _FINALIZE_WAIT_S = 2.0  # how long Finalize waits for the WebM decoder to catch up

@@ -110,6 +110,10 @@ class UtteranceStream:
         """
         return bool(self.words.done) and not self._noise_cut and until - self.start <= _WHOLE
 
+    def span(self, until: int, whole: bool) -> int:
+        """Samples a final's decode up to stream sample `until` hears: the `whole` utterance's, or the window's."""
+        return until - self.start - (0 if whole else self.window.base)
+
     def whole(self, until: int) -> tuple[np.ndarray, str]:
         """The whole utterance's audio up to stream sample `until`, and the prompt for it."""
         return self.window.audio(until, whole=True), self.words.context

@@ -330,7 +330,7 @@ class AsrWorker:
             stream = self._stream
             whole = stream is not None and stream.fits_whole(item.audio_end)
             if (self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S
-                    and item.audio_end - stream.start - (0 if whole else stream.window.base) <= _EARLY_FINAL_MAX):
+                    and stream.span(item.audio_end, whole) <= _EARLY_FINAL_MAX):
                 self._discard(self._speculation)
                 decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
                                f"speculative-final-{item.utt}")

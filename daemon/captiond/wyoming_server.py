@@ -26,9 +26,9 @@ from wyoming.vad import VoiceStarted, VoiceStopped
 from . import __version__
 from .config import AsrConfig, WyomingConfig
 from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart, text_problem
-from .frames import MAX_RATE, MIN_RATE, SAMPLE_RATE
+from .frames import SAMPLE_RATE
 from .server import ServerError, check_socket_path
-from .session import AudioError, LiveSession
+from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
 from .tasks import spawn
 
 log = logging.getLogger(__name__)
