@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import SHORT, Engine, WhisperDecoder, Window, _heard, _joined, _words, short_window
+from captiond.engine import SHORT, Engine, Preempted, WhisperDecoder, Window, _heard, _joined, _words, short_window
 from captiond.models import ModelError, resolve_model
 from captiond.events import Word
 from captiond.rules import TINY_EN
@@ -182,6 +182,149 @@ def test_a_prompt_and_hotwords_that_fill_whispers_context_leave_room_for_the_wor
     hotwords = ("Kubernetes kubectl etcd Prometheus Grafana Istio Envoy Linkerd Helm ArgoCD Tekton Terraform " * 12)[:1000]
     t = decoder.decode(audio, beam_size=5, words=True, prompt=prompt, hotwords=hotwords)
     assert wer(item["text"], t.text) <= 0.3, t.text
+
+
+class TripsAfter(threading.Event):
+    """A stop event that reads as set from its `after`-th look on: a decode told to stop partway,
+    with no race against the model thread."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.looks, self.after = 0, after
+
+    def is_set(self):
+        self.looks += 1
+        return self.looks >= self.after
+
+
+@pytest.mark.slow
+def test_a_real_decode_gives_up_at_the_models_safe_points_and_the_next_is_whole():
+    item = clip("jfk_inaugural.wav")
+    audio = int16_to_float(read_wav(CORPUS / item["file"]))
+    decoder = WhisperDecoder(AsrConfig())
+    decoder.load()
+    for after in (1, 2, 3, 4):  # before it begins, before and after the encoder, before word alignment
+        stop = TripsAfter(after)
+        with pytest.raises(Preempted):
+            decoder.decode(audio, beam_size=5, words=True, stop=stop)
+        assert stop.looks == after
+    t = decoder.decode(audio, beam_size=5, words=True, stop=threading.Event())  # never set: decodes to its end
+    assert wer(item["text"], t.text) <= 0.1 and t.words, t.text
+
+
+class SafePointDecoder(FakeDecoder):
+    """Each decode signals it began, then waits at a safe point until its stop or `release` is set; a
+    stopped one raises Preempted as the real model does there."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.preempted = []
+
+    def decode(self, audio, *, beam_size, stop=None, **kw):
+        self.started.release()
+        while True:  # a safe point first, as the real decoder's first look at its stop
+            if stop is not None and stop.is_set():
+                self.preempted.append(beam_size)
+                raise Preempted("given up")
+            if self.release.is_set():
+                return super().decode(audio, beam_size=beam_size, stop=stop, **kw)
+            self.release.wait(0.01)
+
+
+def test_a_partial_gives_the_thread_up_to_a_more_urgent_decode_and_a_final_never_does():
+    decoder = SafePointDecoder()
+    engine = Engine(decoder)
+    audio = np.zeros(16000, np.float32)
+
+    async def main():
+        partial = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, preemptible=True))
+        await asyncio.to_thread(decoder.started.acquire)
+        same = asyncio.create_task(engine.decode(audio, beam_size=2, words=False, priority=2))
+        await asyncio.sleep(0.05)
+        assert not decoder.preempted, "a decode of the same priority waits its turn"
+        final = asyncio.create_task(engine.decode(audio, beam_size=5, words=False, priority=0))
+        with pytest.raises(Preempted):
+            await asyncio.wait_for(partial, 60)
+        await asyncio.to_thread(decoder.started.acquire)  # the final runs next, before the one that waited
+        later = asyncio.create_task(engine.decode(audio, beam_size=3, words=False, priority=-1))
+        await asyncio.sleep(0.05)
+        decoder.release.set()  # the final is not preemptible: it goes on to its end
+        assert (await asyncio.wait_for(final, 60)).text == "heard 1.00"
+        await asyncio.wait_for(asyncio.gather(later, same), 60)
+        assert decoder.preempted == [1] and engine.preempted == 1
+        assert [beam for _, beam, _, _ in decoder.calls] == [5, 3, 2]
+
+    asyncio.run(main())
+
+
+def test_a_partial_never_stops_another_partial():
+    # The microphone's partials (priority 2) go before a session's (3) in the queue, but one under way
+    # is not stopped for one: it would be asked for again at once, and could starve.
+    decoder = SafePointDecoder()
+    engine = Engine(decoder)
+    audio = np.zeros(16000, np.float32)
+
+    async def main():
+        session = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=3, preemptible=True))
+        await asyncio.to_thread(decoder.started.acquire)
+        mic = asyncio.create_task(engine.decode(audio, beam_size=2, words=False, priority=2, preemptible=True))
+        await asyncio.sleep(0.05)
+        decoder.release.set()
+        await asyncio.wait_for(asyncio.gather(session, mic), 60)
+        assert decoder.preempted == [] and engine.preempted == 0
+
+    asyncio.run(main())
+
+
+def test_a_final_that_asks_as_the_turn_passes_to_a_partial_still_stops_it():
+    # The final asks in the same turn of the event loop in which a partial is granted the thread (it
+    # sees no decode running yet): the partial stops at its first safe point all the same.
+    decoder = SafePointDecoder()
+    engine = Engine(decoder)
+    audio = np.zeros(16000, np.float32)
+
+    async def main():
+        first = asyncio.create_task(engine.decode(audio, beam_size=3, words=False, priority=1))
+        await asyncio.to_thread(decoder.started.acquire)
+        partial = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, preemptible=True))
+        await asyncio.sleep(0.05)
+        asked = []
+        granting = engine._pass_turn
+
+        def pass_turn():  # the final's task is made just before the partial's turn is granted
+            if not asked:
+                asked.append(asyncio.ensure_future(engine.decode(audio, beam_size=5, words=False, priority=0)))
+            granting()
+
+        engine._pass_turn = pass_turn
+        decoder.release.set()  # the first decode ends; the partial could now run to its end
+        await asyncio.wait_for(first, 60)
+        with pytest.raises(Preempted):
+            await asyncio.wait_for(partial, 60)
+        assert (await asyncio.wait_for(asked[0], 60)).text == "heard 1.00"
+
+    asyncio.run(main())
+
+
+def test_a_decode_nobody_waits_for_gives_up_at_its_next_safe_point():
+    decoder = SafePointDecoder()
+    engine = Engine(decoder)
+
+    async def main():
+        speculative = asyncio.create_task(engine.decode(np.zeros(16000, np.float32), beam_size=5, words=False))
+        await asyncio.to_thread(decoder.started.acquire)
+        speculative.cancel()  # speech went on: its final's decode begun at the pause is not wanted
+        with pytest.raises(asyncio.CancelledError):
+            await speculative
+        for _ in range(3000):  # 30 s at most: a decode that never gives up must fail the test, not hang it
+            if not engine._busy:
+                break
+            await asyncio.sleep(0.01)
+        assert decoder.preempted == [5] and not engine._busy, "the thread gave it up without being released"
+
+    asyncio.run(main())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 import asyncio
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import SHORT, Engine, Segment, Transcript, WhisperDecoder, among, speakers_language
+from captiond.engine import SHORT, Engine, Preempted, Segment, Transcript, WhisperDecoder, among, speakers_language
 from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -113,7 +114,7 @@ def test_finals_fall_back_to_sampling_only_when_configured_and_partials_never():
 
 
 def test_slow_engine_skips_partials_never_finals():
-    decoder = FakeDecoder(delay=0.05)
+    decoder = SlowPartials(delay=0.05)  # a partial under way ends only when a final's decode stops it
 
     async def feed(queue, worker):
         start = 0
@@ -128,7 +129,9 @@ def test_slow_engine_skips_partials_never_finals():
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.2))
     finals = [e for e in events if isinstance(e, Final)]
     assert [f.utt for f in finals] == [1, 2, 3, 4, 5]
-    assert worker.partials_skipped > 0
+    # Each utterance's partial either found events waiting (skipped), or was under way at its end
+    # and gave way to the final.
+    assert worker.partials_given_way + worker.partials_skipped >= 5 and worker.partials_given_way >= 1
     assert worker.queued_samples == 0 and worker.lag == 0
     assert worker.rtf > 0
 
@@ -280,6 +283,73 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
     assert asks == [(1, voiced_end)]
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0 and sum(worker.decodes.values()) == 1
     assert events[-1].text.startswith("heard")
+
+
+class SlowPartials(FakeDecoder):
+    """Greedy partials that would take `hold` seconds unless their stop is set at a safe point (then
+    Preempted, as the real model does); every other decode takes `delay`."""
+
+    def __init__(self, hold=10.0, delay=0.0):
+        super().__init__(delay)
+        self.hold = hold
+        self.partial_began = threading.Semaphore(0)
+        self.preempted = 0
+
+    def decode(self, audio, *, beam_size, stop=None, **kw):
+        if beam_size == 1:
+            self.partial_began.release()
+            if stop is not None and stop.wait(self.hold):
+                self.preempted += 1
+                raise Preempted("given up")
+        return super().decode(audio, beam_size=beam_size, stop=stop, **kw)
+
+
+@pytest.mark.parametrize("ends_at", ["end", "pause"])
+def test_a_final_decode_does_not_wait_for_the_partial_under_way(ends_at):
+    # Speech stops while a partial decodes: the final's decode (at the end, or begun at the pause) has
+    # the partial give way at once, and no partial of the utterance comes after its final.
+    decoder = SlowPartials()
+    items = utterance(1, 0, 2.0)
+    end = items[-1]
+
+    async def feed(queue, worker):
+        for item in items[:-1]:
+            await queue.put(item)
+            if isinstance(item, UtteranceAudio) and item.end == 20 * FRAME_SAMPLES:
+                await asyncio.to_thread(decoder.partial_began.acquire)  # a partial of 0.6 s is under way
+        if ends_at == "pause":
+            await queue.put(pause_before(end))
+        await queue.put(end)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
+    assert decoder.preempted == 1 and worker.partials_given_way == 1
+    assert [type(e) for e in events] == [SpeechStart, SpeechEnd, Final] and events[-1].text.startswith("heard")
+    assert worker.speculations_used == (ends_at == "pause")
+
+
+def test_partials_go_on_after_a_final_decode_begun_at_a_pause_is_dropped():
+    decoder = SlowPartials(hold=0.0)  # partials take no time: only the pause's decode stops one
+    items = utterance(1, 0, 3.0)
+    early = 40 * FRAME_SAMPLES
+
+    async def taken(queue, worker):  # the worker has taken every event and decoded what it began
+        while not (worker.waiting and queue.empty() and not worker.speculating):
+            await asyncio.sleep(0.001)
+
+    async def feed(queue, worker):
+        for item in items[:42]:
+            await queue.put(item)
+            await taken(queue, worker)
+        await queue.put(UtterancePause(1, early, early + 3 * FRAME_SAMPLES))
+        for item in items[42:]:  # speech went on: the early final is dropped, partials resume
+            await queue.put(item)
+            await taken(queue, worker)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
+    assert worker.speculations_wasted == 1
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert partials and partials[-1].end > (early + 10 * FRAME_SAMPLES) / SAMPLE_RATE, "partials after the pause"
+    assert isinstance(events[-1], Final) and events[-1].text.startswith("heard")
 
 
 def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():

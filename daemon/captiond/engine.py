@@ -8,6 +8,7 @@ import ctypes
 import heapq
 import itertools
 import math
+import threading
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -133,6 +134,17 @@ def short_window(features: np.ndarray, window: Window = SHORT) -> np.ndarray:
     return np.ascontiguousarray(features[..., :keep])
 
 
+class Preempted(Exception):
+    """A decode given up at a safe point of the model (before or after the encoder, before word
+    alignment): its caller stopped waiting for it, or a more urgent decode asked for the thread."""
+
+
+def _go_on(stop: threading.Event | None) -> None:
+    """Raise Preempted once `stop` is set: called between the model's steps, which cannot be stopped."""
+    if stop is not None and stop.is_set():
+        raise Preempted("given up for a more urgent decode")
+
+
 def _missing_from_cache(exc: BaseException) -> bool:
     """True when a local_files_only load failed only because the model is not downloaded yet."""
     from huggingface_hub.utils import LocalEntryNotFoundError
@@ -199,9 +211,20 @@ def _load_whisper(cfg: AsrConfig) -> Any:
         """The speaker's language, which the next decodes' detection keeps unless it is far less probable."""
         allowed = cfg.candidate_languages
         """The languages detection may name (asr.languages); empty for any."""
+        stop: threading.Event | None = None
+        """Set when the running decode is to give up at the next safe point (Preempted)."""
 
+        # The safe points: CTranslate2's encode, generate and align each run to their end once begun, so a
+        # partial under way at a pause delayed the final by all of what it had left (up to 0.65 s here).
         def encode(self, features: np.ndarray) -> Any:
-            return super().encode(short_window(features, self.window) if self.window else features)
+            _go_on(self.stop)
+            encoded = super().encode(short_window(features, self.window) if self.window else features)
+            _go_on(self.stop)
+            return encoded
+
+        def add_word_timestamps(self, *args: Any, **kwargs: Any) -> Any:
+            _go_on(self.stop)
+            return super().add_word_timestamps(*args, **kwargs)
 
         def detect_language(self, *args: Any, **kwargs: Any) -> tuple[str, float, list[tuple[str, float]]]:
             language, p, probs = super().detect_language(*args, **kwargs)
@@ -342,7 +365,8 @@ class WhisperDecoder:
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-               window: Window | None = SHORT, language: str = "", likely: str = "") -> Transcript:
+               window: Window | None = SHORT, language: str = "", likely: str = "",
+               stop: threading.Event | None = None) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
         `language` is the code to decode in; empty: asr.language (auto: detected from this audio, the
@@ -351,25 +375,29 @@ class WhisperDecoder:
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
         `window` is what the encoder hears of Whisper's 30 s window (None: all of it).
+        Once `stop` is set, the decode raises Preempted at the model's next safe point.
         """
+        _go_on(stop)
         started = time.monotonic()
         prompt, hotwords = self._fitted(prompt, keep_end=True), self._fitted(hotwords, keep_end=False)
-        self._model.window, self._model.likely = window, likely
+        self._model.window, self._model.likely, self._model.stop = window, likely, stop
         language = language or (None if self._cfg.language == "auto" else self._cfg.language)
-        segments, info = self._model.transcribe(
-            audio, language=language, task=self._cfg.task, beam_size=beam_size, word_timestamps=words,
-            condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
-            prefix=prefix or None, temperature=_TEMPERATURES if fallback else 0.0, vad_filter=False,
-            max_new_tokens=self._token_budget(len(audio) / SAMPLE_RATE, prompt, hotwords, prefix))
         decoded = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0
-        for seg in segments:  # the generator does the decoding as it is consumed
-            logprob = min(logprob, seg.avg_logprob)
-            ratio = max(ratio, seg.compression_ratio)
-            no_speech = max(no_speech, seg.no_speech_prob)
-            if any(c.isalnum() for c in seg.text):  # with a prefix, tiny.en may end a segment at a lone "."
-                decoded.append(seg)
-        release_memory()
+        try:
+            segments, info = self._model.transcribe(
+                audio, language=language, task=self._cfg.task, beam_size=beam_size, word_timestamps=words,
+                condition_on_previous_text=False, initial_prompt=prompt or None, hotwords=hotwords or None,
+                prefix=prefix or None, temperature=_TEMPERATURES if fallback else 0.0, vad_filter=False,
+                max_new_tokens=self._token_budget(len(audio) / SAMPLE_RATE, prompt, hotwords, prefix))
+            for seg in segments:  # the generator does the decoding as it is consumed
+                logprob = min(logprob, seg.avg_logprob)
+                ratio = max(ratio, seg.compression_ratio)
+                no_speech = max(no_speech, seg.no_speech_prob)
+                if any(c.isalnum() for c in seg.text):  # with a prefix, tiny.en may end a segment at a lone "."
+                    decoded.append(seg)
+        finally:
+            release_memory()
         found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE, self.rules)
         return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard,
@@ -403,19 +431,34 @@ class WhisperDecoder:
         return max(1, min(_TOKENS_BASE + round(_TOKENS_PER_S * seconds), _MAX_LENGTH - used))
 
 
+@dataclass
+class _Running:
+    """The decode on the inference thread."""
+
+    priority: int
+    preemptible: bool
+    stop: threading.Event
+
+
 class Engine:
     """Owns the one inference thread; every model call goes through it, never the event loop.
 
     Several pipelines share it (the microphone and WebSocket sessions): decodes take turns by
-    priority, lowest first, in arrival order within one priority.
+    priority, lowest first, in arrival order within one priority. A decode asked for as
+    `preemptible` (a partial) gives the thread up at the model's next safe point when one that is
+    not (a final) of a lower priority number asks for it, and any decode whose caller stops waiting
+    gives it up too.
     """
 
     def __init__(self, decoder: WhisperDecoder) -> None:
         self.decoder = decoder
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-asr")
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+        self._waiting: list[tuple[int, int, bool, asyncio.Future[None]]] = []  # a heap; bool: preemptible
         self._arrivals = itertools.count()
         self._busy = False
+        self._running: _Running | None = None
+        self.preempted = 0
+        """Decodes given up for a more urgent one."""
         self.busy_since: float | None = None
         """monotonic time the running decode began, None while no decode runs (the watchdog reads it)."""
 
@@ -446,19 +489,32 @@ class Engine:
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
                      window: Window | None = SHORT, priority: int = 0, language: str = "",
-                     likely: str = "") -> Transcript:
-        """Decode on the inference thread once every decode of a lower priority number has had its turn."""
-        await self._turn(priority)
+                     likely: str = "", preemptible: bool = False) -> Transcript:
+        """Decode on the inference thread once every decode of a lower priority number has had its turn;
+        a `preemptible` one raises Preempted if one that is not, of a lower priority number, asks for
+        the thread before it is done."""
+        await self._turn(priority, preemptible)
         self.busy_since = time.monotonic()
+        stop = threading.Event()
+        self._running = _Running(priority, preemptible, stop)
+        # One that asked while the turn was on its way here (it saw no decode running) is not kept waiting.
+        if preemptible and any(not p and urgency < priority and not granted.done()
+                               for urgency, _, p, granted in self._waiting):
+            stop.set()
         running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
             audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
-            fallback=fallback, window=window, language=language, likely=likely))
+            fallback=fallback, window=window, language=language, likely=likely, stop=stop))
         try:
             result = await asyncio.shield(running)
         except asyncio.CancelledError:
-            # The thread decodes on whatever we do: the turn passes (and the watchdog stops seeing
-            # a busy decoder) only when it has finished.
+            # Nobody waits for it any more: it gives up at the model's next safe point. The turn
+            # passes (and the watchdog stops seeing a busy decoder) only when the thread is free.
+            stop.set()
             running.add_done_callback(self._decode_done)
+            raise
+        except Preempted:
+            self.preempted += 1
+            self._decode_done(running)
             raise
         except BaseException:
             self._decode_done(running)
@@ -470,14 +526,18 @@ class Engine:
         if not running.cancelled():
             running.exception()  # retrieved: an abandoned decode's error was its caller's to see
         self.busy_since = None
+        self._running = None
         self._pass_turn()
 
-    async def _turn(self, priority: int) -> None:
+    async def _turn(self, priority: int, preemptible: bool) -> None:
         if not self._busy:
             self._busy = True
             return
+        now = self._running
+        if now is not None and now.preemptible and not preemptible and priority < now.priority:
+            now.stop.set()  # a final stops a partial; a partial never stops another
         granted = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (priority, next(self._arrivals), granted))
+        heapq.heappush(self._waiting, (priority, next(self._arrivals), preemptible, granted))
         try:
             await granted
         except asyncio.CancelledError:
@@ -487,7 +547,7 @@ class Engine:
 
     def _pass_turn(self) -> None:
         while self._waiting:
-            _, _, granted = heapq.heappop(self._waiting)
+            *_, granted = heapq.heappop(self._waiting)
             if not granted.done():
                 granted.set_result(None)
                 return

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .config import AsrConfig
-from .engine import SHORT, Engine, Transcript, Window
+from .engine import SHORT, Engine, Preempted, Transcript, Window
 from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -45,6 +45,17 @@ class FinalDecoder(Protocol):
 
 
 @dataclass(frozen=True)
+class _PartialDecode:
+    """A partial's (or check's) decode under way while the worker takes more gate events."""
+
+    stream: UtteranceStream
+    covered: int
+    """The utterance's samples it decodes."""
+    check: bool
+    decode: asyncio.Task[Transcript | None]
+
+
+@dataclass(frozen=True)
 class _Speculation:
     """A final's decode begun at a pause, before the gate closed the utterance."""
 
@@ -64,8 +75,9 @@ def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
 class AsrWorker:
     """Async driver: takes gate events off a bounded queue, decodes on the engine thread, publishes events.
 
-    Finals come first: a partial is decoded only when the queue is empty, so a worker that
-    falls behind skips partials (counted) and never a final.
+    Finals come first: a partial is begun only when the queue is empty, so a worker that falls
+    behind skips partials (counted) and never a final, and one under way gives way to a final's
+    decode (the engine stops it at the model's next safe point).
     """
 
     def __init__(self, engine: Engine, cfg: AsrConfig, queue: asyncio.Queue[GateEvent | None],
@@ -91,6 +103,10 @@ class AsrWorker:
         self.queued_samples = 0
         """Audio waiting in the queue, in samples (put() adds, the worker subtracts)."""
         self.partials_skipped = 0
+        """Partials not decoded because gate events waited (the worker was behind)."""
+        self.partials_given_way = 0
+        """Partial decodes given up for a final's (or, preempted, another more urgent decode)."""
+        self._partial: _PartialDecode | None = None
         self.finals = 0
         self.rtf = 0.0
         """Decode seconds per audio second of recent finals (exponential average)."""
@@ -105,8 +121,7 @@ class AsrWorker:
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
         self._stopping = False
-        self.waiting = False
-        """True while the worker waits for gate events (a replay feeds it at the pace it takes them)."""
+        self._waiting = False
         self.speculations_used = 0
         """Finals whose decode began at a pause, before the gate closed the utterance."""
         self.speculations_wasted = 0
@@ -134,6 +149,12 @@ class AsrWorker:
         await self.queue.put(event)
 
     @property
+    def waiting(self) -> bool:
+        """True while the worker waits for gate events with no partial of its own under way (a replay
+        feeds it at the pace it takes them)."""
+        return self._waiting and self._partial is None
+
+    @property
     def lag(self) -> float:
         """Seconds of speech audio waiting for the decoder."""
         return self.queued_samples / SAMPLE_RATE
@@ -143,56 +164,110 @@ class AsrWorker:
         try:
             await self._run()
         finally:
+            self._drop_partial()
             if self._speculation is not None:  # stopping: not a decode wasted on speech that went on
                 self._speculation.decode.cancel()
                 self._speculation = None
 
     async def _run(self) -> None:
-        while True:
-            self.waiting = True
-            batch = [await self.queue.get()]
-            self.waiting = False
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            for item in batch:
-                if item is None:
-                    return
-                await self._handle(item)
-            stream = self._stream
-            spec = self._speculation
-            # Speech went on after the pause (a voiced frame came) and half a second of audio has
-            # followed: its decode is not the final. Silence alone never discards it, so a slow
-            # decode still ends the utterance at a sentence end; discarding at the first voiced
-            # frame let partials resume sooner and cost 17 words on tune (docs/benchmarks.md).
-            if (spec is not None and stream is not None and stream.voiced_end > spec.voiced_end
-                    and stream.start + stream.samples > spec.audio_end + _RESUMED):
-                self._discard(spec)
-                self._speculation = None
-            if (self._cfg.partials and stream is not None and stream.partial_due() and self._speculation is None
-                    and stream.utt != self._no_partials):
-                if self.queue.empty():
-                    covered = stream.samples
-                    check = stream.wants_check()
-                    # No temperature fallback for a partial: it would take seconds on hard audio, and
-                    # the final follows anyway. A check is decoded at the final's beam and window; both
-                    # are made to begin with the stable words (free checks left the window uncut when
-                    # they disagreed with them: an e2e utterance of 19.5 s was never cut to 8 s).
-                    try:
-                        t = await self._decode("check" if check else "partial", stream.audio(),
-                                               beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
-                                               words=True, prompt=stream.prompt, prefix=stream.partial_prefix,
-                                               fallback=False,
-                                               priority=self._priority + 2,
-                                               window=self._final_window if check else Window(self._cfg.partial_pad_s))
-                    except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
-                        self._no_partials = stream.utt
-                        self._decode_failed(stream.utt, "partial", exc)
-                        continue
-                    partial = stream.partial(t, covered, checked=check or self._cfg.partial_beam_size >= self._cfg.beam_size)
-                    if partial.text:
-                        self._publish(partial)
-                else:
-                    self.partials_skipped += 1
+        get: asyncio.Task[GateEvent | None] | None = None
+        try:
+            while True:
+                if get is None:
+                    get = spawn(self.queue.get(), "asr-worker-queue")
+                # A partial decodes while the worker takes more events: a pause or an end that comes
+                # meanwhile starts the final's decode at once, and the engine has the partial give way.
+                self._waiting = True
+                await asyncio.wait([get] if self._partial is None else [get, self._partial.decode],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                self._waiting = False
+                if self._partial is not None and self._partial.decode.done():
+                    self._took_partial(self._partial)
+                    self._partial = None
+                if get.done():
+                    batch, get = [get.result()], None
+                    while not self.queue.empty():
+                        batch.append(self.queue.get_nowait())
+                    for item in batch:
+                        if item is None:
+                            return
+                        await self._handle(item)
+                self._next_partial()
+        finally:
+            if get is not None:
+                get.cancel()
+
+    def _next_partial(self) -> None:
+        """Drop a final's decode begun at a pause if speech went on, and begin a partial if one is due."""
+        stream = self._stream
+        spec = self._speculation
+        # Speech went on after the pause (a voiced frame came) and half a second of audio has
+        # followed: its decode is not the final. Silence alone never discards it, so a slow
+        # decode still ends the utterance at a sentence end; discarding at the first voiced
+        # frame let partials resume sooner and cost 17 words on tune (docs/benchmarks.md).
+        if (spec is not None and stream is not None and stream.voiced_end > spec.voiced_end
+                and stream.start + stream.samples > spec.audio_end + _RESUMED):
+            self._discard(spec)
+            self._speculation = None
+        if (not self._cfg.partials or stream is None or self._partial is not None or not stream.partial_due()
+                or self._speculation is not None or stream.utt == self._no_partials):
+            return
+        if not self.queue.empty():
+            self.partials_skipped += 1
+            return
+        check = stream.wants_check()
+        # The window as it is now: the task begins only after the worker has taken more events.
+        decode = spawn(self._partial_decode(stream, check, stream.audio(), stream.prompt, stream.partial_prefix),
+                       f"partial-{stream.utt}")
+        self._partial = _PartialDecode(stream, stream.samples, check, decode)
+
+    async def _partial_decode(self, stream: UtteranceStream, check: bool, audio: np.ndarray, prompt: str,
+                              prefix: str) -> Transcript | None:
+        """A partial's (or check's) decode of `audio`, the window; None if it gave way or failed.
+
+        No temperature fallback for a partial: it would take seconds on hard audio, and the final
+        follows anyway. A check is decoded at the final's beam and window; both are made to begin
+        with the stable words (free checks left the window uncut when they disagreed with them: an
+        e2e utterance of 19.5 s was never cut to 8 s)."""
+        try:
+            return await self._decode("check" if check else "partial", audio,
+                                      beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
+                                      words=True, prompt=prompt, prefix=prefix, fallback=False,
+                                      priority=self._priority + 2, preemptible=True,
+                                      window=self._final_window if check else Window(self._cfg.partial_pad_s))
+        except asyncio.CancelledError:  # _drop_partial
+            self._gave_way(stream, check)
+            raise
+        except Preempted:
+            self._gave_way(stream, check)
+        except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
+            self._no_partials = stream.utt
+            self._decode_failed(stream.utt, "partial", exc)
+        return None
+
+    def _gave_way(self, stream: UtteranceStream, check: bool) -> None:
+        self.partials_given_way += 1
+        log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt, "check" if check else "partial")
+
+    def _took_partial(self, partial: _PartialDecode) -> None:
+        """Publish a partial whose decode is done, if its utterance is still open and no final's
+        decode has begun (a partial's words must not change the window under one)."""
+        if partial.decode.cancelled() or partial.stream is not self._stream or self._speculation is not None:
+            return
+        t = partial.decode.result()
+        if t is None:
+            return
+        stream = partial.stream
+        shown = stream.partial(t, partial.covered,
+                               checked=partial.check or self._cfg.partial_beam_size >= self._cfg.beam_size)
+        if shown.text:
+            self._publish(shown)
+
+    def _drop_partial(self) -> None:
+        """A final's decode begins: the partial under way is of no more use (the engine stops it)."""
+        if self._partial is not None:
+            self._partial.decode.cancel()
+            self._partial = None
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
                             kind: str = "final", whole: bool = False, full: bool = False) -> Transcript:
@@ -270,7 +345,7 @@ class AsrWorker:
 
     async def _decode(self, kind: str, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
                       prefix: str, priority: int, fallback: bool, window: Window | None,
-                      on: FinalDecoder | None = None) -> Transcript:
+                      on: FinalDecoder | None = None, preemptible: bool = False) -> Transcript:
         asked = self._clock()
         seconds = len(audio) / SAMPLE_RATE
         # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
@@ -282,7 +357,8 @@ class AsrWorker:
         t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
-                                              language=language, likely=self.heard_language if detect else "")
+                                              language=language, likely=self.heard_language if detect else "",
+                                              preemptible=preemptible)
         if detect and not language:
             log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
                       t.language, t.language_p, self.heard_language or "not known yet")
@@ -313,6 +389,7 @@ class AsrWorker:
             # old text across silence is how Whisper streamers repeat themselves.
             recent = item.start - self._last_end <= self._cfg.carry_over_s * SAMPLE_RATE
             context = " ".join(t for t in (self.prompt, self._last_text if recent else "") if t)
+            self._drop_partial()  # the last utterance's, had its end been lost
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
                                            self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s,
                                            self._cfg.stable_from_s, self._cfg.partial_share,
@@ -331,6 +408,7 @@ class AsrWorker:
             whole = stream is not None and stream.fits_whole(item.audio_end)
             if (self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S
                     and stream.span(item.audio_end, whole) <= _EARLY_FINAL_MAX):
+                self._drop_partial()
                 self._discard(self._speculation)
                 decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
                                f"speculative-final-{item.utt}")
@@ -338,6 +416,7 @@ class AsrWorker:
                 decode.add_done_callback(functools.partial(self._sentence_ended, self._speculation))
         elif isinstance(item, UtteranceEnd):
             stream, self._stream = self._stream, None
+            self._drop_partial()
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE, item.reason))
