@@ -327,6 +327,32 @@ def test_a_final_decode_does_not_wait_for_the_partial_under_way(ends_at):
     assert worker.speculations_used == (ends_at == "pause")
 
 
+def test_a_partial_asked_for_again_after_giving_way_holds_through_the_next_pause():
+    # Short pauses that speech goes on after: the first pause's early final stops the partial under way
+    # and is thrown away; the partial asked for again is not stopped by the next pause (no early final
+    # is begun there), or no partial would ever finish (base: none for 11-14 s).
+    decoder = SlowPartials()
+    items = utterance(1, 0, 4.0)
+    first, second = 40 * FRAME_SAMPLES, 80 * FRAME_SAMPLES
+
+    async def feed(queue, worker):
+        for item in items[:41]:
+            await queue.put(item)
+        await asyncio.to_thread(decoder.partial_began.acquire)
+        await queue.put(UtterancePause(1, first, first + 3 * FRAME_SAMPLES))  # stops it; speech goes on
+        for item in items[41:81]:
+            await queue.put(item)
+        await asyncio.to_thread(decoder.partial_began.acquire)  # asked for again, once the early final is dropped
+        await queue.put(UtterancePause(1, second, second + 3 * FRAME_SAMPLES))  # begins no early final
+        for item in items[81:]:
+            await queue.put(item)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
+    assert worker.speculations_wasted == 1 and worker.speculations_used == 0, "one early final: the first pause's"
+    assert decoder.preempted == 2  # the first partial at the first pause, the one that held at the end
+    assert isinstance(events[-1], Final) and events[-1].text.startswith("heard")
+
+
 def test_partials_go_on_after_a_final_decode_begun_at_a_pause_is_dropped():
     decoder = SlowPartials(hold=0.0)  # partials take no time: only the pause's decode stops one
     items = utterance(1, 0, 3.0)

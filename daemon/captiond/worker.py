@@ -52,6 +52,8 @@ class _PartialDecode:
     covered: int
     """The utterance's samples it decodes."""
     check: bool
+    holds: bool
+    """Asked for again after the utterance's last one gave way: no early final stops it."""
     decode: asyncio.Task[Transcript | None]
 
 
@@ -107,6 +109,10 @@ class AsrWorker:
         self.partials_given_way = 0
         """Partial decodes given up for a final's (or, preempted, another more urgent decode)."""
         self._partial: _PartialDecode | None = None
+        # The utterance whose last partial gave way: its next one holds, or with short pauses that speech
+        # goes on after, each pause's early final stopped the check under way and was itself thrown
+        # away (base: no partial for 11-14 s, a session's window never cut).
+        self._yielded = -1
         self.finals = 0
         self.rtf = 0.0
         """Decode seconds per audio second of recent finals (exponential average)."""
@@ -215,14 +221,14 @@ class AsrWorker:
         if not self.queue.empty():
             self.partials_skipped += 1
             return
-        check = stream.wants_check()
+        check, holds = stream.wants_check(), self._yielded == stream.utt
         # The window as it is now: the task begins only after the worker has taken more events.
-        decode = spawn(self._partial_decode(stream, check, stream.audio(), stream.prompt, stream.partial_prefix),
-                       f"partial-{stream.utt}")
-        self._partial = _PartialDecode(stream, stream.samples, check, decode)
+        decode = spawn(self._partial_decode(stream, check, holds, stream.audio(), stream.prompt,
+                                            stream.partial_prefix), f"partial-{stream.utt}")
+        self._partial = _PartialDecode(stream, stream.samples, check, holds, decode)
 
-    async def _partial_decode(self, stream: UtteranceStream, check: bool, audio: np.ndarray, prompt: str,
-                              prefix: str) -> Transcript | None:
+    async def _partial_decode(self, stream: UtteranceStream, check: bool, holds: bool, audio: np.ndarray,
+                              prompt: str, prefix: str) -> Transcript | None:
         """A partial's (or check's) decode of `audio`, the window; None if it gave way or failed.
 
         No temperature fallback for a partial: it would take seconds on hard audio, and the final
@@ -233,11 +239,8 @@ class AsrWorker:
             return await self._decode("check" if check else "partial", audio,
                                       beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
                                       words=True, prompt=prompt, prefix=prefix, fallback=False,
-                                      priority=self._priority + 2, preemptible=True,
+                                      priority=self._priority + 2, preemptible=not holds,
                                       window=self._final_window if check else Window(self._cfg.partial_pad_s))
-        except asyncio.CancelledError:  # _drop_partial
-            self._gave_way(stream, check)
-            raise
         except Preempted:
             self._gave_way(stream, check)
         except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
@@ -247,6 +250,7 @@ class AsrWorker:
 
     def _gave_way(self, stream: UtteranceStream, check: bool) -> None:
         self.partials_given_way += 1
+        self._yielded = stream.utt
         log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt, "check" if check else "partial")
 
     def _took_partial(self, partial: _PartialDecode) -> None:
@@ -257,6 +261,7 @@ class AsrWorker:
         t = partial.decode.result()
         if t is None:
             return
+        self._yielded = -1
         stream = partial.stream
         shown = stream.partial(t, partial.covered,
                                checked=partial.check or self._cfg.partial_beam_size >= self._cfg.beam_size)
@@ -265,9 +270,10 @@ class AsrWorker:
 
     def _drop_partial(self) -> None:
         """A final's decode begins: the partial under way is of no more use (the engine stops it)."""
-        if self._partial is not None:
-            self._partial.decode.cancel()
-            self._partial = None
+        partial, self._partial = self._partial, None
+        if partial is not None and not partial.decode.done():
+            partial.decode.cancel()
+            self._gave_way(partial.stream, partial.check)
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
                             kind: str = "final", whole: bool = False, full: bool = False) -> Transcript:
@@ -406,8 +412,9 @@ class AsrWorker:
             # utterance does end here the decode is already done or under way. Not when behind.
             stream = self._stream
             whole = stream is not None and stream.fits_whole(item.audio_end)
+            holding = self._partial is not None and self._partial.holds
             if (self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S
-                    and stream.span(item.audio_end, whole) <= _EARLY_FINAL_MAX):
+                    and stream.span(item.audio_end, whole) <= _EARLY_FINAL_MAX and not holding):
                 self._drop_partial()
                 self._discard(self._speculation)
                 decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
