@@ -31,13 +31,18 @@ def test_missing_or_wrong_model_folders_are_clear(tmp_path):
     assert not resolve_model("bundled").fetch and (Path(resolve_model("bundled").target) / "model.bin").is_file()
 
 
-@pytest.mark.slow
-def test_bundled_model_transcribes_real_speech_with_word_times():
+def jfk_and_model():
+    """The JFK clip's manifest item and audio, and the bundled model loaded."""
+    item = clip("jfk_inaugural.wav")
     decoder = WhisperDecoder(AsrConfig())
     decoder.load()
+    return item, int16_to_float(read_wav(CORPUS / item["file"])), decoder
+
+
+@pytest.mark.slow
+def test_bundled_model_transcribes_real_speech_with_word_times():
+    item, audio, decoder = jfk_and_model()
     assert decoder.name == "tiny.en (bundled)"
-    item = clip("jfk_inaugural.wav")
-    audio = int16_to_float(read_wav(CORPUS / item["file"]))
     t = decoder.decode(audio, beam_size=5, words=True)
     assert wer(item["text"], t.text) <= 0.15, t.text
     starts = [w.start for w in t.words]
@@ -155,11 +160,8 @@ def test_short_window_keeps_the_audio_and_seven_seconds_of_padding():
 
 @pytest.mark.slow
 def test_short_window_decodes_like_the_full_one_and_long_context_fits():
-    item = clip("jfk_inaugural.wav")
-    audio = int16_to_float(read_wav(CORPUS / item["file"]))
+    item, audio, decoder = jfk_and_model()
     texts = []
-    decoder = WhisperDecoder(AsrConfig())
-    decoder.load()
     for window in (SHORT, None):
         texts.append(decoder.decode(audio, beam_size=5, words=False, window=window).text)
     assert wer(item["text"], texts[0]) <= wer(item["text"], texts[1]) + 0.05, texts
@@ -174,10 +176,7 @@ def test_short_window_decodes_like_the_full_one_and_long_context_fits():
 @pytest.mark.slow
 def test_a_prompt_and_hotwords_that_fill_whispers_context_leave_room_for_the_words():
     # Each within the 1000 characters the config and the context command allow, dense in tokens.
-    item = clip("jfk_inaugural.wav")
-    audio = int16_to_float(read_wav(CORPUS / item["file"]))
-    decoder = WhisperDecoder(AsrConfig())
-    decoder.load()
+    item, audio, decoder = jfk_and_model()
     prompt = ("東京都の渋谷区で開催された会議では、機械学習と音声認識の最新研究が発表されました。" * 30)[:1000]
     hotwords = ("Kubernetes kubectl etcd Prometheus Grafana Istio Envoy Linkerd Helm ArgoCD Tekton Terraform " * 12)[:1000]
     t = decoder.decode(audio, beam_size=5, words=True, prompt=prompt, hotwords=hotwords)
@@ -199,10 +198,7 @@ class TripsAfter(threading.Event):
 
 @pytest.mark.slow
 def test_a_real_decode_gives_up_at_the_models_safe_points_and_the_next_is_whole():
-    item = clip("jfk_inaugural.wav")
-    audio = int16_to_float(read_wav(CORPUS / item["file"]))
-    decoder = WhisperDecoder(AsrConfig())
-    decoder.load()
+    item, audio, decoder = jfk_and_model()
     for after in (1, 2, 3, 4):  # before it begins, before and after the encoder, before word alignment
         stop = TripsAfter(after)
         with pytest.raises(Preempted):
@@ -233,12 +229,14 @@ class SafePointDecoder(FakeDecoder):
             self.release.wait(0.01)
 
 
-def test_a_partial_gives_the_thread_up_to_a_more_urgent_decode_and_a_final_never_does():
+def on_engine(scenario):
+    """Run `scenario(decoder, engine, audio)` on an Engine around a SafePointDecoder."""
     decoder = SafePointDecoder()
-    engine = Engine(decoder)
-    audio = np.zeros(16000, np.float32)
+    asyncio.run(scenario(decoder, Engine(decoder), np.zeros(16000, np.float32)))
 
-    async def main():
+
+def test_a_partial_gives_the_thread_up_to_a_more_urgent_decode_and_a_final_never_does():
+    async def main(decoder, engine, audio):
         partial = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, preemptible=True))
         await asyncio.to_thread(decoder.started.acquire)
         same = asyncio.create_task(engine.decode(audio, beam_size=2, words=False, priority=2))
@@ -256,17 +254,13 @@ def test_a_partial_gives_the_thread_up_to_a_more_urgent_decode_and_a_final_never
         assert decoder.preempted == [1] and engine.preempted == 1
         assert [beam for _, beam, _, _ in decoder.calls] == [5, 3, 2]
 
-    asyncio.run(main())
+    on_engine(main)
 
 
 def test_a_partial_never_stops_another_partial():
     # The microphone's partials (priority 2) go before a session's (3) in the queue, but one under way
     # is not stopped for one: it would be asked for again at once, and could starve.
-    decoder = SafePointDecoder()
-    engine = Engine(decoder)
-    audio = np.zeros(16000, np.float32)
-
-    async def main():
+    async def main(decoder, engine, audio):
         session = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=3, preemptible=True))
         await asyncio.to_thread(decoder.started.acquire)
         mic = asyncio.create_task(engine.decode(audio, beam_size=2, words=False, priority=2, preemptible=True))
@@ -275,17 +269,13 @@ def test_a_partial_never_stops_another_partial():
         await asyncio.wait_for(asyncio.gather(session, mic), 60)
         assert decoder.preempted == [] and engine.preempted == 0
 
-    asyncio.run(main())
+    on_engine(main)
 
 
 def test_a_final_that_asks_as_the_turn_passes_to_a_partial_still_stops_it():
     # The final asks in the same turn of the event loop in which a partial is granted the thread (it
     # sees no decode running yet): the partial stops at its first safe point all the same.
-    decoder = SafePointDecoder()
-    engine = Engine(decoder)
-    audio = np.zeros(16000, np.float32)
-
-    async def main():
+    async def main(decoder, engine, audio):
         first = asyncio.create_task(engine.decode(audio, beam_size=3, words=False, priority=1))
         await asyncio.to_thread(decoder.started.acquire)
         partial = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, preemptible=True))
@@ -305,15 +295,12 @@ def test_a_final_that_asks_as_the_turn_passes_to_a_partial_still_stops_it():
             await asyncio.wait_for(partial, 60)
         assert (await asyncio.wait_for(asked[0], 60)).text == "heard 1.00"
 
-    asyncio.run(main())
+    on_engine(main)
 
 
 def test_a_decode_nobody_waits_for_gives_up_at_its_next_safe_point():
-    decoder = SafePointDecoder()
-    engine = Engine(decoder)
-
-    async def main():
-        speculative = asyncio.create_task(engine.decode(np.zeros(16000, np.float32), beam_size=5, words=False))
+    async def main(decoder, engine, audio):
+        speculative = asyncio.create_task(engine.decode(audio, beam_size=5, words=False))
         await asyncio.to_thread(decoder.started.acquire)
         speculative.cancel()  # speech went on: its final's decode begun at the pause is not wanted
         with pytest.raises(asyncio.CancelledError):
@@ -324,7 +311,7 @@ def test_a_decode_nobody_waits_for_gives_up_at_its_next_safe_point():
             await asyncio.sleep(0.01)
         assert decoder.preempted == [5] and not engine._busy, "the thread gave it up without being released"
 
-    asyncio.run(main())
+    on_engine(main)
 
 
 @pytest.mark.slow
