@@ -64,14 +64,18 @@ class WhisperServer:
         deadline = time.monotonic() + timeout
         while True:  # the model loads on the first request: make it now, not in a measured final
             try:
-                self.transcribe(b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80>\x00\x00\x00}\x00\x00"
-                                b"\x02\x00\x10\x00data\x00\x00\x00\x00", timeout=timeout)
+                self.answer(timeout)
                 return self
             except (OSError, urllib.error.URLError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"faster-whisper-server did not start; see {self.log}") from None
                 time.sleep(0.2)
+
+    def answer(self, timeout: float = 60.0) -> None:
+        """Transcribe an empty WAV file: returns once the server answers again."""
+        self.transcribe(b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80>\x00\x00\x00}\x00\x00"
+                        b"\x02\x00\x10\x00data\x00\x00\x00\x00", timeout=timeout)
 
     def transcribe(self, wav: bytes, timeout: float = 60.0) -> dict:
         """POST one WAV file and return the JSON answer."""

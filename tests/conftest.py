@@ -79,6 +79,13 @@ def trimmed(pcm: np.ndarray) -> np.ndarray:
     return pcm[max(0, loud[0] * 480 - 1600): (loud[-1] + 1) * 480 + 1600] if len(loud) else pcm
 
 
+async def caught_up(queue: asyncio.Queue, worker) -> None:
+    """Until the worker has taken every event and finished the decodes it began: a feed paced by this
+    decodes at the same audio positions however busy the machine."""
+    while not (worker.waiting and queue.empty() and not worker.speculating):
+        await asyncio.sleep(0.001)
+
+
 class FakeDecoder:
     """Says how much audio it was given; optionally slow, to act out an overloaded machine."""
 

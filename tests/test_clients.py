@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -62,16 +63,24 @@ def test_tail_follows_the_log_across_rotations(tmp_path):
     log = TranscriptLog(path, 1024, 3)
     log.check()
     tail = subprocess.Popen(["tail", "-n", "+1", "-F", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(line.decode().split("\t")[1] for line in tail.stdout
+                                                         if b"\t" in line), daemon=True)
+    reader.start()
+
+    def shown(n: int) -> None:  # tail has printed n lines: each rotation comes after it read the file
+        deadline = time.monotonic() + 30
+        while len(seen) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     try:
-        time.sleep(0.5)
         for i in range(60):
             log.write(Final(i, 0.0, 1.0, f"line number {i} " + "x" * 20, (), "en", 0.1), 1_700_000_000.0)
-            time.sleep(0.05)
+            shown(i + 1)
         assert path.with_name("transcript.log.3").exists(), "the log must have rotated several times"
-        time.sleep(2.0)  # tail -F notices a renamed file within a second
     finally:
         tail.terminate()
-    seen = [line.split("\t")[1] for line in tail.stdout.read().decode().splitlines() if "\t" in line]
+        reader.join(10)
     assert seen == [str(i) for i in range(60)]
 
 

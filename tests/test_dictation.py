@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -225,6 +226,9 @@ def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_p
     typer = threading.Thread(target=lambda: pytest.raises(Stop, type_finals, h.sock, Composer(), typist,
                                                           notes.append, sleep=_stop_at_second()), daemon=True)
     typer.start()
+    deadline = time.monotonic() + 30  # connected before anything is said
+    while not any(n.startswith("connected:") for n in notes) and time.monotonic() < deadline:
+        time.sleep(0.01)
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[:16000])  # said, not ended by a pause: the pipe stalls
     events.wait_for(lambda e: e["type"] == "speech_start")
     h.wait_captured()

@@ -191,7 +191,9 @@ def test_no_words_in_silence_noise_hum_clicks_or_breathing(vmic, daemon_factory,
 
 
 def test_sigterm_while_someone_speaks_still_delivers_the_final(vmic, daemon_factory, tmp_path):
-    daemon = daemon_factory("--source", "mic", env=vmic.env)
+    # A long hangover: the utterance is still open when the signal comes, however late a busy machine
+    # publishes the partial (the clip pauses inside).
+    daemon = daemon_factory("--source", "mic", "--set", "gate.hangover_ms=3000", env=vmic.env)
     events = daemon.connect()
     player = vmic.play(session_wav(tmp_path, ["mfa_acoustic_corpus.wav"]))
     try:

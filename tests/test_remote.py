@@ -25,7 +25,7 @@ from captiond.streaming import UtteranceStream
 from captiond.gate import UtteranceEnd
 from captiond.frames import SAMPLE_RATE
 from captiond.worker import AsrWorker
-from conftest import FakeDecoder
+from conftest import FakeDecoder, caught_up
 from test_streaming import scripted, utterance
 
 OPENAI = {  # the shape of OpenAI's verbose_json with word and segment granularities
@@ -427,7 +427,7 @@ def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_se
     async def feed(queue, worker):
         for item in utterance(1, 0, 6.0):
             await worker.put(item)
-            await asyncio.sleep(0.002)
+            await caught_up(queue, worker)
 
     published = []
 

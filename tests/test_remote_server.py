@@ -60,6 +60,7 @@ def test_finals_come_from_the_server_and_survive_its_stall_and_its_death(vmic, s
                                    and "unreachable (no answer within 4 s)" in e["detail"])
         finally:
             server.resume()
+        server.answer()  # answering again (and the requests the stall queued, begun before it) before utterance 3
 
         # Recovery: the backoff (1 s after one failure) is over by the next utterance's end.
         say(vmic, thoughts)

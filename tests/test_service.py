@@ -212,8 +212,11 @@ def test_a_client_sees_a_final_only_once_its_line_is_in_the_log(tmp_path):
     h = Harness(tmp_path, path, translog=SlowLog(path, 100_000, 1))
     seen = []  # (utt, whether its line was in the log the moment the client read the final)
 
+    events = iter(Client(h.sock))
+    assert next(events)["type"] == "hello"  # connected before anything is said
+
     def read():
-        for event in Client(h.sock):
+        for event in events:
             if event["type"] == "final":
                 logged = path.read_text().splitlines() if path.exists() else []
                 seen.append((event["utt"], any(line.split("\t")[1] == str(event["utt"]) for line in logged)))

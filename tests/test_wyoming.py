@@ -272,9 +272,10 @@ def test_44100_hz_stereo_and_32_bit_input_is_heard_like_16_khz_mono(harness):
     stereo = soxr.resample(SPEECH, RATE, 44100).astype(np.int16)
     text, chunks = transcript_of(asyncio.run(session(h.port, stereo, rate=44100, width=4, channels=2)))
     assert "".join(chunks) == text
-    # The same speech, so the gate cuts the same utterance (to within a few 30 ms frames); a wrong rate
-    # or channel count would stretch it 2-3 times.
-    assert abs(heard_seconds(text) - reference) <= 0.1, (text, reference)
+    # The same speech, so the gate cuts the same utterance (to within a few 30 ms frames, and a final
+    # decoded at the pause ends 4 frames before one decoded at the end: which one it is depends on how
+    # busy the machine is); a wrong rate or channel count would stretch it 2-3 times.
+    assert abs(heard_seconds(text) - reference) <= 0.25, (text, reference)
 
 
 def test_transcribe_context_prompt_and_names_reach_the_decoder(harness):
