@@ -1,5 +1,6 @@
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from pathlib import Path
@@ -38,14 +39,14 @@ def utterance(utt, start, seconds, captured=0.0):
 
 
 def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic, end_at_pause=None,
-               finals=None):
+               finals=None, name="microphone"):
     published = []
 
     async def main():
         queue = asyncio.Queue(maxsize=10000)
         engine = Engine(decoder)
         worker = AsrWorker(engine, cfg, queue, published.append, clock=clock, end_at_pause=end_at_pause,
-                           finals=finals)
+                           finals=finals, name=name)
         task = asyncio.create_task(worker.run())
         await feed(queue, worker)
         await queue.put(None)
@@ -1118,7 +1119,7 @@ def test_past_whisper_s_window_a_check_s_word_times_alone_never_cut_it():
 
 @pytest.mark.parametrize("whole_agrees, bind, served", [(True, True, False), (False, True, False), (False, False, False),
                                                         (False, True, True)])
-def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees, bind, served):
+def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(whole_agrees, bind, served, caplog):
     # Someone reads 20 s: word i at 0.5 i s, a sentence end every 8 words; windows are cut at 8 s.
     # Every frame's samples hold its number, so the decoder knows what audio it was given.
     said = [f"w{i}." if i % 8 == 7 else f"w{i}" for i in range(40)]
@@ -1162,10 +1163,15 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
 
     decoder, served_calls = Reader(), []
     cfg = AsrConfig(partial_interval_s=0.4, max_window_s=8.0, early_final=False, bind_finals=bind)
-    worker, events = run_worker(decoder, feed, cfg=cfg, finals=Server() if served else None)
+    caplog.set_level(logging.DEBUG, logger="captiond")
+    worker, events = run_worker(decoder, feed, cfg=cfg, finals=Server() if served else None, name="session 7")
     final = events[-1]
     stable = max((e.stable for e in events if isinstance(e, Partial)), key=len)
     assert worker.decodes["check"] and max(n for n, *_ in decoder.calls[:-2]) <= 9 * SAMPLE_RATE  # cut (8 s and a partial's spacing)
+    # A session's utterance numbers overlap the microphone's: its lines, the stream's too, say whose they are.
+    said_by = [r.getMessage() for r in caplog.records if r.name in ("captiond.worker", "captiond.streaming")]
+    assert any(m.startswith("session 7: utterance 1: ") and "cut off the window" in m for m in said_by)
+    assert said_by and all(m.startswith("session 7: ") for m in said_by), said_by
     assert worker.decodes["whole final"] == 1
     if served:  # the server's whole decode cannot be bound: the window's, decoded here, keeps the stable words
         assert worker.decodes["final"] == 1 and worker.decodes["bound"] == 0

@@ -109,12 +109,12 @@ class LiveSession:
 
     Its events (speech_start, partial, final, speech_end, error) go to `send`, for that client only.
     `bind` makes its finals begin with the stable words whatever asr.bind_finals says (None: as it says);
-    `language` is the client's own language code (empty: asr.language).
+    `language` is the client's own language code (empty: asr.language); `name` begins its log lines.
     """
 
     def __init__(self, engine: Engine, config: Config, send: Callable[[Event], None], *, encoding: str,
                  sample_rate: int, gate_thread: concurrent.futures.Executor, bind: bool | None = None,
-                 language: str = "") -> None:
+                 language: str = "", name: str = "session") -> None:
         if encoding not in ENCODINGS:
             raise AudioError(f"encoding={encoding!r} is not supported; use linear16 (raw s16le) or webm")
         if encoding == "linear16" and not MIN_RATE <= sample_rate <= MAX_RATE:
@@ -129,7 +129,7 @@ class LiveSession:
         self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
-                                end_at_pause=self._end_at_pause, bind=bind, language=language)
+                                end_at_pause=self._end_at_pause, bind=bind, language=language, name=name)
         self.failed = ""
         """Why the session ended early ("undecodable audio", "session failed"); empty while it works."""
         self.broken = asyncio.Event()

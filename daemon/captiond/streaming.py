@@ -4,6 +4,7 @@ is cut, and its final (stabilisation in stable.py, the audio window in window.py
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,17 @@ _CHECK_EVERY = 2  # greedy partials between two decoded at the final's beam (the
 _WHOLE = 30 * SAMPLE_RATE  # Whisper's window: an utterance up to this long is heard in one encoder pass
 
 
+class Named(logging.LoggerAdapter):
+    """A logger whose lines say whose they are ("microphone: utterance 3: ...")."""
+
+    def __init__(self, logger: logging.Logger, name: str) -> None:
+        super().__init__(logger, {"name": name})
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[str, Any]:
+        """The message after the name."""
+        return f"{self.extra['name']}: {msg}", kwargs
+
+
 class UtteranceStream:
     """The open utterance: its audio window, its stable words and the partials published for it.
 
@@ -37,8 +49,10 @@ class UtteranceStream:
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
                  max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0,
-                 stable_from_s: float = 0.0, partial_share: float = 0.0, settles: bool = True) -> None:
+                 stable_from_s: float = 0.0, partial_share: float = 0.0, settles: bool = True,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
         self.utt = utt
+        self._log = logger
         # False under asr.task = translate: a translation of more audio may reword or reorder what a
         # translation of less said ("I feel it" -> "I'm sorry"), so no prefix of one is settled, and
         # base's checks sometimes transcribed instead: Spanish stable words bound an English final.
@@ -182,7 +196,7 @@ class UtteranceStream:
                 cut = self.words.cut_point(timed, window.offset, window.pause_in)
                 if cut is not None:
                     window.cut(round(cut * SAMPLE_RATE))
-                    log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now "
+                    self._log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now "
                               "begins at %.1f s", self.utt, cut, kept - len(self.words.committed), window.offset)
             elif not self.words.committed and self._silent(t, timed):
                 # Noise the gate let through (music, a long rumble) with nothing stable to cut at: what
@@ -190,7 +204,7 @@ class UtteranceStream:
                 # gate's 60 s limit. Half a window stays, so speech just beginning is not cut into.
                 window.cut(covered - window.base - self._max_window // 2)
                 self._noise_cut = True
-                log.debug("utterance %d: no speech heard in the window; it now begins at %.1f s",
+                self._log.debug("utterance %d: no speech heard in the window; it now begins at %.1f s",
                           self.utt, window.offset)
         done, committed, pending = self.words.done, self.words.committed, self.words.pending
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
@@ -243,14 +257,14 @@ class UtteranceStream:
             flags.append("fallback")
         t = kept
         if t.unheard:
-            log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
+            self._log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
         offset = self.start / SAMPLE_RATE
         base = self.window.offset
         in_window = (Word(w.word, w.start + base, w.end + base, w.p) for w in t.words)
         words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3))
                       for w in (*self.words.done_words, *in_window))
         if not self.stable and guessed(words, t.no_speech_prob, "repetition" in flags, rules):
-            log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
+            self._log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
                      [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
         rest = after(committed, t.text)

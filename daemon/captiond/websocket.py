@@ -224,7 +224,8 @@ class WebServer:
             try:
                 rate = int(query.get("sample_rate", ["16000"])[0])
                 session = self._new_session(hub.publish, encoding=query.get("encoding", ["linear16"])[0],
-                                            sample_rate=rate, gate_thread=self.gate_thread)
+                                            sample_rate=rate, gate_thread=self.gate_thread,
+                                            name=f"live session from {ws.remote_address}")
             except (ValueError, AudioError) as exc:
                 await self._end(ws, hub, client, 1008, "bad request", Error(
                     "bad_request", f"{exc}; e.g. /listen?encoding=linear16&sample_rate=16000"))

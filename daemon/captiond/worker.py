@@ -19,7 +19,7 @@ from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from .rules import ends_sentence
-from .streaming import UtteranceStream
+from .streaming import Named, UtteranceStream
 from .tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,10 @@ class AsrWorker:
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
                  priority: int = MIC, finals: FinalDecoder | None = None,
                  end_at_pause: Callable[[int, int], None] | None = None, bind: bool | None = None,
-                 language: str = "", watched: Callable[[], bool] | None = None) -> None:
+                 language: str = "", watched: Callable[[], bool] | None = None, name: str = "microphone") -> None:
         self._engine = engine
+        # A session's utterance numbers overlap the microphone's: its log lines say whose they are.
+        self._log = Named(log, name)
         self._language = language  # a Wyoming client names its language: never detected, never changed
         self._bind = bind  # None: asr.bind_finals decides; a client that streams stable words as settled needs True
         self._end_at_pause = end_at_pause  # GateStage.end_at_pause: a sentence ended at this pause
@@ -251,7 +253,7 @@ class AsrWorker:
     def _gave_way(self, stream: UtteranceStream, check: bool) -> None:
         self.partials_given_way += 1
         self._yielded = stream.utt
-        log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt, "check" if check else "partial")
+        self._log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt, "check" if check else "partial")
 
     def _took_partial(self, partial: _PartialDecode) -> None:
         """Publish a partial whose decode is done, if its utterance is still open and no final's
@@ -309,12 +311,12 @@ class AsrWorker:
         try:
             again = await self._final_decode(stream, end.audio_end, bound=bound, full=True)
         except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
-            log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
+            self._log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
             return t
         # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
         taken = (stream.trusted(again, looped=stream.loops(again, end, binds))
                  and (bound or not binds or stream.keeps_stable(again)))
-        log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
+        self._log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
                   "" if taken else ", not taken")
         return again if taken else t
 
@@ -340,7 +342,7 @@ class AsrWorker:
         return self._speculation is not None and not self._speculation.decode.done()
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
-        log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
+        self._log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
         self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
                                              "the daemon goes on with the next utterance"))
 
@@ -366,7 +368,7 @@ class AsrWorker:
                                               language=language, likely=self.heard_language if detect else "",
                                               preemptible=preemptible)
         if detect and not language:
-            log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
+            self._log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
                       t.language, t.language_p, self.heard_language or "not known yet")
         # Only a decode of an utterance's end (a turn) may change the speaker's language: not a partial,
         # nor a check of a window cut mid-sentence (base: Spanish -> Italian, p 0.91, at 11 s into one).
@@ -376,7 +378,7 @@ class AsrWorker:
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds
         # What a final's latency is made of: the wait for the model thread, then the decode itself.
-        log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds, beam_size,
+        self._log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds, beam_size,
                   ", bound" if prefix else "", self._clock() - asked - t.decode_seconds, t.decode_seconds)
         return t
 
@@ -399,7 +401,7 @@ class AsrWorker:
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
                                            self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s,
                                            self._cfg.stable_from_s, self._cfg.partial_share,
-                                           settles=self._cfg.task != "translate")
+                                           settles=self._cfg.task != "translate", logger=self._log)
             if not self._watched():
                 self._no_partials = item.utt
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
@@ -431,11 +433,11 @@ class AsrWorker:
             try:
                 if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
                     self.speculations_used += 1
-                    log.debug("utterance %d ended at its pause; final decode %s", item.utt,
+                    self._log.debug("utterance %d ended at its pause; final decode %s", item.utt,
                               "already done" if spec.decode.done() else "under way")
                     whole, t = spec.whole, await spec.decode
                 else:
-                    log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
+                    self._log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
                               "none" if spec is None else "speech went on")
                     self._discard(spec)
                     whole = stream.fits_whole(item.audio_end)

@@ -371,7 +371,8 @@ class _Handler(AsyncEventHandler):
             await self._error(*problem)
             return
         try:
-            current.session = self._server.new_session(current.on_event, sample_rate=start.rate, language=own)
+            current.session = self._server.new_session(current.on_event, sample_rate=start.rate, language=own,
+                                                       name=f"wyoming session from {self._peer}")
         except AudioError as exc:
             current.failed = True
             await self._error("bad_audio", f"{exc}; send 8-192 kHz PCM, e.g. 16000 Hz, width 2, 1 channel")
@@ -488,12 +489,13 @@ class WyomingServer:
         """The answer to describe, for the model as loaded."""
         return info(self._asr(), self._model, self._multilingual())
 
-    def new_session(self, send: Callable[[Event], None], *, sample_rate: int, language: str = "") -> LiveSession:
+    def new_session(self, send: Callable[[Event], None], *, sample_rate: int, language: str = "",
+                    name: str = "wyoming session") -> LiveSession:
         """A LiveSession on the daemon's engine for s16le mono audio at `sample_rate`, decoded in the
-        client's `language` (empty: asr.language)."""
+        client's `language` (empty: asr.language); `name` begins its log lines."""
         # Chunks already sent can never be taken back: finals must begin with the stable words they carried.
         return self._new_session(send, encoding="linear16", sample_rate=sample_rate, gate_thread=self.gate_thread,
-                                 bind=True, language=language)
+                                 bind=True, language=language, name=name)
 
     def admit(self, current: _Transcription) -> None:
         """Count a transcription that has begun."""
