@@ -70,7 +70,8 @@ def test_tail_follows_the_log_across_rotations(tmp_path):
 
     def shown(n: int) -> None:  # tail has printed n lines: each rotation comes after it read the file
         deadline = time.monotonic() + 30
-        while len(seen) < n and time.monotonic() < deadline:
+        while len(seen) < n:
+            assert time.monotonic() < deadline, f"tail printed {seen}, not line {n - 1}"
             time.sleep(0.01)
 
     try:

@@ -227,7 +227,8 @@ def test_ptt_stop_types_the_open_utterance_at_once_and_start_listens_again(tmp_p
                                                           notes.append, sleep=_stop_at_second()), daemon=True)
     typer.start()
     deadline = time.monotonic() + 30  # connected before anything is said
-    while not any(n.startswith("connected:") for n in notes) and time.monotonic() < deadline:
+    while not any(n.startswith("connected:") for n in notes):
+        assert time.monotonic() < deadline, notes
         time.sleep(0.01)
     h.say(trimmed(read_wav(CORPUS / "ps_forever.wav"))[:16000])  # said, not ended by a pause: the pipe stalls
     events.wait_for(lambda e: e["type"] == "speech_start")
