@@ -73,7 +73,7 @@ async def replay(engine: Engine, config: Config, asr: AsrConfig, pcm: np.ndarray
         last = i >= len(pcm)
         for event in stage.feed(frames.finish(0.0) if last else frames.insert(pcm[i:i + FRAME_SAMPLES], 0.0), last):
             await worker.put(event)
-        while not (worker.waiting and queue.empty() and not worker.speculating):
+        while not worker.idle:
             await asyncio.sleep(0.001)
     await worker.put(None)
     await task

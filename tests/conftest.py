@@ -79,11 +79,11 @@ def trimmed(pcm: np.ndarray) -> np.ndarray:
     return pcm[max(0, loud[0] * 480 - 1600): (loud[-1] + 1) * 480 + 1600] if len(loud) else pcm
 
 
-async def caught_up(queue: asyncio.Queue, worker, timeout: float = 60.0) -> None:
-    """Until the worker has taken every event and finished the decodes it began: a feed paced by this
-    decodes at the same audio positions however busy the machine."""
+async def caught_up(worker, timeout: float = 60.0) -> None:
+    """Until the worker is idle (AsrWorker.idle): a feed paced by this decodes at the same audio
+    positions however busy the machine."""
     deadline = time.monotonic() + timeout
-    while not (worker.waiting and queue.empty() and not worker.speculating):
+    while not worker.idle:
         assert time.monotonic() < deadline, "the worker never caught up"
         await asyncio.sleep(0.001)
 

@@ -64,8 +64,13 @@ def test_tail_follows_the_log_across_rotations(tmp_path):
     log.check()
     tail = subprocess.Popen(["tail", "-n", "+1", "-F", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(line.decode().split("\t")[1] for line in tail.stdout
-                                                         if b"\t" in line), daemon=True)
+
+    def read() -> None:
+        for line in tail.stdout:
+            if b"\t" in line:
+                seen.append(line.decode().split("\t")[1])
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
 
     def shown(n: int) -> None:  # tail has printed n lines: each rotation comes after it read the file

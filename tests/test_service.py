@@ -334,7 +334,7 @@ def say_slowly(h, pcm, piece_s=0.3):
         h.say(pcm[i:i + step])
         h.wait_captured()
         deadline = time.monotonic() + 30
-        while len(h.service.ring) > 2 or not (h.service.worker.waiting and h.service.worker.queue.empty()):
+        while len(h.service.ring) > 2 or not h.service.worker.idle:
             assert time.monotonic() < deadline, "the worker did not take the piece within 30 s"
             time.sleep(0.01)
 

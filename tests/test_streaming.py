@@ -48,7 +48,13 @@ def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.
         worker = AsrWorker(engine, cfg, queue, published.append, clock=clock, end_at_pause=end_at_pause,
                            finals=finals, name=name)
         task = asyncio.create_task(worker.run())
-        await feed(queue, worker)
+        feeding = asyncio.create_task(feed(queue, worker))
+        await asyncio.wait({task, feeding}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # the worker failed while being fed: its exception, not the feed's wait for it
+            feeding.cancel()
+            task.result()
+            raise AssertionError("the worker ended before its feed did")
+        await feeding
         await queue.put(None)
         await asyncio.wait_for(task, 60)
         engine.close()
@@ -74,7 +80,7 @@ def test_partials_then_speech_end_then_final_with_stream_times():
     async def feed(queue, worker):
         for item in utterance(1, 16000, 2.0, captured=10.0):
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     # stable_from_s = 0: a 2 s utterance would have no stable word at all
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, stable_from_s=0), clock=lambda: 10.4)
@@ -104,7 +110,7 @@ def test_finals_fall_back_to_sampling_only_when_configured_and_partials_never():
     async def feed(queue, worker):
         for item in utterance(1, 16000, 2.0):
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     for on in (False, True):
         decoder = FakeDecoder()
@@ -253,8 +259,7 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
         if went_on:  # speech went on before the decode was done: it is not the final, nothing is asked
             for item in items[44:]:
                 await queue.put(item)
-        await caught_up(queue, worker)  # the early final's decode is done (or was dropped)
-        await asyncio.sleep(0.01)  # and its done callback has run
+        await caught_up(worker)  # the early final's decode is done (or was dropped), its callback queued
 
     worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=AsrConfig(partial_interval_s=30),
                                 end_at_pause=lambda utt, voiced_end: asks.append((utt, voiced_end)))
@@ -277,8 +282,7 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
         await queue.put(UtterancePause(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES))
         for item in items[spoken:]:
             await queue.put(item)
-        await caught_up(queue, worker)  # the decode (0.2 s) ends while the pause goes on
-        await asyncio.sleep(0.01)  # and its done callback has run
+        await caught_up(worker)  # the decode (0.2 s) ends while the pause goes on
         await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
 
     worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=AsrConfig(partial_interval_s=30),
@@ -364,11 +368,11 @@ def test_partials_go_on_after_a_final_decode_begun_at_a_pause_is_dropped():
     async def feed(queue, worker):
         for item in items[:42]:
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
         await queue.put(UtterancePause(1, early, early + 3 * FRAME_SAMPLES))
         for item in items[42:]:  # speech went on: the early final is dropped, partials resume
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
     assert worker.speculations_wasted == 1
@@ -942,7 +946,7 @@ def test_the_worker_decodes_partials_without_a_stable_word_whisper_stops_at():
     async def feed(queue, worker):
         for item in utterance(1, 0, 9.0):
             await queue.put(item)
-            await caught_up(queue, worker)  # the same decodes however busy the machine
+            await caught_up(worker)  # the same decodes however busy the machine
 
     decoder = Stuck()
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.4))
@@ -969,7 +973,7 @@ def test_under_translate_no_word_settles_so_a_transcribing_check_cannot_bind_the
     async def feed(queue, worker):
         for item in utterance(1, 0, 9.0):
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     decoder = Translating()
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.4, task="translate"))
@@ -1028,7 +1032,7 @@ def test_a_final_is_decoded_free_and_again_bound_to_the_stable_words_only_when_i
     async def feed(queue, worker):
         for item in utterance(1, 0, 4.0):
             await queue.put(item)
-            await caught_up(queue, worker)
+            await caught_up(worker)
 
     decoder = Disagrees()
     cfg = AsrConfig(partial_interval_s=0.3, early_final=False, stable_from_s=0, bind_finals=bind)
@@ -1150,7 +1154,7 @@ def test_a_cut_utterance_that_fits_whisper_s_window_gets_the_final_of_all_of_it(
             ms = k * FRAME_MS % 500  # unvoiced between two words (the window is cut only in a pause)
             unvoiced = 0 if ms < 400 or ms + FRAME_MS > 500 else unvoiced + FRAME_MS
             await queue.put(UtteranceAudio(1, np.full(FRAME_SAMPLES, k + 1, np.int16), (k + 1) * FRAME_SAMPLES, unvoiced))
-            await caught_up(queue, worker)
+            await caught_up(worker)
         await queue.put(UtteranceEnd(1, frames * FRAME_SAMPLES, frames * FRAME_SAMPLES, "silence", 0.0))
 
     class Server:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 from typing import Awaitable, Callable
@@ -276,6 +277,22 @@ def test_44100_hz_stereo_and_32_bit_input_is_heard_like_16_khz_mono(harness):
     # decoded at the pause ends 4 frames before one decoded at the end: which one it is depends on how
     # busy the machine is); a wrong rate or channel count would stretch it 2-3 times.
     assert abs(heard_seconds(text) - reference) <= 0.25, (text, reference)
+
+
+def test_a_sessions_log_lines_name_its_client_and_a_hostile_name_cannot_forge_or_lose_them(harness, caplog):
+    from captiond.streaming import Named
+
+    h = harness()
+    with caplog.at_level("DEBUG", logger="captiond"):
+        text, _ = transcript_of(asyncio.run(session(h.port, SPEECH)))
+    assert heard_seconds(text) > 2.0
+    decodes = [r.getMessage() for r in caplog.records if r.name == "captiond.worker" and "decode of" in r.getMessage()]
+    assert decodes and all(m.startswith("wyoming session from ('127.0.0.1', ") for m in decodes), decodes
+    # A Wyoming client on a Unix socket names itself by the path it binds: a newline, a % and all.
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="captiond"):
+        Named(logging.getLogger("captiond.worker"), "/tmp/x\nINFO forged %s %d").debug("utterance %d: %s", 3, "heard")
+    assert [r.getMessage() for r in caplog.records] == ["/tmp/x\\nINFO forged %s %d: utterance 3: heard"]
 
 
 def test_transcribe_context_prompt_and_names_reach_the_decoder(harness):

@@ -21,6 +21,7 @@ from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
 from .gatedriver import Batch, GateStage, drive
 from .tasks import spawn
+from .streaming import Named
 from .worker import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class LiveSession:
         self._frames = FrameAssembler()
         self._stage = GateStage(config.gate)
         self._events = gate_queue(config.asr)
+        self._log = Named(log, name)
         self.worker = AsrWorker(engine, config.asr, self._events, send, priority=SESSION,
                                 end_at_pause=self._end_at_pause, bind=bind, language=language, name=name)
         self.failed = ""
@@ -201,7 +203,7 @@ class LiveSession:
                 break
             progress = self._progress()
         left = (self._received - self.samples) / SAMPLE_RATE + self.worker.lag
-        log.warning("live session: no decode for %.0f s with %.1f s of audio left (%s busy); abandoning it",
+        self._log.warning("no decode for %.0f s with %.1f s of audio left (%s busy); abandoning it",
                     timeout, left, ", ".join(t.get_name() for t in busy))
         self._send(Error("audio_dropped", f"the session decoded nothing for {timeout:.0f} s; about {left:.1f} s "
                                           "of the audio sent before the end were not transcribed"))
@@ -305,7 +307,7 @@ class LiveSession:
                 self._drain(pipe)
             put(None)
         except (_Abandoned, RuntimeError, av.error.FFmpegError) as exc:  # given up, or the loop closed under us
-            log.debug("webm decoder ended: %r", exc)
+            self._log.debug("webm decoder ended: %r", exc)
 
     def _drain(self, pipe: _Pipe) -> None:
         """Take (and drop) the client's bytes until it ends the stream, so feed() never blocks."""

@@ -89,8 +89,10 @@ class StableWords:
     """The stable words of one utterance, those still in the window and those cut off it, and the
     newest partial's words after them (which the next check must agree with)."""
 
-    def __init__(self, context: str, rules: TextRules, stable_after_s: float, stable_from_s: float = 0.0) -> None:
+    def __init__(self, context: str, rules: TextRules, stable_after_s: float, stable_from_s: float = 0.0,
+                 logger: logging.Logger | logging.LoggerAdapter = log) -> None:
         self._context = context
+        self._log = logger
         self._rules = rules
         self._settle_s = stable_after_s
         self._from_s = stable_from_s
@@ -156,7 +158,7 @@ class StableWords:
         if rest is not None and not any(letters(w) for w in rest.split()):
             self._stalled += 1
             if self._stalled == _STALLED and self.committed:
-                log.debug("partials stop at the stable word %r: decoding them without it", self.committed[-1])
+                self._log.debug("partials stop at the stable word %r: decoding them without it", self.committed[-1])
         # (a stable word's own punctuation, ". Forest" after stable "Montreal", is no word either)
         # A decode that does not begin with the stable words changes nothing (the final's own decode,
         # or one bound to them, decides).

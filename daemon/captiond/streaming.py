@@ -31,11 +31,14 @@ class Named(logging.LoggerAdapter):
     """A logger whose lines say whose they are ("microphone: utterance 3: ...")."""
 
     def __init__(self, logger: logging.Logger, name: str) -> None:
-        super().__init__(logger, {"name": name})
+        super().__init__(logger)
+        # A name a client chose (a Wyoming client's socket path) is shown escaped and never formatted:
+        # a newline would forge log lines, a % would lose every one of them.
+        self.prefix = repr(name[:200])[1:-1].replace("%", "%%")
 
     def process(self, msg: Any, kwargs: Any) -> tuple[str, Any]:
         """The message after the name."""
-        return f"{self.extra['name']}: {msg}", kwargs
+        return f"{self.prefix}: {msg}", kwargs
 
 
 class UtteranceStream:
@@ -59,7 +62,7 @@ class UtteranceStream:
         self._settles = settles
         self._rules = rules
         self.window = AudioWindow(start)
-        self.words = StableWords(context, rules, stable_after_s, stable_from_s)
+        self.words = StableWords(context, rules, stable_after_s, stable_from_s, logger)
         self._interval = round(partial_interval_s * SAMPLE_RATE)
         self._share = partial_share
         self._max_window = round(max_window_s * SAMPLE_RATE)

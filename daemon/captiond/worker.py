@@ -163,6 +163,12 @@ class AsrWorker:
         return self._waiting and self._partial is None
 
     @property
+    def idle(self) -> bool:
+        """True once the worker has taken every gate event and finished every decode it began (a replay
+        paces its feed by this, so the same decodes happen on any machine)."""
+        return self.waiting and self.queue.empty() and not self.speculating
+
+    @property
     def lag(self) -> float:
         """Seconds of speech audio waiting for the decoder."""
         return self.queued_samples / SAMPLE_RATE
