@@ -258,6 +258,24 @@ def test_listen_refuses_an_unknown_type_or_a_negative_since_itself(tmp_path):
     one_line_error(captiond("listen", "--since", "-5", tmp=tmp_path), "--since -5")
 
 
+def test_only_a_broken_pipe_on_standard_output_is_a_reader_that_had_enough():
+    # Any other (a socket, a child's pipe) is a failure: exit 0 would keep systemd from restarting `run`.
+    def gone(close_reader: bool) -> str:
+        read, write = os.pipe()
+        if close_reader:
+            os.close(read)
+        done = subprocess.run([sys.executable, "-c", "import sys; from captiond.cli import stdout_gone; "
+                               "sys.stderr.write(str(stdout_gone()))"], stdout=write, stderr=subprocess.PIPE,
+                              cwd=ROOT, text=True, timeout=60)
+        os.close(write)
+        if not close_reader:
+            os.close(read)
+        return done.stderr
+
+    assert gone(close_reader=True) == "True"
+    assert gone(close_reader=False) == "False"
+
+
 @pytest.mark.parametrize("command", [["models"], ["check-config"], ["captions"]])
 def test_output_closed_by_its_reader_ends_quietly(tmp_path, command):
     """`captiond models | head -1`: no BrokenPipeError traceback."""

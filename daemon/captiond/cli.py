@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -668,7 +669,20 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling of it (the daemon's start-up)
         return 130
-    except BrokenPipeError:  # `captiond listen | head`, `captiond models | head -1`: the reader had enough
-        # What is still buffered goes nowhere, not into a second error as the interpreter exits.
+    except BrokenPipeError as exc:
+        if not stdout_gone():  # not our output's: a failure, or `captiond run` would not be restarted
+            return _fail(f"a pipe or socket closed under captiond ({exc}); run it again", 1)
+        # `captiond listen | head`, `captiond models | head -1`: the reader had enough. What is still
+        # buffered goes nowhere, not into a second error as the interpreter exits.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def stdout_gone() -> bool:
+    """True when standard output is a pipe whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # an error or a hang-up is reported whatever is asked for
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # no standard output at all
+        return False
