@@ -280,7 +280,7 @@ def test_44100_hz_stereo_and_32_bit_input_is_heard_like_16_khz_mono(harness):
 
 
 def test_a_sessions_log_lines_name_its_client_and_a_hostile_name_cannot_forge_or_lose_them(harness, caplog):
-    from captiond.streaming import Named
+    from captiond.lognames import Named
 
     h = harness()
     with caplog.at_level("DEBUG", logger="captiond"):

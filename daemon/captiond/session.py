@@ -20,8 +20,8 @@ from .engine import Engine
 from .events import Error, Event
 from .frames import SAMPLE_RATE, FrameAssembler
 from .gatedriver import Batch, GateStage, drive
+from .lognames import Named
 from .tasks import spawn
-from .streaming import Named
 from .worker import SESSION, AsrWorker, gate_queue
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class LiveSession:
             progress = self._progress()
         left = (self._received - self.samples) / SAMPLE_RATE + self.worker.lag
         self._log.warning("no decode for %.0f s with %.1f s of audio left (%s busy); abandoning it",
-                    timeout, left, ", ".join(t.get_name() for t in busy))
+                          timeout, left, ", ".join(t.get_name() for t in busy))
         self._send(Error("audio_dropped", f"the session decoded nothing for {timeout:.0f} s; about {left:.1f} s "
                                           "of the audio sent before the end were not transcribed"))
         self.cancel()

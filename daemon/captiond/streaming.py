@@ -4,7 +4,6 @@ is cut, and its final (stabilisation in stable.py, the audio window in window.py
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 
@@ -25,20 +24,6 @@ _PAUSING_MS = 90
 _PARTIAL_DUTY = 1.0
 _CHECK_EVERY = 2  # greedy partials between two decoded at the final's beam (the only ones that make words stable)
 _WHOLE = 30 * SAMPLE_RATE  # Whisper's window: an utterance up to this long is heard in one encoder pass
-
-
-class Named(logging.LoggerAdapter):
-    """A logger whose lines say whose they are ("microphone: utterance 3: ...")."""
-
-    def __init__(self, logger: logging.Logger, name: str) -> None:
-        super().__init__(logger)
-        # A name a client chose (a Wyoming client's socket path) is shown escaped and never formatted:
-        # a newline would forge log lines, a % would lose every one of them.
-        self.prefix = repr(name[:200])[1:-1].replace("%", "%%")
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[str, Any]:
-        """The message after the name."""
-        return f"{self.prefix}: {msg}", kwargs
 
 
 class UtteranceStream:
@@ -199,8 +184,9 @@ class UtteranceStream:
                 cut = self.words.cut_point(timed, window.offset, window.pause_in)
                 if cut is not None:
                     window.cut(round(cut * SAMPLE_RATE))
-                    self._log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which now "
-                              "begins at %.1f s", self.utt, cut, kept - len(self.words.committed), window.offset)
+                    self._log.debug("utterance %d: %.1f s of audio (%d stable words) cut off the window, which "
+                                    "now begins at %.1f s", self.utt, cut, kept - len(self.words.committed),
+                                    window.offset)
             elif not self.words.committed and self._silent(t, timed):
                 # Noise the gate let through (music, a long rumble) with nothing stable to cut at: what
                 # Whisper hears no speech in is not kept past the window, or decodes would grow to the
@@ -208,7 +194,7 @@ class UtteranceStream:
                 window.cut(covered - window.base - self._max_window // 2)
                 self._noise_cut = True
                 self._log.debug("utterance %d: no speech heard in the window; it now begins at %.1f s",
-                          self.utt, window.offset)
+                                self.utt, window.offset)
         done, committed, pending = self.words.done, self.words.committed, self.words.pending
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
                        stable=self.stable, unstable=" ".join(pending), text=" ".join(done + committed + pending))
@@ -260,15 +246,16 @@ class UtteranceStream:
             flags.append("fallback")
         t = kept
         if t.unheard:
-            self._log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt, " ".join(t.unheard))
+            self._log.debug("utterance %d: left out %r (after the audio, a tail or a loop)", self.utt,
+                            " ".join(t.unheard))
         offset = self.start / SAMPLE_RATE
         base = self.window.offset
         in_window = (Word(w.word, w.start + base, w.end + base, w.p) for w in t.words)
         words = tuple(Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), round(w.p, 3))
                       for w in (*self.words.done_words, *in_window))
         if not self.stable and guessed(words, t.no_speech_prob, "repetition" in flags, rules):
-            self._log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt, t.text,
-                     [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
+            self._log.info("utterance %d: withheld %r (word p %s, no-speech p %.2f, avg log-p %.2f)", self.utt,
+                           t.text, [round(w.p, 3) for w in words], t.no_speech_prob, t.avg_logprob)
             return Final(self.utt, offset, end.end / SAMPLE_RATE, "", (), t.language, latency, (*flags, "withheld"))
         rest = after(committed, t.text)
         if rest is not None:

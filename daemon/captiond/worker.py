@@ -19,7 +19,8 @@ from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from .rules import ends_sentence
-from .streaming import Named, UtteranceStream
+from .lognames import Named
+from .streaming import UtteranceStream
 from .tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ class AsrWorker:
     def _gave_way(self, stream: UtteranceStream, check: bool) -> None:
         self.partials_given_way += 1
         self._yielded = stream.utt
-        self._log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt, "check" if check else "partial")
+        self._log.debug("utterance %d: a %s decode gave way to a more urgent one", stream.utt,
+                        "check" if check else "partial")
 
     def _took_partial(self, partial: _PartialDecode) -> None:
         """Publish a partial whose decode is done, if its utterance is still open and no final's
@@ -317,13 +319,14 @@ class AsrWorker:
         try:
             again = await self._final_decode(stream, end.audio_end, bound=bound, full=True)
         except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
-            self._log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut", stream.utt, exc)
+            self._log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut",
+                              stream.utt, exc)
             return t
         # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
         taken = (stream.trusted(again, looped=stream.loops(again, end, binds))
                  and (bound or not binds or stream.keeps_stable(again)))
-        self._log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt, again.text,
-                  "" if taken else ", not taken")
+        self._log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt,
+                        again.text, "" if taken else ", not taken")
         return again if taken else t
 
     def stop(self) -> None:
@@ -375,7 +378,7 @@ class AsrWorker:
                                               preemptible=preemptible)
         if detect and not language:
             self._log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
-                      t.language, t.language_p, self.heard_language or "not known yet")
+                            t.language, t.language_p, self.heard_language or "not known yet")
         # Only a decode of an utterance's end (a turn) may change the speaker's language: not a partial,
         # nor a check of a window cut mid-sentence (base: Spanish -> Italian, p 0.91, at 11 s into one).
         if detect and kind not in ("partial", "check") and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
@@ -384,8 +387,9 @@ class AsrWorker:
         self.decodes[kind] += 1
         self.decode_seconds[kind] += t.decode_seconds
         # What a final's latency is made of: the wait for the model thread, then the decode itself.
-        self._log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds, beam_size,
-                  ", bound" if prefix else "", self._clock() - asked - t.decode_seconds, t.decode_seconds)
+        self._log.debug("%s decode of %.1f s (beam %d%s): waited %.2f s, took %.2f s", kind, t.audio_seconds,
+                        beam_size, ", bound" if prefix else "", self._clock() - asked - t.decode_seconds,
+                        t.decode_seconds)
         return t
 
     @property
@@ -440,11 +444,11 @@ class AsrWorker:
                 if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
                     self.speculations_used += 1
                     self._log.debug("utterance %d ended at its pause; final decode %s", item.utt,
-                              "already done" if spec.decode.done() else "under way")
+                                    "already done" if spec.decode.done() else "under way")
                     whole, t = spec.whole, await spec.decode
                 else:
                     self._log.debug("utterance %d: final decoded at its end (speculation: %s)", item.utt,
-                              "none" if spec is None else "speech went on")
+                                    "none" if spec is None else "speech went on")
                     self._discard(spec)
                     whole = stream.fits_whole(item.audio_end)
                     t = await self._final_decode(stream, item.audio_end, whole=whole)
