@@ -293,21 +293,24 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
 
 
 class SlowPartials(FakeDecoder):
-    """Greedy partials that would take `hold` seconds unless their stop is set at a safe point (then
-    Preempted, as the real model does); every other decode takes `delay`."""
+    """Greedy partials that would take `hold` seconds, or until `finish` is set, unless their stop is
+    set at a safe point (then Preempted, as the real model does); every other decode takes `delay`."""
 
     def __init__(self, hold=10.0, delay=0.0):
         super().__init__(delay)
         self.hold = hold
+        self.finish = threading.Event()
         self.partial_began = threading.Semaphore(0)
         self.preempted = 0
 
     def decode(self, audio, *, beam_size, stop=None, **kw):
         if beam_size == 1:
             self.partial_began.release()
-            if stop is not None and stop.wait(self.hold):
-                self.preempted += 1
-                raise Preempted("given up")
+            deadline = time.monotonic() + self.hold
+            while not self.finish.is_set() and time.monotonic() < deadline:
+                if stop is not None and stop.wait(min(0.01, self.hold)):
+                    self.preempted += 1
+                    raise Preempted("given up")
         return super().decode(audio, beam_size=beam_size, stop=stop, **kw)
 
 
@@ -357,6 +360,38 @@ def test_a_partial_asked_for_again_after_giving_way_holds_through_the_next_pause
     worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
     assert worker.speculations_wasted == 1 and worker.speculations_used == 0, "one early final: the first pause's"
     assert decoder.preempted == 2  # the first partial at the first pause, the one that held at the end
+    assert isinstance(events[-1], Final) and events[-1].text.startswith("heard")
+
+
+def test_a_pause_that_comes_while_a_partial_holds_begins_its_early_final_once_that_partial_is_done():
+    # The partial asked for again after giving way holds through the next pause; if speech has not gone
+    # on when it is done, the pause's early final begins then, not only at the utterance's end.
+    decoder = SlowPartials(hold=60.0)
+    items = utterance(1, 0, 4.0)
+    end = items[-1]
+    first = 40 * FRAME_SAMPLES
+
+    async def feed(queue, worker):
+        for item in items[:41]:
+            await queue.put(item)
+        await asyncio.to_thread(decoder.partial_began.acquire)
+        await queue.put(UtterancePause(1, first, first + 3 * FRAME_SAMPLES))  # stops it; speech goes on
+        for item in items[41:100]:
+            await queue.put(item)
+        await asyncio.to_thread(decoder.partial_began.acquire)  # asked for again: it holds
+        for item in items[100:-1]:
+            await queue.put(item)
+        await queue.put(pause_before(end))
+        while not queue.empty():
+            await asyncio.sleep(0.01)
+        assert not worker.speculating, "no early final while the partial holds"
+        decoder.finish.set()
+        await caught_up(worker)
+        await queue.put(end)
+
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5, partial_share=0))
+    assert worker.speculations_wasted == 1 and worker.speculations_used == 1
+    assert worker.decodes["speculation"] == 1 and worker.decodes["final"] == 0  # the first was dropped
     assert isinstance(events[-1], Final) and events[-1].text.startswith("heard")
 
 

@@ -116,6 +116,8 @@ class AsrWorker:
         # goes on after, each pause's early final stopped the check under way and was itself thrown
         # away (base: no partial for 11-14 s, a session's window never cut).
         self._yielded = -1
+        # A pause that came while a partial that holds decoded: its early final waits for that partial.
+        self._deferred: UtterancePause | None = None
         self.finals = 0
         self.rtf = 0.0
         """Decode seconds per audio second of recent finals (exponential average)."""
@@ -212,9 +214,28 @@ class AsrWorker:
             if get is not None:
                 get.cancel()
 
-    def _next_partial(self) -> None:
-        """Drop a final's decode begun at a pause if speech went on, and begin a partial if one is due."""
+    def _speculate(self, pause: UtterancePause) -> None:
+        """Begin the final's decode at a pause, while the gate waits out the rest of its hangover: if the
+        utterance does end there, the decode is already done or under way. Not when behind."""
         stream = self._stream
+        whole = stream is not None and stream.fits_whole(pause.audio_end)
+        if (self._cfg.early_final and stream is not None and stream.utt == pause.utt and self.lag < _BEHIND_S
+                and stream.span(pause.audio_end, whole) <= _EARLY_FINAL_MAX):
+            self._drop_partial()
+            self._discard(self._speculation)
+            decode = spawn(self._final_decode(stream, pause.audio_end, kind="speculation", whole=whole),
+                           f"speculative-final-{pause.utt}")
+            self._speculation = _Speculation(pause.utt, pause.voiced_end, pause.audio_end, whole, decode)
+            decode.add_done_callback(functools.partial(self._sentence_ended, self._speculation))
+
+    def _next_partial(self) -> None:
+        """Begin the early final of a pause a partial that held was decoding through, if speech has not
+        gone on; drop one begun at a pause if speech went on; begin a partial if one is due."""
+        stream = self._stream
+        if self._deferred is not None and self._partial is None:
+            pause, self._deferred = self._deferred, None
+            if stream is not None and stream.voiced_end <= pause.voiced_end:
+                self._speculate(pause)
         spec = self._speculation
         # Speech went on after the pause (a voiced frame came) and half a second of audio has
         # followed: its decode is not the final. Silence alone never discards it, so a slow
@@ -420,21 +441,12 @@ class AsrWorker:
             if self._stream is not None and self._stream.utt == item.utt:
                 self._stream.insert(item)
         elif isinstance(item, UtterancePause):
-            # Start the final's decode while the gate waits out the rest of its hangover; if the
-            # utterance does end here the decode is already done or under way. Not when behind.
-            stream = self._stream
-            whole = stream is not None and stream.fits_whole(item.audio_end)
-            holding = self._partial is not None and self._partial.holds
-            if (self._cfg.early_final and stream is not None and stream.utt == item.utt and self.lag < _BEHIND_S
-                    and stream.span(item.audio_end, whole) <= _EARLY_FINAL_MAX and not holding):
-                self._drop_partial()
-                self._discard(self._speculation)
-                decode = spawn(self._final_decode(stream, item.audio_end, kind="speculation", whole=whole),
-                               f"speculative-final-{item.utt}")
-                self._speculation = _Speculation(item.utt, item.voiced_end, item.audio_end, whole, decode)
-                decode.add_done_callback(functools.partial(self._sentence_ended, self._speculation))
+            if self._partial is not None and self._partial.holds:
+                self._deferred = item  # its early final begins when that partial is done (_next_partial)
+            else:
+                self._speculate(item)
         elif isinstance(item, UtteranceEnd):
-            stream, self._stream = self._stream, None
+            stream, self._stream, self._deferred = self._stream, None, None
             self._drop_partial()
             if stream is None or stream.utt != item.utt:
                 return
