@@ -288,6 +288,22 @@ def test_a_sessions_log_lines_name_its_client_and_a_hostile_name_cannot_forge_or
     assert heard_seconds(text) > 2.0
     decodes = [r.getMessage() for r in caplog.records if r.name == "captiond.worker" and "decode of" in r.getMessage()]
     assert decodes and all(m.startswith("wyoming session from ('127.0.0.1', ") for m in decodes), decodes
+    server = [r.getMessage() for r in caplog.records if r.name == "captiond.wyoming_server"]
+    assert any(m.startswith("wyoming connection from ('127.0.0.1', ") and ": transcription: 16000 Hz" in m
+               for m in server), server
+    # An event type is the client's to choose too: shown escaped.
+    caplog.clear()
+
+    async def hostile_type() -> None:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(Event(type="evil\nINFO forged"))
+            await client.write_event(Ping(text="sync").event())
+            await read_until(client, "pong")
+
+    with caplog.at_level("DEBUG", logger="captiond"):
+        asyncio.run(hostile_type())
+    assert any(r.getMessage().endswith("ignoring a 'evil\\nINFO forged' event") for r in caplog.records)
+    assert not any("\n" in r.getMessage() for r in caplog.records)
     # A Wyoming client on a Unix socket names itself by the path it binds: a newline, a % and all.
     caplog.clear()
     with caplog.at_level("DEBUG", logger="captiond"):

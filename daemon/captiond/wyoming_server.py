@@ -27,6 +27,7 @@ from . import __version__
 from .config import AsrConfig, WyomingConfig
 from .events import MAX_CONTEXT, Error, Event, Final, Partial, SpeechEnd, SpeechStart, text_problem
 from .frames import SAMPLE_RATE
+from .lognames import Named, shown
 from .server import ServerError, check_socket_path
 from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
 from .tasks import spawn
@@ -194,15 +195,15 @@ class _Transcription:
             if event.text:
                 self.finals = _join(self.finals, event.text)
                 if not self.finals.startswith(self.sent):
-                    log.warning("wyoming: a final does not begin with the text already streamed (%r); the "
-                                "transcript carries the final", self.sent[-80:])
+                    self._handler.logger.warning("a final does not begin with the text already streamed (%r); "
+                                                 "the transcript carries the final", self.sent[-80:])
             self.settled = self.finals
         elif isinstance(event, SpeechStart) and self._vad:
             self.notices.append(VoiceStarted(timestamp=round(event.start * 1000)).event())
         elif isinstance(event, SpeechEnd) and self._vad:
             self.notices.append(VoiceStopped(timestamp=round(event.end * 1000)).event())
         elif isinstance(event, Error):
-            log.warning("wyoming session: %s: %s", event.code, event.message)
+            self._handler.logger.warning("%s: %s", event.code, event.message)
             self.notices.append(WyError(text=event.message, code=event.code).event())
         self._wake.set()
 
@@ -224,7 +225,7 @@ class _Transcription:
         try:
             await self._emit_events()
         except ConnectionError as exc:  # the client went: nothing it sent need be decoded any more
-            log.info("wyoming: cannot write to the client: %r", exc)
+            self._handler.logger.info("cannot write to the client: %r", exc)
             if self.session is not None:
                 self.session.cancel()
 
@@ -257,6 +258,8 @@ class _Handler(AsyncEventHandler):
         super().__init__(reader, writer)
         self._server = server
         self._peer = str(writer.get_extra_info("peername") or "unix socket")
+        self.logger = Named(log, f"wyoming connection from {self._peer}")
+        """The server's logger, its lines naming this client."""
         self._write_lock = asyncio.Lock()
         self._transcribe: Transcribe | None = None
         self._current: _Transcription | None = None
@@ -298,9 +301,9 @@ class _Handler(AsyncEventHandler):
                 if event is None or not await self.handle_event(event):
                     return
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.info("wyoming: %s went away: %r", self._peer, exc)
+            self.logger.info("went away: %r", exc)
         except Exception:
-            log.exception("wyoming: connection from %s failed", self._peer)
+            self.logger.exception("the connection failed")
         finally:
             self._server.handlers.discard(self)
             self._drop()
@@ -347,10 +350,10 @@ class _Handler(AsyncEventHandler):
         elif Ping.is_type(event.type):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         else:
-            log.debug("wyoming: ignoring a %s event from %s", event.type, self._peer)
+            self.logger.debug("ignoring a %r event", event.type)
 
     async def _error(self, code: str, text: str) -> None:
-        log.warning("wyoming: %s: %s", self._peer, text)
+        self.logger.warning("%s", shown(text, 500))
         await self.write_event(WyError(text=text, code=code).event())
 
     async def _start(self, start: AudioStart) -> None:
@@ -386,10 +389,10 @@ class _Handler(AsyncEventHandler):
         if terms:
             current.session.worker.hotwords = " ".join(terms)[:MAX_CONTEXT]
         self._server.admit(current)
-        log.info("wyoming transcription from %s: %d Hz, %d byte(s), %d channel(s); %d in use", self._peer,
-                 *current.format, len(self._server.sessions))
+        self.logger.info("transcription: %d Hz, %d byte(s), %d channel(s); %d in use", *current.format,
+                         len(self._server.sessions))
         current.session.start()
-        current.start_emitter(f"wyoming-emit-{self._peer}")
+        current.start_emitter(f"wyoming-emit-{shown(self._peer)}")
 
     async def _chunk(self, chunk: AudioChunk) -> None:
         current = self._current
@@ -450,9 +453,9 @@ class _Handler(AsyncEventHandler):
             await current.session.close(_CLOSE_S)
             await current.finish()
             # What was said goes to the client only, not to the system log.
-            log.info("wyoming transcription from %s%s: %.1f s of audio, %d word(s)", self._peer,
-                     " abandoned" if current.session.abandoned else "", current.session.samples / SAMPLE_RATE,
-                     len(current.finals.split()))
+            self.logger.info("transcription%s: %.1f s of audio, %d word(s)",
+                             " abandoned" if current.session.abandoned else "",
+                             current.session.samples / SAMPLE_RATE, len(current.finals.split()))
         finally:
             self._server.release(current)
 
@@ -460,8 +463,7 @@ class _Handler(AsyncEventHandler):
         """The connection ends: an open transcription is abandoned."""
         current, self._current = self._current, None
         if current is not None:
-            log.info("wyoming: the connection from %s ended in the middle of a transcription; abandoned it",
-                     self._peer)
+            self.logger.info("the connection ended in the middle of a transcription; abandoned it")
             current.cancel()
             self._server.release(current)
 
