@@ -141,7 +141,7 @@ class WebServer:
             # The captions page retries every 2 s, refused or not: a line now and then for each kind,
             # so that a stale tab's token does not hide a first foreign origin.
             if worth_a_line(self.refused[kind]):
-                log.warning("websocket: refused %s from %s: %s (%d refused for this so far)", url.path,
+                log.warning("websocket: refused %r from %s: %s (%d refused for this so far)", url.path,
                             connection.remote_address, problem, self.refused[kind])
             return connection.respond(http.HTTPStatus.FORBIDDEN, problem + "\n")
         return None
