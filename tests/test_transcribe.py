@@ -148,11 +148,24 @@ def test_damaged_and_truncated_files_give_what_they_have_and_say_so(tmp_path):
     cut = tmp_path / "cut.wav"
     cut.write_bytes(full[:len(full) // 2])
     mp3 = damaged_mp3(tmp_path / "damaged.mp3", read_wav(CORPUS / "jfk_inaugural.wav"))
-    for path, says in [(cut, "looks truncated"), (mp3, "audio before the damage was used")]:
+    for path, says in [(cut, "looks truncated"), (mp3, "s before the damage were used")]:
         result = run(str(path))
         err = result.stderr.decode()
         assert result.returncode == 1 and says in err and "Traceback" not in err, err
         assert "fellow" in result.stdout.decode().lower(), "the words before the damage are printed"
+
+
+def test_a_file_damaged_before_its_first_sample_says_none_of_it_was_used(tmp_path):
+    import struct
+
+    zero = tmp_path / "zero.wav"  # a WAV header that says 0 channels: FFmpeg cannot open its decoder
+    data = b"\x00\x01" * 16000
+    zero.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt "
+                     + struct.pack("<IHHIIHH", 16, 1, 0, 16000, 32000, 2, 16) + b"data" + struct.pack("<I", len(data)) + data)
+    result = run(str(zero))
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "none of it could be used" in err and "before the damage" not in err, err
 
 
 def test_a_sound_file_with_more_channels_than_ffmpeg_can_mix_down_names_its_format(tmp_path):

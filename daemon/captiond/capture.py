@@ -486,12 +486,16 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
         if not streams:
             raise CaptureError(f"{name}: has no audio stream")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        used = 0
         try:
             for i, frame in enumerate(container.decode(streams[0])):
-                yield from _mono16k(resampler, frame, name, first=i == 0)
+                chunks = _mono16k(resampler, frame, name, first=i == 0)
+                used += sum(len(c) for c in chunks)
+                yield from chunks
             yield from _mono16k(resampler, None, name)
         except (av.error.FFmpegError, ValueError) as exc:
-            raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); audio before the damage was used") from None
+            kept = f"the {used / SAMPLE_RATE:.1f} s before the damage were used" if used else "none of it could be used"
+            raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); {kept}") from None
 
 
 def probe_duration(path: Path) -> float:
