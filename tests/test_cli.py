@@ -129,6 +129,28 @@ def test_stale_socket_is_replaced_and_stdin_source_transcribes(tmp_path):
     assert not (tmp_path / "c.sock").exists()
 
 
+def test_a_daemon_whose_socket_was_removed_listens_again_and_a_second_one_is_still_refused(tmp_path):
+    # A /tmp cleaner or the end of a login session removes the socket of a daemon started by hand.
+    from conftest import Daemon
+
+    daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    try:
+        daemon.proc.stdin.write(bytes(32000))  # a second of silence: audio flows, the daemon is listening
+        daemon.proc.stdin.flush()
+        daemon.connect()
+        daemon.socket.unlink()
+        daemon.connect(timeout=60)  # it made the socket again and answers on it
+        assert "was removed; listening on it again" in daemon.stderr
+        second = captiond("run", "--source", "-", "--set", f"server.socket={daemon.socket}",
+                          "--set", f"log.path={tmp_path}/second.log", input=b"")
+        one_line_error(second, "already listening")
+        daemon.proc.stdin.close()
+        assert daemon.proc.wait(60) == 0, daemon.stderr[-2000:]
+        assert not daemon.socket.exists()
+    finally:
+        daemon.kill()
+
+
 def test_a_reload_racing_the_stop_does_not_kill_a_daemon_that_stopped_cleanly(tmp_path):
     from conftest import Daemon
 

@@ -221,6 +221,72 @@ def test_live_socket_is_refused_and_stale_one_replaced(tmp_path):
     asyncio.run(main())
 
 
+def test_two_daemons_starting_at_once_cannot_both_listen(tmp_path):
+    # The race: the second's probe finds no socket while the first has not bound yet, and its bind
+    # unlinks the first's socket. The first holds the lock file beside the socket from before it
+    # looks until it has closed.
+    async def main():
+        path = tmp_path / "s.sock"
+        first = make_server(path)
+        await first.start()
+        path.unlink()  # as between the second's probe and the first's bind
+        with pytest.raises(ServerError, match="already listening"):
+            await make_server(path).start()
+        await first.close()
+        assert not (tmp_path / "s.sock.lock").exists(), "the lock file goes with the daemon"
+        second = make_server(path)
+        await second.start()
+        await second.close()
+
+    asyncio.run(main())
+
+
+def test_a_removed_socket_or_folder_is_made_again_and_connections_stay(tmp_path):
+    async def main():
+        path = tmp_path / "run" / "s.sock"
+        server = make_server(path)
+        await server.start()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert (await read_event(reader))["type"] == "hello"
+        shutil.rmtree(path.parent)  # the end of a login session empties $XDG_RUNTIME_DIR
+        (tmp_path / "run").write_text("")  # and something is in the way at first
+        await server.keep_path()
+        assert not path.exists(), "a path that cannot be made is tried again later"
+        (tmp_path / "run").unlink()
+        await server.keep_path()
+        reader2, writer2 = await asyncio.open_unix_connection(str(path))
+        assert (await read_event(reader2))["type"] == "hello"
+        assert (path.parent / "s.sock.lock").exists(), "the lock is held again at the path"
+        with pytest.raises(ServerError, match="already listening"):
+            await make_server(path).start()
+        server.publish(Status("listening", "ok"))  # the connection from before still gets events
+        assert (await read_event(reader))["type"] == "status"
+        for w in (writer, writer2):
+            w.close()
+        await server.close()
+        assert not path.exists() and not (path.parent / "s.sock.lock").exists()
+
+    asyncio.run(main())
+
+
+def test_a_socket_another_process_made_at_the_path_stops_the_daemon(tmp_path):
+    async def main():
+        path = tmp_path / "s.sock"
+        server = make_server(path)
+        await server.start()
+        path.unlink()
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.bind(str(path))
+        other.listen()
+        with pytest.raises(ServerError, match="now another process's socket"):
+            await server.keep_path()
+        await server.close()
+        assert path.exists(), "the other process's socket is not removed"
+        other.close()
+
+    asyncio.run(main())
+
+
 def test_a_plain_file_in_the_way_is_not_removed(tmp_path):
     path = tmp_path / "s.sock"
     path.write_text("important")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import grp
 import logging
 import os
@@ -105,6 +106,7 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[str, int | None]:
     return f"pid={pid} uid={uid} gid={gid}", uid
 
 
+_WATCH_S = 5.0  # how often the daemon checks that its socket is still at its path
 _SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)
 
 
@@ -133,8 +135,45 @@ def check_socket_path(path: Path, key: str = "server.socket") -> None:
         raise ServerError(f"cannot check existing socket {path}: {exc.strerror or exc}") from None
     finally:
         probe.close()
-    raise ServerError(f"another process (a captiond?) is already listening on {path}; stop it first "
+    raise Taken(f"another process (a captiond?) is already listening on {path}; stop it first "
                       f"(systemctl --user stop captiond) or set {key} to another path")
+
+
+class Taken(ServerError):
+    """Another process listens on the socket's path."""
+
+
+def _lock(path: Path) -> int:
+    """Lock `path`'s lock file (beside it) and return its descriptor, held for the daemon's life: two
+    daemons started at once both found the path free, and the second bind unlinked the first's socket."""
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ServerError(f"cannot create {lock}: {exc.strerror or exc}; set server.socket to a writable path") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise Taken(f"another captiond is already listening on {path} (it holds {lock.name}); stop it "
+                              "first (systemctl --user stop captiond) or set server.socket to another path") from None
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the daemon that held it removed it as we opened it: lock the one at the path now
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Remove the lock file if it is still the one `fd` holds, then let it go."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            lock.unlink()
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def worth_a_line(count: int) -> bool:
@@ -292,6 +331,8 @@ class Server(Hub):
         self._group = group
         self._server: asyncio.base_events.Server | None = None
         self._inode: int | None = None  # of the socket file we bound; only that one is ours to remove
+        self._lock: int | None = None  # descriptor of the lock file beside the socket, held while we serve
+        self._unreachable: str | None = None  # why the socket, once removed, could not be made again
 
     async def start(self) -> None:
         """Check for a live or stale socket, then bind with the configured mode (and group)."""
@@ -311,11 +352,21 @@ class Server(Hub):
                               "set server.socket to a writable path") from None
         if gid != -1:
             self._share_folder(folder, gid, made)
+        self._hold_lock()
+        try:
+            self._server = await self._bind(gid)
+        except ServerError:
+            self._release_lock()
+            raise
+        self._inode = self.path.stat().st_ino
+        log.info("listening on %s (mode %04o)", self.path, self._mode)
+
+    async def _bind(self, gid: int) -> asyncio.base_events.Server:
         check_socket_path(self.path)
         old = os.umask(0o177)  # never let the socket exist, even briefly, with wider permissions
         try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1,
-                                                           backlog=_BACKLOG)
+            server = await asyncio.start_unix_server(self._accept, path=str(self.path), limit=MAX_LINE + 1,
+                                                     backlog=_BACKLOG)
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.path}: {exc.strerror or exc}; set server.socket to a writable path") from None
         finally:
@@ -325,12 +376,72 @@ class Server(Hub):
                 os.chown(self.path, -1, gid)
             os.chmod(self.path, self._mode)
         except OSError as exc:
-            self._server.close()
+            server.close()
             self.path.unlink(missing_ok=True)
             raise ServerError(f"cannot give {self.path} group {self._group!r} and mode {self._mode:04o}: "
                               f"{exc.strerror or exc}; run as a member of that group or unset server.group") from None
-        self._inode = self.path.stat().st_ino
-        log.info("listening on %s (mode %04o)", self.path, self._mode)
+        return server
+
+    def _hold_lock(self) -> None:
+        """Hold the lock file at the path (again, if it was removed: another daemon would take it)."""
+        if self._lock is not None:
+            try:
+                if os.stat(self.path.with_name(self.path.name + ".lock")).st_ino == os.fstat(self._lock).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            self._release_lock()
+        self._lock = _lock(self.path)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            _unlock(self.path, self._lock)
+            self._lock = None
+
+    async def watch(self, interval: float = _WATCH_S) -> None:
+        """Every `interval` seconds, make sure the socket is still ours at its path (keep_path)."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.keep_path()
+
+    async def keep_path(self) -> None:
+        """Listen again if the socket file (or its folder) was removed: a /tmp cleaner, or the end of
+        the login session that emptied $XDG_RUNTIME_DIR, left a daemon nobody could reach, and a second
+        one started beside it. ServerError if another daemon listens there now; a path that cannot be
+        made again is retried at the next call (the transcript log goes on meanwhile)."""
+        try:
+            inode: int | None = self.path.lstat().st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            inode = None
+        except OSError:
+            return  # cannot look (a folder made unsearchable): nothing is known to be wrong
+        if inode is not None and inode == self._inode:
+            try:
+                self._hold_lock()
+            except Taken:
+                raise ServerError(f"another captiond took {self.path}'s lock; stopping this one") from None
+            except ServerError:
+                pass  # the lock file cannot be made again; the socket still serves
+            return
+        if inode is not None:
+            raise ServerError(f"{self.path} is now another process's socket; no client can reach this daemon "
+                              "any more, so it stops")
+        if self._unreachable is None:
+            log.warning("%s was removed; listening on it again", self.path)
+        old = self._server
+        try:
+            await self.start()
+        except Taken:
+            raise ServerError(f"another captiond took {self.path} after it was removed; stopping this one") from None
+        except ServerError as exc:
+            if str(exc) != self._unreachable:
+                log.warning("%s; no client can reach this daemon until it can listen again (tried every %.0f s)",
+                            exc, _WATCH_S)
+            self._unreachable = str(exc)
+            return
+        self._unreachable = None
+        if old is not None:
+            old.close()  # stops accepting only: connected clients keep their connections
 
     def _share_folder(self, folder: Path, gid: int, made: bool) -> None:
         """Let the group reach the socket: members need search (x) on its folder, or connect gets EACCES."""
@@ -398,3 +509,4 @@ class Server(Hub):
                 self.path.unlink()
         except FileNotFoundError:
             pass
+        self._release_lock()

@@ -24,7 +24,7 @@ from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
 from .outbox import Outbox
 from .remote import RemoteFinals
-from .server import Server
+from .server import Server, ServerError
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
@@ -158,6 +158,9 @@ class Service:
         if isinstance(exc, CaptureError):  # a file or pipe that broke; live devices are retried instead
             log.error("%s", exc)
             self.publish(Error("source_failed", str(exc)))
+        elif isinstance(exc, ServerError):  # the socket's path taken by another daemon
+            log.error("%s", exc)
+            self.publish(Error("internal", str(exc)))
         else:
             log.error("task %s failed", task.get_name(), exc_info=exc)
             self.publish(Error("internal", f"{task.get_name()} failed: {exc!r}"))
@@ -223,6 +226,7 @@ class Service:
         try:
             if self.server is not None:
                 await self.server.start()
+                self._spawn(self.server.watch(), "socket-watch")
             if self.web is not None:
                 await self.web.start()
             if self.wyoming is not None:
