@@ -271,6 +271,14 @@ def test_models_lists_each_model_with_what_was_measured_here(tmp_path):
     after = captiond("models", env=env).stdout.decode()
     assert "0.123" in after.splitlines()[2] and "0.57 s" in after.splitlines()[2]
     assert "measured here on 2026-12-05" in after
+    # A hand-edited file (or another version's): a value of the wrong type shows as not measured.
+    (tmp_path / "captiond" / "models" / "speed.json").write_text(
+        '{"base": {"rtf": null, "final_5s_p50": "0.5", "measured": 20261205}, "bundled": {"rtf": true,'
+        ' "final_5s_p50": 0.3, "measured": "2026-12-06"}, "x": [1]}')
+    odd = captiond("models", env=env)
+    lines = odd.stdout.decode().splitlines()
+    assert odd.returncode == 0 and not odd.stderr, odd.stderr
+    assert lines[2].split()[-3:-1] == ["-", "-"] and "0.30 s" in lines[1] and "measured here on 2026-12-06" in lines[-2]
 
 
 def test_listen_refuses_an_unknown_type_or_a_negative_since_itself(tmp_path):

@@ -9,12 +9,14 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from .config import xdg_home
 
@@ -85,15 +87,27 @@ def speed_file(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     return cache_dir(env) / "speed.json"
 
 
+_SPEED_FIELDS = {"rtf": float, "final_5s_p50": float, "measured": str}
+"""What bench/model_speed.py keeps per model, and the type each must have to be shown."""
+
+
+def _usable(field: str, value: Any) -> bool:
+    kind = _SPEED_FIELDS.get(field)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return kind is not None and isinstance(value, kind)
+
+
 def read_speeds() -> dict[str, dict]:
-    """What bench/model_speed.py measured here, by asr.model name; empty when nothing (usable) was."""
+    """What bench/model_speed.py measured here, by asr.model name, only the fields of the right type
+    (the file may be hand-edited, or another version's); empty when nothing (usable) was."""
     try:
         speeds = json.loads(speed_file().read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(speeds, dict):
         return {}
-    return {name: s for name, s in speeds.items() if isinstance(s, dict)}
+    return {name: {k: v for k, v in s.items() if _usable(k, v)} for name, s in speeds.items() if isinstance(s, dict)}
 
 
 def cache_dir(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
