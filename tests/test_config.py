@@ -33,6 +33,8 @@ def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
     ("[nosuch]\nx = 1\n", "nosuch"),
     ("[gate]\nhangover_ms = 'long'\n", "gate.hangover_ms"),
     ("[gate]\nvad_aggressiveness = 7\n", "gate.vad_aggressiveness"),
+    ("[gate]\nstart_ms = 30\nstart_window_ms = 60\n", "gate.start_window_ms"),  # could never open
+    ("[gate]\nmin_sustain_ms = 290\n", "gate.min_sustain_ms"),  # more than the start window can hold
     ("[asr]\nbeam_size = 0\n", "asr.beam_size"),
     ("[server]\nmode = '0644x'\n", "server.mode"),
     ("[server]\nmode = '0400'\n", "server.mode"),

@@ -66,6 +66,15 @@ def test_every_corpus_clip_opens_an_utterance(item):
     assert sum(isinstance(e, UtteranceEnd) for e in events) == len(starts(events))
 
 
+@pytest.mark.parametrize("cfg", [GateConfig(start_ms=30, start_window_ms=120),
+                                 GateConfig(start_ms=30, start_window_ms=120, feature_check=False),
+                                 GateConfig(min_sustain_ms=200)], ids=["narrowest", "narrowest-vad-only", "sustain"])
+def test_the_extremes_config_accepts_still_open_on_speech(cfg):
+    # Narrower start windows (30-90 ms) were accepted and never opened: too little audio to measure.
+    pcm = np.concatenate([silence(0.5), read_wav(CORPUS / "jfk_inaugural.wav"), silence(1.0)])
+    assert starts(run(Gate(cfg), pcm))
+
+
 def test_speech_over_steady_hum_still_opens():
     speech = read_wav(CORPUS / "jfk_inaugural.wav")[:3 * SAMPLE_RATE].astype(np.float64) / 32768
     hum = 0.05 * np.sin(2 * np.pi * 50 * np.arange(len(speech)) / SAMPLE_RATE)

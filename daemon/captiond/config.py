@@ -105,7 +105,8 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         _check(self.vad_aggressiveness in (0, 1, 2, 3), "gate.vad_aggressiveness", "must be 0, 1, 2 or 3")
-        _check(30 <= self.start_window_ms <= 3000, "gate.start_window_ms", "must be between 30 and 3000 ms")
+        # Below 120 ms the voiced audio the gate checks is too short to measure (it never opened).
+        _check(120 <= self.start_window_ms <= 3000, "gate.start_window_ms", "must be between 120 and 3000 ms")
         _check(30 <= self.start_ms <= self.start_window_ms, "gate.start_ms",
                "must be at least 30 ms and not more than gate.start_window_ms")
         _check(60 <= self.hangover_ms <= 10000, "gate.hangover_ms", "must be between 60 and 10000 ms")
@@ -114,7 +115,9 @@ class GateConfig:
         _check(0 <= self.preroll_ms <= 3000, "gate.preroll_ms", "must be between 0 and 3000 ms")
         _check(2.0 <= self.max_utterance_s <= 120.0, "gate.max_utterance_s", "must be between 2 and 120 seconds")
         _check(0.0 <= self.min_modulation_db <= 40.0, "gate.min_modulation_db", "must be between 0 and 40 dB")
-        _check(0 <= self.min_sustain_ms <= 1000, "gate.min_sustain_ms", "must be between 0 and 1000 ms")
+        # The sustain is measured within the start window, 10 ms hops of 32 ms windows.
+        _check(0 <= self.min_sustain_ms <= min(1000, self.start_window_ms - 30), "gate.min_sustain_ms",
+               "must be between 0 ms and gate.start_window_ms less 30 ms (it is measured within that window)")
 
 
 WHISPER_LANGUAGES = frozenset((
