@@ -1,11 +1,13 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -127,6 +129,52 @@ def test_stale_socket_is_replaced_and_stdin_source_transcribes(tmp_path):
     line = (tmp_path / "t.log").read_text().strip().split("\t")
     assert line[1] == "1" and "forever" in line[2].lower()
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_a_socket_folder_another_user_could_write_in_is_refused(tmp_path):
+    # Another user who made the folder (or may write in it) could put their own socket in its place.
+    foreign, shared, sticky = tmp_path / "foreign", tmp_path / "shared", tmp_path / "sticky"
+    for folder, mode in ((foreign, 0o700), (shared, 0o777), (sticky, 0o1777)):
+        folder.mkdir()
+        folder.chmod(mode)
+    if os.geteuid() == 0:
+        os.chown(foreign, 4343, 4343)
+        result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", f"server.socket={foreign}/c.sock",
+                          "--set", f"log.path={tmp_path}/t.log")
+        one_line_error(result, f"{foreign} belongs to another user (uid 4343)")
+    result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", f"server.socket={shared}/c.sock",
+                      "--set", f"log.path={tmp_path}/t.log")
+    one_line_error(result, f"{shared} may be written by other users (mode 0777)")
+    result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", f"server.socket={sticky}/c.sock",
+                      "--set", f"log.path={tmp_path}/t.log")
+    assert result.returncode == 0, result.stderr.decode()  # sticky, as /tmp: others cannot replace our socket
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to be two users")
+def test_clients_do_not_trust_the_default_socket_in_a_tmp_folder_another_user_made():
+    # Without a runtime directory a user's socket is /tmp/captiond-UID/captiond.sock; another user who
+    # made that folder first could answer there, and `captiond type` would type what they send.
+    victim, attacker = 40000 + os.getpid() % 10000, 4343
+    folder = Path(f"/tmp/captiond-{victim}")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    folder.chmod(0o755)
+    os.chown(folder, attacker, attacker)
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fake.bind(str(folder / "captiond.sock"))
+    fake.listen()
+    os.chmod(folder / "captiond.sock", 0o777)
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY")}
+        result = subprocess.run(["setpriv", f"--reuid={victim}", f"--regid={victim}", "--clear-groups", sys.executable,
+                                 "-m", "captiond", "status"], env={**env, "HOME": "/nonexistent"},
+                                capture_output=True, timeout=60, cwd=ROOT)
+        err = result.stderr.decode()
+        assert result.returncode == 3 and "Traceback" not in err, err
+        assert f"not connecting to {folder}/captiond.sock: {folder} belongs to another user" in err, err
+    finally:
+        fake.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_daemon_whose_socket_was_removed_listens_again_and_a_second_one_is_still_refused(tmp_path):

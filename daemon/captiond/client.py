@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
-from .config import ServerConfig, socket_path
+from .config import ServerConfig, shared_tmp_folder, socket_path, unsafe_folder
 from .events import MAX_LINE, Envelope, Error, Hello, decode
 
 if TYPE_CHECKING:
@@ -58,6 +58,14 @@ def _not_running(path: Path, exc: OSError) -> NotRunning:
                       "(start it with `captiond run`, or point at its socket with --set server.socket=PATH)")
 
 
+def _refuse_squatted(path: Path) -> None:
+    """NotRunning if `path` is the default socket in /tmp and another user could have put it there:
+    they would be sent our commands and could send us any text (`captiond type` types it)."""
+    if path.parent == shared_tmp_folder() and (unsafe := unsafe_folder(path.parent)):
+        raise NotRunning(f"not connecting to {path}: {unsafe}, so it may not be captiond's; remove the folder "
+                         "and restart captiond, or point at its socket with --set server.socket=PATH")
+
+
 def _checked(path: Path, line: bytes, first: bool) -> Envelope | None:
     """One line from the daemon as a typed event (None for a type this version does not know); BadDaemon
     for a line that is not a v1 event, or a first line that is not hello (an error there is a refusal)."""
@@ -90,6 +98,7 @@ class Client:
 
     def __init__(self, path: Path | None = None, timeout: float | None = None) -> None:
         self.path = path or socket_path(ServerConfig())
+        _refuse_squatted(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -173,6 +182,7 @@ class AsyncClient:
         """Open the connection, raising NotRunning when no daemon answers."""
         import asyncio  # only here: blocking clients (`captiond ptt` on a key press) start faster without it
 
+        _refuse_squatted(self.path)
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=_LINE_MAX)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -590,7 +591,26 @@ def socket_path(server: ServerConfig) -> Path:
         return Path(os.environ["XDG_RUNTIME_DIR"]) / "captiond" / "captiond.sock"
     if _system_mode():
         return Path("/run/captiond/captiond.sock")
-    return Path(f"/tmp/captiond-{os.getuid()}") / "captiond.sock"
+    return shared_tmp_folder() / "captiond.sock"
+
+
+def shared_tmp_folder() -> Path:
+    """The socket's folder when there is no runtime directory: in /tmp, where any user may have made it."""
+    return Path(f"/tmp/captiond-{os.getuid()}")
+
+
+def unsafe_folder(folder: Path) -> str:
+    """Why a socket in `folder` could be replaced by another user ("" if it could not, or there is no
+    such folder): another user owns it, or others may write to it and it is not sticky like /tmp."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return ""
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"{folder} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"{folder} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def log_path(log: LogConfig) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from .config import unsafe_folder
 from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
 from .tasks import spawn
 
@@ -345,6 +346,10 @@ class Server(Hub):
                                   "create it (groupadd) or set server.group to an existing one") from None
         folder = self.path.parent
         made = not folder.exists()
+        # Another user could put a socket of their own in its place, and clients would trust it.
+        if unsafe := unsafe_folder(folder):
+            raise ServerError(f"socket folder {unsafe}; remove it, or set server.socket to a path in a "
+                              "folder of yours")
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
