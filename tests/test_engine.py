@@ -272,6 +272,31 @@ def test_a_partial_never_stops_another_partial():
     on_engine(main)
 
 
+def test_a_sessions_final_stops_a_partial_and_gives_way_to_the_microphones_final_only():
+    # Asked as preemptible and urgent: it stops a partial under way (as any final does), no partial
+    # stops it, and the microphone's final does.
+    async def main(decoder, engine, audio):
+        partial = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, preemptible=True))
+        await asyncio.to_thread(decoder.started.acquire)
+        session = asyncio.create_task(engine.decode(audio, beam_size=4, words=False, priority=1, preemptible=True,
+                                                    urgent=True))
+        with pytest.raises(Preempted):
+            await asyncio.wait_for(partial, 60)
+        await asyncio.to_thread(decoder.started.acquire)  # the session's final runs
+        again = asyncio.create_task(engine.decode(audio, beam_size=1, words=False, priority=2, urgent=False))
+        await asyncio.sleep(0.05)
+        assert decoder.preempted == [1], "a partial does not stop a session's final"
+        mic = asyncio.create_task(engine.decode(audio, beam_size=5, words=False, priority=0))
+        with pytest.raises(Preempted):
+            await asyncio.wait_for(session, 60)
+        decoder.release.set()
+        assert (await asyncio.wait_for(mic, 60)).text == "heard 1.00"
+        await asyncio.wait_for(again, 60)
+        assert decoder.preempted == [1, 4] and [beam for _, beam, _, _ in decoder.calls] == [5, 1]
+
+    on_engine(main)
+
+
 def test_a_final_that_asks_as_the_turn_passes_to_a_partial_still_stops_it():
     # The final asks in the same turn of the event loop in which a partial is granted the thread (it
     # sees no decode running yet): the partial stops at its first safe point all the same.

@@ -20,7 +20,7 @@ from captiond.rules import TINY_EN, WHISPER, ends_sentence, looping
 from captiond.stable import StableWords
 from captiond.streaming import UtteranceStream
 from captiond.window import AudioWindow
-from captiond.worker import AsrWorker
+from captiond.worker import MIC, SESSION, AsrWorker
 from conftest import CORPUS, FakeDecoder, ShortWindowLoops, caught_up, clip, read_wav, silence, trimmed
 from wer import wer
 
@@ -393,6 +393,54 @@ def test_a_pause_that_comes_while_a_partial_holds_begins_its_early_final_once_th
     assert worker.speculations_wasted == 1 and worker.speculations_used == 1
     assert worker.decodes["speculation"] == 1 and worker.decodes["final"] == 0  # the first was dropped
     assert isinstance(events[-1], Final) and events[-1].text.startswith("heard")
+
+
+class HeldFinals(FakeDecoder):
+    """Finals (beam 5) that wait for `finish`, unless their stop is set at a safe point (then Preempted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.finish = threading.Event()
+        self.began = threading.Semaphore(0)
+        self.preempted = 0
+
+    def decode(self, audio, *, beam_size, stop=None, **kw):
+        if beam_size == 5:
+            self.began.release()
+            while not self.finish.is_set():
+                if stop is not None and stop.wait(0.01):
+                    self.preempted += 1
+                    raise Preempted("given up")
+        return super().decode(audio, beam_size=beam_size, stop=stop, **kw)
+
+
+def test_a_sessions_final_gives_way_to_the_microphones_final_and_is_decoded_again():
+    # A long session final (a 58 s Wyoming one) held the microphone's for 4-6 s, past a stop's drain.
+    decoder = HeldFinals()
+    published = []
+
+    async def main():
+        engine = Engine(decoder)
+        queue = asyncio.Queue()
+        session = AsrWorker(engine, AsrConfig(partials=False), queue, published.append, priority=SESSION,
+                            name="session")
+        task = asyncio.create_task(session.run())
+        for item in utterance(1, 0, 2.0):
+            await queue.put(item)
+        await asyncio.to_thread(decoder.began.acquire)  # the session's final decodes
+        mic = asyncio.create_task(engine.decode(np.zeros(SAMPLE_RATE, np.float32), beam_size=5, words=False,
+                                                priority=MIC))
+        assert await asyncio.to_thread(decoder.began.acquire, timeout=60), "the microphone's final never began"
+        decoder.finish.set()
+        assert (await asyncio.wait_for(mic, 60)).text == "heard 1.00"
+        await queue.put(None)
+        await asyncio.wait_for(task, 60)
+        engine.close()
+
+    asyncio.run(main())
+    assert decoder.preempted == 1
+    assert [n for n, *_ in decoder.calls][0] == SAMPLE_RATE, "the microphone's final was decoded first"
+    assert isinstance(published[-1], Final) and published[-1].text.startswith("heard"), published
 
 
 def test_partials_go_on_after_a_final_decode_begun_at_a_pause_is_dropped():

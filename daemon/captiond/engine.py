@@ -445,15 +445,15 @@ class Engine:
 
     Several pipelines share it (the microphone and WebSocket sessions): decodes take turns by
     priority, lowest first, in arrival order within one priority. A decode asked for as
-    `preemptible` (a partial) gives the thread up at the model's next safe point when one that is
-    not (a final) of a lower priority number asks for it, and any decode whose caller stops waiting
-    gives it up too.
+    `preemptible` (a partial, a session's final) gives the thread up at the model's next safe point
+    when an `urgent` one (a final) of a lower priority number asks for it, and any decode whose
+    caller stops waiting gives it up too.
     """
 
     def __init__(self, decoder: WhisperDecoder) -> None:
         self.decoder = decoder
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-asr")
-        self._waiting: list[tuple[int, int, bool, asyncio.Future[None]]] = []  # a heap; bool: preemptible
+        self._waiting: list[tuple[int, int, bool, asyncio.Future[None]]] = []  # a heap; bool: urgent
         self._arrivals = itertools.count()
         self._busy = False
         self._running: _Running | None = None
@@ -489,17 +489,17 @@ class Engine:
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
                      window: Window | None = SHORT, priority: int = 0, language: str = "",
-                     likely: str = "", preemptible: bool = False) -> Transcript:
+                     likely: str = "", preemptible: bool = False, urgent: bool | None = None) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn;
-        a `preemptible` one raises Preempted if one that is not, of a lower priority number, asks for
-        the thread before it is done."""
-        await self._turn(priority, preemptible)
+        a `preemptible` one raises Preempted if an `urgent` one (by default: one that is not
+        preemptible) of a lower priority number asks for the thread before it is done."""
+        urgent = not preemptible if urgent is None else urgent
+        await self._turn(priority, urgent)
         self.busy_since = time.monotonic()
         stop = threading.Event()
         self._running = _Running(priority, preemptible, stop)
         # One that asked while the turn was on its way here (it saw no decode running) is not kept waiting.
-        if preemptible and any(not p and urgency < priority and not granted.done()
-                               for urgency, _, p, granted in self._waiting):
+        if preemptible and any(u and rank < priority and not granted.done() for rank, _, u, granted in self._waiting):
             stop.set()
         running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
             audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
@@ -529,15 +529,15 @@ class Engine:
         self._running = None
         self._pass_turn()
 
-    async def _turn(self, priority: int, preemptible: bool) -> None:
+    async def _turn(self, priority: int, urgent: bool) -> None:
         if not self._busy:
             self._busy = True
             return
         now = self._running
-        if now is not None and now.preemptible and not preemptible and priority < now.priority:
-            now.stop.set()  # a final stops a partial; a partial never stops another
+        if now is not None and now.preemptible and urgent and priority < now.priority:
+            now.stop.set()  # a final stops a partial (or a session's final); a partial never stops another
         granted = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (priority, next(self._arrivals), preemptible, granted))
+        heapq.heappush(self._waiting, (priority, next(self._arrivals), urgent, granted))
         try:
             await granted
         except asyncio.CancelledError:

@@ -269,7 +269,7 @@ class AsrWorker:
             return await self._decode("check" if check else "partial", audio,
                                       beam_size=self._cfg.beam_size if check else self._cfg.partial_beam_size,
                                       words=True, prompt=prompt, prefix=prefix, fallback=False,
-                                      priority=self._priority + 2, preemptible=not holds,
+                                      priority=self._priority + 2, preemptible=not holds, urgent=False,
                                       window=self._final_window if check else Window(self._cfg.partial_pad_s))
         except Preempted:
             self._gave_way(stream, check)
@@ -318,10 +318,19 @@ class AsrWorker:
         (60 s of it took 2.3-2.5 s at beam 5 on two threads here, more on one or under load)."""
         audio, prompt = stream.whole(audio_end) if whole else (stream.audio(until=audio_end), stream.prompt)
         name = "retry" if full else "bound" if bound else f"whole {kind}" if whole else kind
-        return await self._decode(name, audio, beam_size=1 if self._stopping else self._cfg.beam_size, words=True,
-                                  prompt=prompt, prefix=stream.prefix if bound else "",
-                                  window=None if full else self._final_window, priority=self._priority,
-                                  fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals)
+        decode = functools.partial(
+            self._decode, name, audio, beam_size=1 if self._stopping else self._cfg.beam_size, words=True,
+            prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
+            priority=self._priority, fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals)
+        if self._priority > MIC:
+            # A session's final gives way to the microphone's at the model's next safe point, once: a
+            # Wyoming session's 58 s final held the microphone's for 4-6 s, past a stop's drain.
+            try:
+                return await decode(preemptible=True, urgent=True)
+            except Preempted:
+                self._log.debug("utterance %d: its %s decode gave way to the microphone's final; begun again",
+                                stream.utt, name)
+        return await decode()
 
     async def _retried(self, stream: UtteranceStream, end: UtteranceEnd, t: Transcript, *, bound: bool,
                        binds: bool) -> Transcript:
@@ -383,7 +392,8 @@ class AsrWorker:
 
     async def _decode(self, kind: str, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
                       prefix: str, priority: int, fallback: bool, window: Window | None,
-                      on: FinalDecoder | None = None, preemptible: bool = False) -> Transcript:
+                      on: FinalDecoder | None = None, preemptible: bool = False,
+                      urgent: bool | None = None) -> Transcript:
         asked = self._clock()
         seconds = len(audio) / SAMPLE_RATE
         # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
@@ -396,7 +406,7 @@ class AsrWorker:
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
                                               language=language, likely=self.heard_language if detect else "",
-                                              preemptible=preemptible)
+                                              preemptible=preemptible, urgent=urgent)
         if detect and not language:
             self._log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
                             t.language, t.language_p, self.heard_language or "not known yet")
