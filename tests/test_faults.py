@@ -223,6 +223,31 @@ def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(
     assert h.exit_code == 0
 
 
+def test_a_stop_that_cannot_wait_for_a_final_still_gives_its_utterance_one(tmp_path):
+    # The decoder far behind (a burst on stdin, base on a slow machine) at a stop: the drain gives up
+    # on the final under way, and the utterance it announced got no final at all.
+    from captiond.config import load
+    from conftest import HeldDecoder
+
+    config = load(None, ["server.stats_interval_s=0", "asr.partials=false"])[0]
+    h = Harness(tmp_path, tmp_path / "t.log", config=config, decoder=HeldDecoder())
+    try:
+        events = EventLog(h.sock)
+        h.say(SPEECH)
+        events.wait_for(lambda e: e["type"] == "speech_end")  # its final's decode never ends
+        h.loop.call_soon_threadsafe(h.service.stop)
+        h.thread.join(60)
+        assert not h.thread.is_alive() and h.exit_code == 1
+        events.wait_closed()
+        assert [e["type"] for e in events.events if e["type"] in ("speech_start", "speech_end", "final")] == [
+            "speech_start", "speech_end", "final"]
+        assert events.of("final")[0]["flags"] == ["error"] and events.of("final")[0]["text"] == ""
+        assert any(e["code"] == "decode_failed" and "stopped before its final was decoded" in e["message"]
+                   for e in events.of("error"))
+    finally:
+        h.decoder.go.set()
+
+
 def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(tmp_path):
     import subprocess
 

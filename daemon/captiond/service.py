@@ -331,6 +331,9 @@ class Service:
         _, stuck = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
         for task in stuck:
             log.error("shutdown: %s still busy after %.0f s; abandoning it", task.get_name(), DRAIN_TIMEOUT_S)
+            if task.get_name() == "asr-worker":
+                self.worker.abandon(f"the daemon stopped before its final was decoded (waited {DRAIN_TIMEOUT_S:.0f} s, "
+                                    f"{self.worker.lag:.0f} s of speech still waiting for the decoder)")
             task.cancel()
             self.exit_code = self.exit_code or 1
 

@@ -131,6 +131,8 @@ class AsrWorker:
         self._last_text = ""
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
+        # The utterance announced (speech_start) whose final has not been published, and its end once known.
+        self._unfinished: tuple[UtteranceStream, UtteranceEnd | None] | None = None
         self._stopping = False
         self._waiting = False
         self.speculations_used = 0
@@ -380,6 +382,27 @@ class AsrWorker:
         """True while a final's decode begun at a pause is under way."""
         return self._speculation is not None and not self._speculation.decode.done()
 
+    def _failed_final(self, stream: UtteranceStream, end: UtteranceEnd, flags: tuple[str, ...]) -> None:
+        self._unfinished = None
+        self._publish(Final(end.utt, stream.start / SAMPLE_RATE, end.end / SAMPLE_RATE, "", (), "",
+                            max(0.0, self._clock() - end.voiced_captured), flags))
+
+    def abandon(self, why: str) -> None:
+        """The daemon stops without waiting for this worker any more: the utterance it announced gets its
+        speech_end (if it had none) and a final flagged error, so every speech_start still has one."""
+        if self._unfinished is None:
+            return
+        stream, end = self._unfinished
+        flags: tuple[str, ...] = ("error",)
+        if end is None:
+            end = UtteranceEnd(stream.utt, stream.voiced_end, stream.start + stream.samples, "end_of_stream",
+                               self._clock())
+            self._publish(SpeechEnd(end.utt, end.end / SAMPLE_RATE, end.reason))
+            flags = ("end_of_stream", "error")
+        self._log.error("utterance %d: %s; its final is lost", end.utt, why)
+        self._publish(Error("decode_failed", f"utterance {end.utt}: {why}; its final is lost"))
+        self._failed_final(stream, end, flags)
+
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         self._log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
         self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
@@ -446,6 +469,7 @@ class AsrWorker:
             if not self._watched():
                 self._no_partials = item.utt
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
+            self._unfinished = (self._stream, None)
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
             if self._stream is not None and self._stream.utt == item.utt:
@@ -461,6 +485,7 @@ class AsrWorker:
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE, item.reason))
+            self._unfinished = (stream, item)
             spec, self._speculation = self._speculation, None
             try:
                 if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
@@ -497,8 +522,7 @@ class AsrWorker:
                 t = await self._retried(stream, item, t, bound=bound, binds=binds)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
-                self._publish(Final(item.utt, stream.start / SAMPLE_RATE, item.end / SAMPLE_RATE, "", (), "",
-                                    max(0.0, self._clock() - item.voiced_captured), ("error",)))
+                self._failed_final(stream, item, ("error",))
                 return
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
@@ -508,4 +532,5 @@ class AsrWorker:
             self.finals_unbound += "unbound" in final.flags
             if final.text and not {"possible_hallucination", "repetition"} & set(final.flags):
                 self._last_text, self._last_end = final.text, item.end
+            self._unfinished = None
             self._publish(final)
