@@ -223,6 +223,20 @@ def test_an_engine_slower_than_real_time_publishes_lag_and_finalises_everything(
     assert h.exit_code == 0
 
 
+def test_a_daemon_that_falls_behind_says_it_is_overloaded_with_stats_off_too(tmp_path):
+    from captiond.config import load
+
+    config = load(None, ["server.stats_interval_s=0", "asr.queue_seconds=30"])[0]
+    h = Harness(tmp_path, tmp_path / "t.log", config=config, decode_delay=0.8)
+    events = EventLog(h.sock)
+    for _ in range(5):
+        h.say(SPEECH)  # ~17 s of speech at pipe speed to a decoder at ~0.8 s per decode
+    overloaded = events.wait_for(lambda e: e["type"] == "status" and e["state"] == "overloaded")
+    assert overloaded["detail"].endswith("s of speech waiting for the decoder")
+    h.end(timeout=120)
+    assert not events.of("stats") and h.exit_code == 0
+
+
 def test_a_stop_that_cannot_wait_for_a_final_still_gives_its_utterance_one(tmp_path):
     # The decoder far behind (a burst on stdin, base on a slow machine) at a stop: the drain gives up
     # on the final under way, and the utterance it announced got no final at all.

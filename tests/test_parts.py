@@ -24,8 +24,9 @@ def test_health_announces_each_change_once_and_overload_has_a_gap():
     assert health.state is State.OVERLOADED
     health.lag((OVERLOADED_LAG_S + RECOVERED_LAG_S) / 2, "mic")  # between the two: no flapping
     assert health.state is State.OVERLOADED
+    assert health.detail == f"{(OVERLOADED_LAG_S + RECOVERED_LAG_S) / 2:.0f} s of speech waiting for the decoder"
     health.lag(RECOVERED_LAG_S / 2, "mic")
-    assert changes[-1] == (State.LISTENING, "mic") and len(changes) == 3
+    assert changes[-1] == (State.LISTENING, "mic") and len(changes) == 4
     health.set(State.PAUSED)
     health.lag(OVERLOADED_LAG_S + 1, "mic")  # a paused daemon is not overloaded
     assert health.state is State.PAUSED

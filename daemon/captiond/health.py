@@ -67,9 +67,11 @@ class Health:
 
     def lag(self, lag: float, listening_detail: str) -> None:
         """The overload state machine: overloaded past OVERLOADED_LAG_S of waiting speech, listening
-        again below RECOVERED_LAG_S (the gap keeps it from flapping)."""
-        if self.state is State.LISTENING and lag > OVERLOADED_LAG_S:
-            self.set(State.OVERLOADED, f"{lag:.1f} s of speech waiting for the decoder")
+        again below RECOVERED_LAG_S (the gap keeps it from flapping); meanwhile the detail says the
+        lag of the last look, to the second."""
+        overloaded = self.state is State.OVERLOADED and lag >= RECOVERED_LAG_S
+        if overloaded or (self.state is State.LISTENING and lag > OVERLOADED_LAG_S):
+            self.set(State.OVERLOADED, f"{lag:.0f} s of speech waiting for the decoder")
         elif self.state is State.OVERLOADED and lag < RECOVERED_LAG_S:
             self.set(State.LISTENING, listening_detail)
 

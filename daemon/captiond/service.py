@@ -44,6 +44,7 @@ STOP_BOUND_S = 10.0
 threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
 _FLUSH_SUBSCRIBERS_S = 1.0
+_HEALTH_S = 1.0  # how often the lag is looked at for the overloaded state when no stats are sent
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
 
 
@@ -203,12 +204,15 @@ class Service:
         return None
 
     async def _stats_loop(self, interval: float) -> None:
+        """Stats every `interval` seconds (0: none), and the overload state machine as often, or every
+        _HEALTH_S without stats: `overloaded` does not depend on whether stats are sent."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval or _HEALTH_S)
             lag = self.worker.lag
             r = self.remote
-            self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize(),
-                               *((r.latency, r.requests, r.fallbacks) if r is not None else ())))
+            if interval:
+                self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize(),
+                                   *((r.latency, r.requests, r.fallbacks) if r is not None else ())))
             self.health.lag(lag, self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------
@@ -236,8 +240,7 @@ class Service:
             # met a broken librosa as a traceback in the gate task, not as the one-line error.
             capture = self._spawn(self.supervisor.run(), "capture")
             asr = self._spawn(self.worker.run(), "asr-worker")
-            if self.config.server.stats_interval_s:
-                self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
+            self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
             log.info("loading model %s and warming up", self.config.asr.model)
             await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.stage.warm_up))
             gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
