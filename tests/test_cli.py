@@ -148,6 +148,13 @@ def test_a_socket_folder_another_user_could_write_in_is_refused(tmp_path):
     result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", f"server.socket={sticky}/c.sock",
                       "--set", f"log.path={tmp_path}/t.log")
     assert result.returncode == 0, result.stderr.decode()  # sticky, as /tmp: others cannot replace our socket
+    if os.geteuid() == 0:  # a link another user made to a sticky folder (/tmp itself), where they went first
+        link = tmp_path / "link"
+        link.symlink_to(sticky)
+        os.lchown(link, 4343, 4343)
+        result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set", f"server.socket={link}/c.sock",
+                          "--set", f"log.path={tmp_path}/t.log")
+        one_line_error(result, f"{link} is a link another user made (uid 4343)")
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to be two users")

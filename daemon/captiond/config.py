@@ -603,9 +603,12 @@ def unsafe_folder(folder: Path) -> str:
     """Why a socket in `folder` could be replaced by another user ("" if it could not, or there is no
     such folder): another user owns it, or others may write to it and it is not sticky like /tmp."""
     try:
-        st = folder.stat()
+        link, st = folder.lstat(), folder.stat()
     except OSError:
         return ""
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+        # It leads where its maker chose: /tmp itself, say, where they put a socket first.
+        return f"{folder} is a link another user made (uid {link.st_uid})"
     if st.st_uid not in (os.geteuid(), 0):
         return f"{folder} belongs to another user (uid {st.st_uid})"
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
