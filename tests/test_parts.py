@@ -37,6 +37,15 @@ def test_watchdog_names_the_first_stuck_part():
     assert Watchdog([lambda now: None, lambda now: "gate", lambda now: "decoder"]).problem() == "gate"
 
 
+def test_the_docs_name_every_key_a_reload_applies():
+    from conftest import ROOT
+    from captiond.reloader import LIVE_ASR_KEYS
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text[text.index("### Applied at once, or after a restart"):text.index("### Per key")]
+    assert [k for k in LIVE_ASR_KEYS if f"`{k}`" not in section] == []
+
+
 def test_reload_plan_applies_live_keys_and_names_the_rest():
     old = load(None, [])[0]
     new = load(None, ["gate.hangover_ms=700", "asr.beam_size=3", "asr.model=/elsewhere", "log.max_bytes=2048"])[0]
