@@ -326,6 +326,33 @@ def test_sighups_while_the_config_is_read_read_it_once_more_not_once_each(tmp_pa
     h.end()
 
 
+def test_a_reload_that_moves_the_log_where_it_cannot_be_written_is_refused(tmp_path, caplog):
+    # As `run` refuses it at start: applied, it held every final's line in memory until a stop lost them.
+    h = Harness(tmp_path, tmp_path / "t.log")
+    moves = {"nowhere": "/proc/captiond-nope/t.log", "good": str(tmp_path / "moved.log")}
+
+    def reload(to):
+        h.service._reload = lambda: load(None, ["server.stats_interval_s=0", f"log.path={moves[to]}",
+                                                "gate.hangover_ms=600"])[0]
+        h.loop.call_soon_threadsafe(h.service._on_signal, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while h.service._reloading is not None or not any("SIGHUP" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    with caplog.at_level("INFO", logger="captiond"):
+        reload("nowhere")
+        refusal = [r.getMessage() for r in caplog.records if "SIGHUP" in r.getMessage()]
+        assert refusal == ["SIGHUP: config not reloaded, the running one stays: log.path: cannot write the transcript "
+                           "log /proc/captiond-nope/t.log: No such file or directory; set log.path to a writable file "
+                           "or log.enabled = false"]
+        assert h.service.config.gate.hangover_ms != 600, "refused as a whole"
+        caplog.clear()
+        reload("good")
+        assert h.service.config.gate.hangover_ms == 600 and (tmp_path / "moved.log").exists()
+    h.end()
+
+
 def say_slowly(h, pcm, piece_s=0.3):
     """Say pcm a piece at a time, each through the gate and the worker before the next (on a slow
     machine too: the worker sees the utterance go on, not all of it at once)."""

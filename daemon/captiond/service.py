@@ -16,7 +16,7 @@ from . import __version__
 from . import reloader
 from .capture import Capture, CaptureError, Source, portaudio_settled
 from .commands import Commands
-from .config import Config, ConfigError, log_path
+from .config import Config, ConfigError, LogConfig, log_path
 from .engine import Engine
 from .events import Error, Event, Hello, Stats, Status, one_line
 from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
@@ -29,7 +29,7 @@ from .session import LiveSession
 from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
 from .tasks import spawn
-from .translog import LogWriter, TranscriptLog
+from .translog import LogWriter, TranscriptLog, check_writable
 from .websocket import WebServer
 from .wyoming_server import WyomingServer
 
@@ -287,8 +287,7 @@ class Service:
                     log.warning("SIGHUP: this daemon was started without a config to re-read")
                     return
                 try:
-                    new = await asyncio.get_running_loop().run_in_executor(None, self._reload)
-                    log_path(new.log)  # one it cannot tell (no home folder) must not fail halfway through reconfigure()
+                    new = await asyncio.get_running_loop().run_in_executor(None, self._reread, self.config.log)
                 except ConfigError as exc:
                     log.error("SIGHUP: config not reloaded, the running one stays: %s", one_line(str(exc)))
                 else:
@@ -299,6 +298,20 @@ class Service:
                     return
         finally:
             self._reloading = None
+
+    def _reread(self, running: LogConfig) -> Config:
+        """The config file again (off the event loop), refused as a whole if it moves the transcript log
+        somewhere it cannot be written, as `run` refuses it at start (lines would wait in memory)."""
+        assert self._reload is not None
+        new = self._reload()
+        path = log_path(new.log)  # one it cannot tell (no home folder) must not fail halfway through reconfigure()
+        if new.log.enabled and (not running.enabled or path != log_path(running)):
+            try:
+                check_writable(path)
+            except OSError as exc:
+                raise ConfigError(f"log.path: cannot write the transcript log {path}: {exc.strerror or exc}; "
+                                  "set log.path to a writable file or log.enabled = false") from None
+        return new
 
     def reconfigure(self, new: Config) -> None:
         """Take a re-read config: apply what is safe while running, name what needs a restart."""

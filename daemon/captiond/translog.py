@@ -60,6 +60,12 @@ def _open_append(path: Path) -> int:
     return fd
 
 
+def check_writable(path: Path) -> None:
+    """Make a transcript log's folder and open the file once, raising OSError with the cause if that fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(_open_append(path))
+
+
 class TranscriptLog:
     """Appends `wall-time<TAB>utt<TAB>text` lines; rotates by size to path.1 … path.N.
 
@@ -83,8 +89,7 @@ class TranscriptLog:
 
     def check(self) -> None:
         """Make the log's folder and open the file once, raising OSError with the cause if that fails."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(_open_append(self.path))
+        check_writable(self.path)
 
     @staticmethod
     def format(final: Final, ts: float) -> str:
