@@ -68,6 +68,26 @@ def test_check_config_prints_the_values_in_effect():
     assert "config OK" in result.stdout.decode() and "start_ms = 90" in result.stdout.decode()
 
 
+def test_check_config_says_what_run_would_refuse_of_a_known_models_languages(tmp_path):
+    for setting, wanted in (("asr.task=translate", "asr.task = translate"), ("asr.language=de", "asr.language = de")):
+        one_line_error(captiond("check-config", "--set", setting, tmp=tmp_path), wanted,
+                       "needs a multilingual model, but tiny.en (bundled) hears English only")
+
+
+def test_relative_xdg_folders_are_ignored_as_the_spec_says(tmp_path):
+    # A daemon and a client started in different folders would not find each other.
+    result = captiond("check-config", env={"XDG_RUNTIME_DIR": "run", "XDG_STATE_HOME": "state"})
+    lines = dict(line[2:].split(": ", 1) for line in result.stdout.decode().splitlines()[1:3])
+    assert lines["socket"].startswith("/") and lines["transcript log"].startswith("/"), lines
+
+
+def test_a_watchdog_setting_that_is_not_a_number_is_named_and_ignored(tmp_path):
+    result = captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", env={"WATCHDOG_USEC": "abc"}, tmp=tmp_path)
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err, err
+    assert "WATCHDOG_USEC='abc' is not a number of microseconds; no watchdog pings" in err
+
+
 def test_missing_model_folder(tmp_path):
     one_line_error(captiond("run", "--source", f"file:{CORPUS}/ps_forever.wav", "--set",
                             f"asr.model={tmp_path}/no-model", tmp=tmp_path), "no such model folder")

@@ -50,6 +50,30 @@ def test_a_join_killed_midway_or_a_stray_file_in_its_place_leaves_nothing_the_ne
 
 
 @needs_base
+def test_a_join_that_waits_for_another_process_says_so(tmp_path, caplog):
+    # A first `transcribe --set asr.model=base` stopped with Ctrl-Z mid-join held the daemon's start
+    # for ever, with no word of why.
+    import fcntl
+    import threading
+    import time
+
+    holder = open(tmp_path / ".base.lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    joined = []
+    with caplog.at_level("WARNING", logger="captiond.models"):
+        waiting = threading.Thread(target=lambda: joined.append(folder(BASE, tmp_path)))
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while not any("another process is joining base into" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the wait was never said"
+            time.sleep(0.05)
+        assert not joined, "it waits for the other join"
+        holder.close()
+        waiting.join(300)
+    assert joined and joined[0].is_dir()
+
+
+@needs_base
 def test_parts_that_do_not_join_into_the_pinned_model_are_refused(tmp_path):
     wrong = dataclasses.replace(BASE, bin_sha256="0" * 64)
     with pytest.raises(ModelError, match=r"joined model.bin has sha256 .*pip install --force-reinstall 'captiond\[base\]'"):

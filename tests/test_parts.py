@@ -32,6 +32,28 @@ def test_health_announces_each_change_once_and_overload_has_a_gap():
     assert health.state is State.PAUSED
 
 
+def test_a_wait_the_event_loop_overslept_is_waited_again_and_a_real_silence_ends_it():
+    import asyncio
+    import time
+
+    from captiond.tasks import within
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        silent = loop.create_future()
+        assert await within({silent}, 0.05) == set(), "nothing came: the wait ends empty"
+        data = loop.create_future()
+
+        def frozen():  # the process stopped past the timeout; the peer's data was there all along, and
+            time.sleep(1.5)  # is read a few turns of the loop after the overdue timeout fires
+            loop.call_soon(loop.call_soon, loop.call_soon, data.set_result, "audio")
+
+        loop.call_soon(frozen)
+        assert await within({data}, 0.2) == {data}
+
+    asyncio.run(main())
+
+
 def test_watchdog_names_the_first_stuck_part():
     assert Watchdog([lambda now: None]).problem() is None
     assert Watchdog([lambda now: None, lambda now: "gate", lambda now: "decoder"]).problem() == "gate"

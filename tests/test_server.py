@@ -535,3 +535,8 @@ def test_a_socket_path_too_long_for_unix_sockets_names_server_socket(tmp_path):
     path = tmp_path / ("a" * 120) / "s.sock"
     with pytest.raises(ServerError, match=r"bytes long, and a Unix socket's path may have at most 107; set server.socket"):
         asyncio.run(make_server(path).start())
+    assert not path.parent.exists(), "refused before its folder is made"
+    from captiond.client import Client, NotRunning
+
+    with pytest.raises(NotRunning, match=r"bytes long, and a Unix socket's path may have at most 107"):
+        Client(path)  # a client says so too, not "cannot connect: AF_UNIX path too long"

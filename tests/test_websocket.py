@@ -175,6 +175,22 @@ def test_idle_session_is_closed_unless_kept_alive(harness):
         assert closed.value.rcvd.reason == "idle timeout"
 
 
+def test_a_daemon_frozen_past_the_idle_timeout_keeps_a_client_that_streamed_all_along(harness):
+    # SIGSTOP, a paused VM: the client's audio waited in the socket, and the session was closed as idle.
+    h = harness("websocket.idle_timeout_s=2")
+    with connect(f"ws://{h.base}/listen") as ws:
+        ws.recv(timeout=10)
+        stream(ws, SPEECH[:8000])
+        h.loop.call_soon_threadsafe(time.sleep, 3.5)  # the daemon's event loop away for longer than the timeout
+        for i in range(8000, len(SPEECH), 1600):
+            ws.send(SPEECH[i:i + 1600].astype("<i2").tobytes())
+            time.sleep(0.1)
+        ws.send(json.dumps({"type": "CloseStream"}))
+        got = events_until(ws, "final")
+        assert not [e for e in got if e["type"] == "error"], got
+        assert got[-1]["text"].startswith("heard")
+
+
 def test_sessions_beyond_the_limit_are_refused_clearly(harness):
     h = harness("websocket.max_sessions=1")
     with connect(f"ws://{h.base}/listen") as first:

@@ -518,12 +518,14 @@ def _toml_string(text: str) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
-    from .models import ModelError, resolve_model
+    from .models import KNOWN, ModelError, check_languages, resolve_model
 
     config, path = _config(args)
     try:
         make_source(config.audio.source)
         resolve_model(config.asr.model)
+        if (known := KNOWN.get(config.asr.model)) is not None:  # another's languages are known once loaded
+            check_languages(config.asr, known.display, known.multilingual)
         if config.asr.backend == "openai":
             from .remote import read_key
             read_key(config.asr)

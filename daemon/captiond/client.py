@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
-from .config import ServerConfig, shared_tmp_folder, socket_path, unsafe_folder
+from .config import ServerConfig, shared_tmp_folder, socket_path, too_long, unsafe_folder
 from .events import MAX_LINE, Envelope, Error, Hello, decode
 
 if TYPE_CHECKING:
@@ -49,6 +49,13 @@ _LINE_MAX = 4 * MAX_LINE  # the longest line a client reads (a final with every 
 
 def _not_running(path: Path, exc: OSError) -> NotRunning:
     if isinstance(exc, PermissionError):
+        try:
+            path.lstat()
+        except PermissionError:
+            return NotRunning(f"not allowed to reach {path}: this user may not look into {path.parent} "
+                              "(see server.group to share it)")
+        except OSError:
+            pass
         return NotRunning(f"not allowed to connect to {path}: the socket belongs to another user "
                           "(see server.group to share it)")
     if path.exists() and not path.is_socket():
@@ -58,9 +65,12 @@ def _not_running(path: Path, exc: OSError) -> NotRunning:
                       "(start it with `captiond run`, or point at its socket with --set server.socket=PATH)")
 
 
-def _refuse_squatted(path: Path) -> None:
-    """NotRunning if `path` is the default socket in /tmp and another user could have put it there:
-    they would be sent our commands and could send us any text (`captiond type` types it)."""
+def _check_path(path: Path) -> None:
+    """NotRunning if `path` cannot be a socket's, or is the default socket in /tmp and another user
+    could have put it there: they would be sent our commands and could send us any text (`captiond
+    type` types it)."""
+    if problem := too_long(path):
+        raise NotRunning(problem)
     if path.parent == shared_tmp_folder() and (unsafe := unsafe_folder(path.parent)):
         raise NotRunning(f"not connecting to {path}: {unsafe}, so it may not be captiond's; remove the folder "
                          "and restart captiond, or point at its socket with --set server.socket=PATH")
@@ -98,7 +108,7 @@ class Client:
 
     def __init__(self, path: Path | None = None, timeout: float | None = None) -> None:
         self.path = path or socket_path(ServerConfig())
-        _refuse_squatted(self.path)
+        _check_path(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -182,7 +192,7 @@ class AsyncClient:
         """Open the connection, raising NotRunning when no daemon answers."""
         import asyncio  # only here: blocking clients (`captiond ptt` on a key press) start faster without it
 
-        _refuse_squatted(self.path)
+        _check_path(self.path)
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=_LINE_MAX)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:

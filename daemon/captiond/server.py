@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from .config import unsafe_folder
+from .config import too_long, unsafe_folder
 from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
 from .tasks import spawn
 
@@ -108,16 +108,14 @@ def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[str, int | None]:
 
 
 _WATCH_S = 5.0  # how often the daemon checks that its socket is still at its path
-_SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)
 
 
 def check_socket_path(path: Path, key: str = "server.socket") -> None:
     """Refuse a path too long for a socket, a socket a live process answers on, or a file that is no
     socket; remove a socket a dead daemon left behind. `key` is the setting the error tells the user
     to change."""
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ServerError(f"{path} is {len(os.fsencode(path))} bytes long, and a Unix socket's path may have at "
-                          f"most {_SUN_PATH_MAX}; set {key} to a shorter path")
+    if problem := too_long(path, key):
+        raise ServerError(problem)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -344,6 +342,8 @@ class Server(Hub):
             except KeyError:
                 raise ServerError(f"server.group: no such group {self._group!r}; "
                                   "create it (groupadd) or set server.group to an existing one") from None
+        if problem := too_long(self.path):  # before the folder is made
+            raise ServerError(problem)
         folder = self.path.parent
         made = not folder.exists()
         # Another user could put a socket of their own in its place, and clients would trust it.

@@ -48,6 +48,16 @@ _HEALTH_S = 1.0  # how often the lag is looked at for the overloaded state when 
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
 
 
+def _watchdog_usec() -> int:
+    """systemd's WATCHDOG_USEC, 0 when unset; a value that is not a number is named and ignored."""
+    value = os.environ.get("WATCHDOG_USEC", "")
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        log.warning("WATCHDOG_USEC=%r is not a number of microseconds; no watchdog pings", value[:40])
+        return 0
+
+
 class Service:
     """One running daemon. Dependencies come in through the constructor so tests can swap them."""
 
@@ -252,7 +262,7 @@ class Service:
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
                 sd_notify("READY=1")
-            watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+            watchdog_usec = _watchdog_usec()
             if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
                 self._spawn(self.watchdog.run(watchdog_usec / 2e6), "watchdog")
             await asyncio.wait([asr, self._spawn(self._stopping.wait(), "stop-signal")],

@@ -28,7 +28,7 @@ from .events import Error
 from .frames import SAMPLE_RATE
 from .server import Client, Hub, ServerError, worth_a_line
 from .session import AudioError, LiveSession
-from .tasks import spawn
+from .tasks import spawn, within
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +280,7 @@ class WebServer:
         receive = asyncio.get_running_loop().create_task(ws.recv(), name="websocket-recv")
         broken = spawn(session.broken.wait(), "websocket-session-broken")
         try:
-            done, _ = await asyncio.wait({receive, broken}, timeout=self._cfg.idle_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done = await within({receive, broken}, self._cfg.idle_timeout_s)
         finally:
             broken.cancel()
             if not receive.done():

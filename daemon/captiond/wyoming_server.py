@@ -30,7 +30,7 @@ from .frames import SAMPLE_RATE
 from .lognames import Named, shown
 from .server import ServerError, check_socket_path
 from .session import MAX_RATE, MIN_RATE, AudioError, LiveSession
-from .tasks import spawn
+from .tasks import spawn, within
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class _Handler(AsyncEventHandler):
                 return
             while True:
                 try:
-                    event = await asyncio.wait_for(read_event(self.reader), idle)
+                    event = await self._next_event(idle)
                 except asyncio.TimeoutError:
                     await self._error("idle_timeout", f"no event for {idle:g} s (wyoming.idle_timeout_s); closing")
                     return
@@ -351,6 +351,18 @@ class _Handler(AsyncEventHandler):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         else:
             self.logger.debug("ignoring a %r event", event.type)
+
+    async def _next_event(self, idle: float) -> WyEvent | None:
+        """The client's next event (None at its end); TimeoutError after `idle` seconds without one."""
+        # Its exception (a bad event, a closed connection) is read here, so the task is not spawn()ed to log it.
+        reading = asyncio.get_running_loop().create_task(read_event(self.reader), name="wyoming-read")
+        try:
+            if not await within({reading}, idle):
+                raise asyncio.TimeoutError
+        finally:
+            if not reading.done():
+                reading.cancel()
+        return reading.result()
 
     async def _error(self, code: str, text: str) -> None:
         self.logger.warning("%s", shown(text, 500))
