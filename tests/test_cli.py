@@ -74,7 +74,7 @@ def test_check_config_says_what_run_would_refuse_of_a_known_models_languages(tmp
                        "needs a multilingual model, but tiny.en (bundled) hears English only")
 
 
-def test_relative_xdg_folders_are_ignored_as_the_spec_says(tmp_path):
+def test_relative_xdg_folders_are_ignored_as_the_spec_says():
     # A daemon and a client started in different folders would not find each other.
     result = captiond("check-config", env={"XDG_RUNTIME_DIR": "run", "XDG_STATE_HOME": "state"})
     lines = dict(line[2:].split(": ", 1) for line in result.stdout.decode().splitlines()[1:3])
@@ -199,6 +199,33 @@ def test_clients_do_not_trust_the_default_socket_in_a_tmp_folder_another_user_ma
         err = result.stderr.decode()
         assert result.returncode == 3 and "Traceback" not in err, err
         assert f"not connecting to {folder}/captiond.sock: {folder} belongs to another user" in err, err
+        # The folder as it should be, but another user's process answers on the socket in it (the folder
+        # was swapped between the look and the connect; here a link to their socket stands for that).
+        fake.close()
+        os.unlink(folder / "captiond.sock")
+        os.chown(folder, victim, victim)
+        folder.chmod(0o700)
+        theirs = Path(f"/tmp/captiond-test-{attacker}-{os.getpid()}")
+        theirs.mkdir()
+        os.chown(theirs, attacker, attacker)
+        listener = subprocess.Popen(["setpriv", f"--reuid={attacker}", f"--regid={attacker}", "--clear-groups",
+                                     sys.executable, "-c", "import os, socket, time; s = socket.socket(socket.AF_UNIX);"
+                                     f" s.bind('{theirs}/s.sock'); os.chmod('{theirs}/s.sock', 0o777); s.listen();"
+                                     " print(flush=True); time.sleep(120)"],
+                                    stdout=subprocess.PIPE)
+        try:
+            listener.stdout.readline()
+            os.link(theirs / "s.sock", folder / "captiond.sock")
+            result = subprocess.run(["setpriv", f"--reuid={victim}", f"--regid={victim}", "--clear-groups",
+                                     sys.executable, "-m", "captiond", "status"], env={**env, "HOME": "/nonexistent"},
+                                    capture_output=True, timeout=60, cwd=ROOT)
+            err = result.stderr.decode()
+            assert result.returncode == 3 and "Traceback" not in err, err
+            assert f"another user's process answers there (uid {attacker})" in err, err
+        finally:
+            listener.kill()
+            listener.wait()
+            shutil.rmtree(theirs, ignore_errors=True)
     finally:
         fake.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -287,6 +287,15 @@ def test_a_socket_another_process_made_at_the_path_stops_the_daemon(tmp_path):
     asyncio.run(main())
 
 
+def test_a_socket_folder_that_is_a_link_leading_nowhere_is_unsafe(tmp_path):
+    # Another user's link made to dangle until they make its target: judged as a link, not as missing.
+    from captiond.config import unsafe_folder
+
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing")
+    assert unsafe_folder(tmp_path / "nowhere") == f"{tmp_path}/nowhere is a link that leads nowhere"
+    assert unsafe_folder(tmp_path / "missing") == "" and unsafe_folder(tmp_path) == ""
+
+
 def test_a_plain_file_in_the_way_is_not_removed(tmp_path):
     path = tmp_path / "s.sock"
     path.write_text("important")

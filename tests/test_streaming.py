@@ -337,22 +337,29 @@ def test_a_final_decode_does_not_wait_for_the_partial_under_way(ends_at):
     assert worker.speculations_used == (ends_at == "pause")
 
 
+async def gave_way_and_holds(queue, decoder, items, upto):
+    """Feed items[:upto] of a SlowPartials utterance: its partial gives way at a pause at frame 40 that
+    speech goes on after, and returns once the partial asked for again (it holds) is under way."""
+    first = 40 * FRAME_SAMPLES
+    for item in items[:41]:
+        await queue.put(item)
+    await asyncio.to_thread(decoder.partial_began.acquire)
+    await queue.put(UtterancePause(1, first, first + 3 * FRAME_SAMPLES))  # stops it; speech goes on
+    for item in items[41:upto]:
+        await queue.put(item)
+    await asyncio.to_thread(decoder.partial_began.acquire)  # asked for again, once the early final is dropped
+
+
 def test_a_partial_asked_for_again_after_giving_way_holds_through_the_next_pause():
     # Short pauses that speech goes on after: the first pause's early final stops the partial under way
     # and is thrown away; the partial asked for again is not stopped by the next pause (no early final
     # is begun there), or no partial would ever finish (base: none for 11-14 s).
     decoder = SlowPartials()
     items = utterance(1, 0, 4.0)
-    first, second = 40 * FRAME_SAMPLES, 80 * FRAME_SAMPLES
+    second = 80 * FRAME_SAMPLES
 
     async def feed(queue, worker):
-        for item in items[:41]:
-            await queue.put(item)
-        await asyncio.to_thread(decoder.partial_began.acquire)
-        await queue.put(UtterancePause(1, first, first + 3 * FRAME_SAMPLES))  # stops it; speech goes on
-        for item in items[41:81]:
-            await queue.put(item)
-        await asyncio.to_thread(decoder.partial_began.acquire)  # asked for again, once the early final is dropped
+        await gave_way_and_holds(queue, decoder, items, 81)
         await queue.put(UtterancePause(1, second, second + 3 * FRAME_SAMPLES))  # begins no early final
         for item in items[81:]:
             await queue.put(item)
@@ -369,16 +376,9 @@ def test_a_pause_that_comes_while_a_partial_holds_begins_its_early_final_once_th
     decoder = SlowPartials(hold=60.0)
     items = utterance(1, 0, 4.0)
     end = items[-1]
-    first = 40 * FRAME_SAMPLES
 
     async def feed(queue, worker):
-        for item in items[:41]:
-            await queue.put(item)
-        await asyncio.to_thread(decoder.partial_began.acquire)
-        await queue.put(UtterancePause(1, first, first + 3 * FRAME_SAMPLES))  # stops it; speech goes on
-        for item in items[41:100]:
-            await queue.put(item)
-        await asyncio.to_thread(decoder.partial_began.acquire)  # asked for again: it holds
+        await gave_way_and_holds(queue, decoder, items, 100)
         for item in items[100:-1]:
             await queue.put(item)
         await queue.put(pause_before(end))

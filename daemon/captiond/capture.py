@@ -494,7 +494,7 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
                 yield from chunks
             yield from _mono16k(resampler, None, name)
         except (av.error.FFmpegError, ValueError) as exc:
-            kept = f"the {used / SAMPLE_RATE:.1f} s before the damage were used" if used else "none of it could be used"
+            kept = f"the {used / SAMPLE_RATE:.2f} s before the damage were used" if used else "none of it could be used"
             raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); {kept}") from None
 
 

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
@@ -76,6 +78,21 @@ def _check_path(path: Path) -> None:
                          "and restart captiond, or point at its socket with --set server.socket=PATH")
 
 
+def _check_peer(path: Path, sock: socket.socket) -> None:
+    """For the default socket in /tmp, NotRunning unless the process that answers is this user's or
+    root's: the folder was looked at before connecting, and another user may have changed it since."""
+    if path.parent != shared_tmp_folder():
+        return
+    try:
+        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    except OSError:
+        uid = -1
+    if uid not in (os.getuid(), os.geteuid(), 0):
+        raise NotRunning(f"not connecting to {path}: another user's process answers there (uid {uid}), so it is "
+                         "not your captiond; remove the folder and restart captiond, or point at its socket "
+                         "with --set server.socket=PATH")
+
+
 def _checked(path: Path, line: bytes, first: bool) -> Envelope | None:
     """One line from the daemon as a typed event (None for a type this version does not know); BadDaemon
     for a line that is not a v1 event, or a first line that is not hello (an error there is a refusal)."""
@@ -90,7 +107,7 @@ def _checked(path: Path, line: bytes, first: bool) -> Envelope | None:
     return env
 
 
-def _too_long(path: Path) -> str:
+def _line_too_long(path: Path) -> str:
     return f"{path} sent a line longer than {_LINE_MAX} bytes; is that captiond's socket?"
 
 
@@ -119,6 +136,11 @@ class Client:
         except OSError as exc:  # e.g. EAGAIN: its backlog of connections is full (a daemon that hangs?)
             self._sock.close()
             raise NotRunning(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
+        try:
+            _check_peer(self.path, self._sock)
+        except NotRunning:
+            self._sock.close()
+            raise
         self._file = self._sock.makefile("rb")
         self._read = 0  # lines read so far: the first must be hello, whichever call reads it
 
@@ -145,7 +167,7 @@ class Client:
             if not line:
                 return
             if len(line) > _LINE_MAX:
-                raise BadDaemon(_too_long(self.path))
+                raise BadDaemon(_line_too_long(self.path))
             self._read += 1
             if self._read == 1:
                 _checked(self.path, line, first=True)
@@ -197,6 +219,11 @@ class AsyncClient:
             self._reader, self._writer = await asyncio.open_unix_connection(str(self.path), limit=_LINE_MAX)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             raise _not_running(self.path, exc) from None
+        try:
+            _check_peer(self.path, self._writer.get_extra_info("socket"))
+        except NotRunning:
+            self._writer.close()
+            raise
         return self
 
     async def send(self, command: dict) -> None:
@@ -218,7 +245,7 @@ class AsyncClient:
             try:
                 line = await self._reader.readline()
             except ValueError:  # asyncio's word for a line over the reader's limit
-                raise BadDaemon(_too_long(self.path)) from None
+                raise BadDaemon(_line_too_long(self.path)) from None
             except ConnectionResetError:  # as in Client.lines: an end like a close
                 return
             if not line:

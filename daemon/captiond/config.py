@@ -118,7 +118,8 @@ class GateConfig:
         _check(0.0 <= self.min_modulation_db <= 40.0, "gate.min_modulation_db", "must be between 0 and 40 dB")
         # The sustain is measured within the start window, 10 ms hops of 32 ms windows.
         _check(0 <= self.min_sustain_ms <= min(1000, self.start_window_ms - 30), "gate.min_sustain_ms",
-               "must be between 0 ms and gate.start_window_ms less 30 ms (it is measured within that window)")
+               "must be between 0 and 1000 ms, and at most gate.start_window_ms less 30 ms (it is measured "
+               "within that window)")
 
 
 WHISPER_LANGUAGES = frozenset((
@@ -621,12 +622,16 @@ def unsafe_folder(folder: Path) -> str:
     """Why a socket in `folder` could be replaced by another user ("" if it could not, or there is no
     such folder): another user owns it, or others may write to it and it is not sticky like /tmp."""
     try:
-        link, st = folder.lstat(), folder.stat()
+        link = folder.lstat()
     except OSError:
         return ""
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
         # It leads where its maker chose: /tmp itself, say, where they put a socket first.
         return f"{folder} is a link another user made (uid {link.st_uid})"
+    try:
+        st = folder.stat()
+    except OSError:
+        return f"{folder} is a link that leads nowhere" if stat.S_ISLNK(link.st_mode) else ""
     if st.st_uid not in (os.geteuid(), 0):
         return f"{folder} belongs to another user (uid {st.st_uid})"
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:

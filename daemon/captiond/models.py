@@ -101,14 +101,15 @@ def speed_file(env: os._Environ[str] | dict[str, str] = os.environ) -> Path:
     return cache_dir(env) / "speed.json"
 
 
-_SPEED_FIELDS = {"rtf": float, "final_5s_p50": float, "measured": str}
+_SPEED_FIELDS = {"rtf": float, "final_5s_p50": float, "clips": int, "measured": str, "machine": str}
 """What bench/model_speed.py keeps per model, and the type each must have to be shown."""
 
 
 def _usable(field: str, value: Any) -> bool:
     kind = _SPEED_FIELDS.get(field)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if kind in (float, int):
+        number = (int,) if kind is int else (int, float)
+        return isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     return kind is not None and isinstance(value, kind)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import grp
 import logging
@@ -30,6 +31,10 @@ _COMMAND_BURST = 50
 
 class ServerError(RuntimeError):
     """The socket cannot be set up; the message says why and what to do."""
+
+
+class Taken(ServerError):
+    """Another process listens on the socket's path."""
 
 
 @dataclass
@@ -135,17 +140,26 @@ def check_socket_path(path: Path, key: str = "server.socket") -> None:
     finally:
         probe.close()
     raise Taken(f"another process (a captiond?) is already listening on {path}; stop it first "
-                      f"(systemctl --user stop captiond) or set {key} to another path")
+                f"(systemctl --user stop captiond) or set {key} to another path")
 
 
-class Taken(ServerError):
-    """Another process listens on the socket's path."""
+def _lock_path(path: Path) -> Path:
+    """The lock file beside socket `path`."""
+    return path.with_name(path.name + ".lock")
+
+
+def _holds(path: Path, fd: int) -> bool:
+    """True when `fd` is the lock file now at socket `path`'s lock path (not one removed since)."""
+    try:
+        return os.stat(_lock_path(path)).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _lock(path: Path) -> int:
     """Lock `path`'s lock file (beside it) and return its descriptor, held for the daemon's life: two
     daemons started at once both found the path free, and the second bind unlinked the first's socket."""
-    lock = path.with_name(path.name + ".lock")
+    lock = _lock_path(path)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -153,23 +167,24 @@ def _lock(path: Path) -> int:
             raise ServerError(f"cannot create {lock}: {exc.strerror or exc}; set server.socket to a writable path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            if _holds(path, fd):
                 return fd
         except BlockingIOError:
             os.close(fd)
             raise Taken(f"another captiond is already listening on {path} (it holds {lock.name}); stop it "
-                              "first (systemctl --user stop captiond) or set server.socket to another path") from None
-        except FileNotFoundError:
-            pass
+                        "first (systemctl --user stop captiond) or set server.socket to another path") from None
+        except OSError as exc:
+            os.close(fd)
+            raise ServerError(f"cannot lock {lock}: {exc.strerror or exc}; set server.socket to a path on a "
+                              "local file system") from None
         os.close(fd)  # the daemon that held it removed it as we opened it: lock the one at the path now
 
 
 def _unlock(path: Path, fd: int) -> None:
     """Remove the lock file if it is still the one `fd` holds, then let it go."""
-    lock = path.with_name(path.name + ".lock")
     try:
-        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            lock.unlink()
+        if _holds(path, fd):
+            _lock_path(path).unlink()
     except OSError:
         pass
     os.close(fd)
@@ -346,15 +361,16 @@ class Server(Hub):
             raise ServerError(problem)
         folder = self.path.parent
         made = not folder.exists()
-        # Another user could put a socket of their own in its place, and clients would trust it.
-        if unsafe := unsafe_folder(folder):
-            raise ServerError(f"socket folder {unsafe}; remove it, or set server.socket to a path in a "
-                              "folder of yours")
         try:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ServerError(f"cannot create socket folder {folder}: {exc.strerror or exc}; "
                               "set server.socket to a writable path") from None
+        # Looked at as it is now, made or found: another user could put a socket of their own in its
+        # place, and clients would trust it.
+        if unsafe := unsafe_folder(folder):
+            raise ServerError(f"socket folder {unsafe}; remove it, or set server.socket to a path in a "
+                              "folder of yours")
         if gid != -1:
             self._share_folder(folder, gid, made)
         self._hold_lock()
@@ -390,11 +406,8 @@ class Server(Hub):
     def _hold_lock(self) -> None:
         """Hold the lock file at the path (again, if it was removed: another daemon would take it)."""
         if self._lock is not None:
-            try:
-                if os.stat(self.path.with_name(self.path.name + ".lock")).st_ino == os.fstat(self._lock).st_ino:
-                    return
-            except FileNotFoundError:
-                pass
+            if _holds(self.path, self._lock):
+                return
             self._release_lock()
         self._lock = _lock(self.path)
 
@@ -421,12 +434,8 @@ class Server(Hub):
         except OSError:
             return  # cannot look (a folder made unsearchable): nothing is known to be wrong
         if inode is not None and inode == self._inode:
-            try:
+            with contextlib.suppress(ServerError):  # the socket still serves; a newcomer finds it and stops
                 self._hold_lock()
-            except Taken:
-                raise ServerError(f"another captiond took {self.path}'s lock; stopping this one") from None
-            except ServerError:
-                pass  # the lock file cannot be made again; the socket still serves
             return
         if inode is not None:
             raise ServerError(f"{self.path} is now another process's socket; no client can reach this daemon "

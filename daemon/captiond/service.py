@@ -175,6 +175,8 @@ class Service:
         else:
             log.error("task %s failed", task.get_name(), exc_info=exc)
             self.publish(Error("internal", f"{task.get_name()} failed: {exc!r}"))
+            if task.get_name() == "asr-worker":
+                self.worker.abandon(f"the decoder's worker failed ({exc!r})")
         self.exit_code = 1
         self.stop()
 
@@ -214,16 +216,19 @@ class Service:
         return None
 
     async def _stats_loop(self, interval: float) -> None:
-        """Stats every `interval` seconds (0: none), and the overload state machine as often, or every
-        _HEALTH_S without stats: `overloaded` does not depend on whether stats are sent."""
+        """Stats every `interval` seconds (0: none), and the overload state machine at least every
+        _HEALTH_S: `overloaded` does not wait for stats, nor depend on whether they are sent."""
+        loop = asyncio.get_running_loop()
+        stats_at = loop.time() + interval
         while True:
-            await asyncio.sleep(interval or _HEALTH_S)
+            await asyncio.sleep(min(_HEALTH_S, max(0.0, stats_at - loop.time())) if interval else _HEALTH_S)
             lag = self.worker.lag
-            r = self.remote
-            if interval:
+            self.health.lag(lag, self.source.description)
+            if interval and loop.time() >= stats_at:
+                stats_at = loop.time() + interval
+                r = self.remote
                 self.publish(Stats(lag, self.worker.rtf, self.ring.overruns, self.queue.qsize(),
                                    *((r.latency, r.requests, r.fallbacks) if r is not None else ())))
-            self.health.lag(lag, self.source.description)
 
     # --- lifetime -------------------------------------------------------------------------
 

@@ -132,7 +132,8 @@ class AsrWorker:
         self._last_end = -(1 << 62)
         self._speculation: _Speculation | None = None
         # The utterance announced (speech_start) whose final has not been published, and its end once known.
-        self._unfinished: tuple[UtteranceStream, UtteranceEnd | None] | None = None
+        self._announced: UtteranceStream | None = None
+        self._announced_end: UtteranceEnd | None = None
         self._stopping = False
         self._waiting = False
         self.speculations_used = 0
@@ -325,8 +326,8 @@ class AsrWorker:
             prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
             priority=self._priority, fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals)
         if self._priority > MIC:
-            # A session's final gives way to the microphone's at the model's next safe point, once: a
-            # Wyoming session's 58 s final held the microphone's for 4-6 s, past a stop's drain.
+            # Each decode of a session's final gives way to the microphone's at the model's next safe
+            # point, once: a Wyoming session's 58 s final held the microphone's for 4-6 s, past a stop's drain.
             try:
                 return await decode(preemptible=True, urgent=True)
             except Preempted:
@@ -382,26 +383,27 @@ class AsrWorker:
         """True while a final's decode begun at a pause is under way."""
         return self._speculation is not None and not self._speculation.decode.done()
 
-    def _failed_final(self, stream: UtteranceStream, end: UtteranceEnd, flags: tuple[str, ...]) -> None:
-        self._unfinished = None
+    def _failed_final(self, stream: UtteranceStream, end: UtteranceEnd) -> None:
+        """The final of an utterance whose decode failed: empty, flagged error (and how it ended)."""
+        self._announced = None
+        flags = (*((end.reason,) if end.reason in ("max_length", "end_of_stream") else ()), "error")
         self._publish(Final(end.utt, stream.start / SAMPLE_RATE, end.end / SAMPLE_RATE, "", (), "",
                             max(0.0, self._clock() - end.voiced_captured), flags))
 
     def abandon(self, why: str) -> None:
-        """The daemon stops without waiting for this worker any more: the utterance it announced gets its
-        speech_end (if it had none) and a final flagged error, so every speech_start still has one."""
-        if self._unfinished is None:
+        """The daemon stops without waiting for this worker any more (or it failed): the utterance it
+        announced gets its speech_end (if it had none) and a final flagged error, so every speech_start
+        still has one."""
+        stream, end = self._announced, self._announced_end
+        if stream is None:
             return
-        stream, end = self._unfinished
-        flags: tuple[str, ...] = ("error",)
-        if end is None:
+        if end is None or end.utt != stream.utt:
             end = UtteranceEnd(stream.utt, stream.voiced_end, stream.start + stream.samples, "end_of_stream",
                                self._clock())
             self._publish(SpeechEnd(end.utt, end.end / SAMPLE_RATE, end.reason))
-            flags = ("end_of_stream", "error")
         self._log.error("utterance %d: %s; its final is lost", end.utt, why)
         self._publish(Error("decode_failed", f"utterance {end.utt}: {why}; its final is lost"))
-        self._failed_final(stream, end, flags)
+        self._failed_final(stream, end)
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         self._log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
@@ -469,7 +471,7 @@ class AsrWorker:
             if not self._watched():
                 self._no_partials = item.utt
             self._publish(SpeechStart(item.utt, item.start / SAMPLE_RATE))
-            self._unfinished = (self._stream, None)
+            self._announced, self._announced_end = self._stream, None
         elif isinstance(item, UtteranceAudio):
             self.queued_samples -= len(item.pcm)
             if self._stream is not None and self._stream.utt == item.utt:
@@ -485,7 +487,7 @@ class AsrWorker:
             if stream is None or stream.utt != item.utt:
                 return
             self._publish(SpeechEnd(item.utt, item.end / SAMPLE_RATE, item.reason))
-            self._unfinished = (stream, item)
+            self._announced_end = item
             spec, self._speculation = self._speculation, None
             try:
                 if spec is not None and (spec.utt, spec.voiced_end) == (item.utt, item.end):
@@ -522,7 +524,7 @@ class AsrWorker:
                 t = await self._retried(stream, item, t, bound=bound, binds=binds)
             except Exception as exc:  # a decode that raises costs this one utterance, never the worker
                 self._decode_failed(item.utt, "final", exc)
-                self._failed_final(stream, item, ("error",))
+                self._failed_final(stream, item)
                 return
             if t.audio_seconds > 0:
                 ratio = t.decode_seconds / t.audio_seconds
@@ -532,5 +534,5 @@ class AsrWorker:
             self.finals_unbound += "unbound" in final.flags
             if final.text and not {"possible_hallucination", "repetition"} & set(final.flags):
                 self._last_text, self._last_end = final.text, item.end
-            self._unfinished = None
+            self._announced = None
             self._publish(final)

@@ -350,7 +350,7 @@ class _Handler(AsyncEventHandler):
         elif Ping.is_type(event.type):
             await self.write_event(Pong(text=Ping.from_event(event).text).event())
         else:
-            self.logger.debug("ignoring a %r event", event.type)
+            self.logger.debug("ignoring a '%s' event", shown(event.type))
 
     async def _next_event(self, idle: float) -> WyEvent | None:
         """The client's next event (None at its end); TimeoutError after `idle` seconds without one."""
