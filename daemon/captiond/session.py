@@ -205,6 +205,7 @@ class LiveSession:
         left = (self._received - self.samples) / SAMPLE_RATE + self.worker.lag
         self._log.warning("no decode for %.0f s with %.1f s of audio left (%s busy); abandoning it",
                           timeout, left, ", ".join(t.get_name() for t in busy))
+        self.worker.abandon(f"the session decoded nothing for {timeout:.0f} s")  # its speech_start gets a final
         self._send(Error("audio_dropped", f"the session decoded nothing for {timeout:.0f} s; about {left:.1f} s "
                                           "of the audio sent before the end were not transcribed"))
         self.cancel()
