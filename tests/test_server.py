@@ -289,7 +289,7 @@ def test_a_socket_another_process_made_at_the_path_stops_the_daemon(tmp_path):
 
 def test_a_socket_folder_that_is_a_link_leading_nowhere_is_unsafe(tmp_path):
     # Another user's link made to dangle until they make its target: judged as a link, not as missing.
-    from captiond.config import unsafe_folder
+    from captiond.sockets import unsafe_folder
 
     (tmp_path / "nowhere").symlink_to(tmp_path / "missing")
     assert unsafe_folder(tmp_path / "nowhere") == f"{tmp_path}/nowhere is a link that leads nowhere"

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
-from .config import ServerConfig, shared_tmp_folder, socket_path, too_long, unsafe_folder
+from .config import ServerConfig, socket_path
 from .events import MAX_LINE, Envelope, Error, Hello, decode
+from .sockets import peer_ids, shared_tmp_folder, too_long, unsafe_folder
 
 if TYPE_CHECKING:
     import asyncio
@@ -83,10 +83,7 @@ def _check_peer(path: Path, sock: socket.socket) -> None:
     root's: the folder was looked at before connecting, and another user may have changed it since."""
     if path.parent != shared_tmp_folder():
         return
-    try:
-        uid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-    except OSError:
-        uid = -1
+    uid = ids[1] if (ids := peer_ids(sock)) is not None else -1
     if uid not in (os.getuid(), os.geteuid(), 0):
         raise NotRunning(f"not connecting to {path}: another user's process answers there (uid {uid}), so it is "
                          "not your captiond; remove the folder and restart captiond, or point at its socket "

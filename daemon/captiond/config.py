@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 from .events import MAX_CONTEXT, text_problem
+from .sockets import shared_tmp_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -599,44 +599,6 @@ def socket_path(server: ServerConfig) -> Path:
     if _system_mode():
         return Path("/run/captiond/captiond.sock")
     return shared_tmp_folder() / "captiond.sock"
-
-
-SUN_PATH_MAX = 107
-"""Bytes of a Unix socket's path (sockaddr_un's 108, with its terminating NUL)."""
-
-
-def too_long(path: Path, key: str = "server.socket") -> str:
-    """Why `path` cannot be a Unix socket's ("" if it can); `key` is the setting to change."""
-    size = len(os.fsencode(path))
-    if size <= SUN_PATH_MAX:
-        return ""
-    return f"{path} is {size} bytes long, and a Unix socket's path may have at most {SUN_PATH_MAX}; set {key} to a shorter path"
-
-
-def shared_tmp_folder() -> Path:
-    """The socket's folder when there is no runtime directory: in /tmp, where any user may have made it."""
-    return Path(f"/tmp/captiond-{os.getuid()}")
-
-
-def unsafe_folder(folder: Path) -> str:
-    """Why a socket in `folder` could be replaced by another user ("" if it could not, or there is no
-    such folder): another user owns it, or others may write to it and it is not sticky like /tmp."""
-    try:
-        link = folder.lstat()
-    except OSError:
-        return ""
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
-        # It leads where its maker chose: /tmp itself, say, where they put a socket first.
-        return f"{folder} is a link another user made (uid {link.st_uid})"
-    try:
-        st = folder.stat()
-    except OSError:
-        return f"{folder} is a link that leads nowhere" if stat.S_ISLNK(link.st_mode) else ""
-    if st.st_uid not in (os.geteuid(), 0):
-        return f"{folder} belongs to another user (uid {st.st_uid})"
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        return f"{folder} may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
-    return ""
 
 
 def log_path(log: LogConfig) -> Path:

@@ -10,15 +10,14 @@ import logging
 import os
 import socket
 import stat
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from .config import too_long, unsafe_folder
 from .events import MAX_LINE, Command, Error, Event, Final, Lost, ProtocolError, encode, parse_command
+from .sockets import peer_ids, too_long, unsafe_folder
 from .tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -104,11 +103,10 @@ class Client:
 
 def _peer_credentials(writer: asyncio.StreamWriter) -> tuple[str, int | None]:
     """The peer's pid, uid and gid as a log text, and its uid (None when the system does not say)."""
-    sock = writer.get_extra_info("socket")
-    try:
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except (OSError, AttributeError):
+    ids = peer_ids(writer.get_extra_info("socket"))
+    if ids is None:
         return "peer unknown", None
+    pid, uid, gid = ids
     return f"pid={pid} uid={uid} gid={gid}", uid
 
 

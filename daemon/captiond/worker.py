@@ -18,8 +18,8 @@ from .engine import SHORT, Engine, Preempted, Transcript, Window
 from .events import Error, Event, Final, SpeechEnd, SpeechStart
 from .frames import FRAME_MS, SAMPLE_RATE
 from .gate import GateEvent, UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
-from .rules import ends_sentence
 from .lognames import Named
+from .rules import ends_sentence
 from .streaming import UtteranceStream
 from .tasks import spawn
 
