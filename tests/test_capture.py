@@ -65,7 +65,10 @@ def test_file_source_resamples_other_rates(tmp_path):
 def test_corrupt_missing_and_audio_less_files_are_clear_errors(tmp_path):
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + os.urandom(2000))
-    for path, words in [(corrupt, "corrupt.wav"), (tmp_path / "nope.wav", "no such file")]:
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")  # FFmpeg's own words for it: "[Errno 1094995529] Invalid data found ..."
+    for path, words in [(corrupt, "corrupt.wav"), (tmp_path / "nope.wav", "no such file"),
+                        (empty, "empty.wav: the file is empty")]:
         with pytest.raises(CaptureError) as err:
             FileSource(path).check()
         assert words in str(err.value)
@@ -95,7 +98,7 @@ def test_a_pipe_given_as_a_file_is_refused_before_it_is_read(tmp_path):
     os.write(w, (CORPUS / "ps_forever.wav").read_bytes()[:30000])  # a valid WAV's start: decodable
     os.close(w)
     try:
-        with pytest.raises(CaptureError, match="a pipe, not a file.*--source -"):
+        with pytest.raises(CaptureError, match="a pipe or device, not a file.*--source -"):
             FileSource(Path(f"/proc/self/fd/{r}")).check()
     finally:
         os.close(r)

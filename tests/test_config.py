@@ -45,6 +45,9 @@ def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
     ('[server]\nsocket = "/tmp/\\u0000.sock"\n', "server.socket"),
     ("[wyoming]\nuri = 'tcp://[::1'\n", "wyoming.uri"),  # urlsplit's ValueError was a traceback
     ("[asr]\nremote_url = 'http://[::1'\n", "asr.remote_url"),
+    ("[asr]\nremote_url = 'http://gpu-box/my models/v1'\n", "asr.remote_url"),  # the space split the request line
+    ("[asr]\nremote_url = 'http://gpu-box/modèles/v1'\n", "asr.remote_url"),  # a traceback on every request
+    ("[gate]\nmax_utterance_s = 1" + "0" * 400 + "\n", "gate.max_utterance_s"),  # float() overflowed: a traceback
     ("[log]\npath = '~no-such-user-here/t.log'\n", "log.path"),  # expanduser's RuntimeError, where used
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, text, key):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig, GateConfig
-from captiond.engine import SHORT, Engine, Preempted, WhisperDecoder, Window, _heard, _joined, _words, short_window
+from captiond.engine import SHORT, Engine, Preempted, WhisperDecoder, Window, _heard, joined, _words, short_window
 from captiond.models import ModelError, resolve_model
 from captiond.events import Word
 from captiond.rules import TINY_EN
@@ -76,9 +76,9 @@ def test_finals_come_out_the_same_every_time():
 
 def test_segments_join_without_a_space_before_what_goes_on_a_word():
     # Seen with a prefix: segments "... 4th Deliner", ". Montreal" and "I", "'m sorry".
-    assert _joined(["This is the Montreal 4th Deliner", ". Montreal", "I", "'m sorry", "Word", ", word"]) == \
+    assert joined(["This is the Montreal 4th Deliner", ". Montreal", "I", "'m sorry", "Word", ", word"]) == \
         "This is the Montreal 4th Deliner. Montreal I'm sorry Word, word"
-    assert _joined([]) == ""
+    assert joined([]) == ""
 
 
 def test_a_word_piece_without_a_space_before_it_goes_on_the_word_before():

@@ -69,6 +69,12 @@ def test_parser_never_fails_any_other_way(line):
         assert cmd.types is None or cmd.types <= set(EVENT_TYPES)
 
 
+def test_a_number_too_long_for_python_is_bad_json_without_python_advice():
+    with pytest.raises(ProtocolError) as err:
+        parse_command(b'{"cmd":"subscribe","since":' + b"9" * 5000 + b"}")
+    assert err.value.code == "bad_json" and str(err.value) == "line is not JSON: a number too long"
+
+
 def test_context_command():
     cmd = parse_command(b'{"cmd":"context","prompt":"captiond, Kubernetes","hotwords":"kubectl"}')
     assert (cmd.cmd, cmd.prompt, cmd.hotwords) == ("context", "captiond, Kubernetes", "kubectl")

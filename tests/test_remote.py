@@ -107,6 +107,11 @@ def test_a_malformed_answer_is_refused_saying_what_is_wrong(body, why):
         parse_transcript(body, 2.8, 0.3, "en")
 
 
+def test_invisible_format_characters_are_left_out_and_joiners_kept():
+    t = parse_transcript(json.dumps({"text": "\ufeffsoft\u00adware \u200fhere می\u200cخواهم"}).encode(), 2.8, 0.3, "")
+    assert t.text == "software here می\u200cخواهم"
+
+
 def test_a_thai_answer_whose_words_are_tokens_is_taken():
     # faster-whisper splits Thai (and Lao, Burmese, Chinese) words into tokens: 61 "words" for 5 s.
     sentence = "สวัสดีครับวันนี้อากาศดีมากเราจะไปเที่ยวทะเลกันไหมครับผมอยากไปมากเลย"
@@ -157,6 +162,12 @@ def canned_server(answer: bytes) -> socket.socket:
     (b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 70_000, "HTTP 401 Unauthorized"),
     # A length that str.isdigit() takes and int() does not: read to the close instead.
     (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n" + b'{"text": " fine"}', "fine"),
+    # Longer than int() reads (4300 digits): that was a traceback in the log and "ValueError in the client".
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1" + b"0" * 5000 + b"\r\n\r\n{}", "the server announced an answer of "
+     "more than 4194304 bytes"),
+    # Cut short: it was reported as "not JSON".
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"text": " fi', "the server closed the connection "
+     "after 13 of the 100 bytes it announced"),
 ])
 def test_an_http_answer_s_status_and_length_are_read_safely(answer, outcome):
     listener = canned_server(answer)
@@ -169,6 +180,39 @@ def test_an_http_answer_s_status_and_length_are_read_safely(answer, outcome):
         assert got == outcome
     finally:
         listener.close()
+
+
+def test_a_request_abandoned_while_it_connects_is_never_sent():
+    # The event loop's deadline passed while the thread connected: abort() had no socket to shut, and
+    # the request went out and waited on for as long as the server trickled its answer, in its slot.
+    class AbortedWhileConnecting(Call):
+        def attach(self, conn):
+            super().attach(conn)
+            self.abort()
+
+    listener = canned_server(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n" + b'{"text": " fine"}')
+    try:
+        cfg = AsrConfig(backend="openai", remote_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+        with pytest.raises(RemoteError, match="abandoned"):
+            TranscriptionClient(cfg, "").transcribe(np.zeros(1600, np.float32), "", AbortedWhileConnecting())
+    finally:
+        listener.close()
+
+
+def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_out():
+    # Segments far longer than the text passed the size check, and a word cut from them (a loop, an
+    # improbable last word) rebuilt the final's text from them: 3 MB finals that no client could read.
+    huge = answer(text="hello", segments=[{"start": 0, "end": 1, "text": "y" * 19_000}], words=[])
+    with pytest.raises(RemoteError, match="segments hold more than 368 characters"):
+        parse_transcript(huge, 2.8, 0.3, "en")
+    # A word the server placed after the audio (here 2.0 s of it) was not heard, as a local decode says;
+    # the answer's own text (here saying more) gives way to its segments.
+    t = parse_transcript(answer(text="Feels like these days go on forever and ever."), 2.0, 0.3, "en")
+    assert t.text == "Feels like these days go on" and t.unheard == ("forever.",)
+    assert [s.text for s in t.segments] == ["Feels like these days", "go on"]
+    late = parse_transcript(answer(words=None, segments=[*OPENAI["segments"], {"start": 2.9, "end": 5.0,
+                                                                            "text": " Thank you."}]), 2.8, 0.3, "en")
+    assert late.text == OPENAI["text"]
 
 
 def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printable_line(tmp_path):

@@ -1,5 +1,6 @@
 import asyncio
 import json
+import logging
 import os
 import socket
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captiond.events import Command, Final, Hello, Partial, Pong, SpeechStart, Status
-from captiond.server import Server, ServerError
+from captiond.server import Server, ServerError, quiet_accept_failures
 
 
 def make_server(path, **kw):
@@ -132,6 +133,29 @@ def test_a_full_queue_drops_partials_before_finals(tmp_path):
     asyncio.run(main())
 
 
+def test_connections_that_cannot_be_accepted_are_said_once_a_minute_not_each_with_a_traceback(caplog):
+    # Out of file descriptors, Python 3.11 logs a traceback for each of a listening socket's 1024
+    # backlog tries: 1400 lines a second, past journald's rate limit.
+    loop = asyncio.new_event_loop()
+    now = [0.0]
+    try:
+        quiet_accept_failures(loop, clock=lambda: now[0])
+        failure = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
+        with caplog.at_level(logging.ERROR):
+            for _ in range(1024):
+                loop.call_exception_handler(failure)
+            now[0] = 61.0
+            loop.call_exception_handler(failure)
+            loop.call_exception_handler({"message": "something else"})
+        said = [r.getMessage() for r in caplog.records]
+        assert said[:2] == ["cannot accept connections: Too many open files (1 time(s) so far); too many connections "
+                            "are open", "cannot accept connections: Too many open files (1025 time(s) so far); "
+                            "too many connections are open"]
+        assert said[2:] == ["something else"]  # any other exception as asyncio says it
+    finally:
+        loop.close()
+
+
 def test_malformed_lines_get_an_error_and_the_connection_stays(tmp_path):
     async def main():
         server = make_server(tmp_path / "s.sock")
@@ -142,10 +166,15 @@ def test_malformed_lines_get_an_error_and_the_connection_stays(tmp_path):
             writer.write(bad)
             event = await read_event(reader)
             assert event["type"] == "error" and event["message"]
+        # An over-long line that comes in several reads is dropped to its newline, its tail included:
+        # that tail was taken for a line of its own, and a command there ran ("pause" paused the daemon).
+        for piece in (b"x" * 70_000, b"y" * 70_000, b'{"cmd":"status"}\n'):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
         writer.write(b'{"cmd":"ping"}\n')
-        while (event := await read_event(reader))["type"] == "error":
-            pass  # the tail of the over-long line is reported once more
-        assert event["type"] == "pong"
+        assert (await read_event(reader))["code"] == "line_too_long"
+        assert (await read_event(reader))["type"] == "pong"  # no second error, no status
         await server.close()
 
     asyncio.run(main())

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -257,6 +258,26 @@ def test_an_output_name_too_long_is_refused_before_any_work_and_a_symlinked_targ
     assert run(str(CORPUS / "ps_forever.wav"), "--output-dir", str(tmp_path / "out")).returncode == 0
     assert (tmp_path / "out" / "ps_forever.txt").is_symlink() and "forever" in kept.read_text().lower()
     assert kept.stat().st_mode & 0o777 == 0o640  # its mode kept
+
+
+def test_a_pipe_is_read_once_and_a_fifo_as_the_output_is_written_into_not_replaced(tmp_path):
+    # The duration probe read the pipe, and the decode then found it empty ("not audio PyAV can
+    # read") or, on a FIFO, waited for ever; an output that was a FIFO or device was replaced by a file.
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = tmp_path / "captions.fifo"
+    os.mkfifo(fifo)
+    (out / "stdin.txt").symlink_to(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()), daemon=True)
+    reader.start()
+    with open(CORPUS / "ps_forever.wav", "rb") as wav:
+        writer = subprocess.Popen(["cat"], stdin=wav, stdout=subprocess.PIPE)
+        result = run("/dev/stdin", "--output-dir", str(out), stdin=writer.stdout)
+        writer.wait()
+    reader.join(30)
+    assert result.returncode == 0, result.stderr.decode()
+    assert fifo.is_fifo() and "forever" in read[0].lower()
 
 
 def test_two_inputs_with_the_same_stem_are_refused_before_any_work(tmp_path):

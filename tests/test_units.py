@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from captiond.install import InstallError, exec_word
 from conftest import ROOT
 
 CAPTIOND = shutil.which("captiond") or os.path.join(os.path.dirname(sys.executable), "captiond")
@@ -70,7 +71,7 @@ def test_install_service_writes_unit_and_config(tmp_path):
     result = run("--system")
     assert result.returncode == 0, result.stderr
     unit = (tmp_path / "etc/systemd/system/captiond.service").read_text()
-    assert f"ExecStart={os.path.realpath(CAPTIOND)} run --config /etc/captiond/captiond.toml" in unit
+    assert f'ExecStart="{os.path.realpath(CAPTIOND)}" run --config /etc/captiond/captiond.toml' in unit
     config = tmp_path / "etc/captiond/captiond.toml"
     assert config.read_text() == (ROOT / "config/captiond.toml").read_text()
     config.write_text("[gate]\nhangover_ms = 700\n")
@@ -80,3 +81,21 @@ def test_install_service_writes_unit_and_config(tmp_path):
     assert run("--user").returncode == 0
     assert (tmp_path / "home/u/.config/systemd/user/captiond.service").is_file()
     assert (tmp_path / "home/u/.config/captiond/captiond.toml").is_file()
+
+
+def test_a_program_path_with_a_space_or_percent_sign_is_one_word_systemd_runs(tmp_path):
+    # ExecStart was written unquoted: systemd split it at the space ("Command .../my is not executable")
+    # and read "%" as a specifier, while install-service said it had succeeded.
+    folder = tmp_path / "my tools 100%$"
+    folder.mkdir()
+    program = folder / "captiond"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    unit = tmp_path / "t.service"
+    unit.write_text((ROOT / "systemd/captiond.service").read_text().replace("/usr/local/bin/captiond",
+                                                                          exec_word(str(program))))
+    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert "not executable" not in verified.stderr and "special characters" not in verified.stderr, verified.stderr
+    for bad in ('/opt/a"b/captiond', "/opt/it's/captiond", "/opt/a\\b/captiond", "/opt/a\nb/captiond"):
+        with pytest.raises(InstallError, match="install captiond in another folder"):
+            exec_word(bad)

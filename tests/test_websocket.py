@@ -671,7 +671,43 @@ def test_events_clients_beyond_server_max_clients_get_an_error_and_a_1013_close(
             refused = json.loads(second.recv(timeout=10))
             with pytest.raises(ConnectionClosed) as closed:
                 second.recv(timeout=10)
+            # The Unix socket keeps its own budget: any local user can reach the loopback port, and
+            # filling it locked the socket's owner out (its captiond status was refused).
+            with socket.socket(socket.AF_UNIX) as own:
+                own.settimeout(10)
+                own.connect(str(h.sock))
+                assert json.loads(own.makefile("rb").readline())["type"] == "hello"
     assert refused["code"] == "too_many_clients" and closed.value.rcvd.code == 1013
+    assert "over WebSocket /events" in refused["message"]
+
+
+def test_tcp_connections_past_the_limits_are_dropped_before_any_handshake(harness):
+    # Idle connections count against no client or session limit until their handshake: any local
+    # process held 1100 of them and the daemon had no file descriptor left.
+    h = harness("server.max_clients=1", "websocket.max_sessions=1")
+    most = 1 + 1 + 64
+    host, port = h.base.split(":")
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(most)]
+    try:
+        extra = socket.create_connection((host, int(port)), timeout=10)
+        with extra:
+            try:
+                assert extra.recv(1) == b""  # closed at once, not left to the handshake timeout
+            except ConnectionResetError:
+                pass
+        assert h.service.web.refused["connections"] >= 1
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 30
+    while True:  # once they are gone, the port takes clients again
+        try:
+            with connect(f"ws://{h.base}/events", open_timeout=10) as ws:
+                assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+            break
+        except (ConnectionClosed, OSError, InvalidStatus):
+            assert time.monotonic() < deadline, "the port took no client after the connections closed"
+            time.sleep(0.1)
 
 
 def test_a_session_whose_client_just_leaves_has_its_end_logged(harness, caplog):

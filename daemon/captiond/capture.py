@@ -480,6 +480,8 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
     except FileNotFoundError:
         raise CaptureError(f"{name}: no such file") from None
     except (av.error.FFmpegError, OSError, ValueError) as exc:
+        if isinstance(source, Path) and _empty(source):  # FFmpeg says only "[Errno 1094995529] Invalid data"
+            raise CaptureError(f"{name}: the file is empty") from None
         raise CaptureError(f"{name}: not audio PyAV can read ({exc})") from None
     with container:
         streams = [s for s in container.streams if s.type == "audio"]
@@ -496,6 +498,23 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
         except (av.error.FFmpegError, ValueError) as exc:
             kept = f"the {used / SAMPLE_RATE:.2f} s before the damage were used" if used else "none of it could be used"
             raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); {kept}") from None
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0 and seekable(path)
+    except OSError:
+        return False
+
+
+def seekable(path: Path) -> bool:
+    """False for a pipe, socket or device, which can be read only once (True for what cannot be
+    looked at: decode_file names what is wrong with it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 def probe_duration(path: Path) -> float:
@@ -588,12 +607,8 @@ class FileSource(Source):
 
         A pipe (a FIFO, <(cmd), /dev/stdin) is refused first: it is read twice, by this check and by
         run(), and the check either waits for ever for a writer or takes the stream's header away."""
-        try:
-            mode = os.stat(self.path).st_mode
-        except OSError:
-            mode = 0  # decode_file names what is wrong
-        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            raise CaptureError(f"{one_line(str(self.path))}: a pipe, not a file; pipe raw PCM to --source - "
+        if not seekable(self.path):
+            raise CaptureError(f"{one_line(str(self.path))}: a pipe or device, not a file; pipe raw PCM to --source - "
                                "instead (e.g. ffmpeg -i IN -f s16le -ac 1 -ar 16000 - | captiond run --source -)")
         gen = decode_file(self.path)
         try:

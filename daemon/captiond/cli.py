@@ -75,7 +75,13 @@ def _write_whole(target: Path, text: str) -> None:
     transcript that looks finished. Raises OSError (a target that may not be written, as open() would)."""
     target = target.resolve()  # through a symlink, as a shell's > writes
     if target.exists() and not os.access(target, os.W_OK):
+        if os.statvfs(target.parent).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, "Read-only file system")
         raise PermissionError(errno.EACCES, "Permission denied (the file exists and is read-only)")
+    if target.exists() and not target.is_file():  # a device or a FIFO: written into, never replaced
+        with open(target, "w", encoding="utf-8") as out:
+            out.write(text)
+        return
     fd, partial = tempfile.mkstemp(prefix=".captiond-", suffix=".partial", dir=target.parent)
     try:
         with open(fd, "w", encoding="utf-8") as out:

@@ -236,6 +236,11 @@ class AsrConfig:
             _check(url.username is None and url.password is None, "asr.remote_url",
                    "must not hold a user or password (they would be logged); put the key in asr.remote_key_file")
             _check(not url.query and not url.fragment, "asr.remote_url", "must not have a query or fragment")
+            # The path goes into the request line as it is: a space splits that line, and characters other
+            # than ASCII cannot be sent at all (the host may be a name in any script: it is sent as IDNA).
+            _check(all(33 <= ord(c) < 127 for c in url.path), "asr.remote_url",
+                   f"the path {url.path[:70]!r} must be printable ASCII without spaces; %-encode other "
+                   "characters (%20 for a space)")
             try:
                 url.port
             except ValueError:
@@ -267,7 +272,7 @@ class ServerConfig:
     stats_interval_s: float = 5.0
     """Seconds between stats events; 0 turns them off."""
     max_clients: int = 100
-    """Subscribers connected at once (Unix socket and WebSocket /events); more are sent too_many_clients and closed."""
+    """Subscribers connected at once over the Unix socket, and as many over WebSocket /events; more are sent too_many_clients and closed."""
 
     def __post_init__(self) -> None:
         _check_path(self.socket, "server.socket")
@@ -466,7 +471,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be a whole number, not {value!r}")
     elif isinstance(default, float):
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, not {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # TOML's integers have no bound
+            raise ConfigError(f"{key}: the number is too large") from None
     elif isinstance(default, str):
         _check(isinstance(value, str), key, f"must be a string, not {value!r}")
         _check("\x00" not in value, key, "must not hold a NUL character (\\u0000)")

@@ -98,7 +98,7 @@ class Transcript:
                                                     end=left[-1].end if hi == len(seg.words) else seg.end,
                                                     text=" ".join(w.word for w in left), words=left))
         dropped = tuple(w.word for w in self.words[first:end])
-        return dataclasses.replace(self, text=_joined(seg.text for seg in segments), segments=tuple(segments),
+        return dataclasses.replace(self, text=joined(seg.text for seg in segments), segments=tuple(segments),
                                    unheard=self.unheard + dropped)
 
 
@@ -285,7 +285,7 @@ def release_memory() -> None:
         _glibc.malloc_trim(0)
 
 
-def _joined(texts: Iterable[str]) -> str:
+def joined(texts: Iterable[str]) -> str:
     """Segment texts as one text: a space between two, none before one that goes on a word ("'m", ",")."""
     out = ""
     for text in texts:
@@ -394,7 +394,7 @@ class WhisperDecoder:
         finally:
             release_memory()
         found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE, self.rules)
-        return Transcript(_joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
+        return Transcript(joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
                           len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard,
                           language_p=1.0 if language else info.language_probability)
 

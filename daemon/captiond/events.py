@@ -302,7 +302,9 @@ def parse_command(line: bytes) -> Command:
     except UnicodeDecodeError:
         raise ProtocolError("bad_json", "line is not UTF-8") from None
     except ValueError as exc:
-        raise ProtocolError("bad_json", f"line is not JSON: {exc}") from None
+        # A number of more than 4300 digits is refused by int() with advice for Python programmers.
+        why = "a number too long" if "int_max_str_digits" in str(exc) else str(exc)
+        raise ProtocolError("bad_json", f"line is not JSON: {why}") from None
     except RecursionError:  # json nests by recursion: "[" * 60000 is no ValueError
         raise ProtocolError("bad_json", "line is not JSON: nested too deeply") from None
     if not isinstance(obj, dict):

@@ -37,6 +37,16 @@ def _executable() -> str:
     return str(Path(found).resolve())
 
 
+def exec_word(exe: str) -> str:
+    """The program's path as ExecStart's first word: quoted (a space split it), its % doubled (systemd's
+    specifiers). InstallError for characters systemd takes in no program name (quotes, backslashes,
+    control characters)."""
+    if any(c in exe for c in "\"\\'") or not exe.isprintable():
+        raise InstallError(f"systemd cannot run a program whose path has a quote, a backslash or a control "
+                           f"character: {exe!r}; install captiond in another folder (e.g. python3 -m venv /opt/captiond)")
+    return '"' + exe.replace("%", "%%") + '"'
+
+
 def plan(system: bool, root: Path = Path("/")) -> Plan:
     """The files for a user (--user) or system (--system) installation, under root."""
     units = SOURCE_ROOT / "systemd"
@@ -77,7 +87,7 @@ def install(system: bool, root: Path = Path("/")) -> list[str]:
         raise InstallError(f"the system service cannot run {exe}: ProtectHome= hides /home and /root from it; "
                            "install captiond outside them, e.g. python3 -m venv /opt/captiond && "
                            "/opt/captiond/bin/pip install . && sudo /opt/captiond/bin/captiond install-service --system")
-    unit = p.unit_source.read_text().replace("/usr/local/bin/captiond", exe)
+    unit = p.unit_source.read_text().replace("/usr/local/bin/captiond", exec_word(exe))
     p.unit_target.parent.mkdir(parents=True, exist_ok=True)
     p.unit_target.write_text(unit)
     done.append(f"wrote {p.unit_target} (ExecStart={exe} …)")

@@ -24,6 +24,7 @@ import ssl
 import stat
 import threading
 import time
+import unicodedata
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .config import LOOPBACK, WHISPER_LANGUAGES, AsrConfig, ConfigError
-from .engine import Engine, Segment, Transcript
+from .engine import Engine, Segment, Transcript, joined, kept
 from .events import Word, one_line, text_problem
 from .frames import SAMPLE_RATE
 from .tasks import spawn
@@ -56,6 +57,7 @@ _MAX_ERROR_BODY = 64 << 10  # bytes of an error answer read for its message
 # and ~20 characters a second. More is no transcript of this audio, and a final that long would
 # outgrow the lines clients read (a 5000-word final is a 283 KB event).
 _WORDS_PER_S, _CHARS_PER_S = 8, 60
+_JOINERS = "\u200c\u200d"
 
 
 class RemoteError(Exception):
@@ -146,7 +148,9 @@ def _text(value: Any, where: str) -> str:
     text = " ".join(value.split())
     if (problem := text_problem(text)) is not None:
         raise RemoteError(f"the server's {where} is not plain text: {problem}")
-    return text
+    # Invisible format characters (a soft hyphen, a byte-order mark, a right-to-left mark) would be typed
+    # by `captiond type` and hide in the log; the joiners stay, as Persian and Indic scripts need them.
+    return "".join(c for c in text if unicodedata.category(c) != "Cf" or c in _JOINERS)
 
 
 def _items(data: dict, key: str) -> list[dict]:
@@ -198,12 +202,16 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
             if chars > most_chars:
                 raise RemoteError(f"the server's words hold more than {most_chars} characters for "
                                   f"{audio_seconds:.1f} s of audio: no transcript of it")
-    segments, logprob, ratio, no_speech = [], 0.0, 0.0, 0.0
+    segments, logprob, ratio, no_speech, seg_chars = [], 0.0, 0.0, 0.0, 0
     raw = _items(data, "segments")
     for i, seg in enumerate(raw):
         where = f"segments[{i}]"
         start, end = _timed(seg, where, audio_seconds)
         seg_text = _text(seg.get("text", ""), f"{where}.text")
+        seg_chars += len(seg_text)
+        if seg_chars > most_chars:  # the final's text is made of them
+            raise RemoteError(f"the server's segments hold more than {most_chars} characters for "
+                              f"{audio_seconds:.1f} s of audio: no transcript of it")
         seg_logprob, seg_no_speech = _number(seg, "avg_logprob", where, 0.0), _number(seg, "no_speech_prob", where, 0.0)
         logprob, no_speech = min(logprob, seg_logprob), max(no_speech, seg_no_speech)
         ratio = max(ratio, _number(seg, "compression_ratio", where, 0.0))
@@ -215,11 +223,20 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
     if not raw and text:  # text only, or words only: one segment
         segments = [Segment(words[0].start if words else 0.0, words[-1].end if words else audio_seconds, text,
                             tuple(words), 0.0, 0.0)]
+    # Words placed after the audio were not heard in it (a local decode leaves them out too), and the
+    # text is what the segments kept say: the worker cuts a loop or an improbable last word out of the
+    # segments, so a text that said more than they do would come back in its place.
+    said = [w for seg in segments for w in seg.words]
+    heard = sum(w.start < audio_seconds for w in said)  # words are in order
+    if heard < len(said):
+        segments = kept(segments, heard)
+    segments = [seg for seg in segments if seg.words or seg.start < audio_seconds]
     code = data.get("language")
     language = code if isinstance(code, str) and code in WHISPER_LANGUAGES else language
     # A server says no detection probability: its language never becomes the speaker's (worker.heard_language).
-    return Transcript(text, tuple(segments), language, logprob, ratio, no_speech, audio_seconds, decode_seconds,
-                      origin="remote", language_p=0.0)
+    return Transcript(joined(seg.text for seg in segments), tuple(segments), language, logprob, ratio, no_speech,
+                      audio_seconds, decode_seconds, tuple(w.word for w in said[heard:]), origin="remote",
+                      language_p=0.0)
 
 
 def _server_error(status: int, reason: str, body: bytes) -> RemoteError:
@@ -281,16 +298,21 @@ class TranscriptionClient:
                 if self._https else http.client.HTTPConnection(self._host, self._port, timeout=backstop))
         try:
             call.attach(conn)
+            conn.connect()
+            call.check()
             conn.request("POST", self._path, body=body, headers=headers)
             response = conn.getresponse()
             if response.status != 200:  # its status says what went wrong, whatever its body holds
                 raise _server_error(response.status, response.reason, response.read(_MAX_ERROR_BODY))
-            length = response.getheader("Content-Length", "")
-            if length.isascii() and length.isdigit() and int(length) > _MAX_BODY:  # not "²": isdigit, no int
-                raise RemoteError(f"the server's answer is {int(length)} bytes, more than {_MAX_BODY}")
+            announced = _announced(response.getheader("Content-Length", ""))
+            if announced > _MAX_BODY:
+                raise RemoteError(f"the server announced an answer of more than {_MAX_BODY} bytes")
             answer = response.read(_MAX_BODY + 1)
             if len(answer) > _MAX_BODY:
                 raise RemoteError(f"the server's answer is more than {_MAX_BODY} bytes")
+            if len(answer) < announced:
+                raise RemoteError(f"the server closed the connection after {len(answer)} of the {announced} "
+                                  "bytes it announced")
         except (OSError, http.client.HTTPException) as exc:
             if call.aborted:
                 raise RemoteError("abandoned") from None
@@ -299,6 +321,13 @@ class TranscriptionClient:
             conn.close()
         return parse_transcript(answer, len(audio) / SAMPLE_RATE, time.monotonic() - started,
                                 "" if self._language == "auto" else self._language)
+
+
+def _announced(length: str) -> int:
+    """A Content-Length header's number of bytes, -1 without one."""
+    if not (length.isascii() and length.isdigit()):  # "²" is a digit to isdigit, not to int
+        return -1
+    return int(length) if len(length) <= 18 else _MAX_BODY + 1  # int() refuses 4300 digits and more
 
 
 def _network_error(exc: BaseException, timeout: float) -> str:
@@ -330,9 +359,16 @@ class Call:
     def attach(self, conn: http.client.HTTPConnection) -> None:
         """Called by the request thread before it connects."""
         with self._lock:
+            self._conn = conn
+        self.check()
+
+    def check(self) -> None:
+        """Raise RemoteError once the request is abandoned. Called again once connected: an abort while
+        it connected had no socket to shut, and the request went on past its deadline for as long as
+        the server trickled its answer, holding its slot."""
+        with self._lock:
             if self.aborted:
                 raise RemoteError("abandoned")
-            self._conn = conn
 
     def abort(self) -> None:
         """Make the request thread's blocking socket call return now (it then ends)."""

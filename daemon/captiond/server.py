@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import grp
+import math
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from .tasks import spawn
 log = logging.getLogger(__name__)
 
 _WRITE_BUFFER = 16 * 1024
+_UNIX = "the Unix socket"
 _BACKLOG = 1024  # bursts of connects (a dashboard's reconnect storm) queue rather than get EAGAIN
 _COMMANDS_PER_S = 50.0  # a client's commands taken per second after a burst; a flood waits in its own socket
 _COMMAND_BURST = 50
@@ -56,6 +58,8 @@ class Client:
     """Drops the connection at once."""
     capacity: int
     peer: str = ""
+    transport: str = ""
+    """What it connected over ("the Unix socket", "WebSocket"): each has its own server.max_clients."""
     audited: bool = True
     """Its connection and disconnection are logged at info level (others: debug)."""
     types: frozenset[str] | None = None
@@ -194,6 +198,31 @@ def worth_a_line(count: int) -> bool:
     return count in (1, 10) or count % 100 == 0
 
 
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+_ACCEPT_LINE_S = 60.0
+
+
+def quiet_accept_failures(loop: asyncio.AbstractEventLoop, clock: Callable[[], float] = time.monotonic) -> None:
+    """Have the loop say that it cannot accept connections (no file descriptor left) once a minute with
+    a count, not with a traceback per connection: Python 3.11 tries a listening socket's whole backlog
+    (1024) each time, and 1400 lines a second past journald's rate limit dropped the daemon's own."""
+    failed, said = 0, -math.inf
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal failed, said
+        if context.get("message") != _ACCEPT_FAILED:
+            loop.default_exception_handler(context)
+            return
+        failed += 1
+        if clock() - said >= _ACCEPT_LINE_S:
+            said = clock()
+            exc = context.get("exception")
+            log.error("cannot accept connections: %s (%d time(s) so far); too many connections are open",
+                      getattr(exc, "strerror", None) or exc, failed)
+
+    loop.set_exception_handler(handler)
+
+
 class Hub:
     """Subscribers on any transport: publish() fans events out without ever waiting for a reader."""
 
@@ -219,6 +248,11 @@ class Hub:
         """Connected subscribers."""
         return len(self._clients)
 
+    @property
+    def max_clients(self) -> int:
+        """Subscribers each transport takes at once (server.max_clients)."""
+        return self._max_clients
+
     def wants(self, event_type: str) -> bool:
         """True when a connected subscriber's filter lets events of this type through."""
         return any(c.types is None or event_type in c.types for c in self._clients.values() if not c.closing)
@@ -233,16 +267,20 @@ class Hub:
             client.offer(item)
         return self.seq
 
-    def refusal(self) -> bytes | None:
-        """The error line a new connection gets when server.max_clients are connected; None when there is room."""
-        if len(self._clients) < self._max_clients:
+    def refusal(self, transport: str) -> bytes | None:
+        """The error line a new connection over `transport` gets when server.max_clients are connected over
+        it; None when there is room. Each transport counts its own: any local user can reach a loopback
+        WebSocket port, and by filling it locked the owner out of the 0600 Unix socket."""
+        connected = sum(c.transport == transport for c in self._clients.values())
+        if connected < self._max_clients:
             return None
         self.refused += 1
         if worth_a_line(self.refused):
-            log.warning("%d client connection(s) refused so far: %d connected (server.max_clients)", self.refused,
-                        len(self._clients))
-        return encode(Error("too_many_clients", f"{self._max_clients} clients are connected (server.max_clients); "
-                                                "close one or raise the limit"), self.seq, time.time())
+            log.warning("%d client connection(s) refused so far: %d connected over %s (server.max_clients)",
+                        self.refused, connected, transport)
+        return encode(Error("too_many_clients", f"{self._max_clients} clients are connected over {transport} "
+                                                "(server.max_clients); close one or raise the limit"),
+                      self.seq, time.time())
 
     def reply(self, client: Client, event: Event) -> None:
         """Send an event to one client only (hello, errors, answers), without advancing seq,
@@ -254,7 +292,7 @@ class Hub:
         """Register a new subscriber, queue its hello and start its writer; `audited`: log who came and
         went at info level (a connection other users or machines can make), else at debug level."""
         self._next_client += 1
-        client = Client(self._next_client, send, close, abort, self._capacity, peer, audited)
+        client = Client(self._next_client, send, close, abort, self._capacity, peer, transport, audited)
         self._clients[client.ident] = client
         log.log(logging.INFO if audited else logging.DEBUG, "client %d connected over %s (%s); %d connected",
                 client.ident, transport, peer, len(self._clients))
@@ -331,6 +369,23 @@ class Hub:
                 task.cancel()
         for client in list(self._clients.values()):
             client.abort()
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The client's next line (b"" once it closed the stream), or None for a line longer than MAX_LINE,
+    which is read to its end and dropped. asyncio's readline() drops only what it has buffered of such
+    a line, so the rest, come in later reads, was taken for lines of their own: its tail ran as a command."""
+    too_long = False
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:  # the stream ended: what came after the last newline
+            line = exc.partial
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)  # buffered already: drop it and read on to the newline
+            too_long = True
+            continue
+        return None if too_long else line
 
 
 class Server(Hub):
@@ -482,7 +537,7 @@ class Server(Hub):
             writer.write(line)
             await writer.drain()
 
-        refused = self.refusal()
+        refused = self.refusal(_UNIX)
         if refused is not None:
             writer.write(refused)  # a line fits the transport's buffer: no wait for a client that may not read
             writer.close()
@@ -490,17 +545,17 @@ class Server(Hub):
         # The daemon's own user's `captiond status`, polled by a status bar every 2 s, made 86,000 journal
         # lines a day; every other user's connection keeps its audit line.
         peer, uid = _peer_credentials(writer)
-        client = self.attach(send, writer.close, writer.transport.abort, peer, "the Unix socket",
+        client = self.attach(send, writer.close, writer.transport.abort, peer, _UNIX,
                              audited=uid != os.geteuid())
         try:
             while not client.closing:
                 try:
-                    line = await reader.readline()
-                except ValueError:  # longer than MAX_LINE; asyncio has dropped what it buffered
-                    self.reply(client, Error("line_too_long", f"line longer than {MAX_LINE} bytes"))
-                    continue
+                    line = await _read_line(reader)
                 except ConnectionError:
                     return
+                if line is None:
+                    self.reply(client, Error("line_too_long", f"line longer than {MAX_LINE} bytes"))
+                    continue
                 if not line:
                     return
                 await self.take_line(client, line)

@@ -24,7 +24,7 @@ from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
 from .outbox import Outbox
 from .remote import RemoteFinals
-from .server import Server, ServerError
+from .server import Server, ServerError, quiet_accept_failures
 from .session import LiveSession
 from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
@@ -235,6 +235,7 @@ class Service:
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = self._loop = asyncio.get_running_loop()
+        quiet_accept_failures(loop)
         if self.outbox.log is not None:
             self.outbox.log.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .capture import CaptureError, decode_file, probe_duration, truncation
+from .capture import CaptureError, decode_file, probe_duration, seekable, truncation
 from .config import Config
 from .engine import SHORT, Segment, WhisperDecoder
 from .events import Word, undecoded
@@ -121,7 +121,9 @@ class _TimeMap:
 def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
                     progress: Callable[[float], None] = lambda done: None) -> FileTranscript:
     """Transcribe one file; progress(fraction) is called after each chunk. Raises CaptureError for bad files."""
-    duration = probe_duration(path)
+    # A pipe (a FIFO, <(cmd), /dev/stdin) can be read once: the probe took what the decode then waited for.
+    once = not seekable(path)
+    duration = 0.0 if once else probe_duration(path)
     segments: list[Segment] = []
     language = config.asr.language
     end = 0.0
@@ -147,7 +149,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
     progress(1.0)
     decoded = reading.samples / SAMPLE_RATE
     damage = reading.damage
-    if not damage:
+    if not damage and not once:
         damage = truncation(path, decoded, duration)
     return FileTranscript(undecoded(str(path)), duration or end, language, tuple(segments), damage)
 

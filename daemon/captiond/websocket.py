@@ -37,6 +37,8 @@ _SINGLE_HEADERS = ("Host", "Origin", "Upgrade", "Authorization")  # two of one w
 _SESSION_QUEUE = 512  # events buffered for one /listen client before partials are dropped
 _SESSION_CLOSE_S = 10.0  # a closing session that decodes nothing for this long loses what it has left
 _WRITE_LIMIT = 16 * 1024
+_EVENTS = "WebSocket /events"
+_HANDSHAKES = 64  # connections past the clients' and sessions' limits: handshakes, the page, refusals
 
 
 def _host_name(host: str) -> str:
@@ -44,6 +46,35 @@ def _host_name(host: str) -> str:
     if host.startswith("["):
         return host[:host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0]
+
+
+def _capped(most: int, dropped: Callable[[int], None]) -> type[ServerConnection]:
+    """ServerConnection that drops a TCP connection as it comes, before any handshake, while `most`
+    are open. The clients' and sessions' own limits count only after the handshake, and until its
+    timeout any local process could hold connections open: 1100 of them took every file descriptor
+    of a daemon at 1024 (its transcript log could not be written, nor a model file opened)."""
+    open_now = 0
+
+    class Capped(ServerConnection):
+        counted = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            nonlocal open_now
+            if open_now >= most:
+                dropped(most)
+                transport.abort()
+                return
+            open_now += 1
+            self.counted = True
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            nonlocal open_now
+            if self.counted:
+                open_now -= 1
+                super().connection_lost(exc)
+
+    return Capped
 
 
 class WebError(ServerError):
@@ -65,7 +96,7 @@ class WebServer:
         self._sessions: set[LiveSession] = set()
         self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
         self.refused: Counter[str] = Counter()
-        """Handshakes refused since the start, by kind: host, token, origin."""
+        """Handshakes refused since the start, by kind: host, token, origin; connections: dropped before one."""
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
@@ -83,9 +114,11 @@ class WebServer:
     async def start(self) -> None:
         """Bind host:port; a port in use is a clear error."""
         try:
+            most = self._hub.max_clients + self._cfg.max_sessions + _HANDSHAKES
             self._server = await serve(self._handle, self._cfg.host, self._cfg.port, process_request=self._check,
                                        max_size=self._cfg.max_message_bytes, write_limit=_WRITE_LIMIT,
-                                       compression=None, server_header=None)
+                                       compression=None, server_header=None,
+                                       create_connection=_capped(most, self._dropped))
         except OSError as exc:
             if exc.errno == errno.EAFNOSUPPORT:  # a systemd unit with RestrictAddressFamilies=AF_UNIX
                 fix = "allow AF_INET AF_INET6 in the unit's RestrictAddressFamilies (systemctl edit captiond)"
@@ -96,6 +129,12 @@ class WebServer:
             raise WebError(f"websocket: cannot listen on {self._cfg.host}:{self._cfg.port}: {exc.strerror or exc}; "
                            f"{fix}, or set websocket.enabled = false") from None
         log.info("WebSocket API and captions page on http://%s:%d/", self._url_host(), self.port)
+
+    def _dropped(self, most: int) -> None:
+        self.refused["connections"] += 1
+        if worth_a_line(self.refused["connections"]):
+            log.warning("%d connection(s) to the WebSocket port dropped so far: %d were open, the most it takes",
+                        self.refused["connections"], most)
 
     def _url_host(self) -> str:
         return f"[{self._cfg.host}]" if ":" in self._cfg.host else self._cfg.host
@@ -190,13 +229,13 @@ class WebServer:
         def close() -> None:
             spawn(ws.close(), "websocket-close", keep=self._closing)
 
-        refused = self._hub.refusal()
+        refused = self._hub.refusal(_EVENTS)
         if refused is not None:
             with contextlib.suppress(ConnectionClosed):  # a client gone before it read why
                 await ws.send(refused.decode().rstrip("\n"))
                 await ws.close(1013, "too many clients")
             return
-        client = self._hub.attach(self._sender(ws), close, ws.transport.abort, str(ws.remote_address), "WebSocket")
+        client = self._hub.attach(self._sender(ws), close, ws.transport.abort, str(ws.remote_address), _EVENTS)
         try:
             async for message in ws:
                 if isinstance(message, bytes):
