@@ -451,3 +451,15 @@ def test_check_config_prints_toml_whatever_the_strings_hold(tmp_path):
     values = tomllib.loads(result.stdout.decode())
     assert values["asr"]["initial_prompt"] == prompt and values["asr"]["hotwords"] == 'a "b" \\c'
     assert {"audio", "gate", "asr", "server", "log"} <= set(values)
+
+
+def test_an_output_on_a_read_only_file_system_is_named_as_such(small_disk):
+    # It was reported as "the file exists and is read-only", which sends the user to chmod.
+    from captiond.cli import _write_whole
+
+    target = small_disk / "talk.txt"
+    target.write_text("old")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(OSError) as err:
+        _write_whole(target, "new")
+    assert err.value.strerror == "Read-only file system" and target.read_text() == "old"

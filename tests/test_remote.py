@@ -108,8 +108,9 @@ def test_a_malformed_answer_is_refused_saying_what_is_wrong(body, why):
 
 
 def test_invisible_format_characters_are_left_out_and_joiners_kept():
-    t = parse_transcript(json.dumps({"text": "\ufeffsoft\u00adware \u200fhere می\u200cخواهم"}).encode(), 2.8, 0.3, "")
-    assert t.text == "software here می\u200cخواهم"
+    t = parse_transcript(json.dumps({"text": "\ufeffsoft\u00adware \u200fhere \ufeff می\u200cخواهم \u200e"}).encode(),
+                         2.8, 0.3, "")
+    assert t.text == "software here می\u200cخواهم"  # no space left doubled or trailing
 
 
 def test_a_thai_answer_whose_words_are_tokens_is_taken():
@@ -207,12 +208,23 @@ def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_ou
         parse_transcript(huge, 2.8, 0.3, "en")
     # A word the server placed after the audio (here 2.0 s of it) was not heard, as a local decode says;
     # the answer's own text (here saying more) gives way to its segments.
-    t = parse_transcript(answer(text="Feels like these days go on forever and ever."), 2.0, 0.3, "en")
+    t = parse_transcript(answer(text="Feels like these days go on forever and ever."), 1.85, 0.3, "en")
     assert t.text == "Feels like these days go on" and t.unheard == ("forever.",)
     assert [s.text for s in t.segments] == ["Feels like these days", "go on"]
-    late = parse_transcript(answer(words=None, segments=[*OPENAI["segments"], {"start": 2.9, "end": 5.0,
+    late = parse_transcript(answer(words=None, segments=[*OPENAI["segments"], {"start": 3.1, "end": 5.0,
                                                                             "text": " Thank you."}]), 2.8, 0.3, "en")
     assert late.text == OPENAI["text"]
+    # A last word pinned to the audio's end was heard; so was a segment without words inside the audio.
+    pinned = [*OPENAI["words"][:-1], {"word": "forever.", "start": 2.1, "end": 2.1}]
+    assert parse_transcript(answer(words=pinned), 2.1, 0.3, "en").text == OPENAI["text"]
+    hmm = answer(text="a b. Hmm. c", words=[{"word": "a", "start": 0, "end": 0.2}, {"word": "b.", "start": 0.2,
+                                                                               "end": 0.4}, {"word": "c", "start": 2.5, "end": 2.6}],
+                 segments=[{"start": 0, "end": 0.4, "text": "a b."}, {"start": 0.5, "end": 1.0, "text": "Hmm."},
+                           {"start": 2.5, "end": 2.6, "text": "c"}])
+    assert parse_transcript(hmm, 2.0, 0.3, "en").text == "a b. Hmm."
+    # Segments that say nothing (no text key): the answer's text stands.
+    bare = parse_transcript(b'{"text": "hello world", "segments": [{"start": 0, "end": 1}]}', 2.0, 0.3, "en")
+    assert bare.text == "hello world"
 
 
 def test_the_key_comes_from_its_file_or_the_environment_and_must_be_one_printable_line(tmp_path):

@@ -474,7 +474,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         try:
             value = float(value)
         except OverflowError:  # TOML's integers have no bound
-            raise ConfigError(f"{key}: the number is too large") from None
+            raise ConfigError(f"{key}: the number is too large; docs/configuration.md gives each key's range") from None
     elif isinstance(default, str):
         _check(isinstance(value, str), key, f"must be a string, not {value!r}")
         _check("\x00" not in value, key, "must not hold a NUL character (\\u0000)")

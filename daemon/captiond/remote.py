@@ -58,6 +58,7 @@ _MAX_ERROR_BODY = 64 << 10  # bytes of an error answer read for its message
 # outgrow the lines clients read (a 5000-word final is a 283 KB event).
 _WORDS_PER_S, _CHARS_PER_S = 8, 60
 _JOINERS = "\u200c\u200d"
+_LATE_S = 0.2  # a word begun this little after the audio was heard (a last word pinned to its end, float32 times)
 
 
 class RemoteError(Exception):
@@ -150,7 +151,7 @@ def _text(value: Any, where: str) -> str:
         raise RemoteError(f"the server's {where} is not plain text: {problem}")
     # Invisible format characters (a soft hyphen, a byte-order mark, a right-to-left mark) would be typed
     # by `captiond type` and hide in the log; the joiners stay, as Persian and Indic scripts need them.
-    return "".join(c for c in text if unicodedata.category(c) != "Cf" or c in _JOINERS)
+    return " ".join("".join(c for c in text if unicodedata.category(c) != "Cf" or c in _JOINERS).split())
 
 
 def _items(data: dict, key: str) -> list[dict]:
@@ -202,6 +203,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
             if chars > most_chars:
                 raise RemoteError(f"the server's words hold more than {most_chars} characters for "
                                   f"{audio_seconds:.1f} s of audio: no transcript of it")
+    every = tuple(words)
     segments, logprob, ratio, no_speech, seg_chars = [], 0.0, 0.0, 0.0, 0
     raw = _items(data, "segments")
     for i, seg in enumerate(raw):
@@ -220,23 +222,35 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
         words = words[len(mine):]
         if any(c.isalnum() for c in seg_text):
             segments.append(Segment(start, end, seg_text, tuple(mine), seg_logprob, seg_no_speech))
-    if not raw and text:  # text only, or words only: one segment
-        segments = [Segment(words[0].start if words else 0.0, words[-1].end if words else audio_seconds, text,
-                            tuple(words), 0.0, 0.0)]
-    # Words placed after the audio were not heard in it (a local decode leaves them out too), and the
-    # text is what the segments kept say: the worker cuts a loop or an improbable last word out of the
-    # segments, so a text that said more than they do would come back in its place.
+    if not segments and any(c.isalnum() for c in text):  # text only, words only, or segments without text
+        segments = [Segment(every[0].start if every else 0.0, every[-1].end if every else audio_seconds, text,
+                            tuple(every), 0.0, 0.0)]
+    # Words begun after the audio were not heard in it (Whisper places a loop or a stock phrase there),
+    # and the final's text is what the segments kept say: the worker cuts a loop or an improbable last
+    # word out of the segments, so a text that said more than they do would come back in its place.
     said = [w for seg in segments for w in seg.words]
-    heard = sum(w.start < audio_seconds for w in said)  # words are in order
-    if heard < len(said):
-        segments = kept(segments, heard)
-    segments = [seg for seg in segments if seg.words or seg.start < audio_seconds]
+    heard = sum(w.start < audio_seconds + _LATE_S for w in said)  # words are in order
+    segments = _before(segments, heard, audio_seconds + _LATE_S)
     code = data.get("language")
     language = code if isinstance(code, str) and code in WHISPER_LANGUAGES else language
     # A server says no detection probability: its language never becomes the speaker's (worker.heard_language).
     return Transcript(joined(seg.text for seg in segments), tuple(segments), language, logprob, ratio, no_speech,
                       audio_seconds, decode_seconds, tuple(w.word for w in said[heard:]), origin="remote",
                       language_p=0.0)
+
+
+def _before(segments: list[Segment], heard: int, end: float) -> list[Segment]:
+    """The segments holding the first `heard` of their words, and those without words begun before `end`.
+    A segment cut short says only its words (OpenAI's carry no punctuation)."""
+    out = []
+    for seg in segments:
+        if not seg.words:
+            if seg.start < end:
+                out.append(seg)
+        elif heard > 0:
+            out.extend(kept([seg], heard))
+            heard -= len(seg.words)
+    return out
 
 
 def _server_error(status: int, reason: str, body: bytes) -> RemoteError:

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import fcntl
 import grp
-import math
 import logging
+import math
 import os
 import socket
 import stat
@@ -59,7 +59,8 @@ class Client:
     capacity: int
     peer: str = ""
     transport: str = ""
-    """What it connected over ("the Unix socket", "WebSocket"): each has its own server.max_clients."""
+    """What it connected over ("the Unix socket", "WebSocket /events", "WebSocket /listen"): each has its
+    own server.max_clients."""
     audited: bool = True
     """Its connection and disconnection are logged at info level (others: debug)."""
     types: frozenset[str] | None = None
@@ -372,8 +373,8 @@ class Hub:
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """The client's next line (b"" once it closed the stream), or None for a line longer than MAX_LINE,
-    which is read to its end and dropped. asyncio's readline() drops only what it has buffered of such
+    """The client's next line (b"" once it closed the stream), or None for a line longer than the
+    reader's limit, which is read to its end and dropped (parse_command refuses one just over MAX_LINE). asyncio's readline() drops only what it has buffered of such
     a line, so the rest, come in later reads, was taken for lines of their own: its tail ran as a command."""
     too_long = False
     while True:

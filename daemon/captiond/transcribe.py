@@ -151,7 +151,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
     damage = reading.damage
     if not damage and not once:
         damage = truncation(path, decoded, duration)
-    return FileTranscript(undecoded(str(path)), duration or end, language, tuple(segments), damage)
+    return FileTranscript(undecoded(str(path)), duration or decoded or end, language, tuple(segments), damage)
 
 
 # --- output formats ------------------------------------------------------------------------------
