@@ -218,7 +218,8 @@ def quiet_accept_failures(loop: asyncio.AbstractEventLoop, clock: Callable[[], f
         if clock() - said >= _ACCEPT_LINE_S:
             said = clock()
             exc = context.get("exception")
-            log.error("cannot accept connections: %s (%d time(s) so far); too many connections are open",
+            log.error("cannot accept connections: %s (%d time(s) so far); too many connections are open: "
+                      "see who holds them (ss -xp, ss -tnp) or raise the open-files limit (LimitNOFILE=)",
                       getattr(exc, "strerror", None) or exc, failed)
 
     loop.set_exception_handler(handler)
