@@ -13,8 +13,8 @@ import pytest
 
 from captiond.client import Client
 from captiond.config import DictationConfig
-from captiond.dictation import (NOT_TYPED, Composer, Keys, ToolRun, Typist, TypistError, choose_typist, push_to_talk,
-                                type_finals, vocabulary_casing)
+from captiond.dictation import (NOT_TYPED, Composer, Keys, ToolRun, Typist, TypistError, _type, choose_typist,
+                                push_to_talk, type_finals, vocabulary_casing)
 from captiond.events import Final
 from conftest import CORPUS, ROOT, SPEECH, EventLog, Harness, read_wav, silence, trimmed
 
@@ -123,6 +123,23 @@ def test_scratch_that_deletes_with_backspaces():
     assert composer.take(final("Scratch that.")) is None
 
 
+def test_a_final_the_tool_failed_to_type_is_not_taken_as_typed():
+    # "Scratch that." pressed BackSpace 37 times over the user's own text, for a final that xdotool had
+    # failed to type (BadWindow); spaces and capitals after it assumed it was there.
+    runs = []
+
+    def run(argv, **kw):
+        runs.append(argv)
+        return subprocess.CompletedProcess(argv, 1 if len(runs) == 2 else 0, "", "X Error: BadWindow\n")
+
+    composer, typist, notes = Composer(COMMANDS), Typist("xdotool", run=run), []
+    for text in ("One.", "Two three four five.", "Scratch that."):
+        _type(final(text), composer, typist, notes.append)
+    assert "could not type" in notes[1]
+    assert runs[-1] == ["xdotool", "key", "--delay", "4", *["BackSpace"] * len("One.")]  # One. goes, nothing more
+    assert composer.text == ""
+
+
 def test_tool_command_lines():
     keys = Keys(2, "a\n-b")
     assert Typist("xdotool", 7).commands(keys) == [
@@ -178,6 +195,35 @@ def test_type_without_any_tool_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "captiond: error: no typing tool for this X11 session: install xdotool (apt install xdotool)"]
+
+
+def test_a_second_type_for_the_same_daemon_is_refused(tmp_path):
+    # Two typed every final twice, with no word of it (an autostart entry and a window manager's exec).
+    tool = tmp_path / "xdotool"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "DISPLAY": ":0", "XDG_RUNTIME_DIR": str(tmp_path)}
+    env.pop("WAYLAND_DISPLAY", None)
+    argv = [sys.executable, "-m", "captiond", "type", "--set", f"server.socket={tmp_path / 'none.sock'}"]
+    first = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert "waiting for it" in first.stderr.readline()  # past the lock, it waits for the daemon
+        second = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"captiond: error: another captiond type (pid {first.pid}) is typing these finals already; two "
+            "would type each twice: stop that one first"]
+    finally:
+        first.kill()
+        first.wait()
+    # Once it is gone, the next one may type.
+    third = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = third.stderr.readline()
+        assert "another captiond type" not in line, line
+    finally:
+        third.kill()
+        third.wait()
 
 
 def test_ptt_without_a_daemon_fails_clearly(tmp_path):

@@ -710,6 +710,19 @@ def test_tcp_connections_past_the_limits_are_dropped_before_any_handshake(harnes
             time.sleep(0.1)
 
 
+def test_the_server_sends_no_pings_and_leaves_gone_peers_to_tcp_keepalive(harness):
+    # A /listen client sending audio faster than it was decoded had its pong queued behind that audio,
+    # and the server's 20 s ping timeout closed it (1011) with most of its finals still to come.
+    h = harness()
+    with connect(f"ws://{h.base}/events") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        (server_side,) = h.service.web._server.connections
+        assert server_side.ping_interval is None
+        sock = server_side.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
 def test_a_session_whose_client_just_leaves_has_its_end_logged(harness, caplog):
     # Sessions ended by CloseStream were logged, those whose client closed the connection were not:
     # the log could not tell a session still running from one gone.

@@ -327,7 +327,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_type(args: argparse.Namespace) -> int:
     """Type each final into the focused window until Ctrl-C."""
-    from .dictation import Composer, TypistError, choose_typist, type_finals, vocabulary_casing
+    from .dictation import Composer, TypistError, choose_typist, only_typist, type_finals, vocabulary_casing
     from .models import ModelError
 
     config, _ = _config(args)
@@ -337,6 +337,7 @@ def cmd_type(args: argparse.Namespace) -> int:
     try:
         typist = choose_typist(args.tool or dictation.typer, os.environ, dictation.key_delay_ms)
         casing = vocabulary_casing()
+        only_typist(socket_path(config.server), os.environ)  # held until this process ends
     except (TypistError, ModelError) as exc:
         return _fail(str(exc))
     signal.signal(signal.SIGINT, signal.default_int_handler)

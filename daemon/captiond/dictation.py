@@ -6,6 +6,9 @@ subprocess) presses the keys; type_finals() connects the two to the daemon's soc
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -96,6 +99,7 @@ class Composer:
                                key=lambda item: -len(item[0]))  # the longest phrase wins
         self._tail = ""
         self._edits: deque[_Edit] = deque(maxlen=_UNDO)
+        self._before: tuple[str, tuple[_Edit, ...]] = ("", ())
 
     @property
     def text(self) -> str:
@@ -106,6 +110,7 @@ class Composer:
         """The keys for one final; None when nothing is to be typed (flagged, empty, nothing changes)."""
         if set(final.flags) & set(NOT_TYPED) or not final.text.strip():
             return None
+        self._before = self._tail, tuple(self._edits)
         field = _Field(self._tail)
         start = len(self._tail)  # where this final's own text begins in field.text
         erased = ""  # what this final deleted of the text before it
@@ -138,6 +143,13 @@ class Composer:
             self._edits.append(_Edit(erased, field.text[start:]))
         self._tail = field.text[-_TAIL:]
         return Keys(field.erase, field.typed)
+
+    def untake(self) -> None:
+        """The keys of the last take() were not typed: the field is as before it, and so are the
+        spacing, the capitals and what "scratch that" undoes (it pressed BackSpace over the user's
+        own text for a final the tool had failed to type)."""
+        self._tail, edits = self._before
+        self._edits = deque(edits, maxlen=_UNDO)
 
     def _pieces(self, tokens: Sequence[str]) -> list[str | _Spoken]:
         """The final's words, with spoken command phrases replaced by the command's name."""
@@ -290,6 +302,32 @@ def choose_typist(name: str, env: Mapping[str, str], key_delay_ms: int = 4,
 
 # --- the subscriber ---------------------------------------------------------------------------------
 
+def only_typist(socket_path: Path, env: Mapping[str, str]) -> int | None:
+    """Lock this user's typing of `socket_path`'s finals for the process's life and return the lock's
+    descriptor; TypistError when another `captiond type` holds it (two typed every final twice: an
+    autostart entry and a window manager's `exec` are easy to have both). None where the user has no
+    private runtime folder to lock in ($XDG_RUNTIME_DIR)."""
+    folder = env.get("XDG_RUNTIME_DIR", "")
+    if not folder.startswith("/") or not os.path.isdir(folder):
+        return None
+    name = hashlib.sha256(os.fsencode(socket_path.absolute())).hexdigest()[:16]
+    lock = Path(folder) / f"captiond-type-{name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None  # a folder we may not write in: typing goes on unguarded, as before
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 20).decode(errors="replace").strip()
+        os.close(fd)
+        raise TypistError(f"another captiond type (pid {holder or '?'}) is typing these finals already; two would "
+                          "type each twice: stop that one first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def type_finals(path: Path, composer: Composer, typist: Typist, note: Callable[[str], None],
                 retry_s: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> None:
     """Type every final for ever, reconnecting when the daemon goes away.
@@ -324,6 +362,7 @@ def _type(final: Final, composer: Composer, typist: Typist, note: Callable[[str]
     try:
         typist.press(keys)
     except TypistError as exc:
+        composer.untake()
         note(f"could not type {keys.text!r}: {exc}")  # the words are still here, in the terminal
         return
     note(f"typed: {final.text}")

@@ -48,6 +48,19 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
+def _keepalive(sock: socket.socket | None) -> None:
+    """Have the kernel find a peer that is gone (a laptop shut, a cable out) within about a minute.
+
+    Not WebSocket pings: a /listen client sending audio faster than it is decoded has its pong queued
+    behind that audio, and the server's ping timeout closed it (1011) with finals still to come."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def _capped(most: int, dropped: Callable[[int], None]) -> type[ServerConnection]:
     """ServerConnection that drops a TCP connection as it comes, before any handshake, while `most`
     are open. The clients' and sessions' own limits count only after the handshake, and until its
@@ -66,6 +79,7 @@ def _capped(most: int, dropped: Callable[[int], None]) -> type[ServerConnection]
                 return
             open_now += 1
             self.counted = True
+            _keepalive(transport.get_extra_info("socket"))
             super().connection_made(transport)
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -117,7 +131,7 @@ class WebServer:
             most = self._hub.max_clients + self._cfg.max_sessions + _HANDSHAKES
             self._server = await serve(self._handle, self._cfg.host, self._cfg.port, process_request=self._check,
                                        max_size=self._cfg.max_message_bytes, write_limit=_WRITE_LIMIT,
-                                       compression=None, server_header=None,
+                                       compression=None, server_header=None, ping_interval=None,
                                        create_connection=_capped(most, self._dropped))
         except OSError as exc:
             if exc.errno == errno.EAFNOSUPPORT:  # a systemd unit with RestrictAddressFamilies=AF_UNIX
