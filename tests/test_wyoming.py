@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import subprocess
+import threading
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -343,6 +344,32 @@ def test_wrong_audio_format_is_an_error_event_and_the_connection_stays(harness):
     assert WyError.from_event(first).code == "bad_audio" and "width 5" in WyError.from_event(first).text
     assert WyError.from_event(second).code == "bad_audio"
     assert Info.from_event(info).asr
+
+
+def test_describe_while_the_model_loads_is_answered_once_it_is_loaded(harness):
+    # While Whisper base loaded, describe said English only (Home Assistant reads it at its setup,
+    # e.g. when both start after a reboot) and a French transcribe was refused as not served.
+    class LoadsMultilingual(FakeDecoder):
+        def __init__(self):
+            super().__init__()
+            self.release = threading.Event()
+
+        def load(self):
+            assert self.release.wait(60)
+            self.multilingual = True
+
+    decoder = LoadsMultilingual()
+    h = harness("asr.language=auto", decoder=decoder)
+
+    async def run() -> Info:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(Describe().event())
+            await asyncio.sleep(0.5)  # the answer, were it given now, would say what is known before the load
+            decoder.release.set()
+            return Info.from_event((await read_until(client, "info"))[-1])
+
+    languages = asyncio.run(run()).asr[0].models[0].languages
+    assert len(languages) > 50 and "fr" in languages
 
 
 def test_malformed_fields_are_bad_request_errors_and_the_connection_stays(harness):

@@ -456,6 +456,8 @@ class Engine:
         """Decodes given up for a more urgent one."""
         self.busy_since: float | None = None
         """monotonic time the running decode began, None while no decode runs (the watchdog reads it)."""
+        self.loaded = asyncio.Event()
+        """Set once load() is done: what the model hears (multilingual) is known from then on."""
 
     @property
     def name(self) -> str:
@@ -480,6 +482,7 @@ class Engine:
     async def load(self) -> None:
         """Load and warm the model on the inference thread."""
         await self.run(self.decoder.load)
+        self.loaded.set()
 
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,

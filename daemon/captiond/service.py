@@ -80,7 +80,7 @@ class Service:
         self.web = WebServer(config.websocket, server, self._new_session) \
             if config.websocket.enabled and server is not None else None
         self.wyoming = WyomingServer(config.wyoming, lambda: self.config.asr, engine.name,
-                                     lambda: engine.multilingual, self._new_session) \
+                                     lambda: engine.multilingual, self._new_session, engine.loaded.wait) \
             if config.wyoming.enabled else None
         self.stage = GateStage(config.gate)
         self.ring = FrameRing(max(1, round(config.audio.ring_seconds * 1000 / FRAME_MS)))

@@ -11,7 +11,7 @@ import errno
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
@@ -340,6 +340,8 @@ class _Handler(AsyncEventHandler):
         if AudioChunk.is_type(event.type):
             await self._chunk(_audio(event, AudioChunk))
         elif Describe.is_type(event.type):
+            if self._server.loaded is not None:
+                await self._server.loaded()
             await self.write_event(self._server.info.event())
         elif Transcribe.is_type(event.type):
             self._transcribe = _transcribe(event)
@@ -370,6 +372,8 @@ class _Handler(AsyncEventHandler):
 
     async def _start(self, start: AudioStart) -> None:
         transcribe, self._transcribe = self._transcribe or Transcribe(), None
+        if self._server.loaded is not None:
+            await self._server.loaded()
         if self._current is not None:
             await self._error("bad_request", "audio-start while a transcription is open; send audio-stop first")
             return
@@ -484,11 +488,15 @@ class WyomingServer:
     """The Wyoming listener: start() binds wyoming.uri, close() ends every connection."""
 
     def __init__(self, cfg: WyomingConfig, asr: Callable[[], AsrConfig], model: str,
-                 multilingual: Callable[[], bool], new_session: NewSession) -> None:
+                 multilingual: Callable[[], bool], new_session: NewSession,
+                 loaded: Callable[[], Awaitable[object]] | None = None) -> None:
         self.cfg = cfg
         self._asr = asr  # the daemon's asr settings in effect (SIGHUP may change them)
         self._model = model
         self._multilingual = multilingual  # known once the model is loaded, which is after this
+        self.loaded = loaded
+        """Waits until the model is loaded (None: it is): describe and audio-start wait for it, since what
+        the model hears decides the languages served (while base loaded, describe said English only)."""
         self._new_session = new_session
         self._server: AsyncServer | None = None
         self.sessions: set[_Transcription] = set()
