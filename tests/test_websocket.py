@@ -206,16 +206,26 @@ def test_sessions_beyond_the_limit_are_refused_clearly(harness):
         assert events_until(first, "final")[-1]["text"].startswith("heard")
 
 
-@pytest.mark.parametrize("query", ["encoding=mp3", "sample_rate=abc", "sample_rate=1000"])
+@pytest.mark.parametrize("query", ["encoding=mp3", "sample_rate=abc", "sample_rate=1000", "sample_rate=" + "9" * 5000])
 def test_bad_listen_parameters_get_an_error_and_a_close(harness, query):
     h = harness()
     with connect(f"ws://{h.base}/listen?{query}") as ws:
         ws.recv(timeout=10)
         error = json.loads(ws.recv(timeout=10))
         assert error["code"] == "bad_request" and "linear16" in error["message"]
+        assert "int()" not in error["message"] and "sys." not in error["message"]  # Python's words were shown
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd.code == 1008
+
+
+def test_webm_ignores_sample_rate_as_documented(harness):
+    h = harness()
+    with connect(f"ws://{h.base}/listen?encoding=webm&sample_rate=abc") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        ws.send(json.dumps({"type": "KeepAlive"}))
+        with pytest.raises(TimeoutError):  # no bad_request: the session runs
+            ws.recv(timeout=1)
 
 
 def test_oversized_message_closes_only_that_connection(harness):

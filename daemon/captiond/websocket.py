@@ -48,6 +48,14 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0]
 
 
+def _rate(text: str) -> int:
+    """A sample_rate query value as a number; AudioError naming it when it is not a whole number (int()'s
+    own words were Python's: "invalid literal for int() with base 10", "sys.set_int_max_str_digits()")."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise AudioError(f"sample_rate={text[:20]!r} is not a whole number of Hz")
+    return int(text)
+
+
 def _keepalive(sock: socket.socket | None) -> None:
     """Have the kernel find a peer that is gone (a laptop shut, a cable out) within about a minute.
 
@@ -275,8 +283,9 @@ class WebServer:
                     "(websocket.max_sessions); try again later"))
                 return
             try:
-                rate = int(query.get("sample_rate", ["16000"])[0])
-                session = self._new_session(hub.publish, encoding=query.get("encoding", ["linear16"])[0],
+                encoding = query.get("encoding", ["linear16"])[0]
+                rate = _rate(query.get("sample_rate", ["16000"])[0]) if encoding == "linear16" else 16000
+                session = self._new_session(hub.publish, encoding=encoding,
                                             sample_rate=rate, gate_thread=self.gate_thread,
                                             name=f"live session from {ws.remote_address}")
             except (ValueError, AudioError) as exc:
