@@ -1362,3 +1362,21 @@ def test_no_early_final_of_more_audio_than_whispers_window():
     worker, events = run_worker(FakeDecoder(), feed, cfg=AsrConfig(partials=False))
     assert worker.speculations_wasted == 1 and worker.decodes["speculation"] + worker.decodes["whole speculation"] == 1
     assert events[-1].text
+
+
+def test_the_gate_queue_is_bounded_by_the_audio_in_it_not_its_events():
+    # A gate catching up hands over many frames in one event: counting events let twice the audio wait
+    # (a lag of 233 s at asr.queue_seconds = 120).
+    from captiond.config import AsrConfig
+    from captiond.gate import UtteranceAudio
+    from captiond.worker import gate_queue
+
+    queue = gate_queue(AsrConfig(queue_seconds=5))
+    piece = UtteranceAudio(1, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE)  # a second in one event
+    for _ in range(5):
+        queue.put_nowait(piece)
+    assert queue.full() and queue.qsize() == 5
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(piece)
+    queue.get_nowait()
+    assert not queue.full()

@@ -70,9 +70,34 @@ class _Speculation:
     decode: asyncio.Task[Transcript]
 
 
-def gate_queue(cfg: AsrConfig) -> asyncio.Queue[GateEvent | None]:
-    """The bounded queue between a gate and its worker, sized by asr.queue_seconds of 30 ms frames."""
-    return asyncio.Queue(maxsize=max(16, round(cfg.queue_seconds * 1000 / FRAME_MS)))
+class GateQueue(asyncio.Queue):
+    """The gate's events waiting for a worker: full at asr.queue_seconds of audio in them, or as many
+    events as that is 30 ms frames. Counting events alone let a gate catching up, which hands over many
+    frames in one event, queue twice the audio (a lag of 233 s at 120)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self._most_samples = round(seconds * SAMPLE_RATE)
+        self._most_events = max(16, round(seconds * 1000 / FRAME_MS))
+        self._samples = 0
+
+    def full(self) -> bool:
+        """True when no more may be put: as much audio or as many events as the bound."""
+        return self._samples >= self._most_samples or self.qsize() >= self._most_events
+
+    def _put(self, item: GateEvent | None) -> None:
+        super()._put(item)
+        self._samples += len(item.pcm) if isinstance(item, UtteranceAudio) else 0
+
+    def _get(self) -> GateEvent | None:
+        item = super()._get()
+        self._samples -= len(item.pcm) if isinstance(item, UtteranceAudio) else 0
+        return item
+
+
+def gate_queue(cfg: AsrConfig) -> GateQueue:
+    """The bounded queue between a gate and its worker, sized by asr.queue_seconds."""
+    return GateQueue(cfg.queue_seconds)
 
 
 class AsrWorker:
