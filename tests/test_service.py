@@ -1,5 +1,6 @@
 """The service wired for real (socket, gate, worker, log) with a fake decoder and a pipe as the source."""
 
+import logging
 import signal
 import threading
 import time
@@ -420,3 +421,30 @@ def test_a_stop_in_a_long_utterance_nobody_watched_partials_of_still_delivers_it
     h.end()
     assert h.exit_code == 0
     assert (tmp_path / "t.log").read_text().count("\n") == 1
+
+
+def test_a_stop_while_the_model_loads_never_says_ready(tmp_path, caplog):
+    # The log said "ready in 2.2 s" after "SIGTERM: finishing", and READY=1 went to systemd mid-stop.
+    class HeldLoad(FakeDecoder):
+        def __init__(self):
+            super().__init__()
+            self.release = threading.Event()
+
+        def load(self):
+            assert self.release.wait(60)
+
+    caplog.set_level(logging.INFO, logger="captiond.service")
+    decoder = HeldLoad()
+    h = Harness(tmp_path, tmp_path / "t.log", decoder=decoder)
+    h.say(SPEECH[:16000])  # audio flows, so only the stop can keep it from being ready
+    deadline = time.monotonic() + 30
+    while not h.service.capture.started.is_set():
+        assert time.monotonic() < deadline, "no audio reached the capture"
+        time.sleep(0.01)
+    h.loop.call_soon_threadsafe(h.service.stop)
+    while not h.service._stopping.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    decoder.release.set()
+    h.end()
+    assert not any("ready in" in r.getMessage() for r in caplog.records)

@@ -263,7 +263,7 @@ class Service:
             # Ready means audio is flowing, not merely that a device was opened.
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
-            if self.capture.started.is_set():
+            if self.capture.started.is_set() and not self._stopping.is_set():  # a stop during the load: not ready
                 self.health.set(State.LISTENING, self.source.description)
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
