@@ -83,6 +83,8 @@ class _Pipe(io.RawIOBase):
         self._buffer = b""
         self.ended = False
         """Set once the reader took the end of the stream (None) off the queue."""
+        self.taken = 0
+        """Bytes the reader has taken."""
 
     def readable(self) -> bool:
         return True
@@ -102,6 +104,7 @@ class _Pipe(io.RawIOBase):
         n = min(len(b), len(self._buffer))
         b[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
+        self.taken += n
         return n
 
 
@@ -302,9 +305,14 @@ class LiveSession:
                 for pcm in decode_file(pipe, "the WebM stream", container_format="webm"):
                     put(pcm)
             except CaptureError as exc:
-                self.failed = "undecodable audio"
-                loop.call_soon_threadsafe(self._send, Error("bad_audio", str(exc)))
-                loop.call_soon_threadsafe(self.broken.set)
+                self._log.info("the WebM stream cannot be decoded: %s", exc)
+                if pipe.taken:  # a stream closed before its first byte is no error
+                    self.failed = "undecodable audio"
+                    # Not PyAV's words ("[Errno 1094995529] Invalid data", "'utf-8' codec can't decode").
+                    loop.call_soon_threadsafe(self._send, Error(
+                        "bad_audio", "the WebM stream cannot be decoded: send WebM/Opus as a browser's "
+                        "MediaRecorder makes it, whole from its first byte"))
+                    loop.call_soon_threadsafe(self.broken.set)
                 self._drain(pipe)
             put(None)
         except (_Abandoned, RuntimeError, av.error.FFmpegError) as exc:  # given up, or the loop closed under us
