@@ -4,10 +4,12 @@ the page, /events, /listen sessions, their control messages and limits, and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -733,6 +735,54 @@ def test_the_server_sends_no_pings_and_leaves_gone_peers_to_tcp_keepalive(harnes
         sock = server_side.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_a_session_slot_is_free_once_its_decoding_is_done_though_its_client_never_reads(harness):
+    # A client that keeps sending after CloseStream and reads nothing cannot answer the close: its
+    # connection lingers until websockets' close timeout, and the session's slot went with it (10 s).
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    h = harness("websocket.max_sessions=1")
+    host, port = h.base.split(":")
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    protocol = ClientProtocol(parse_uri(f"ws://{h.base}/listen?encoding=linear16&sample_rate=16000"))
+    protocol.send_request(protocol.connect())
+    raw.sendall(b"".join(protocol.data_to_send()))
+    while protocol.handshake_exc is None and not protocol.events_received():
+        protocol.receive_data(raw.recv(65536))  # up to the hello: the only reading it ever does
+    protocol.send_binary(SPEECH[:16000].astype("<i2").tobytes())
+    protocol.send_text(json.dumps({"type": "CloseStream"}).encode())
+    raw.sendall(b"".join(protocol.data_to_send()))
+    admitted = threading.Event()
+
+    def keep_sending():
+        with contextlib.suppress(OSError):
+            while not admitted.is_set():
+                protocol.send_binary(silence(0.1).astype("<i2").tobytes())
+                raw.sendall(b"".join(protocol.data_to_send()))
+                time.sleep(0.05)
+
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not admitted.is_set():
+            assert time.monotonic() < deadline, "no second session was admitted"
+            with connect(f"ws://{h.base}/listen") as second:
+                assert json.loads(second.recv(timeout=10))["type"] == "hello"
+                try:
+                    refused = json.loads(second.recv(timeout=0.3))
+                    assert refused["code"] == "too_many_sessions", refused
+                except TimeoutError:  # no refusal: it runs
+                    # ...while the first client's connection is still there, answering nothing.
+                    assert len(h.service.web._server.all_connections) == 2  # open, and closing
+                    admitted.set()
+            time.sleep(0.1)
+    finally:
+        admitted.set()
+        raw.close()
+        sender.join(10)
 
 
 def test_a_session_whose_client_just_leaves_has_its_end_logged(harness, caplog):

@@ -303,6 +303,9 @@ class WebServer:
                 closed = True
             finally:
                 gone.cancel()
+            # Its decoding is done: the slot is free while the connection closes, which waits for a client
+            # that keeps sending after CloseStream up to websockets' close timeout (it held the slot 10 s).
+            self._sessions.discard(session)
             await self._end(ws, hub, client, 1000, reason)
             log.info("live session from %s %s after %.1f s of audio", ws.remote_address,
                      "was abandoned" if session.abandoned else f"ended ({reason})", session.samples / SAMPLE_RATE)
