@@ -248,6 +248,19 @@ class Daemon:
 SPEECH = np.concatenate([silence(0.5), read_wav(CORPUS / "ps_forever.wav"), silence(1.0)])
 
 
+class HeldLoad(FakeDecoder):
+    """A decoder whose load() waits until the test sets `release`; multilingual once loaded if asked."""
+
+    def __init__(self, multilingual: bool = False):
+        super().__init__()
+        self.release = threading.Event()
+        self._loaded_multilingual = multilingual
+
+    def load(self):
+        assert self.release.wait(60)
+        self.multilingual = self._loaded_multilingual
+
+
 class HeldDecoder(FakeDecoder):
     """A fake decoder whose decodes wait until `go` is set: what a test does meanwhile cannot depend on
     how fast the machine decodes."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from captiond.config import load
 from captiond.translog import TranscriptLog
-from conftest import CORPUS, SPEECH, EventLog, FakeDecoder, Harness, read_wav, silence, trimmed
+from conftest import CORPUS, SPEECH, EventLog, FakeDecoder, Harness, HeldLoad, read_wav, silence, trimmed
 
 def test_full_disk_for_the_log_is_reported_and_finals_keep_coming(tmp_path):
     h = Harness(tmp_path, Path("/dev/full"))
@@ -425,14 +425,6 @@ def test_a_stop_in_a_long_utterance_nobody_watched_partials_of_still_delivers_it
 
 def test_a_stop_while_the_model_loads_never_says_ready(tmp_path, caplog):
     # The log said "ready in 2.2 s" after "SIGTERM: finishing", and READY=1 went to systemd mid-stop.
-    class HeldLoad(FakeDecoder):
-        def __init__(self):
-            super().__init__()
-            self.release = threading.Event()
-
-        def load(self):
-            assert self.release.wait(60)
-
     caplog.set_level(logging.INFO, logger="captiond.service")
     decoder = HeldLoad()
     h = Harness(tmp_path, tmp_path / "t.log", decoder=decoder)

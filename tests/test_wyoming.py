@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 import subprocess
-import threading
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -24,7 +23,7 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping
 
 from captiond.config import ConfigError, load
-from conftest import CORPUS, SPEECH, Daemon, FakeDecoder, Harness, HeldDecoder, clip, read_wav, silence
+from conftest import CORPUS, SPEECH, Daemon, FakeDecoder, Harness, HeldDecoder, HeldLoad, clip, read_wav, silence
 
 RATE, WIDTH, CHANNELS = 16000, 2, 1  # what Home Assistant sends
 READ_S = 60.0  # the longest wait for one event: a busy machine decodes slowly, a broken server never answers
@@ -349,16 +348,7 @@ def test_wrong_audio_format_is_an_error_event_and_the_connection_stays(harness):
 def test_describe_while_the_model_loads_is_answered_once_it_is_loaded(harness):
     # While Whisper base loaded, describe said English only (Home Assistant reads it at its setup,
     # e.g. when both start after a reboot) and a French transcribe was refused as not served.
-    class LoadsMultilingual(FakeDecoder):
-        def __init__(self):
-            super().__init__()
-            self.release = threading.Event()
-
-        def load(self):
-            assert self.release.wait(60)
-            self.multilingual = True
-
-    decoder = LoadsMultilingual()
+    decoder = HeldLoad(multilingual=True)
     h = harness("asr.language=auto", decoder=decoder)
 
     async def run() -> Info:
