@@ -785,6 +785,28 @@ def test_a_session_slot_is_free_once_its_decoding_is_done_though_its_client_neve
         sender.join(10)
 
 
+def test_a_daemon_stop_still_gives_the_open_utterance_of_a_session_its_final(harness):
+    # The client got speech_start, then a close: no final, no word of why.
+    decoder = HeldDecoder()
+    h = harness("asr.partials=false", decoder=decoder)
+    try:
+        with connect(f"ws://{h.base}/listen?encoding=linear16&sample_rate=16000") as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+            stream(ws, SPEECH)
+            start = events_until(ws, "speech_start")[-1]
+            h.loop.call_soon_threadsafe(h.service.stop)
+            got = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    got.append(json.loads(ws.recv(timeout=60)))
+        finals = [e for e in got if e["type"] == "final"]
+        assert [(f["utt"], f["text"], "error" in f["flags"]) for f in finals] == [(start["utt"], "", True)]
+        assert any(e["type"] == "error" and "stopping" in e["message"] for e in got)
+        assert closed.value.rcvd.code == 1001
+    finally:
+        decoder.go.set()
+
+
 def test_a_session_whose_client_just_leaves_has_its_end_logged(harness, caplog):
     # Sessions ended by CloseStream were logged, those whose client closed the connection were not:
     # the log could not tell a session still running from one gone.

@@ -481,6 +481,36 @@ def test_a_client_that_never_reads_is_dropped_and_frees_its_session(harness):
     assert heard_seconds(text) > 2.0
 
 
+def test_a_daemon_stop_tells_a_transcription_under_way_that_it_ends(harness):
+    # Its client met the end of the stream: no transcript, no error.
+    decoder = HeldDecoder()
+    h = harness("asr.partials=false", decoder=decoder)
+
+    async def run() -> list[Event]:
+        async with AsyncTcpClient("127.0.0.1", h.port) as client:
+            await client.write_event(Transcribe(language="en").event())
+            await client.write_event(AudioStart(rate=RATE, width=WIDTH, channels=CHANNELS).event())
+            await client.write_event(AudioChunk(rate=RATE, width=WIDTH, channels=CHANNELS,
+                                                audio=to_bytes(SPEECH)).event())
+            await client.write_event(AudioStop().event())
+            while not any(t.session is not None and t.session.samples >= len(SPEECH)
+                          for t in h.service.wyoming.sessions):
+                await asyncio.sleep(0.01)  # the session has it all; its decode is held
+            h.loop.call_soon_threadsafe(h.service.stop)
+            got = []
+            while (event := await asyncio.wait_for(client.read_event(), READ_S)) is not None:
+                got.append(event)
+            return got
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        decoder.go.set()
+    errors = [WyError.from_event(e) for e in got if WyError.is_type(e.type)]
+    assert [e.code for e in errors] == ["stopping"] and "transcript" in errors[0].text
+    assert not any(Transcript.is_type(e.type) for e in got)
+
+
 def test_a_client_gone_after_audio_stop_is_not_decoded_for(harness):
     # Twenty utterances at once, audio-stop, and once the server has taken them all in the client goes:
     # the session is abandoned when a chunk cannot be written, where it used to decode all twenty for

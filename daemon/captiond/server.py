@@ -358,8 +358,9 @@ class Hub:
             log.log(logging.INFO if client.audited else logging.DEBUG, "client %d disconnected after %d command(s); "
                     "%d connected", client.ident, client.commands, len(self._clients))
 
-    async def close_clients(self, flush_timeout: float) -> None:
-        """Give every subscriber up to flush_timeout to receive what is queued, then drop it."""
+    async def close_clients(self, flush_timeout: float, drop: bool = True) -> None:
+        """Give every subscriber up to flush_timeout to receive what is queued, then drop it (unless not
+        `drop`: its connection is then closed by its own transport's close, as a WebSocket's, 1001)."""
         for client in self._clients.values():
             client.closing = True
             client.wake.set()
@@ -369,7 +370,7 @@ class Hub:
                 log.warning("subscriber %s did not read its last events in %.1f s; dropping it",
                             task.get_name().removesuffix("-writer"), flush_timeout)
                 task.cancel()
-        for client in list(self._clients.values()):
+        for client in list(self._clients.values()) if drop else ():
             client.abort()
 
 

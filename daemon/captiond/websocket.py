@@ -36,6 +36,7 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _SINGLE_HEADERS = ("Host", "Origin", "Upgrade", "Authorization")  # two of one would make the checks ambiguous
 _SESSION_QUEUE = 512  # events buffered for one /listen client before partials are dropped
 _SESSION_CLOSE_S = 10.0  # a closing session that decodes nothing for this long loses what it has left
+_STOP_FLUSH_S = 1.0  # what a session's client gets, at a daemon stop, to read its last events
 _WRITE_LIMIT = 16 * 1024
 _EVENTS = "WebSocket /events"
 _HANDSHAKES = 64  # connections past the clients' and sessions' limits: handshakes, the page, refusals
@@ -115,7 +116,7 @@ class WebServer:
         self._hub = hub
         self._new_session = new_session
         self._server: _WsServer | None = None
-        self._sessions: set[LiveSession] = set()
+        self._sessions: dict[LiveSession, Hub] = {}  # each with the hub of its one client
         self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
         self.refused: Counter[str] = Counter()
         """Handshakes refused since the start, by kind: host, token, origin; connections: dropped before one."""
@@ -165,8 +166,15 @@ class WebServer:
         """Stop accepting; end live sessions and connections within `timeout`."""
         if self._server is None:
             return
-        for session in list(self._sessions):
+        # Every speech_start still gets its final: empty, flagged error, with a decode_failed error saying
+        # why, delivered (briefly) before the close.
+        for session in self._sessions:
             session.cancel()
+            session.worker.abandon("the daemon is stopping")
+        flushes = {spawn(hub.close_clients(_STOP_FLUSH_S, drop=False), "websocket-session-flush")
+                   for hub in self._sessions.values()}
+        if flushes:
+            await asyncio.wait(flushes, timeout=min(timeout, _STOP_FLUSH_S))
         self._server.close(close_connections=True)
         try:
             await asyncio.wait_for(self._server.wait_closed(), timeout)
@@ -292,7 +300,7 @@ class WebServer:
                 await self._end(ws, hub, client, 1008, "bad request", Error(
                     "bad_request", f"{exc}; e.g. /listen?encoding=linear16&sample_rate=16000"))
                 return
-            self._sessions.add(session)
+            self._sessions[session] = hub
             log.info("live session from %s: %d in use", ws.remote_address, len(self._sessions))
             session.start()
             reason = await self._session_loop(ws, hub, client, session)
@@ -305,7 +313,7 @@ class WebServer:
                 gone.cancel()
             # Its decoding is done: the slot is free while the connection closes, which waits for a client
             # that keeps sending after CloseStream up to websockets' close timeout (it held the slot 10 s).
-            self._sessions.discard(session)
+            self._sessions.pop(session, None)
             await self._end(ws, hub, client, 1000, reason)
             log.info("live session from %s %s after %.1f s of audio", ws.remote_address,
                      "was abandoned" if session.abandoned else f"ended ({reason})", session.samples / SAMPLE_RATE)
@@ -318,7 +326,7 @@ class WebServer:
         finally:
             if session is not None:
                 session.cancel()
-                self._sessions.discard(session)
+                self._sessions.pop(session, None)
             hub.detach(client)
 
     @staticmethod

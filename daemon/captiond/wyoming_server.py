@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import errno
@@ -41,6 +42,7 @@ _MAX_DATA = 64 * 1024  # JSON data an event may carry after its header, in bytes
 _MAX_PAYLOAD = 1 << 20  # payload an event may carry (an audio chunk), in bytes: 32 s of 16 kHz mono s16le
 _LINGER_BYTES = 64 << 20  # what a client may still send after a bad event, read and dropped before the close
 _LINGER_S = 2.0  # and for how long, in seconds
+_STOP_TELL_S = 1.0  # what telling the open transcriptions of a stop may take
 
 NewSession = Callable[..., LiveSession]
 
@@ -220,6 +222,11 @@ class _Transcription:
             self.session.cancel()
         if self._emitter is not None:
             self._emitter.cancel()
+
+    async def tell(self, event: WyEvent) -> None:
+        """Write one event to the client now, the emitter cancelled; a client gone is no error."""
+        with contextlib.suppress(OSError):
+            await self._handler.write_event(event)
 
     async def _emit(self) -> None:
         try:
@@ -600,8 +607,15 @@ class WyomingServer:
         """Stop accepting; abandon open transcriptions and close connections within `timeout`."""
         if self._server is None:
             return
+        # A transcription under way ends without its transcript: the client is told so, briefly.
+        stopping = WyError(text="captiond is stopping: this transcription ends without its transcript; send "
+                                "the audio again once it is back", code="stopping").event()
+        told = set()
         for current in list(self.sessions):
             current.cancel()
+            told.add(spawn(current.tell(stopping), "wyoming-stopping"))
+        if told:
+            await asyncio.wait(told, timeout=min(timeout, _STOP_TELL_S))
         try:
             await asyncio.wait_for(self._server.stop(), timeout)
         except asyncio.TimeoutError:
