@@ -502,9 +502,10 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
 
 def _empty(path: Path) -> bool:
     try:
-        return os.stat(path).st_size == 0 and seekable(path)
+        st = os.stat(path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
 
 
 def seekable(path: Path) -> bool:
