@@ -156,7 +156,7 @@ def test_flags_doubtful_and_empty_finals():
         for item in utterance(1, 0, 0.6) + utterance(2, 20000, 0.6):
             await queue.put(item)
 
-    _, events = run_worker(Doubtful(), feed, cfg=AsrConfig(partial_interval_s=5.0))
+    _, events = run_worker(Doubtful(), feed, cfg=AsrConfig(partial_interval_s=5.0, first_partial_s=5.0))
     finals = [e for e in events if isinstance(e, Final)]
     assert finals[0].flags == ("possible_hallucination",)
     assert finals[1].flags == ("empty",) and finals[1].text == ""
@@ -212,7 +212,7 @@ def test_a_final_that_loops_is_flagged_and_not_carried_over_as_context():
             await queue.put(item)
 
     decoder = Loops()
-    _, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=5.0, early_final=False))
+    _, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=5.0, first_partial_s=5.0, early_final=False))
     finals = [e for e in events if isinstance(e, Final)]
     assert finals[0].flags == ("repetition",) and finals[0].text == "I said no no no no no"
     assert finals[1].flags == () and decoder.calls == [None, None]
@@ -235,7 +235,7 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
         await asyncio.sleep(0.2)  # the rest of the hangover: the decode runs meanwhile
         await queue.put(end)
 
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0
     assert [beam for _, beam, _, _ in decoder.calls] == [5]  # one final decode, not two
     assert decoder.calls[0][0] == end.end + 3 * FRAME_SAMPLES and events[-1].text.startswith("heard")
@@ -261,7 +261,7 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
                 await queue.put(item)
         await caught_up(worker)  # the early final's decode is done (or was dropped), its callback queued
 
-    worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=AsrConfig(partial_interval_s=30),
+    worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30),
                                 end_at_pause=lambda utt, voiced_end: asks.append((utt, voiced_end)))
     assert asks == ([(1, 40 * FRAME_SAMPLES)] if asked else [])
     assert worker.speculations_wasted == int(went_on)
@@ -285,7 +285,7 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
         await caught_up(worker)  # the decode (0.2 s) ends while the pause goes on
         await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
 
-    worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=AsrConfig(partial_interval_s=30),
+    worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30),
                                 end_at_pause=lambda utt, end: asks.append((utt, end)))
     assert asks == [(1, voiced_end)]
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0 and sum(worker.decodes.values()) == 1
@@ -478,7 +478,7 @@ def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
         for item in items[30:]:
             await queue.put(item)
 
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30))
+    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
     assert worker.speculations_used == 0 and worker.speculations_wasted == 1
     final_decodes = [n for n, beam, _, _ in decoder.calls if beam == 5]
     assert final_decodes[-1] == end.audio_end and abs(float(events[-1].text.split()[1]) - end.audio_end / SAMPLE_RATE) < 0.01
@@ -514,6 +514,19 @@ def test_partials_are_spaced_by_a_share_of_their_window_once_it_is_long():
     gaps = np.diff(due_at)
     assert gaps[:5] == pytest.approx(0.42, abs=0.03)  # the interval while the window is short
     assert gaps[-1] == pytest.approx(0.1 * due_at[-1], abs=0.05) and due_at[-1] > 25  # a tenth of the window
+
+
+def test_the_first_partial_comes_sooner_than_the_interval_between_the_next():
+    # A viewer waits for the first words; later partials are spaced further to spare the CPU.
+    stream = UtteranceStream(1, 0, 0.8, first_partial_s=0.3)
+    due_at = []
+    for frame in range(200):  # 6 s of voiced audio
+        stream.insert(UtteranceAudio(1, np.zeros(FRAME_SAMPLES, np.int16), 0, 0))
+        if stream.partial_due():
+            due_at.append(stream.samples / SAMPLE_RATE)
+            stream.partial(Transcript("", (), "en", -0.2, 1.0, 0.01, 0.0, 0.0), stream.samples, checked=False)
+    assert due_at[0] == pytest.approx(0.3, abs=0.03)
+    assert all(gap == pytest.approx(0.81, abs=0.03) for gap in np.diff(due_at))
 
 
 def test_a_partial_slower_than_its_interval_spaces_the_next_by_its_decode_time():
@@ -712,14 +725,14 @@ async def late_stable_words(queue, worker):
 def test_final_begun_before_late_stable_words_is_decoded_again():
     """A speculative final decoded with an older prefix must not drop words that became stable since."""
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, bind_finals=True))
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30, bind_finals=True))
     assert decoder.prefixes == [None, "the cat sat on the"]
     assert events[-1].text == "the cat sat on the mat"
 
 
 def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_unbound():
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30))  # unbound
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))  # unbound
     assert decoder.prefixes == [None], "no second decode bound to the stable words"
     assert events[-1].text == "the cat sat on a hat" and "unbound" in events[-1].flags
     assert worker.finals_unbound == 1 and worker.finals_bound == 0
@@ -730,7 +743,7 @@ def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_un
 def test_unbound_a_free_decode_whisper_doubts_does_not_revise_the_stable_words(said, logprob):
     # Empty, improbable or looping: standing, it would replace words that passed the checks' tests.
     decoder = scripted([said, "the cat sat on the mat"], logprob=logprob)
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30))
+    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
     assert decoder.prefixes == [None, "the cat sat on the"], "decoded again, bound"
     assert events[-1].text == "the cat sat on the mat" and "unbound" not in events[-1].flags
     assert worker.finals_bound == 1 and worker.finals_unbound == 0

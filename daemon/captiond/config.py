@@ -158,7 +158,9 @@ class AsrConfig:
     """Silence after the audio that greedy partials encode (never the full window), in seconds: less is faster, rougher."""
     partials: bool = True
     """Decode partials while someone speaks and a subscriber wants them; false: finals only, each utterance decoded once at its end (least CPU)."""
-    partial_interval_s: float = 0.4
+    first_partial_s: float = 0.4
+    """Audio an utterance's first partial decode waits for, in seconds (the preroll included)."""
+    partial_interval_s: float = 0.8
     """New audio between two partial decodes of an open utterance, in seconds."""
     partial_share: float = 0.1
     """New audio between two partials as a share of the audio they decode, when that is more than partial_interval_s (0: off); a partial's cost grows with its audio."""
@@ -209,6 +211,7 @@ class AsrConfig:
         _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
         _check(1 <= self.partial_beam_size <= 20, "asr.partial_beam_size", "must be between 1 and 20")
+        _check(0.2 <= self.first_partial_s <= 30, "asr.first_partial_s", "must be between 0.2 and 30 seconds")
         _check(0.2 <= self.partial_interval_s <= 30, "asr.partial_interval_s", "must be between 0.2 and 30 seconds")
         _check(0 <= self.partial_share <= 1, "asr.partial_share", "must be between 0 and 1")
         _check(0.5 <= self.partial_pad_s <= 25, "asr.partial_pad_s", "must be between 0.5 and 25 seconds")

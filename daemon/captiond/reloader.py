@@ -9,7 +9,8 @@ from typing import Any, Generic, TypeVar
 
 from .config import Config
 
-LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partials", "asr.partial_interval_s", "asr.partial_share",
+LIVE_ASR_KEYS = ("asr.beam_size", "asr.partial_beam_size", "asr.partials", "asr.first_partial_s",
+                 "asr.partial_interval_s", "asr.partial_share",
                  "asr.early_final",
                  "asr.partial_pad_s", "asr.stable_after_s", "asr.stable_from_s", "asr.carry_over_s", "asr.bind_finals")
 """asr keys the worker reads per decode; the others shape the loaded model or the queue."""

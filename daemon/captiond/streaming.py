@@ -37,7 +37,8 @@ class UtteranceStream:
 
     def __init__(self, utt: int, start: int, partial_interval_s: float, context: str = "",
                  max_window_s: float = 1e9, rules: TextRules = WHISPER, stable_after_s: float = 1.0,
-                 stable_from_s: float = 0.0, partial_share: float = 0.0, settles: bool = True,
+                 stable_from_s: float = 0.0, partial_share: float = 0.0, first_partial_s: float | None = None,
+                 settles: bool = True,
                  logger: logging.Logger | logging.LoggerAdapter = log) -> None:
         self.utt = utt
         self._log = logger
@@ -49,6 +50,7 @@ class UtteranceStream:
         self.window = AudioWindow(start)
         self.words = StableWords(context, rules, stable_after_s, stable_from_s, logger)
         self._interval = round(partial_interval_s * SAMPLE_RATE)
+        self._first = self._interval if first_partial_s is None else round(first_partial_s * SAMPLE_RATE)
         self._share = partial_share
         self._max_window = round(max_window_s * SAMPLE_RATE)
         self._decoded_at = 0  # samples of audio the last partial covered
@@ -134,12 +136,12 @@ class UtteranceStream:
         """True when enough new audio has come since the last partial, and speech is not pausing:
         a pause brings no new words, and a partial decode begun there would delay the final's.
 
-        Enough is the larger of the interval and a share of the window: each partial decodes all of
-        it, so at a fixed interval a long utterance's partials took ever more of the one model thread
+        Enough is asr.first_partial_s for the first partial (what a viewer waits for), then the larger
+        of the interval and a share of the window: each partial decodes all of it, so at a fixed interval a long utterance's partials took ever more of the one model thread
         (replay tune: a third fewer partial seconds at 0.1, one word more; held-out and dev unchanged),
         and of what the last partial's decode cost (_PARTIAL_DUTY).
         """
-        due = max(self._interval, round(self._share * self.window.length), self._cost)
+        due = self._first if not self.rev else max(self._interval, round(self._share * self.window.length), self._cost)
         return self.samples - self._decoded_at >= due and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:

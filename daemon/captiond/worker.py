@@ -491,7 +491,7 @@ class AsrWorker:
             self._drop_partial()  # the last utterance's, had its end been lost
             self._stream = UtteranceStream(item.utt, item.start, self._cfg.partial_interval_s, context,
                                            self._cfg.max_window_s, self._engine.rules, self._cfg.stable_after_s,
-                                           self._cfg.stable_from_s, self._cfg.partial_share,
+                                           self._cfg.stable_from_s, self._cfg.partial_share, self._cfg.first_partial_s,
                                            settles=self._cfg.task != "translate", logger=self._log)
             if not self._watched():
                 self._no_partials = item.utt

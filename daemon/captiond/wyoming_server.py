@@ -544,7 +544,8 @@ class WyomingServer:
         transcript p50 0.56 and 0.87 s; spaced so, 0.49 s). Takes effect from each session's next utterance.
         """
         asr = self._asr()
-        paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * max(1, len(self.sessions)))
+        n = max(1, len(self.sessions))
+        paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * n, first_partial_s=asr.first_partial_s * n)
         for current in self.sessions:
             if current.session is not None:
                 current.session.worker.reconfigure(paced)
