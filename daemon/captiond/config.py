@@ -159,7 +159,7 @@ class AsrConfig:
     partials: bool = True
     """Decode partials while someone speaks and a subscriber wants them; false: finals only, each utterance decoded once at its end (least CPU)."""
     first_partial_s: float = 0.4
-    """Audio an utterance's first partial decode waits for, in seconds (the preroll included)."""
+    """New audio between an utterance's partial decodes until one has words, in seconds (the first waits for this much of the utterance, its preroll included)."""
     partial_interval_s: float = 0.8
     """New audio between two partial decodes of an open utterance, in seconds."""
     partial_share: float = 0.1

@@ -56,6 +56,7 @@ class UtteranceStream:
         self._decoded_at = 0  # samples of audio the last partial covered
         self._cost = 0  # samples of new audio the last partial's decode time asks for (_PARTIAL_DUTY)
         self.rev = 0
+        self._shown = False  # a partial has had words: spaced by the interval from then on
         self._greedy_since_check = 0
         self._unvoiced_ms = 0
         self._noise_cut = False  # the window was cut at no stable word: what Whisper heard no speech in
@@ -136,12 +137,14 @@ class UtteranceStream:
         """True when enough new audio has come since the last partial, and speech is not pausing:
         a pause brings no new words, and a partial decode begun there would delay the final's.
 
-        Enough is asr.first_partial_s for the first partial (what a viewer waits for), then the larger
-        of the interval and a share of the window: each partial decodes all of it, so at a fixed interval a long utterance's partials took ever more of the one model thread
-        (replay tune: a third fewer partial seconds at 0.1, one word more; held-out and dev unchanged),
-        and of what the last partial's decode cost (_PARTIAL_DUTY).
+        Enough is asr.first_partial_s until a partial has had words (a viewer waits for them: the first
+        decode, of little more than the preroll, often has none), then the larger of the interval and
+        a share of the window: each partial decodes all of it, so at a fixed interval a long
+        utterance's partials took ever more of the one model thread (replay tune: a third fewer partial
+        seconds at 0.1, one word more; held-out and dev unchanged), and of what the last partial's
+        decode cost (_PARTIAL_DUTY).
         """
-        due = self._first if not self.rev else max(self._interval, round(self._share * self.window.length), self._cost)
+        due = self._first if not self._shown else max(self._interval, round(self._share * self.window.length), self._cost)
         return self.samples - self._decoded_at >= due and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:
@@ -198,6 +201,7 @@ class UtteranceStream:
                 self._log.debug("utterance %d: no speech heard in the window; it now begins at %.1f s",
                                 self.utt, window.offset)
         done, committed, pending = self.words.done, self.words.committed, self.words.pending
+        self._shown = self._shown or bool(done or committed or pending)
         return Partial(self.utt, self.rev, self.start / SAMPLE_RATE, (self.start + covered) / SAMPLE_RATE,
                        stable=self.stable, unstable=" ".join(pending), text=" ".join(done + committed + pending))
 
