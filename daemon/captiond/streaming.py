@@ -137,14 +137,14 @@ class UtteranceStream:
         """True when enough new audio has come since the last partial, and speech is not pausing:
         a pause brings no new words, and a partial decode begun there would delay the final's.
 
-        Enough is asr.first_partial_s until a partial has had words (a viewer waits for them: the first
-        decode, of little more than the preroll, often has none), then the larger of the interval and
-        a share of the window: each partial decodes all of it, so at a fixed interval a long
-        utterance's partials took ever more of the one model thread (replay tune: a third fewer partial
-        seconds at 0.1, one word more; held-out and dev unchanged), and of what the last partial's
-        decode cost (_PARTIAL_DUTY).
+        Enough is the largest of the interval (asr.first_partial_s until a partial has had words: a
+        viewer waits for them, and the first decode, of little more than the preroll, often has none),
+        a share of the window (each partial decodes all of it, so at a fixed interval a long
+        utterance's partials took ever more of the one model thread: replay tune, a third fewer partial
+        seconds at 0.1, one word more; held-out and dev unchanged) and what the last partial's decode
+        cost (_PARTIAL_DUTY).
         """
-        due = self._first if not self._shown else max(self._interval, round(self._share * self.window.length), self._cost)
+        due = max(self._interval if self._shown else self._first, round(self._share * self.window.length), self._cost)
         return self.samples - self._decoded_at >= due and self._unvoiced_ms < _PAUSING_MS
 
     def audio(self, until: int | None = None) -> np.ndarray:
