@@ -223,10 +223,10 @@ class FakeWorker:
 def test_commands_pause_resume_and_set_context():
     async def main():
         changes = []
-        health = Health(lambda: changes.append(health.state))
-        health.set(State.LISTENING, "mic")
-        worker = FakeWorker()
         feed = CaptureFeed(Capture(FrameRing(10)), GateStage(CONFIG), lambda: False)
+        health = Health(lambda: changes.append(health.state), lambda: feed.paused)
+        health.ready("mic")
+        worker = FakeWorker()
         status = Status("x", "", "m", 0, 0, 0, 0)
         commands = Commands(worker, feed, health, lambda: status, lambda: "mic")
         assert isinstance(commands(Command("ping")), Pong)

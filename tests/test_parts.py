@@ -129,7 +129,7 @@ class FlakyMic(Source):
 def test_supervisor_reports_a_lost_device_once_and_its_return():
     states = []
     health = Health(lambda: states.append(health.state))
-    health.set(State.LISTENING)
+    health.ready("")
     source = FlakyMic(failures=3)
     lost = []
 
@@ -147,6 +147,57 @@ def test_supervisor_reports_a_lost_device_once_and_its_return():
     assert states == [State.LISTENING, State.DEVICE_LOST, State.LISTENING, State.DEVICE_LOST, State.LISTENING,
                       State.DEVICE_LOST, State.LISTENING]
     assert len(lost) == 3 and supervisor.done
+
+
+def test_a_pause_holds_while_the_device_goes_and_comes_back_and_resume_tells_a_device_still_gone():
+    # The state said listening once the device came back, though audio was still thrown away, and a
+    # resume said listening while the device was gone.
+    states, paused = [], [True]
+    health = Health(lambda: states.append(health.state), lambda: paused[0])
+    health.ready("flaky mic")
+    losses = []
+
+    async def run(source, until):
+        supervisor = CaptureSupervisor(source, Capture(FrameRing(100)), health, lambda: losses.append(True))
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        while not until(source):
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run(FlakyMic(failures=1), lambda source: source.runs >= 2 and health.lost is None))
+    assert losses and states == [State.PAUSED], "lost and back while paused: still paused"
+    asyncio.run(run(FlakyMic(failures=10**6), lambda source: health.lost is not None))
+    assert health.state is State.PAUSED
+    paused[0] = False
+    health.settle("flaky mic")  # a resume
+    assert (health.state, health.detail) == (State.DEVICE_LOST, "flaky mic stopped delivering audio")
+    health.device_back("flaky mic")
+    assert (health.state, health.detail) == (State.LISTENING, "flaky mic")
+
+
+def test_the_state_is_starting_until_ready_whatever_comes_first_and_stopping_is_the_last():
+    paused = [False]
+    health = Health(lambda: None, lambda: paused[0])
+    health.device_lost("no microphone")
+    health.device_back("mic")  # the device came while the model loads
+    assert health.state is State.STARTING
+    paused[0] = True
+    health.settle("mic")
+    paused[0] = False
+    health.settle("mic")  # a pause and a resume before the first audio
+    assert health.state is State.STARTING
+    paused[0] = True
+    health.ready("mic")  # paused before it was ready: stays paused
+    assert health.state is State.PAUSED
+    paused[0] = False
+    health.settle("mic")
+    assert (health.state, health.detail) == (State.LISTENING, "mic")
+    health.set(State.STOPPING)
+    paused[0] = True
+    health.settle("mic")  # a pause read during the stop's flush
+    health.device_lost("gone")
+    assert health.state is State.STOPPING
 
 
 def test_supervisor_lets_a_file_source_failure_through():
@@ -233,7 +284,7 @@ def test_an_open_that_finishes_after_its_attempt_gave_up_is_the_next_attempts_st
 
     server = SlowAudioServer()
     health = Health(lambda: None)
-    health.set(State.LISTENING)
+    health.ready("")
 
     async def main():
         capture = Capture(FrameRing(1000))
@@ -257,7 +308,7 @@ def test_a_stop_while_an_open_hangs_closes_the_stream_it_opens_later():
 
     server = SlowAudioServer()
     health = Health(lambda: None)
-    health.set(State.LISTENING)
+    health.ready("")
 
     async def main():
         supervisor = CaptureSupervisor(MicSource("", 0.5, server), Capture(FrameRing(1000)), health, lambda: None)
@@ -278,7 +329,7 @@ def test_an_audio_server_that_answers_again_after_a_minute_is_listened_to_at_onc
 
     server, now = SlowAudioServer(), [0.0]
     health = Health(lambda: None)
-    health.set(State.LISTENING)
+    health.ready("")
 
     async def main():
         supervisor = CaptureSupervisor(MicSource("", 0.5, server), Capture(FrameRing(1000)), health, lambda: None,

@@ -423,6 +423,36 @@ def test_a_stop_in_a_long_utterance_nobody_watched_partials_of_still_delivers_it
     assert (tmp_path / "t.log").read_text().count("\n") == 1
 
 
+def test_a_pause_sent_while_the_model_loads_holds_once_the_daemon_is_ready(tmp_path, caplog):
+    # A pause and resume while the model loaded said listening before the daemon was ready, and the
+    # ready daemon then said listening while it was paused.
+    caplog.set_level(logging.INFO, logger="captiond.service")
+    decoder = HeldLoad()
+    h = Harness(tmp_path, tmp_path / "t.log", decoder=decoder)
+    events = EventLog(h.sock)
+    events.client.send({"cmd": "pause"})
+    events.client.send({"cmd": "resume"})
+    events.client.send({"cmd": "pause"})
+    def statuses():  # each change is broadcast, and each command answered with a status: one per run
+        said = [e["state"] for e in events.events if e["type"] == "status"]
+        return [state for i, state in enumerate(said) if i == 0 or said[i - 1] != state]
+
+    events.wait_for(lambda e: len(statuses()) >= 3)
+    h.say(SPEECH[:16000])
+    deadline = time.monotonic() + 30
+    while not h.service.capture.started.is_set():
+        assert time.monotonic() < deadline, "no audio reached the capture"
+        time.sleep(0.01)
+    decoder.release.set()
+    while not any("ready in" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.01)
+    events.client.send({"cmd": "resume"})
+    events.wait_for(lambda e: e.get("state") == "listening")
+    assert statuses() == ["paused", "starting", "paused", "listening"]
+    h.end()
+
+
 def test_a_stop_while_the_model_loads_never_says_ready(tmp_path, caplog):
     # The log said "ready in 2.2 s" after "SIGTERM: finishing", and READY=1 went to systemd mid-stop.
     caplog.set_level(logging.INFO, logger="captiond.service")

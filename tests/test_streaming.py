@@ -13,7 +13,7 @@ import pytest
 
 from captiond.config import AsrConfig
 from captiond.engine import SHORT, Engine, Preempted, Segment, Transcript, WhisperDecoder, among, speakers_language
-from captiond.events import Final, Partial, SpeechEnd, SpeechStart, Word
+from captiond.events import Error, Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
 from captiond.rules import TINY_EN, WHISPER, ends_sentence, looping
@@ -72,6 +72,25 @@ def test_with_partials_off_each_utterance_is_decoded_once_at_its_end():
     worker, events = run_worker(FakeDecoder(), feed, cfg=AsrConfig(partials=False, early_final=False))
     assert [type(e) for e in events] == [SpeechStart, SpeechEnd, Final] and events[-1].text
     assert dict(worker.decodes) == {"final": 1}
+
+
+def test_a_partial_decode_that_raises_costs_the_partials_and_says_the_final_still_comes():
+    class PartialsFail(FakeDecoder):
+        def decode(self, audio, *, beam_size, **kw):
+            if beam_size == 1:
+                raise RuntimeError("out of memory")
+            return super().decode(audio, beam_size=beam_size, **kw)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 16000, 3.0):
+            await queue.put(item)
+            await caught_up(worker)
+
+    worker, events = run_worker(PartialsFail(), feed)
+    errors = [e for e in events if isinstance(e, Error)]
+    assert len(errors) == 1 and errors[0].code == "decode_failed" and "its final still comes" in errors[0].message
+    assert not any(isinstance(e, Partial) for e in events)
+    assert isinstance(events[-1], Final) and events[-1].text and "error" not in events[-1].flags
 
 
 def test_partials_then_speech_end_then_final_with_stream_times():

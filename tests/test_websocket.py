@@ -208,7 +208,7 @@ def test_sessions_beyond_the_limit_are_refused_clearly(harness):
         assert events_until(first, "final")[-1]["text"].startswith("heard")
 
 
-@pytest.mark.parametrize("query", ["encoding=mp3", "sample_rate=abc", "sample_rate=1000", "sample_rate=" + "9" * 5000])
+@pytest.mark.parametrize("query", ["encoding=mp3", "sample_rate=abc", "sample_rate=1000", "sample_rate=", "encoding=", "sample_rate=" + "9" * 5000])
 def test_bad_listen_parameters_get_an_error_and_a_close(harness, query):
     h = harness()
     with connect(f"ws://{h.base}/listen?{query}") as ws:
@@ -783,6 +783,19 @@ def test_a_session_slot_is_free_once_its_decoding_is_done_though_its_client_neve
         admitted.set()
         raw.close()
         sender.join(10)
+
+
+def test_a_daemon_stop_closes_events_subscribers_with_going_away_after_stopping(harness):
+    h = harness()
+    with connect(f"ws://{h.base}/events") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        h.loop.call_soon_threadsafe(h.service.stop)
+        got = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                got.append(json.loads(ws.recv(timeout=60)))
+    assert any(e["type"] == "status" and e["state"] == "stopping" for e in got)
+    assert closed.value.rcvd.code == 1001  # a client reconnects after 1001; 1000 says "closed on purpose"
 
 
 def test_a_daemon_stop_still_gives_the_open_utterance_of_a_session_its_final(harness):

@@ -8,7 +8,7 @@ from typing import Callable
 
 from .events import Command, Event, Pong, Status
 from .gatedriver import CaptureFeed
-from .health import Health, State
+from .health import Health
 from .worker import AsrWorker
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,7 @@ class Commands:
                      len(self._worker.prompt), len(self._worker.hotwords))
         if cmd.cmd == "finalize" and not self._feed.paused:  # paused, nothing is open and nothing is heard
             self._feed.finalize()
-        if cmd.cmd == "pause" and not self._feed.paused:
-            self._feed.paused = True
-            self._health.set(State.PAUSED, "paused by a client; send resume to listen again")
-        elif cmd.cmd == "resume" and self._feed.paused:
-            self._feed.paused = False
-            self._health.set(State.LISTENING, self._listening())
+        if cmd.cmd in ("pause", "resume"):
+            self._feed.paused = cmd.cmd == "pause"
+            self._health.settle(self._listening())
         return self._status()

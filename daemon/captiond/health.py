@@ -47,23 +47,60 @@ def sd_notify(message: str) -> None:
 
 
 class Health:
-    """The current state and its detail; every change is announced once through `changed`."""
+    """The current state and its detail; every change is announced once through `changed`.
 
-    def __init__(self, changed: Callable[[], None]) -> None:
+    What listening looks like is derived from the facts that make it, so that none can hide another:
+    a client's pause (`paused`, the capture feed's flag), a lost device, and whether the daemon has
+    been ready yet. A paused daemon said `listening` once its lost device came back, and a resume
+    said `listening` while the device was still gone."""
+
+    def __init__(self, changed: Callable[[], None], paused: Callable[[], bool] = lambda: False) -> None:
         self.state = State.STARTING
         self.detail = ""
+        self.lost: str | None = None
+        """Why the source's device is lost, while it is; None while it delivers (or before it opened)."""
+        self._paused = paused
+        self._ready = False
         self._changed = changed
 
     def set(self, state: State, detail: str = "") -> None:
-        """Change the state (a status event for subscribers, a STATUS line for systemd)."""
+        """Change the state (a status event for subscribers, a STATUS line for systemd); `stopping` is
+        the last (protocol.md: a command read during the stop's flush changes nothing)."""
         # The detail names files and devices: a name that is not UTF-8 could not be sent to clients,
         # and a newline in one would add lines to systemd's message (READY=1, STOPPING=1, ...).
         detail = one_line(detail)
-        if (state, detail) == (self.state, self.detail):
+        if (state, detail) == (self.state, self.detail) or self.state is State.STOPPING:
             return
         self.state, self.detail = state, detail
         self._changed()
         sd_notify(f"STATUS={state.value}{': ' + detail if detail else ''}")
+
+    def ready(self, listening_detail: str) -> None:
+        """Audio flows and the model is loaded: listening (unless a client paused the daemon meanwhile)."""
+        self._ready, self.lost = True, None
+        self.settle(listening_detail)
+
+    def device_lost(self, why: str) -> None:
+        """The device failed; a paused daemon says so only once it is resumed."""
+        self.lost = why
+        self.settle("")
+
+    def device_back(self, listening_detail: str) -> None:
+        """The device delivers audio again."""
+        self.lost = None
+        self.settle(listening_detail)
+
+    def settle(self, listening_detail: str) -> None:
+        """The state the facts make: paused, device_lost, starting, or listening (called again when
+        the pause changes)."""
+        if self._paused():
+            self.set(State.PAUSED, "paused by a client; send resume to listen again")
+        elif self.lost is not None:
+            self.set(State.DEVICE_LOST, self.lost)
+        elif not self._ready:
+            self.set(State.STARTING)
+        else:
+            self.set(State.LISTENING, listening_detail)
 
     def lag(self, lag: float, listening_detail: str) -> None:
         """The overload state machine: overloaded past OVERLOADED_LAG_S of waiting speech, listening

@@ -89,7 +89,7 @@ class Service:
         # Finals of the microphone only: /listen and Wyoming sessions decode theirs here.
         self.remote = remote or (RemoteFinals(config.asr, engine, changed=lambda: self.publish(self.status()))
                                  if config.asr.backend == "openai" else None)
-        self.health = Health(lambda: self.publish(self.status()))
+        self.health = Health(lambda: self.publish(self.status()), lambda: self.feed.paused)
         self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
         self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote,
@@ -264,7 +264,7 @@ class Service:
             await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
                                return_when=asyncio.FIRST_COMPLETED)
             if self.capture.started.is_set() and not self._stopping.is_set():  # a stop during the load: not ready
-                self.health.set(State.LISTENING, self.source.description)
+                self.health.ready(self.source.description)
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,
                          self.source.description)
                 sd_notify("READY=1")

@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable, Hashable
 
 from .capture import Capture, CaptureError, Source, abandonable, audio_devices
-from .health import Health, State
+from .health import Health
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ class CaptureSupervisor:
                     flowing = loop.create_task(self.capture.started.wait(), name="capture-flowing")
                     await asyncio.wait([run, flowing], return_when=asyncio.FIRST_COMPLETED)
                     flowing.cancel()
-                    if self.capture.started.is_set() and self._health.state is State.DEVICE_LOST:
+                    if self.capture.started.is_set() and self._health.lost is not None:
                         log.info("%s is back", self.source.description)
-                        self._health.set(State.LISTENING, self.source.description)
+                        self._health.device_back(self.source.description)
                     await run
                     return  # a file or pipe ended
                 except CaptureError as exc:
@@ -69,9 +69,9 @@ class CaptureSupervisor:
                         raise
                     if self.capture.started.is_set() or lost_at is None:  # it had worked: retry quickly again
                         delay, lost_at = _RETRY_MIN_S, self._clock()
-                    if self._health.state is not State.DEVICE_LOST:
+                    if self._health.lost is None:
                         log.error("%s; retrying until it comes back", exc)
-                        self._health.set(State.DEVICE_LOST, str(exc))
+                        self._health.device_lost(str(exc))
                         self._lost()
                 finally:
                     run.cancel()
@@ -115,7 +115,7 @@ class CaptureSupervisor:
         """What is wrong with capture for the watchdog, or None."""
         if not self.source.live or paused:
             return None
-        if self._health.state is State.DEVICE_LOST:
+        if self._health.lost is not None:
             if now - self._tick > _CAPTURE_RETRY_STALL_S:
                 return f"capture has not retried its device for {now - self._tick:.0f} s"
         elif now - self.capture.last_chunk > _CAPTURE_STALL_S:

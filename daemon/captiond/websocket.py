@@ -243,7 +243,7 @@ class WebServer:
         if url.path == "/events":
             await self._events(ws)
         else:
-            await self._listen(ws, parse_qs(url.query))
+            await self._listen(ws, parse_qs(url.query, keep_blank_values=True))
 
     @staticmethod
     def _sender(ws: ServerConnection) -> Callable[[bytes], Awaitable[None]]:
@@ -257,7 +257,9 @@ class WebServer:
     async def _events(self, ws: ServerConnection) -> None:
         """The Hub's events; commands as on the Unix socket, one JSON object per text message."""
         def close() -> None:
-            spawn(ws.close(), "websocket-close", keep=self._closing)
+            # Reached once the Hub let the client go: at a daemon stop (1001, as /listen sessions get
+            # then; 1000 read as "closed on purpose, do not reconnect"), or after the client left.
+            spawn(ws.close(1001), "websocket-close", keep=self._closing)
 
         refused = self._hub.refusal(_EVENTS)
         if refused is not None:

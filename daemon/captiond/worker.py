@@ -303,7 +303,7 @@ class AsrWorker:
             self._gave_way(stream, check)
         except Exception as exc:  # a decode that raises costs this utterance's partials, not the worker
             self._no_partials = stream.utt
-            self._decode_failed(stream.utt, "partial", exc)
+            self._decode_failed(stream.utt, "check" if check else "partial", exc)
         return None
 
     def _gave_way(self, stream: UtteranceStream, check: bool) -> None:
@@ -432,8 +432,9 @@ class AsrWorker:
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         self._log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
-        self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); "
-                                             "the daemon goes on with the next utterance"))
+        after = "its final is empty, flagged error" if kind == "final" else "it gets no more partials; its final still comes"
+        self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); {after}; the "
+                                             "daemon goes on (its log has the traceback: please report it)"))
 
     def _discard(self, spec: _Speculation | None) -> None:
         if spec is not None:
