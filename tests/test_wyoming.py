@@ -765,11 +765,12 @@ def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
     from captiond.wyoming_server import WyomingServer, _Transcription
 
     asr = load(None, [])[0].asr
-    seen: dict[int, list[float]] = {}
+    seen: dict[int, list[tuple[float, float]]] = {}
 
     def transcription(k: int) -> _Transcription:
         t = _Transcription(None, vad=False, language="en")  # type: ignore[arg-type]
-        worker = SimpleNamespace(reconfigure=lambda cfg: seen.setdefault(k, []).append(cfg.partial_interval_s))
+        worker = SimpleNamespace(reconfigure=lambda cfg: seen.setdefault(k, []).append(
+            (cfg.first_partial_s, cfg.partial_interval_s)))
         t.session = SimpleNamespace(worker=worker)  # type: ignore[assignment]
         return t
 
@@ -779,8 +780,8 @@ def test_partials_are_spaced_out_by_the_number_of_open_transcriptions():
     server.admit(first)
     server.admit(second)
     server.release(second)
-    base = asr.partial_interval_s
-    assert seen == {1: [base, 2 * base, base], 2: [2 * base]}
+    one, two = (asr.first_partial_s, asr.partial_interval_s), (2 * asr.first_partial_s, 2 * asr.partial_interval_s)
+    assert seen == {1: [one, two, one], 2: [two]}
     server.gate_thread.shutdown()
 
 

@@ -161,7 +161,7 @@ class AsrConfig:
     first_partial_s: float = 0.4
     """New audio between an utterance's partial decodes until one has words, in seconds (the first waits for this much of the utterance, its preroll included)."""
     partial_interval_s: float = 0.8
-    """New audio between two partial decodes of an open utterance, in seconds."""
+    """New audio between two partial decodes of an open utterance once one has had words, in seconds."""
     partial_share: float = 0.1
     """New audio between two partials as a share of the audio they decode, when that is more than partial_interval_s (0: off); a partial's cost grows with its audio."""
     stable_after_s: float = 1.0

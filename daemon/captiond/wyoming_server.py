@@ -537,7 +537,8 @@ class WyomingServer:
         self._pace_partials()
 
     def _pace_partials(self) -> None:
-        """Space every open transcription's partials by asr.partial_interval_s times the number open.
+        """Space every open transcription's partials by asr.first_partial_s and asr.partial_interval_s
+        times the number open.
 
         Each partial decodes its whole utterance again, and the sessions share one model thread: with
         four at once on 2 busy CPUs, finals waited behind partials (bench/wyoming_bench.py: audio-stop ->
