@@ -160,7 +160,7 @@ class AsrConfig:
     """Decode partials while someone speaks and a subscriber wants them; false: finals only, each utterance decoded once at its end (least CPU)."""
     first_partial_s: float = 0.4
     """New audio between an utterance's partial decodes until one has words, in seconds (the first waits for this much of the utterance, its preroll included)."""
-    partial_interval_s: float = 0.8
+    partial_interval_s: float = 0.4
     """New audio between two partial decodes of an open utterance once one has had words, in seconds."""
     partial_share: float = 0.1
     """New audio between two partials as a share of the audio they decode, when that is more than partial_interval_s (0: off); a partial's cost grows with its audio."""
