@@ -14,7 +14,7 @@ from captiond.events import Command, Pong, Status
 from captiond.frames import FRAME_SAMPLES, Frame, FrameAssembler, FrameRing
 from captiond.gate import Gate, UtteranceAudio, UtteranceEnd, UtteranceStart
 from captiond.gatedriver import Batch, CaptureFeed, GateStage, drive, segment
-from captiond.health import Health, State
+from captiond.health import OVERLOADED_LAG_S, Health, State
 from conftest import SPEECH
 
 CONFIG = GateConfig(feature_check=False, start_ms=90, start_window_ms=150, hangover_ms=150, preroll_ms=0)
@@ -235,6 +235,10 @@ def test_commands_pause_resume_and_set_context():
         assert changes.count(State.PAUSED) == 1, "pausing twice announces once"
         commands(Command("resume"))
         assert not feed.paused and (health.state, health.detail) == (State.LISTENING, "mic")
+        health.lag(OVERLOADED_LAG_S + 1, "mic")
+        before = list(changes)
+        assert commands(Command("resume")) is status and changes == before, "a resume that changes nothing is only answered"
+        assert health.state is State.OVERLOADED
         commands(Command("context", prompt="Kubernetes", hotwords=None))
         assert (worker.prompt, worker.hotwords) == ("Kubernetes", "")
         commands(Command("context", prompt=None, hotwords="kubectl"))

@@ -15,9 +15,9 @@ from captiond.supervisor import CaptureSupervisor
 
 
 def test_health_announces_each_change_once_and_overload_has_a_gap():
-    changes = []
-    health = Health(lambda: changes.append((health.state, health.detail)))
-    health.set(State.LISTENING, "mic")
+    changes, paused = [], [False]
+    health = Health(lambda: changes.append((health.state, health.detail)), lambda: paused[0])
+    health.ready("mic")
     health.set(State.LISTENING, "mic")
     assert changes == [(State.LISTENING, "mic")] and health.state.value == "listening"
     health.lag(OVERLOADED_LAG_S + 1, "mic")
@@ -27,9 +27,13 @@ def test_health_announces_each_change_once_and_overload_has_a_gap():
     assert health.detail == f"{(OVERLOADED_LAG_S + RECOVERED_LAG_S) / 2:.0f} s of speech waiting for the decoder"
     health.lag(RECOVERED_LAG_S / 2, "mic")
     assert changes[-1] == (State.LISTENING, "mic") and len(changes) == 4
-    health.set(State.PAUSED)
+    paused[0] = True
+    health.settle("mic")
     health.lag(OVERLOADED_LAG_S + 1, "mic")  # a paused daemon is not overloaded
     assert health.state is State.PAUSED
+    paused[0] = False
+    health.settle("mic")  # a resume while speech waits: overloaded still, never listening between
+    assert health.state is State.OVERLOADED and (State.LISTENING, "mic") not in changes[5:]
 
 
 def test_a_wait_the_event_loop_overslept_is_waited_again_and_a_real_silence_ends_it():

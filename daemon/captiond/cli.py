@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     ptt = sub.add_parser("ptt", parents=[common], help="push-to-talk: start, stop or toggle listening",
                          description="start: the daemon listens (resume). stop: the utterance being said is "
                          "finalised at once (typed by `captiond type`) and the daemon stops listening (pause). "
-                         "toggle: stop when listening, else start. Prints the new state. Exits 1 when the daemon "
+                         "toggle: start when paused, else stop. Prints the new state. Exits 1 when the daemon "
                          "is not running.",
                          epilog="example for sway: `bindsym --no-repeat $mod+space exec captiond ptt start` and "
                          "`bindsym --release $mod+space exec captiond ptt stop`")

@@ -40,7 +40,7 @@ class Commands:
                      len(self._worker.prompt), len(self._worker.hotwords))
         if cmd.cmd == "finalize" and not self._feed.paused:  # paused, nothing is open and nothing is heard
             self._feed.finalize()
-        if cmd.cmd in ("pause", "resume"):
+        if cmd.cmd in ("pause", "resume") and self._feed.paused != (cmd.cmd == "pause"):  # else: only answered
             self._feed.paused = cmd.cmd == "pause"
             self._health.settle(self._listening())
         return self._status()

@@ -50,9 +50,9 @@ class Health:
     """The current state and its detail; every change is announced once through `changed`.
 
     What listening looks like is derived from the facts that make it, so that none can hide another:
-    a client's pause (`paused`, the capture feed's flag), a lost device, and whether the daemon has
-    been ready yet. A paused daemon said `listening` once its lost device came back, and a resume
-    said `listening` while the device was still gone."""
+    a client's pause (`paused`, the capture feed's flag), a lost device, whether the daemon has been
+    ready yet, and the decoder's lag. A paused daemon said `listening` once its lost device came back,
+    a resume said `listening` while the device was still gone, or while 180 s of speech waited."""
 
     def __init__(self, changed: Callable[[], None], paused: Callable[[], bool] = lambda: False) -> None:
         self.state = State.STARTING
@@ -61,6 +61,8 @@ class Health:
         """Why the source's device is lost, while it is; None while it delivers (or before it opened)."""
         self._paused = paused
         self._ready = False
+        self._lag = 0.0  # speech waiting for the decoder at the last look, in seconds
+        self._overloaded = False
         self._changed = changed
 
     def set(self, state: State, detail: str = "") -> None:
@@ -99,18 +101,18 @@ class Health:
             self.set(State.DEVICE_LOST, self.lost)
         elif not self._ready:
             self.set(State.STARTING)
+        elif self._overloaded:
+            self.set(State.OVERLOADED, f"{self._lag:.0f} s of speech waiting for the decoder")
         else:
             self.set(State.LISTENING, listening_detail)
 
     def lag(self, lag: float, listening_detail: str) -> None:
         """The overload state machine: overloaded past OVERLOADED_LAG_S of waiting speech, listening
         again below RECOVERED_LAG_S (the gap keeps it from flapping); meanwhile the detail says the
-        lag of the last look, to the second."""
-        overloaded = self.state is State.OVERLOADED and lag >= RECOVERED_LAG_S
-        if overloaded or (self.state is State.LISTENING and lag > OVERLOADED_LAG_S):
-            self.set(State.OVERLOADED, f"{lag:.0f} s of speech waiting for the decoder")
-        elif self.state is State.OVERLOADED and lag < RECOVERED_LAG_S:
-            self.set(State.LISTENING, listening_detail)
+        lag of the last look, to the second. Paused or without its device the daemon says so instead."""
+        self._lag = lag
+        self._overloaded = lag >= RECOVERED_LAG_S if self._overloaded else lag > OVERLOADED_LAG_S
+        self.settle(listening_detail)
 
 
 class Watchdog:
