@@ -204,6 +204,18 @@ def test_the_state_is_starting_until_ready_whatever_comes_first_and_stopping_is_
     assert health.state is State.STOPPING
 
 
+def test_the_watchdog_waits_for_the_read_timeout_before_it_calls_a_quiet_capture_stuck():
+    # A fixed 15 s stopped the pings while a microphone with a long audio.read_timeout_s was not yet
+    # declared lost: systemd killed a daemon that would have reported device_lost and recovered.
+    capture = Capture(FrameRing(10))
+    patient = CaptureSupervisor(FlakyMic(0), capture, Health(lambda: None), lambda: None, read_timeout_s=120.0)
+    default = CaptureSupervisor(FlakyMic(0), capture, Health(lambda: None), lambda: None)
+    quiet_since = capture.last_chunk
+    assert patient.stuck(quiet_since + 100, paused=False) is None
+    assert "no audio from flaky mic for 131 s" in patient.stuck(quiet_since + 131, paused=False)
+    assert "no audio from flaky mic for 16 s" in default.stuck(quiet_since + 16, paused=False)
+
+
 def test_supervisor_lets_a_file_source_failure_through():
     class BrokenFile(FlakyMic):
         live = False

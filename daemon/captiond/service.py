@@ -90,7 +90,8 @@ class Service:
         self.remote = remote or (RemoteFinals(config.asr, engine, changed=lambda: self.publish(self.status()))
                                  if config.asr.backend == "openai" else None)
         self.health = Health(lambda: self.publish(self.status()), lambda: self.feed.paused)
-        self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush())
+        self.supervisor = CaptureSupervisor(source, self.capture, self.health, lambda: self.feed.flush(),
+                                            read_timeout_s=config.audio.read_timeout_s)
         self.feed = CaptureFeed(self.capture, self.stage, lambda: self.supervisor.done)
         self.worker = AsrWorker(engine, config.asr, self.queue, self.publish, finals=self.remote,
                                 end_at_pause=self.feed.end_at_pause,

@@ -21,7 +21,7 @@ _ABSENT_S = 60.0
 _ABSENT_RETRY_S = 60.0
 _DEVICES_POLL_S = 1.0
 _LOOK_S = 1.0  # a look at the devices that takes longer (a driver stuck in a USB disconnect) sees no change
-_CAPTURE_STALL_S = 15.0  # a device this quiet is already being reopened (audio.read_timeout_s)
+_CAPTURE_STALL_S = 10.0  # past audio.read_timeout_s, a device this quiet is already being reopened
 _CAPTURE_RETRY_STALL_S = _ABSENT_RETRY_S + 30.0
 
 
@@ -32,8 +32,13 @@ class CaptureSupervisor:
     """
 
     def __init__(self, source: Source, capture: Capture, health: Health, lost: Callable[[], None],
-                 devices: Callable[[], Hashable] = audio_devices, clock: Callable[[], float] = time.monotonic) -> None:
+                 devices: Callable[[], Hashable] = audio_devices, clock: Callable[[], float] = time.monotonic,
+                 read_timeout_s: float = 5.0) -> None:
         self.source = source
+        # Quiet for longer than the source's own read timeout and not reported lost: the capture itself
+        # is stuck. A fixed 15 s stopped the watchdog's pings while a microphone with a read timeout
+        # over 75 s was not yet declared lost, and systemd (WatchdogSec=60) killed the daemon.
+        self._stall_s = read_timeout_s + _CAPTURE_STALL_S
         self._devices = devices
         self._clock = clock
         self.capture = capture
@@ -118,6 +123,6 @@ class CaptureSupervisor:
         if self._health.lost is not None:
             if now - self._tick > _CAPTURE_RETRY_STALL_S:
                 return f"capture has not retried its device for {now - self._tick:.0f} s"
-        elif now - self.capture.last_chunk > _CAPTURE_STALL_S:
+        elif now - self.capture.last_chunk > self._stall_s:
             return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
         return None
