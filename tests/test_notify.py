@@ -39,6 +39,7 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(vmic, daemon_factory
     daemon = daemon_factory("--source", "mic", env=env)
     got = drain(sock, lambda g: g.count("WATCHDOG=1") >= 3)
     assert "READY=1" in got and any(m.startswith("STATUS=listening") for m in got)
+    assert got[0] == "STATUS=starting", "said while the model loads"
     assert got.index("READY=1") < got.index("WATCHDOG=1")
     assert "ready in" in daemon.stderr  # READY follows the model load and warm-up
     daemon.proc.send_signal(signal.SIGTERM)

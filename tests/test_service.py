@@ -447,6 +447,7 @@ def test_a_pause_sent_while_the_model_loads_holds_once_the_daemon_is_ready(tmp_p
     while not any("ready in" in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, "never ready"
         time.sleep(0.01)
+    assert h.service.health.state.value == "paused", "ready, and still paused"
     events.client.send({"cmd": "resume"})
     events.wait_for(lambda e: e.get("state") == "listening")
     assert statuses() == ["paused", "starting", "paused", "listening"]

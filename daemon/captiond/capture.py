@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 _FILE_CHUNK = SAMPLE_RATE // 2  # samples handed over per step when reading a file
 _MIC_BUFFER_FRAMES = 2  # frames per PyAudio callback: 60 ms halves idle CPU against 30 ms (2.2 % -> 1.2 % of a core)
-_FIRST_AUDIO_S = 10.0  # how long a freshly opened microphone may take to deliver its first chunk
+FIRST_AUDIO_S = 10.0
+"""Seconds a freshly opened microphone may take to deliver its first chunk (more if audio.read_timeout_s is)."""
 
 
 class CaptureError(RuntimeError):
@@ -301,7 +302,7 @@ class MicSource(Source):
                 if capture.started.is_set():
                     silent_for, limit = time.monotonic() - capture.last_chunk, self._timeout
                 else:  # PulseAudio through ALSA takes ~2 s to deliver the first chunk
-                    silent_for, limit = time.monotonic() - opened, max(self._timeout, _FIRST_AUDIO_S)
+                    silent_for, limit = time.monotonic() - opened, max(self._timeout, FIRST_AUDIO_S)
                 if silent_for > limit:
                     raise CaptureError(f"{self.description} stopped delivering audio "
                                        f"({silent_for:.1f} s without a frame); was it unplugged?")

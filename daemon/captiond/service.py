@@ -237,6 +237,7 @@ class Service:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = self._loop = asyncio.get_running_loop()
         quiet_accept_failures(loop)
+        sd_notify(f"STATUS={self.health.state.value}")  # systemctl status says it while the model loads
         if self.outbox.log is not None:
             self.outbox.log.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
@@ -261,9 +262,12 @@ class Service:
             log.info("loading model %s and warming up", self.config.asr.model)
             await asyncio.gather(self.engine.load(), loop.run_in_executor(self._gate_thread, self.stage.warm_up))
             gate = self._spawn(drive(self.feed.batches(), self.stage, self.worker, self._gate_thread), "gate")
-            # Ready means audio is flowing, not merely that a device was opened.
-            await asyncio.wait([capture, self._spawn(self.capture.started.wait(), "first-audio")],
-                               return_when=asyncio.FIRST_COMPLETED)
+            # Ready means audio is flowing, not merely that a device was opened; a device lost again
+            # right after its first chunk clears `started`, and is waited for again (else: starting for ever).
+            while not self.capture.started.is_set() and not capture.done():  # a stop cancels the capture
+                first = self._spawn(self.capture.started.wait(), "first-audio")
+                await asyncio.wait([capture, first], return_when=asyncio.FIRST_COMPLETED)
+                first.cancel()
             if self.capture.started.is_set() and not self._stopping.is_set():  # a stop during the load: not ready
                 self.health.ready(self.source.description)
                 log.info("ready in %.1f s: model %s, %s", time.monotonic() - self.started, self.engine.name,

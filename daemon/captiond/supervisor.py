@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Callable, Hashable
 
-from .capture import Capture, CaptureError, Source, abandonable, audio_devices
+from .capture import FIRST_AUDIO_S, Capture, CaptureError, Source, abandonable, audio_devices
 from .health import Health
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ class CaptureSupervisor:
         # is stuck. A fixed 15 s stopped the watchdog's pings while a microphone with a read timeout
         # over 75 s was not yet declared lost, and systemd (WatchdogSec=60) killed the daemon.
         self._stall_s = read_timeout_s + _CAPTURE_STALL_S
+        # A retry may take a look at the devices, an open that hangs for the read timeout and a first
+        # chunk that never comes, after the minute's wait for the devices to change: past that, the
+        # retrying itself is stuck (90 s flat missed retries of a long read timeout that were working).
+        self._retry_stall_s = _CAPTURE_RETRY_STALL_S + _LOOK_S + read_timeout_s + max(read_timeout_s,
+                                                                                     FIRST_AUDIO_S)
         self._devices = devices
         self._clock = clock
         self.capture = capture
@@ -121,7 +126,7 @@ class CaptureSupervisor:
         if not self.source.live or paused:
             return None
         if self._health.lost is not None:
-            if now - self._tick > _CAPTURE_RETRY_STALL_S:
+            if now - self._tick > self._retry_stall_s:
                 return f"capture has not retried its device for {now - self._tick:.0f} s"
         elif now - self.capture.last_chunk > self._stall_s:
             return f"no audio from {self.source.description} for {now - self.capture.last_chunk:.0f} s"
