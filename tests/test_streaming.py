@@ -38,6 +38,11 @@ def utterance(utt, start, seconds, captured=0.0):
     return items
 
 
+def rare_partials(**kw):
+    """A worker config whose partials come only after 30 s of an utterance: none in these tests."""
+    return AsrConfig(partial_interval_s=30, first_partial_s=30, **kw)
+
+
 def run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=0.5), clock=time.monotonic, end_at_pause=None,
                finals=None, name="microphone"):
     published = []
@@ -254,7 +259,7 @@ def test_final_decode_starts_at_the_pause_and_is_used_when_the_utterance_ends_th
         await asyncio.sleep(0.2)  # the rest of the hangover: the decode runs meanwhile
         await queue.put(end)
 
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
+    worker, events = run_worker(decoder, feed, cfg=rare_partials())
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0
     assert [beam for _, beam, _, _ in decoder.calls] == [5]  # one final decode, not two
     assert decoder.calls[0][0] == end.end + 3 * FRAME_SAMPLES and events[-1].text.startswith("heard")
@@ -280,7 +285,7 @@ def test_an_early_final_that_ends_a_sentence_asks_the_gate_to_end_the_utterance_
                 await queue.put(item)
         await caught_up(worker)  # the early final's decode is done (or was dropped), its callback queued
 
-    worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30),
+    worker, events = run_worker(FakeDecoder(delay=0.1, ending=ending), feed, cfg=rare_partials(),
                                 end_at_pause=lambda utt, voiced_end: asks.append((utt, voiced_end)))
     assert asks == ([(1, 40 * FRAME_SAMPLES)] if asked else [])
     assert worker.speculations_wasted == int(went_on)
@@ -304,7 +309,7 @@ def test_silence_after_a_pause_never_discards_a_slow_early_final():
         await caught_up(worker)  # the decode (0.2 s) ends while the pause goes on
         await queue.put(UtteranceEnd(1, voiced_end, voiced_end + 3 * FRAME_SAMPLES, "sentence_end", 0.0))
 
-    worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30),
+    worker, events = run_worker(FakeDecoder(delay=0.2, ending=" so far."), feed, cfg=rare_partials(),
                                 end_at_pause=lambda utt, end: asks.append((utt, end)))
     assert asks == [(1, voiced_end)]
     assert worker.speculations_used == 1 and worker.speculations_wasted == 0 and sum(worker.decodes.values()) == 1
@@ -497,7 +502,7 @@ def test_speech_that_goes_on_after_a_pause_gets_a_final_of_all_of_it():
         for item in items[30:]:
             await queue.put(item)
 
-    worker, events = run_worker(decoder, feed, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
+    worker, events = run_worker(decoder, feed, cfg=rare_partials())
     assert worker.speculations_used == 0 and worker.speculations_wasted == 1
     final_decodes = [n for n, beam, _, _ in decoder.calls if beam == 5]
     assert final_decodes[-1] == end.audio_end and abs(float(events[-1].text.split()[1]) - end.audio_end / SAMPLE_RATE) < 0.01
@@ -749,14 +754,14 @@ async def late_stable_words(queue, worker):
 def test_final_begun_before_late_stable_words_is_decoded_again():
     """A speculative final decoded with an older prefix must not drop words that became stable since."""
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30, bind_finals=True))
+    worker, events = run_worker(decoder, late_stable_words, cfg=rare_partials(bind_finals=True))
     assert decoder.prefixes == [None, "the cat sat on the"]
     assert events[-1].text == "the cat sat on the mat"
 
 
 def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_unbound():
     decoder = scripted(["the cat sat on a hat", "the cat sat on the mat"])
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))  # unbound
+    worker, events = run_worker(decoder, late_stable_words, cfg=rare_partials())  # unbound
     assert decoder.prefixes == [None], "no second decode bound to the stable words"
     assert events[-1].text == "the cat sat on a hat" and "unbound" in events[-1].flags
     assert worker.finals_unbound == 1 and worker.finals_bound == 0
@@ -767,7 +772,7 @@ def test_unbound_a_final_that_hears_the_stable_words_otherwise_stands_flagged_un
 def test_unbound_a_free_decode_whisper_doubts_does_not_revise_the_stable_words(said, logprob):
     # Empty, improbable or looping: standing, it would replace words that passed the checks' tests.
     decoder = scripted([said, "the cat sat on the mat"], logprob=logprob)
-    worker, events = run_worker(decoder, late_stable_words, cfg=AsrConfig(partial_interval_s=30, first_partial_s=30))
+    worker, events = run_worker(decoder, late_stable_words, cfg=rare_partials())
     assert decoder.prefixes == [None, "the cat sat on the"], "decoded again, bound"
     assert events[-1].text == "the cat sat on the mat" and "unbound" not in events[-1].flags
     assert worker.finals_bound == 1 and worker.finals_unbound == 0

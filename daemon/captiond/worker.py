@@ -432,7 +432,8 @@ class AsrWorker:
 
     def _decode_failed(self, utt: int, kind: str, exc: Exception) -> None:
         self._log.error("utterance %d: %s decode failed", utt, kind, exc_info=exc)
-        after = "its final is empty, flagged error" if kind == "final" else "it gets no more partials; its final still comes"
+        after = ("its final is empty, flagged error" if kind == "final"
+                 else "it gets no more partials; its final still comes")
         self._publish(Error("decode_failed", f"utterance {utt}: the {kind} decode failed ({exc!r}); {after}; the "
                                              "daemon goes on (its log has the traceback: please report it)"))
 

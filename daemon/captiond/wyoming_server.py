@@ -546,7 +546,8 @@ class WyomingServer:
         """
         asr = self._asr()
         n = max(1, len(self.sessions))
-        paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * n, first_partial_s=asr.first_partial_s * n)
+        paced = dataclasses.replace(asr, partial_interval_s=asr.partial_interval_s * n,
+                                    first_partial_s=asr.first_partial_s * n)
         for current in self.sessions:
             if current.session is not None:
                 current.session.worker.reconfigure(paced)
