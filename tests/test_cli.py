@@ -93,6 +93,13 @@ def test_missing_model_folder(tmp_path):
                             f"asr.model={tmp_path}/no-model", tmp=tmp_path), "no such model folder")
 
 
+def test_a_mistyped_model_name_is_refused_before_anything_loads(tmp_path):
+    # It passed check-config, and run failed only once faster-whisper tried to load it.
+    for cmd in (["check-config"], ["run", "--source", f"file:{CORPUS}/ps_forever.wav"]):
+        one_line_error(captiond(*cmd, "--set", "asr.model=smal.en", tmp=tmp_path), "asr.model: unknown model 'smal.en'",
+                       "small.en")
+
+
 def test_a_model_name_too_long_for_a_path_is_a_one_line_error(tmp_path):
     one_line_error(captiond("check-config", "--set", f"asr.model={'x' * 256}", tmp=tmp_path), "File name too long")
 
@@ -305,7 +312,7 @@ def test_listen_without_a_daemon_fails_clearly(tmp_path):
 
 
 def test_listen_types_prints_only_those_even_before_the_daemon_applied_the_filter(tmp_path):
-    """A stats event the daemon sends before it reads the subscribe line is not printed."""
+    """A stats event the daemon sends before it reads the subscribe line is not printed, nor hello."""
     import json
     import threading
 
@@ -329,7 +336,8 @@ def test_listen_types_prints_only_those_even_before_the_daemon_applied_the_filte
     thread.join(10)
     server.close()
     assert json.loads(got[0]) == {"cmd": "subscribe", "types": ["final"]}
-    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["hello", "final", "error"]
+    # Not hello either: `listen --types final | jq -r .text` printed "null" for it first.
+    assert [json.loads(line)["type"] for line in result.stdout.splitlines()] == ["final", "error"]
 
 
 @pytest.mark.slow

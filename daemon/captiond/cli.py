@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .capture import CaptureError, make_source, portaudio_idle
     from .engine import Engine, WhisperDecoder
-    from .models import ModelError, resolve_model
+    from .models import ModelError, check_asr
     from .gate import FeatureError
     from .server import Server, ServerError
     from .service import STOP_BOUND_S, Service
@@ -148,10 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = make_source(args.source or config.audio.source, args.realtime or config.audio.realtime,
                              config.audio.read_timeout_s)
         source.check()
-        resolve_model(config.asr.model)
-        if config.asr.backend == "openai":
-            from .remote import read_key
-            read_key(config.asr)
+        check_asr(config.asr)
     except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     translog = None
@@ -230,13 +227,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _listed(line: bytes, types: list[str]) -> bool:
-    """Whether `listen --types` prints this line: the listed types, hello, and errors."""
+    """Whether `listen --types` prints this line: the listed types and errors (hello only if listed:
+    `listen --types final | jq -r .text` printed its missing text as "null" first)."""
     # The daemon filters only from when it reads the subscribe line; what it sent before still comes.
     try:
         kind = json.loads(line).get("type")
     except (ValueError, AttributeError):
         return True  # not ours to judge: print what the daemon sent
-    return kind in types or kind in ("hello", "error")
+    return kind in types or kind == "error"
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
@@ -526,17 +524,12 @@ def _toml_string(text: str) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and print the values in effect."""
     from .capture import CaptureError, make_source
-    from .models import KNOWN, ModelError, check_languages, resolve_model
+    from .models import ModelError, check_asr
 
     config, path = _config(args)
     try:
         make_source(config.audio.source)
-        resolve_model(config.asr.model)
-        if (known := KNOWN.get(config.asr.model)) is not None:  # another's languages are known once loaded
-            check_languages(config.asr, known.display, known.multilingual)
-        if config.asr.backend == "openai":
-            from .remote import read_key
-            read_key(config.asr)
+        check_asr(config.asr)
     except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     # Names go through one_line: a newline in one would end its comment and break the TOML below.
@@ -591,10 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     listen = sub.add_parser("listen", parents=[common], help="print events as JSON Lines (for scripts, jq)",
                             description="Print the daemon's protocol v1 events on stdout, one JSON object per "
-                            "line (hello first), until the connection ends. Exits 1 with a message when the "
+                            "line (hello first unless --types leaves it out), until the connection ends. Exits 1 with a message when the "
                             "daemon is not running.",
                             epilog="example: captiond listen --types final | jq -r .text")
-    listen.add_argument("--types", metavar="T1,T2", help="only these event types (and hello, errors), e.g. final,partial")
+    listen.add_argument("--types", metavar="T1,T2", help="only these event types (and errors), e.g. final,partial")
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
 

@@ -312,4 +312,22 @@ def resolve_model(name: str) -> ModelRef:
             raise ModelError(f"asr.model: {str(path)!r} has no model.bin, so it is not a CTranslate2 Whisper model "
                              "folder (convert one with ct2-transformers-converter)")
         return ModelRef(str(path), path.name, False)
+    from faster_whisper.utils import available_models  # here: only a model name needs it
+
+    if name not in available_models():  # a typo: `run` would fail only once it loads the model
+        raise ModelError(f"asr.model: unknown model {name!r}; give bundled, base, a model folder or a model name "
+                         f"({', '.join(available_models())})")
     return ModelRef(name, name, True)
+
+
+def check_asr(cfg: AsrConfig) -> None:
+    """What `run` checks of [asr] before it starts, and a reload before it is taken: the model can be
+    used (nothing is loaded), a known model hears the language asked for, and the server's key can
+    be read. Raises ModelError or ConfigError naming the key."""
+    resolve_model(cfg.model)
+    if (known := KNOWN.get(cfg.model)) is not None:  # another's languages are known once loaded
+        check_languages(cfg, known.display, known.multilingual)
+    if cfg.backend == "openai":
+        from .remote import read_key
+
+        read_key(cfg)

@@ -22,6 +22,7 @@ from .events import Error, Event, Hello, Stats, Status, one_line
 from .frames import FRAME_MS, SAMPLE_RATE, FrameRing
 from .gatedriver import CaptureFeed, GateStage, drive
 from .health import Health, State, Watchdog, sd_notify
+from .models import ModelError, check_asr
 from .outbox import Outbox
 from .remote import RemoteFinals
 from .server import Server, ServerError, quiet_accept_failures
@@ -37,12 +38,15 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
 """How long shutdown waits for the open utterance's final before giving up on it (a greedy decode of all
-of it: up to gate.max_utterance_s); the 1 s bounds after it (tasks, subscribers, servers, the log, the
-audio device) keep a stop under STOP_BOUND_S in practice (systemd's TimeoutStopSec is 15 s)."""
+of it: up to gate.max_utterance_s); the 1 s bounds after it (tasks, subscribers, servers, the log) and
+the audio device's 2.5 s keep a stop under STOP_BOUND_S in practice (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
+# A stream stopped before its first audio takes ~1.7 s to stop (PulseAudio through ALSA, measured here):
+# a start that failed (a model that did not load) was called a hung audio server at 1 s.
+_AUDIO_CLOSE_S = 2.5
 _FLUSH_SUBSCRIBERS_S = 1.0
 _HEALTH_S = 1.0  # how often the lag is looked at for the overloaded state when no stats are sent
 _WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
@@ -321,10 +325,16 @@ class Service:
             self._reloading = None
 
     def _reread(self, running: LogConfig) -> Config:
-        """The config file again (off the event loop), refused as a whole if it moves the transcript log
-        somewhere it cannot be written, as `run` refuses it at start (lines would wait in memory)."""
+        """The config file again (off the event loop), refused as a whole where `run` would refuse it at
+        start: [asr] as models.check_asr finds it (a model not installed would take effect at the next
+        restart, which would fail), a transcript log moved where it cannot be written (lines would wait
+        in memory)."""
         assert self._reload is not None
         new = self._reload()
+        try:
+            check_asr(new.asr)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
         path = log_path(new.log)  # one it cannot tell (no home folder) must not fail halfway through reconfigure()
         if new.log.enabled and (not running.enabled or path != log_path(running)):
             try:
@@ -395,8 +405,8 @@ class Service:
             await self.wyoming.close(_FLUSH_SUBSCRIBERS_S)
         if self.outbox.log is not None:
             self.outbox.log.close(_FLUSH_SUBSCRIBERS_S)
-        if not await portaudio_settled(_STOP_TASKS_S):
-            log.error("shutdown: the audio device did not close in %.0f s (is the audio server hung?); "
-                      "abandoning it", _STOP_TASKS_S)
+        if not await portaudio_settled(_AUDIO_CLOSE_S):
+            log.error("shutdown: the audio device did not close in %.1f s (is the audio server hung?); "
+                      "abandoning it", _AUDIO_CLOSE_S)
         self.engine.close()
         self._gate_thread.shutdown(wait=False, cancel_futures=True)
