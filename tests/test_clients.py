@@ -12,7 +12,7 @@ import time
 import pytest
 
 from captiond.client import AsyncClient, Client
-from captiond.events import Final, Hello, Partial, decode
+from captiond.events import Final, Hello, Partial, Status, decode
 from captiond.translog import TranscriptLog
 from conftest import CORPUS, ROOT, SPEECH, Daemon, Harness, read_wav, silence
 
@@ -474,11 +474,37 @@ def test_captions_into_a_file_writes_finals_only():
     from captiond.captions import CaptionView
     from captiond.events import Envelope
 
-    out = io.StringIO()
-    view = CaptionView(out, color=False, partials=False)
+    out, notes = io.StringIO(), io.StringIO()
+    view = CaptionView(out, color=False, terminal=False, notes=notes)
+    view.show(Envelope(0, 0.5, Hello("x", "m", 16000, "listening")))
     view.show(Envelope(1, 1.0, Partial(1, 1, 0.0, 1.0, "", "hello wor", "hello wor")))
     view.show(Envelope(2, 2.0, Final(1, 0.0, 1.5, "Hello world.", (), "en", 0.3, ())))
-    assert out.getvalue() == "Hello world.\n"
+    long = "word " * 40  # a sentence is one line in a file, whatever the terminal's width (it was wrapped at 80)
+    view.show(Envelope(3, 3.0, Final(2, 2.0, 9.0, long.strip(), (), "en", 0.3, ())))
+    assert out.getvalue() == f"Hello world.\n{long.strip()}\n"
+    assert notes.getvalue() == "[connected: model m, listening; Ctrl-C to quit]\n"  # not into the file
+
+
+def test_captions_say_when_listening_again_after_a_pause_or_a_lost_device():
+    # The last line shown said paused or device_lost until someone spoke.
+    import io
+
+    from captiond.captions import CaptionView
+    from captiond.events import Envelope
+
+    out = io.StringIO()
+    view = CaptionView(out, color=False)
+    for seq, (state, detail) in enumerate([("listening", ""), ("paused", "paused by a client"), ("listening", ""),
+                                           ("device_lost", "gone"), ("device_lost", "still gone"),
+                                           ("listening", ""), ("listening", "")], 1):
+        view.show(Envelope(seq, 1.0, Status(state, detail, "m", 1.0, 0, 0)))
+    assert out.getvalue().splitlines() == ["[paused: paused by a client]", "[listening]", "[device_lost: gone]",
+                                           "[device_lost: still gone]", "[listening]"]
+    out = io.StringIO()
+    view = CaptionView(out, color=False)
+    view.show(Envelope(0, 1.0, Hello("x", "m", 16000, "paused")))  # connected while paused
+    view.show(Envelope(1, 1.0, Status("listening", "", "m", 1.0, 0, 0)))
+    assert out.getvalue().splitlines()[-1] == "[listening]"
 
 
 def test_captions_into_a_file_do_not_ask_for_partials_so_none_are_decoded(tmp_path):
@@ -519,9 +545,9 @@ def test_a_socket_path_with_a_newline_and_an_escape_stays_on_one_line_in_status_
     err = status.stderr.decode()
     assert status.returncode == 3 and len(err.strip().splitlines()) == 1 and "\x1b" not in err, err
     captions = subprocess.Popen([sys.executable, "-m", "captiond", "captions", "--set", f"server.socket={path}"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        first = captions.stdout.readline().decode()  # its note that it waits for the daemon
+        first = captions.stderr.readline().decode()  # its note that it waits for the daemon (not a terminal: stderr)
     finally:
         captions.kill()
         captions.wait()

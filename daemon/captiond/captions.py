@@ -15,6 +15,7 @@ from .events import NOT_PARTIAL, Envelope, Error, Final, Hello, Partial, Status,
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
 _CLEAR_LINE = "\r\x1b[2K"
+_AWAY = ("device_lost", "overloaded", "paused", "stopping")  # states a caption viewer is told of
 
 
 def _columns(c: str) -> int:
@@ -40,15 +41,20 @@ def _newest(text: str, width: int) -> str:
 class CaptionView:
     """Turns events into terminal output; holds the one partial line currently shown."""
 
-    def __init__(self, out: TextIO, color: bool = True, timestamps: bool = False, partials: bool = True) -> None:
+    def __init__(self, out: TextIO, color: bool = True, timestamps: bool = False, terminal: bool = True,
+                 notes: TextIO | None = None) -> None:
         self._out = out
+        self._notes = notes or out
+        """Where the bracketed lines about the connection and the daemon go (stderr into a file)."""
         self._color = color
         # Rewriting a line in place needs a terminal: into a file every partial would stay, each
-        # behind a carriage return and an erase sequence.
-        self.partials = partials
+        # behind a carriage return and an erase sequence; and a file's sentences stay one line each.
+        self._terminal = terminal
+        self.partials = terminal
         """Partials are shown (and so asked for: the daemon decodes none that no subscriber is sent)."""
         self._timestamps = timestamps
         self._partial_shown = False
+        self._away = False  # the last state noted was one in which nothing is heard or it lags
 
     def _width(self) -> int:
         return max(20, shutil.get_terminal_size((80, 24)).columns)
@@ -61,8 +67,8 @@ class CaptionView:
     def note(self, text: str) -> None:
         """A bracketed line about the connection or the daemon, never mixed into a partial."""
         self._clear_partial()
-        self._out.write(f"[{one_line(text)}]\n")
-        self._out.flush()
+        self._notes.write(f"[{one_line(text)}]\n")
+        self._notes.flush()
 
     def show(self, env: Envelope) -> None:
         """Render one event."""
@@ -78,11 +84,17 @@ class CaptionView:
             self._clear_partial()
             if event.text:
                 stamp = time.strftime("%H:%M:%S ", time.localtime(env.ts)) if self._timestamps else ""
-                lines = textwrap.wrap(stamp + event.text, self._width(), subsequent_indent=" " * len(stamp))
+                lines = textwrap.wrap(stamp + event.text, self._width(), subsequent_indent=" " * len(stamp)) \
+                    if self._terminal else [stamp + event.text]
                 self._out.write("\n".join(lines) + "\n")
-        elif isinstance(event, Status) and event.state in ("device_lost", "overloaded", "paused", "stopping"):
+        elif isinstance(event, Status) and event.state in _AWAY:
+            self._away = True
             self.note(f"{event.state}{': ' + event.detail if event.detail else ''}")
+        elif isinstance(event, Status) and event.state == "listening" and self._away:
+            self._away = False  # else the last line shown said paused or device_lost until someone spoke
+            self.note("listening")
         elif isinstance(event, Hello):
+            self._away = event.state in _AWAY
             self.note(f"connected: model {event.model}, {event.state}; Ctrl-C to quit")
         elif isinstance(event, Error):
             self.note(f"daemon error: {event.message}")

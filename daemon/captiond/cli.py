@@ -246,7 +246,7 @@ def cmd_captions(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     terminal = sys.stdout.isatty()
     view = CaptionView(sys.stdout, color=terminal and not os.environ.get("NO_COLOR"), timestamps=args.timestamps,
-                       partials=terminal)
+                       terminal=terminal, notes=None if terminal else sys.stderr)
     try:
         follow(socket_path(config.server), view)
     except KeyboardInterrupt:
@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     captions = sub.add_parser("captions", parents=[common], help="live captions in this terminal",
                               description="Partials dimmed and rewritten in place, finals scrolling; waits for "
                               "the daemon and reconnects by itself. Ctrl-C quits. Into a file or a pipe, "
-                              "finals only.")
+                              "finals only, one line each, and the notes about the daemon on stderr.")
     captions.add_argument("--timestamps", action="store_true", help="prefix finals with the time they were said")
     captions.set_defaults(func=cmd_captions)
     status = sub.add_parser("status", parents=[common], help="state, model, uptime, subscribers, lag (exit 3: not running)",

@@ -96,7 +96,7 @@ class Health:
         """The state the facts make: paused, device_lost, starting, or listening (called again when
         the pause changes)."""
         if self._paused():
-            self.set(State.PAUSED, "paused by a client; send resume to listen again")
+            self.set(State.PAUSED, "paused by a client; send resume (captiond ptt start) to listen again")
         elif self.lost is not None:
             self.set(State.DEVICE_LOST, self.lost)
         elif not self._ready:
