@@ -91,6 +91,15 @@ def test_truncated_file_gives_what_it_has_and_says_so(tmp_path, caplog):
     assert "truncated" not in caplog.text
 
 
+def test_a_wav_header_with_no_audio_after_it_does_not_say_something_was_transcribed(tmp_path):
+    from captiond.capture import truncation
+
+    header = tmp_path / "header.wav"
+    header.write_bytes((CORPUS / "jfk_inaugural.wav").read_bytes()[:44])
+    said = truncation(header, 0.0, 0.0)
+    assert "(it holds no audio: nothing was transcribed): its header states" in said and "what is there" not in said
+
+
 def test_a_pipe_given_as_a_file_is_refused_before_it_is_read(tmp_path):
     # check() and run() each open the file: on a pipe the check took the WAV header away (a FIFO with
     # no writer: it waited for ever), so a clear error, naming what to use instead.

@@ -66,6 +66,7 @@ def test_check_config_prints_the_values_in_effect():
     result = captiond("check-config", "--config", str(ROOT / "config" / "captiond.toml"), "--set", "gate.start_ms=90")
     assert result.returncode == 0
     assert "config OK" in result.stdout.decode() and "start_ms = 90" in result.stdout.decode()
+    assert "; with --set gate.start_ms=90)" in result.stdout.decode().splitlines()[0]  # not the file's values alone
 
 
 def test_check_config_says_what_run_would_refuse_of_a_known_models_languages(tmp_path):

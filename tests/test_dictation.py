@@ -327,4 +327,6 @@ def test_ptt_against_a_daemon_that_never_answers_gives_up_with_one_line(tmp_path
     finally:
         mute.close()
     assert result.returncode == 1
-    assert result.stderr == "captiond: error: captiond did not answer within 10 s; see `captiond status`\n"
+    # Not "see `captiond status`": status waits the same 10 s for the same stuck daemon.
+    assert result.stderr == "captiond: error: captiond did not answer within 10 s (stopped or stuck?); see its log, " \
+                            "or restart it\n"

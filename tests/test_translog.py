@@ -31,6 +31,20 @@ def test_rotation_keeps_the_configured_number_of_backups(tmp_path):
     assert last[-1].split("\t")[1] == "199"
 
 
+def test_a_new_log_and_each_rotated_one_are_the_owners_alone_whatever_the_umask(tmp_path):
+    # Run by hand under umask 022 the log of what was said was world-readable (the socket is 0600).
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "t.log"
+        log = TranscriptLog(path, 1024, 1)
+        for i in range(60):
+            assert log.write(final(i, "x" * 40), 1_700_000_000.0)
+    finally:
+        os.umask(old)
+    assert path.with_name("t.log.1").exists()
+    assert {p.stat().st_mode & 0o777 for p in (path, path.with_name("t.log.1"))} == {0o600}
+
+
 def test_a_log_that_cannot_be_rotated_stops_growing_and_holds_its_lines_until_it_can(tmp_path):
     path = tmp_path / "t.log"
     path.with_name("t.log.1").mkdir()  # rename(2) puts no file over a folder, even for root

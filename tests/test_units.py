@@ -83,6 +83,18 @@ def test_install_service_writes_unit_and_config(tmp_path):
     assert (tmp_path / "home/u/.config/captiond/captiond.toml").is_file()
 
 
+def test_install_service_where_it_cannot_write_says_what_to_do(tmp_path):
+    # It printed a bare "[Errno 20] Not a directory: '…/systemd/user'".
+    (tmp_path / "home/u/.config").mkdir(parents=True)
+    (tmp_path / "home/u/.config/systemd").write_text("a file where a folder belongs")
+    result = subprocess.run([sys.executable, "-m", "captiond", "install-service", "--user", "--root", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HOME": "/home/u",
+                                                                           "XDG_CONFIG_HOME": ""})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"captiond: error: cannot write {tmp_path}/home/u/.config/systemd/user: Not a "
+                                    "directory; it writes under $XDG_CONFIG_HOME (~/.config)"), result.stderr
+
+
 def test_a_program_path_with_a_space_or_percent_sign_is_one_word_systemd_runs(tmp_path):
     # ExecStart was written unquoted: systemd split it at the space ("Command .../my is not executable")
     # and read "%" as a specifier, while install-service said it had succeeded.

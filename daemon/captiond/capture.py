@@ -536,7 +536,8 @@ def truncation(path: Path, decoded: float, duration: float) -> str:
     A file cut short decodes cleanly: only its header says there should be more. FFmpeg trims a
     WAV's stated length to the file's size, so its data chunk is read here.
     """
-    short = f"{path}: the file looks truncated (what is there was transcribed): "
+    short = f"{path}: the file looks truncated (" + ("what is there was transcribed" if decoded else
+                                                   "it holds no audio: nothing was transcribed") + "): "
     try:
         with open(path, "rb") as fh:
             head = fh.read(12)

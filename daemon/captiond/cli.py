@@ -364,7 +364,7 @@ def cmd_ptt(args: argparse.Namespace) -> int:
         try:
             state = _answer(client, lambda c: push_to_talk(c, args.action))
         except TimeoutError as exc:
-            return _fail(f"{exc}; see `captiond status`", 1)
+            return _fail(f"{exc} (stopped or stuck?); see its log, or restart it", 1)
         except (ConnectionError, OSError, ValueError) as exc:
             return _fail(str(exc), 1)
     print(state)
@@ -461,7 +461,12 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     try:
         for line in install(args.system, Path(args.root)):
             print(line)
-    except (InstallError, OSError, subprocess.CalledProcessError) as exc:
+    except OSError as exc:  # a bare "[Errno 30] Read-only file system: …" said nothing of what to do
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(f"cannot write{where}: {exc.strerror or exc}; "
+                     + ("run it as root (sudo)" if args.system else
+                        "it writes under $XDG_CONFIG_HOME (~/.config): make that a writable folder"))
+    except (InstallError, subprocess.CalledProcessError) as exc:
         return _fail(str(exc))
     return 0
 
@@ -533,7 +538,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except (CaptureError, ModelError, ConfigError) as exc:
         return _fail(str(exc))
     # Names go through one_line: a newline in one would end its comment and break the TOML below.
-    print(f"# config OK ({one_line(str(path)) if path else 'built-in defaults; no config file found'})")
+    where = one_line(str(path)) if path else "built-in defaults; no config file found"
+    changed = f"; with --set {', '.join(args.set)}" if args.set else ""  # not the file's values alone
+    print(f"# config OK ({where}{one_line(changed)})")
     print(f"# socket: {one_line(str(socket_path(config.server)))}\n"
           f"# transcript log: {one_line(str(log_path(config.log)))}")
     for section, values in vars(config).items():

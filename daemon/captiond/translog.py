@@ -48,9 +48,11 @@ def _is_fifo(path: Path) -> bool:
 def _open_append(path: Path) -> int:
     """Open the log for appending, never waiting. A FIFO nobody reads would block the open, and one
     whose reader stops would block every write: a FIFO is refused until something reads it, and then
-    written without blocking (a full pipe refuses the line, which waits in the backlog)."""
+    written without blocking (a full pipe refuses the line, which waits in the backlog). A new file
+    is the owner's alone (what was said, like the socket's events): the units' UMask=0077 made it so,
+    a run by hand under a usual umask made it world-readable."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as exc:
         if exc.errno == errno.ENXIO and _is_fifo(path):
             raise OSError(errno.ENXIO, "a FIFO nobody reads; give log.path a regular file") from None
