@@ -76,6 +76,12 @@ def test_corrupt_missing_and_audio_less_files_are_clear_errors(tmp_path):
     text.write_text("hello, this is not audio\n" * 100)
     with pytest.raises(CaptureError, match="notes.txt"):
         FileSource(text).check()
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(CaptureError) as err:
+        FileSource(garbage).check()
+    # FFmpeg's words, not PyAV's number for them and the path again.
+    assert str(err.value) == f"{garbage}: not audio PyAV can read (Invalid data found when processing input)"
 
 
 def test_truncated_file_gives_what_it_has_and_says_so(tmp_path, caplog):

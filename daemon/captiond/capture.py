@@ -483,7 +483,7 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         if isinstance(source, Path) and _empty(source):  # FFmpeg says only "[Errno 1094995529] Invalid data"
             raise CaptureError(f"{name}: the file is empty") from None
-        raise CaptureError(f"{name}: not audio PyAV can read ({exc})") from None
+        raise CaptureError(f"{name}: not audio PyAV can read ({_ffmpeg_said(exc)})") from None
     with container:
         streams = [s for s in container.streams if s.type == "audio"]
         if not streams:
@@ -498,7 +498,12 @@ def decode_file(source: Path | BinaryIO, name: str | None = None, container_form
             yield from _mono16k(resampler, None, name)
         except (av.error.FFmpegError, ValueError) as exc:
             kept = f"the {used / SAMPLE_RATE:.2f} s before the damage were used" if used else "none of it could be used"
-            raise CaptureError(f"{name}: the audio is corrupt or truncated ({exc}); {kept}") from None
+            raise CaptureError(f"{name}: the audio is corrupt or truncated ({_ffmpeg_said(exc)}); {kept}") from None
+
+
+def _ffmpeg_said(exc: Exception) -> str:
+    """FFmpeg's own words for an error, without PyAV's "[Errno 1094995529] …: PATH" around them."""
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _empty(path: Path) -> bool:

@@ -629,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "finalised at once (typed by `captiond type`) and the daemon stops listening (pause). "
                          "toggle: start when paused, else stop. Prints the new state. Exits 1 when the daemon "
                          "is not running.",
-                         epilog="example for sway: `bindsym --no-repeat $mod+space exec captiond ptt start` and "
-                         "`bindsym --release $mod+space exec captiond ptt stop`")
+                         epilog="example for sway: `bindsym --no-repeat $mod+grave exec captiond ptt start` and "
+                         "`bindsym --release $mod+grave exec captiond ptt stop`")
     ptt.add_argument("action", choices=("start", "stop", "toggle"))
     ptt.set_defaults(func=cmd_ptt)
     transcribe = sub.add_parser(
