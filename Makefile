@@ -60,7 +60,7 @@ replay: setup
 	$(PY) bench/replay.py --corpus continuous --part tune --quiet
 	$(PY) bench/replay.py --corpus continuous --part heldout --quiet
 
-bench-models: base
+bench-models: setup
 	$(PY) bench/model_speed.py
 
 bench-heldout: setup
