@@ -485,7 +485,7 @@ def test_captions_into_a_file_writes_finals_only():
     assert notes.getvalue() == "[connected: model m, listening; Ctrl-C to quit]\n"  # not into the file
 
 
-def test_captions_say_when_listening_again_after_a_pause_or_a_lost_device():
+def test_captions_say_when_listening_again_after_a_pause_a_lost_device_or_a_start():
     # The last line shown said paused or device_lost until someone spoke.
     import io
 
@@ -504,7 +504,10 @@ def test_captions_say_when_listening_again_after_a_pause_or_a_lost_device():
     view = CaptionView(out, color=False)
     view.show(Envelope(0, 1.0, Hello("x", "m", 16000, "paused")))  # connected while paused
     view.show(Envelope(1, 1.0, Status("listening", "", "m", 1.0, 0, 0)))
-    assert out.getvalue().splitlines()[-1] == "[listening]"
+    view.show(Envelope(2, 1.0, Hello("x", "m", 16000, "starting")))  # reconnected to a restarted daemon
+    view.show(Envelope(3, 1.0, Status("listening", "", "m", 1.0, 0, 0)))
+    assert out.getvalue().splitlines()[1:] == ["[listening]", "[connected: model m, starting; Ctrl-C to quit]",
+                                               "[listening]"]
 
 
 def test_captions_into_a_file_do_not_ask_for_partials_so_none_are_decoded(tmp_path):

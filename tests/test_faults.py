@@ -111,7 +111,7 @@ def test_sighups_racing_live_speech_lose_no_final_and_the_last_settings_win(vmic
         daemon.kill()
 
 
-def test_a_reload_with_a_config_that_is_not_utf8_or_has_a_bad_key_keeps_the_running_one(vmic, tmp_path):
+def test_a_reload_with_a_config_that_is_not_utf8_has_a_bad_key_or_model_keeps_the_running_one(vmic, tmp_path):
     config = tmp_path / "c.toml"
     good = "[gate]\nhangover_ms = 600\n"
     write_atomically(config, good)

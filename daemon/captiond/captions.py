@@ -54,7 +54,7 @@ class CaptionView:
         """Partials are shown (and so asked for: the daemon decodes none that no subscriber is sent)."""
         self._timestamps = timestamps
         self._partial_shown = False
-        self._away = False  # the last state noted was one in which nothing is heard or it lags
+        self._away = False  # the daemon's last state said was not listening
 
     def _width(self) -> int:
         return max(20, shutil.get_terminal_size((80, 24)).columns)
@@ -87,14 +87,14 @@ class CaptionView:
                 lines = textwrap.wrap(stamp + event.text, self._width(), subsequent_indent=" " * len(stamp)) \
                     if self._terminal else [stamp + event.text]
                 self._out.write("\n".join(lines) + "\n")
-        elif isinstance(event, Status) and event.state in _AWAY:
-            self._away = True
-            self.note(f"{event.state}{': ' + event.detail if event.detail else ''}")
-        elif isinstance(event, Status) and event.state == "listening" and self._away:
-            self._away = False  # else the last line shown said paused or device_lost until someone spoke
-            self.note("listening")
+        elif isinstance(event, Status):
+            # Listening again is said too: else the last line shown said paused, device_lost or
+            # starting (a daemon restarted) until someone spoke.
+            if event.state in _AWAY or (event.state == "listening" and self._away):
+                self.note(f"{event.state}{': ' + event.detail if event.detail else ''}")
+            self._away = event.state != "listening"
         elif isinstance(event, Hello):
-            self._away = event.state in _AWAY
+            self._away = event.state != "listening"
             self.note(f"connected: model {event.model}, {event.state}; Ctrl-C to quit")
         elif isinstance(event, Error):
             self.note(f"daemon error: {event.message}")

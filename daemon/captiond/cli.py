@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from . import __version__
 from .config import Config, ConfigError, load, log_path, socket_path
@@ -215,10 +216,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
             if types or args.since is not None:
                 client.subscribe(types, args.since)
             for line in itertools.chain([first] if first else [], lines):
-                if types and not _listed(line, types):
-                    continue
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                out = sys.stdout if not types else _listed(line, types)
+                if out is not None:
+                    out.buffer.write(line)
+                    out.flush()
         except (BadDaemon, Closed) as exc:
             return _fail(str(exc), 1)
         except KeyboardInterrupt:
@@ -226,15 +227,16 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listed(line: bytes, types: list[str]) -> bool:
-    """Whether `listen --types` prints this line: the listed types and errors (hello only if listed:
-    `listen --types final | jq -r .text` printed its missing text as "null" first)."""
+def _listed(line: bytes, types: list[str]) -> TextIO | None:
+    """Where `listen --types` prints this line: stdout for the listed types, stderr for an error not
+    listed, nowhere for the rest (`listen --types final | jq -r .text` printed "null" for hello and
+    errors, which have no text)."""
     # The daemon filters only from when it reads the subscribe line; what it sent before still comes.
     try:
         kind = json.loads(line).get("type")
     except (ValueError, AttributeError):
-        return True  # not ours to judge: print what the daemon sent
-    return kind in types or kind == "error"
+        return sys.stdout  # not ours to judge: print what the daemon sent
+    return sys.stdout if kind in types else sys.stderr if kind == "error" else None
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
@@ -276,7 +278,8 @@ def _answer(client, talk):
             return result
     finally:
         watchdog.cancel()
-    raise TimeoutError(f"captiond did not answer within {_ANSWER_TIMEOUT_S:g} s")
+    raise TimeoutError(f"captiond did not answer within {_ANSWER_TIMEOUT_S:g} s (stopped or stuck?); "
+                       "see its log, or restart it")
 
 
 def _ask_status(client):
@@ -304,7 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             hello, status = _answer(client, _ask_status)
         except TimeoutError as exc:
-            return _fail(f"{exc} (stopped or stuck?); see its log, or restart it", 1)
+            return _fail(str(exc), 1)
         except ConnectionError as exc:  # refused (too many clients), or not captiond on the socket
             return _fail(str(exc), 1)
     if hello is None or status is None:
@@ -364,7 +367,7 @@ def cmd_ptt(args: argparse.Namespace) -> int:
         try:
             state = _answer(client, lambda c: push_to_talk(c, args.action))
         except TimeoutError as exc:
-            return _fail(f"{exc} (stopped or stuck?); see its log, or restart it", 1)
+            return _fail(str(exc), 1)
         except (ConnectionError, OSError, ValueError) as exc:
             return _fail(str(exc), 1)
     print(state)
@@ -461,12 +464,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     try:
         for line in install(args.system, Path(args.root)):
             print(line)
-    except OSError as exc:  # a bare "[Errno 30] Read-only file system: …" said nothing of what to do
-        where = f" {exc.filename}" if exc.filename else ""
-        return _fail(f"cannot write{where}: {exc.strerror or exc}; "
-                     + ("run it as root (sudo)" if args.system else
-                        "it writes under $XDG_CONFIG_HOME (~/.config): make that a writable folder"))
-    except (InstallError, subprocess.CalledProcessError) as exc:
+    except (InstallError, OSError, subprocess.CalledProcessError) as exc:
         return _fail(str(exc))
     return 0
 
@@ -594,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "line (hello first unless --types leaves it out), until the connection ends. Exits 1 with a message when the "
                             "daemon is not running.",
                             epilog="example: captiond listen --types final | jq -r .text")
-    listen.add_argument("--types", metavar="T1,T2", help="only these event types (and errors), e.g. final,partial")
+    listen.add_argument("--types", metavar="T1,T2", help="only these event types on stdout (errors not listed go to stderr), e.g. final,partial")
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .config import xdg_home
 
@@ -88,14 +90,30 @@ def install(system: bool, root: Path = Path("/")) -> list[str]:
                            "install captiond outside them, e.g. python3 -m venv /opt/captiond && "
                            "/opt/captiond/bin/pip install . && sudo /opt/captiond/bin/captiond install-service --system")
     unit = p.unit_source.read_text().replace("/usr/local/bin/captiond", exec_word(exe))
-    p.unit_target.parent.mkdir(parents=True, exist_ok=True)
-    p.unit_target.write_text(unit)
+    with _writing(system):
+        p.unit_target.parent.mkdir(parents=True, exist_ok=True)
+        p.unit_target.write_text(unit)
     done.append(f"wrote {p.unit_target} (ExecStart={exe} …)")
     if p.config_target.exists():
         done.append(f"kept the existing {p.config_target}")
     else:
-        p.config_target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SOURCE_ROOT / "config" / "captiond.toml", p.config_target)
+        config = (SOURCE_ROOT / "config" / "captiond.toml").read_bytes()
+        with _writing(system):
+            p.config_target.parent.mkdir(parents=True, exist_ok=True)
+            p.config_target.write_bytes(config)
         done.append(f"wrote {p.config_target} (every key with its default)")
     done.append("next:\n" + p.next_steps)
     return done
+
+
+@contextlib.contextmanager
+def _writing(system: bool) -> Iterator[None]:
+    """An OSError writing the unit or the config as an InstallError that says what to do (it was a
+    bare "[Errno 30] Read-only file system: …")."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        fix = ("run it as root (sudo)" if os.geteuid() != 0 else "the folder is not writable here (a read-only "
+               "/etc?)") if system else "it writes under $XDG_CONFIG_HOME (~/.config): make that a writable folder"
+        raise InstallError(f"cannot write{where}: {exc.strerror or exc}; {fix}") from None

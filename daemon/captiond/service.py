@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
 """How long shutdown waits for the open utterance's final before giving up on it (a greedy decode of all
-of it: up to gate.max_utterance_s); the 1 s bounds after it (tasks, subscribers, servers, the log) and
-the audio device's 2.5 s keep a stop under STOP_BOUND_S in practice (systemd's TimeoutStopSec is 15 s)."""
+of it: up to gate.max_utterance_s). With the 1 s bounds after it (tasks, subscribers, each server, the log)
+and the audio device's 2.5 s, a stop in which every one runs out would take 11.5-13.5 s: STOP_BOUND_S
+cuts it short (systemd's TimeoutStopSec is 15 s)."""
 STOP_BOUND_S = 10.0
 """Past this many seconds after a stop began, a daemon run from the command line exits whatever its
 threads are doing (a PortAudio call in a hung audio server never returns)."""
 _STOP_TASKS_S = 1.0
-# A stream stopped before its first audio takes ~1.7 s to stop (PulseAudio through ALSA, measured here):
+# A stream stopped before its first audio takes ~1.7 s to stop (PulseAudio through ALSA, measured once here):
 # a start that failed (a model that did not load) was called a hung audio server at 1 s.
 _AUDIO_CLOSE_S = 2.5
 _FLUSH_SUBSCRIBERS_S = 1.0
