@@ -345,8 +345,9 @@ def test_an_audio_server_frozen_before_the_first_open_is_a_lost_device_until_it_
 
 
 def test_a_model_that_fails_to_load_with_the_microphone_just_opened_blames_the_model_alone(vmic, tmp_path):
-    # The stream, stopped before its first audio, takes ~1.7 s to stop: at a 1 s bound the daemon also
+    # The stream, stopped before its first audio, takes ~1.7 s to stop: past a 1 s bound the daemon also
     # said "the audio device did not close (is the audio server hung?)", sending users to PulseAudio.
+    # Now only a device that delivered audio is called hung, whatever the machine's speed.
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.bin").write_bytes(b"not a model")
@@ -355,7 +356,7 @@ def test_a_model_that_fails_to_load_with_the_microphone_just_opened_blames_the_m
     try:
         assert daemon.proc.wait(60) == 2
         assert f"asr.model: cannot load '{model}'" in daemon.stderr
-        assert "audio device" not in daemon.stderr and "Traceback" not in daemon.stderr, daemon.stderr
+        assert "audio server hung" not in daemon.stderr and "Traceback" not in daemon.stderr, daemon.stderr
         if "recording from" not in daemon.stderr:  # the model failed first (it loads beside the first open)
             pytest.skip("the model failed before the microphone was open: not the case this test is for")
     finally:
