@@ -589,10 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     listen = sub.add_parser("listen", parents=[common], help="print events as JSON Lines (for scripts, jq)",
                             description="Print the daemon's protocol v1 events on stdout, one JSON object per "
-                            "line (hello first unless --types leaves it out), until the connection ends. Exits 1 with a message when the "
-                            "daemon is not running.",
+                            "line (hello first unless --types leaves it out), until the connection ends. Exits 1 "
+                            "with a message when the daemon is not running.",
                             epilog="example: captiond listen --types final | jq -r .text")
-    listen.add_argument("--types", metavar="T1,T2", help="only these event types on stdout (errors not listed go to stderr), e.g. final,partial")
+    listen.add_argument("--types", metavar="T1,T2",
+                        help="only these event types on stdout (errors not listed go to stderr), e.g. final,partial")
     listen.add_argument("--since", type=int, metavar="SEQ", help="first replay the kept finals after seq SEQ")
     listen.set_defaults(func=cmd_listen)
 
