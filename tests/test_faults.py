@@ -46,6 +46,8 @@ def test_sighup_applies_what_is_safe_and_names_what_needs_a_restart(vmic, though
         events = daemon.connect()
         say(vmic, thoughts)
         events.wait_for(lambda e: e["type"] == "final" and e["utt"] == 1)
+        (tmp_path / "other-model").mkdir()  # a model folder as far as a reload can tell (it loads at a restart)
+        (tmp_path / "other-model" / "model.bin").write_bytes(b"")
         config.write_text(f'[gate]\nhangover_ms = 700\n[asr]\nbeam_size = 3\nmodel = "{tmp_path}/other-model"\n'
                           '[log]\nmax_bytes = 2048\n')
         daemon.proc.send_signal(signal.SIGHUP)
@@ -356,8 +358,8 @@ def test_a_model_that_fails_to_load_with_the_microphone_just_opened_blames_the_m
     try:
         assert daemon.proc.wait(60) == 2
         assert f"asr.model: cannot load '{model}'" in daemon.stderr
+        # Whether the model failed before or after the open was done (they run side by side), no audio
+        # had come: nothing blames the audio server.
         assert "audio server hung" not in daemon.stderr and "Traceback" not in daemon.stderr, daemon.stderr
-        if "recording from" not in daemon.stderr:  # the model failed first (it loads beside the first open)
-            pytest.skip("the model failed before the microphone was open: not the case this test is for")
     finally:
         daemon.kill()
