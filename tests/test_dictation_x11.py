@@ -186,7 +186,9 @@ def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserv
                         timeout=60)
         finals = events.of("final")
         heard = [normalize(f["text"]) for f in finals if f["text"]]
-        assert [len(heard), heard[2][-2:], heard[3][-2:]] == [4, ["long", "stop"], ["that", "thing"]], heard
+        assert [len(heard), heard[3][-2:]] == [4, ["that", "thing"]], heard
+        # tiny.en heard "long stop" as "long stuff" once, live under a CI run's load: words to type then.
+        stop = heard[2][-2:] == ["long", "stop"]
         expected = composed(finals, DictationConfig(commands=True, **phrases).phrases())
         text = box.wait_for(lambda t: t == expected, timeout=30)
     # tiny.en heard the clip "no" as "No.", as "No, no." (either scratches the sentence before it) and, in
@@ -195,8 +197,9 @@ def test_spoken_commands_in_real_speech_act_in_a_real_window(vmic, daemon, xserv
     no = [f for f in finals if f["text"]][1]
     if set(heard[1]) == {"no"} and not set(no["flags"]) & set(NOT_TYPED):
         assert "fox" not in text.lower(), "scratch that deleted the sentence before it"
-        assert text.startswith("This is a\n\nI have"), repr(text)
+        assert text.startswith("This is a\n\nI have" if stop else "This is a long"), repr(text)
     else:
         assert "fox" in text.lower(), (repr(text), no)  # nothing scratched it
-    assert "\n\n" in text and "stop" not in text and "thing" not in text, repr(text)
-    assert text.endswith("about."), repr(text)
+    if stop:
+        assert "\n\n" in text and "stop" not in text, repr(text)
+    assert "thing" not in text and text.endswith("about."), repr(text)
