@@ -113,7 +113,11 @@ def _writing(system: bool) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if not system:
+            fix = "it writes under $XDG_CONFIG_HOME (~/.config): make that a writable folder"
+        elif os.geteuid() != 0:
+            fix = "run it as root (sudo)"
+        else:
+            fix = "the folder is not writable here (a read-only /etc?)"
         where = f" {exc.filename}" if exc.filename else ""
-        fix = ("run it as root (sudo)" if os.geteuid() != 0 else "the folder is not writable here (a read-only "
-               "/etc?)") if system else "it writes under $XDG_CONFIG_HOME (~/.config): make that a writable folder"
         raise InstallError(f"cannot write{where}: {exc.strerror or exc}; {fix}") from None

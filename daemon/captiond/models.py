@@ -314,9 +314,10 @@ def resolve_model(name: str) -> ModelRef:
         return ModelRef(str(path), path.name, False)
     from faster_whisper.utils import available_models  # here: only a model name needs it
 
-    if name not in available_models():  # a typo: `run` would fail only once it loads the model
+    names = available_models()
+    if name not in names:  # a typo: `run` would fail only once it loads the model
         raise ModelError(f"asr.model: unknown model {name!r}; give bundled, base, a model folder or a model name "
-                         f"({', '.join(available_models())})")
+                         f"({', '.join(names)})")
     return ModelRef(name, name, True)
 
 
