@@ -87,8 +87,10 @@ def main() -> None:
 
 
 def alone(decoder: WhisperDecoder, config: Config, pcm: np.ndarray) -> Transcript:
-    """One clip decoded alone at the final's beam with word times, no temperature fallback, the short window."""
-    return decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False)
+    """One clip decoded alone as a final is: its beam, word times, no temperature fallback, the short window,
+    an unsure detection checked by decoding in its rivals."""
+    return decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=False,
+                          verify=True)
 
 
 async def streamed(config: Config, decoder: WhisperDecoder, clips: list[dict], limit: int) -> None:

@@ -108,7 +108,7 @@ class FakeDecoder:
         pass
 
     def decode(self, audio, *, beam_size, words, prompt=None, hotwords=None, prefix=None, fallback=True, window=None,
-               language="", likely="", stop=None):
+               language="", likely="", verify=False, stop=None):
         self.calls.append((len(audio), beam_size, words, prompt))
         self.hotwords_seen.append(hotwords)
         self.prefixes.append(prefix)

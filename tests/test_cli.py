@@ -60,6 +60,10 @@ def test_bad_config_key_and_value_are_named(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[asr]\nbeam_size = 99\n")
     one_line_error(captiond("check-config", "--config", str(cfg)), "asr.beam_size", str(cfg))
+    # Every mistake of a file at once, each named, not one per run.
+    cfg.write_text("[asr]\nbeam_size = 'five'\nbeam = 5\n[gate]\nstart_ms = 1\n[logs]\n")
+    one_line_error(captiond("check-config", "--config", str(cfg)), "4 errors", "asr.beam_size: must be a whole number",
+                   "asr.beam: unknown key", "gate.start_ms: must be at least", "logs: unknown table")
 
 
 def test_check_config_prints_the_values_in_effect():

@@ -19,6 +19,7 @@ from wer import edit_distance, words_of_any_language
 
 CLIPS = Path(__file__).parent / "data" / "multilingual"
 MULTILINGUAL = [json.loads(line) for line in (CLIPS / "manifest.jsonl").read_text().splitlines()]
+UNSURE = {c["id"]: c for c in map(json.loads, (CLIPS / "unsure.jsonl").read_text().splitlines())}
 """A Spanish, a French and a Russian voice prompt from ../shared/corpus/multilingual (CC-BY-SA, Asterisk)."""
 
 needs_base = pytest.mark.skipif(not installed(BASE), reason="Whisper base is not installed: make base "
@@ -128,21 +129,40 @@ def test_spanish_french_and_russian_are_detected_and_transcribed_through_the_mic
         assert edit_distance(ref, hyp) <= 0.35 * len(ref), (clip["text"], final["text"])
 
 
+def _base(*settings: str) -> WhisperDecoder:
+    decoder = WhisperDecoder(load(None, ["asr.model=base", "asr.language=auto", *settings])[0].asr)
+    decoder.load()
+    return decoder
+
+
+def _heard_right(clip: dict, t: Transcript) -> bool:
+    ref, hyp = words_of_any_language(clip["text"]), words_of_any_language(t.text)
+    return t.language == clip["lang"] and edit_distance(ref, hyp) <= 0.35 * len(ref)
+
+
 @needs_base
 def test_a_clip_detected_as_another_language_is_heard_in_its_own_among_the_configured_ones():
-    clip = json.loads((CLIPS / "unsure.jsonl").read_text())
+    clip = UNSURE["ast-es-confbridge-locked"]
     pcm = int16_to_float(read_wav(CLIPS / clip["file"]))
+    alone = _base().decode(pcm, beam_size=5, words=False, fallback=False, verify=True)
+    assert alone.language != clip["lang"] and alone.language_p > 0.5  # base alone is sure of Italian
+    among = _base("asr.languages=en,es,fr,ru").decode(pcm, beam_size=5, words=False, fallback=False)
+    assert among.language_p > 0.5 and _heard_right(clip, among), among
 
-    def decode(*settings: str) -> Transcript:
-        decoder = WhisperDecoder(load(None, ["asr.model=base", "asr.language=auto", *settings])[0].asr)
-        decoder.load()
-        return decoder.decode(pcm, beam_size=5, words=False, fallback=False)
 
-    assert decode().language != clip["lang"]  # base alone names it otherwise (Italian)
-    among = decode("asr.languages=en,es,fr,ru")
-    assert among.language == clip["lang"] and among.language_p > 0.5
-    ref, hyp = words_of_any_language(clip["text"]), words_of_any_language(among.text)
-    assert edit_distance(ref, hyp) <= 0.35 * len(ref), among.text
+@needs_base
+def test_an_unsure_detection_is_checked_by_decoding_in_its_rivals_unless_the_speakers_language_is_known():
+    clip = UNSURE["ast-es-agent-newlocation"]
+    pcm = int16_to_float(read_wav(CLIPS / clip["file"]))
+    decoder = _base()
+    alone = decoder.decode(pcm, beam_size=5, words=False, fallback=False)
+    assert alone.language != clip["lang"] and alone.language_p < 0.5, alone  # base alone: Polish, unsure
+    checked = decoder.decode(pcm, beam_size=5, words=False, fallback=False, verify=True)
+    # Still unsure, so a session would not make it the speaker's language (worker._SURE_LANGUAGE).
+    assert _heard_right(clip, checked) and checked.language_p < 0.5, checked
+    # A speaker's language known: speakers_language decides, with no decode in the rivals.
+    kept = decoder.decode(pcm, beam_size=5, words=False, fallback=False, verify=True, likely="ru")
+    assert kept.language == alone.language and kept.text == alone.text, kept
 
 
 @needs_base

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from captiond.config import AsrConfig
-from captiond.engine import SHORT, Engine, Preempted, Segment, Transcript, WhisperDecoder, among, speakers_language
+from captiond.engine import SHORT, Engine, Preempted, Segment, Transcript, WhisperDecoder, among, rivals, speakers_language
 from captiond.events import Error, Final, Partial, SpeechEnd, SpeechStart, Word
 from captiond.frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, int16_to_float
 from captiond.gate import UtteranceAudio, UtteranceEnd, UtterancePause, UtteranceStart
@@ -1357,6 +1357,14 @@ def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier
     assert speakers_language("he", 0.63, [("he", 0.63), ("fr", 0.03), ("es", 0.0083)], "es") == ("he", 0.63)
     assert speakers_language("fr", 0.99, [("fr", 0.99), ("es", 0.0007)], "es") == ("fr", 0.99)  # a new speaker
     assert speakers_language("it", 0.65, [("it", 0.65), ("es", 0.28)], "") == ("it", 0.65)  # none known yet
+
+
+def test_an_unsure_detection_has_as_rivals_the_likeliest_languages_not_far_less_probable():
+    # base's detections of Spanish clips (bench: languages.py): the second Spanish, the third far behind.
+    assert rivals("pl", 0.47, [("pl", 0.47), ("es", 0.19), ("it", 0.14), ("pt", 0.1)]) == ["es", "it"]
+    assert rivals("la", 0.38, [("la", 0.38), ("es", 0.36), ("ca", 0.01)]) == ["es"]
+    assert rivals("it", 0.82, [("it", 0.82), ("es", 0.13)]) == []  # sure: decoded in it alone
+    assert rivals("en", 0.49, [("en", 0.49), ("cy", 0.02)]) == []
 
 
 def test_detection_among_the_configured_languages_rescales_their_probabilities():

@@ -485,22 +485,44 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def from_dict(data: dict) -> Config:
-    """Build a Config from parsed TOML, rejecting unknown tables and keys by name."""
-    sections = {}
+    """Build a Config from parsed TOML, rejecting unknown tables and keys by name: every error in one
+    ConfigError, so that a file with several is fixed in one go."""
+    sections, errors = {}, []
     for name, table in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{name}: unknown table; known tables: {', '.join(SECTIONS)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{name}: must be a table ([{name}])")
-        cls = SECTIONS[name]
-        defaults = {f.name: f.default for f in fields(cls)}
-        values = {}
-        for key, value in table.items():
-            if key not in defaults:
-                raise ConfigError(f"{name}.{key}: unknown key; known keys in [{name}]: {', '.join(defaults)}")
-            values[key] = _coerce(f"{name}.{key}", value, defaults[key])
-        sections[name] = cls(**values)
+        if (section := _section(name, table, errors)) is not None:
+            sections[name] = section
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} errors: {'; '.join(errors)}")
     return Config(**sections)
+
+
+def _section(name: str, table: Any, errors: list[str]) -> Any:
+    """One table's dataclass, or None with what is wrong added to `errors`: each unknown or mistyped key,
+    else the first out-of-range value (the dataclass checks values together, some against one another)."""
+    if name not in SECTIONS:
+        errors.append(f"{name}: unknown table; known tables: {', '.join(SECTIONS)}")
+        return None
+    if not isinstance(table, dict):
+        errors.append(f"{name}: must be a table ([{name}])")
+        return None
+    cls = SECTIONS[name]
+    defaults = {f.name: f.default for f in fields(cls)}
+    values, before = {}, len(errors)
+    for key, value in table.items():
+        if key not in defaults:
+            errors.append(f"{name}.{key}: unknown key; known keys in [{name}]: {', '.join(defaults)}")
+            continue
+        try:
+            values[key] = _coerce(f"{name}.{key}", value, defaults[key])
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if len(errors) > before:
+        return None
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        errors.append(str(exc))
+        return None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import functools
 import heapq
 import itertools
 import math
@@ -191,6 +192,23 @@ def speakers_language(detected: str, p: float, probs: list[tuple[str, float]], l
     return detected, p
 
 
+# Below this detection probability (faster-whisper's own language_detection_threshold) a final's
+# language is checked by decoding (rivals). base named 13 of 50 Spanish prompts otherwise, 7 of them
+# at p < 0.5; decoded in the rivals too, the Spanish decode was the likeliest for 5 of those 7, and
+# one Spanish prompt detected right at 0.39 went to English: 37 -> 41 right. Of 189 English clips and
+# passages none was detected at p < 0.5 (docs/benchmarks.md, twenty-sixth round).
+_UNSURE = 0.5
+_RIVALS = 3  # the likeliest languages whose decodes are compared, the detected one included
+
+
+def rivals(detected: str, p: float, probs: list[tuple[str, float]]) -> list[str]:
+    """The languages to decode in as well when Whisper is unsure of `detected` (p < _UNSURE): those among
+    the _RIVALS likeliest that are no more than _SWITCH_ODDS times less probable than it."""
+    if p >= _UNSURE:
+        return []
+    return [code for code, q in probs[:_RIVALS] if code != detected and q * _SWITCH_ODDS >= p]
+
+
 def among(probs: list[tuple[str, float]], allowed: frozenset[str]) -> list[tuple[str, float]]:
     """A detection's language probabilities given that the speaker speaks one of `allowed` (asr.languages):
     the others dropped, the rest scaled to sum to 1, likeliest first."""
@@ -360,12 +378,14 @@ class WhisperDecoder:
 
     def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
-               window: Window | None = SHORT, language: str = "", likely: str = "",
+               window: Window | None = SHORT, language: str = "", likely: str = "", verify: bool = False,
                stop: threading.Event | None = None) -> Transcript:
         """Transcribe float32 16 kHz audio, consuming faster-whisper's lazy generator here.
 
         `language` is the code to decode in; empty: asr.language (auto: detected from this audio, the
         `likely` one kept unless the detection makes it far less probable: speakers_language).
+        `verify`: with no `likely` one, a detection Whisper is unsure of is checked by decoding in its
+        rivals too (rivals); the likeliest decode is kept, with its language's detection probability.
         `prefix` is text the transcript must begin with (words already published as stable).
         `fallback` lets Whisper decode again at rising temperatures when a result looks like a loop
         or is improbable: better text on long audio, slower, and it samples (varies run to run).
@@ -376,7 +396,19 @@ class WhisperDecoder:
         started = time.monotonic()
         prompt, hotwords = self._fitted(prompt, keep_end=True), self._fitted(hotwords, keep_end=False)
         self._model.window, self._model.likely, self._model.stop = window, likely, stop
-        language = language or (None if self._cfg.language == "auto" else self._cfg.language)
+        once = functools.partial(self._once, audio, beam_size=beam_size, words=words, prompt=prompt,
+                                 hotwords=hotwords, prefix=prefix, fallback=fallback)
+        t, probs = once(language or (None if self._cfg.language == "auto" else self._cfg.language))
+        if verify and probs and not likely and self._cfg.task == "transcribe":
+            for rival in rivals(t.language, t.language_p, probs):
+                other, _ = once(rival)
+                if other.avg_logprob > t.avg_logprob:
+                    t = dataclasses.replace(other, language_p=dict(probs)[rival])
+        return dataclasses.replace(t, decode_seconds=time.monotonic() - started)
+
+    def _once(self, audio: np.ndarray, language: str | None, *, beam_size: int, words: bool, prompt: str | None,
+              hotwords: str | None, prefix: str | None, fallback: bool) -> tuple[Transcript, list[tuple[str, float]]]:
+        """One transcription in `language` (None: detect it); with the detection's probabilities if it ran."""
         decoded = []
         logprob, ratio, no_speech = 0.0, 0.0, 0.0
         try:
@@ -394,9 +426,10 @@ class WhisperDecoder:
         finally:
             release_memory()
         found, unheard = _heard(decoded, len(audio) / SAMPLE_RATE, self.rules)
-        return Transcript(joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
-                          len(audio) / SAMPLE_RATE, time.monotonic() - started, unheard,
-                          language_p=1.0 if language else info.language_probability)
+        t = Transcript(joined(s.text for s in found), tuple(found), info.language, logprob, ratio, no_speech,
+                       len(audio) / SAMPLE_RATE, 0.0, unheard,
+                       language_p=1.0 if language else info.language_probability)
+        return t, ([] if language else list(info.all_language_probs or ()))
 
     def _fitted(self, text: str | None, keep_end: bool) -> str | None:
         """The text cut to _CONTEXT_TOKENS tokens: its end kept (a prompt: what was said last) or its
@@ -487,7 +520,8 @@ class Engine:
     async def decode(self, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str | None = None,
                      hotwords: str | None = None, prefix: str | None = None, fallback: bool = True,
                      window: Window | None = SHORT, priority: int = 0, language: str = "",
-                     likely: str = "", preemptible: bool = False, urgent: bool | None = None) -> Transcript:
+                     likely: str = "", verify: bool = False, preemptible: bool = False,
+                     urgent: bool | None = None) -> Transcript:
         """Decode on the inference thread once every decode of a lower priority number has had its turn;
         a `preemptible` one raises Preempted if an `urgent` one (by default: one that is not
         preemptible) of a lower priority number asks for the thread before it is done."""
@@ -501,7 +535,7 @@ class Engine:
             stop.set()
         running = asyncio.get_running_loop().run_in_executor(self._thread, lambda: self.decoder.decode(
             audio, beam_size=beam_size, words=words, prompt=prompt, hotwords=hotwords, prefix=prefix,
-            fallback=fallback, window=window, language=language, likely=likely, stop=stop))
+            fallback=fallback, window=window, language=language, likely=likely, verify=verify, stop=stop))
         try:
             result = await asyncio.shield(running)
         except asyncio.CancelledError:

@@ -133,7 +133,7 @@ def transcribe_file(path: Path, decoder: WhisperDecoder, config: Config,
         # With the temperature fallback whatever asr.temperature_fallback says: on the dev corpus as one
         # 592 s file it took WER 0.317 to 0.29-0.30, for a quarter more time (live finals: no gain).
         t = decoder.decode(int16_to_float(pcm), beam_size=config.asr.beam_size, words=True, fallback=True,
-                           window=SHORT if config.asr.short_window else None)
+                           window=SHORT if config.asr.short_window else None, verify=True)
         # A loop is cut back to one saying, as in a live final. Decoding a looping chunk again with the
         # whole window, as a live final is, was no better here than the fallback's own draws (dev as one
         # file, three runs each: WER 0.307-0.329 with, 0.314-0.334 without) for a quarter more time.

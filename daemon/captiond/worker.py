@@ -451,6 +451,7 @@ class AsrWorker:
         # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
         # in the last one heard surely: a one-word utterance must not flip a speaker's language.
         detect = self._cfg.language == "auto" and not self._language
+        turn = kind not in ("partial", "check")  # a decode of an utterance's end
         language = self._language or (self.heard_language if detect and seconds < _DETECT_S else "")
         # An established language is kept by detection unless it names another far likelier
         # (engine.speakers_language): base called 3-8 s Spanish prompts Italian, Latin or Polish.
@@ -458,13 +459,14 @@ class AsrWorker:
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
                                               language=language, likely=self.heard_language if detect else "",
+                                              verify=turn,
                                               preemptible=preemptible, urgent=urgent)
         if detect and not language:
             self._log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
                             t.language, t.language_p, self.heard_language or "not known yet")
         # Only a decode of an utterance's end (a turn) may change the speaker's language: not a partial,
         # nor a check of a window cut mid-sentence (base: Spanish -> Italian, p 0.91, at 11 s into one).
-        if detect and kind not in ("partial", "check") and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
+        if detect and turn and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
                 and t.text:
             self.heard_language = t.language
         self.decodes[kind] += 1
