@@ -103,6 +103,7 @@ class FakeDecoder:
         self.prefixes = []
         self.fallbacks = []
         self.languages = []
+        self.verified = []
 
     def load(self):
         pass
@@ -114,6 +115,7 @@ class FakeDecoder:
         self.prefixes.append(prefix)
         self.fallbacks.append(fallback)
         self.languages.append(language)
+        self.verified.append(verify)
         time.sleep(self.delay)
         secs = len(audio) / SAMPLE_RATE
         text = f"heard {secs:.2f}{self.ending}"

@@ -233,3 +233,15 @@ def test_a_default_config_path_that_is_a_directory_is_an_error_not_passed_over(t
     monkeypatch.setattr(cfgmod, "default_config_paths", lambda: [tmp_path / "captiond.toml", tmp_path / "etc.toml"])
     with pytest.raises(ConfigError, match="captiond.toml: not a regular file"):
         load(None, [])
+
+
+def test_every_mistake_is_named_at_once_and_a_file_of_junk_keys_makes_a_short_message():
+    with pytest.raises(ConfigError) as err:
+        cfgmod.from_dict({"asr": {"beam_size": "x", "beam": 5}, "gate": {"start_ms": 1}, "logs": {}})
+    said = str(err.value)
+    assert said.startswith("4 errors: ") and "asr.beam: unknown key;" in said and "asr.beam_size: must be a whole" in said
+    assert "gate.start_ms: must be at least" in said and "logs: unknown table" in said
+    with pytest.raises(ConfigError) as err:
+        cfgmod.from_dict({"asr": {f"k{i}": 1 for i in range(100_000)}, **{f"t{i}": {} for i in range(1000)}})
+    said = str(err.value)
+    assert len(said) < 2000 and "asr.k9, and 99990 more: unknown keys" in said and "; and 991 more" in said

@@ -417,3 +417,45 @@ def test_a_cancelled_decode_keeps_the_turn_until_its_thread_is_done():
 
     asyncio.run(main())
     engine.close()
+
+
+class _UnsureModel:
+    """A multilingual faster-whisper model's transcribe as base gave it for a Spanish prompt: detection
+    Polish at 0.47, Spanish 0.19, Italian 0.14; `said` maps each language to its decode's (text,
+    avg_logprob), empty text for a pass faster-whisper dropped as no speech."""
+
+    model = SimpleNamespace(is_multilingual=True)
+
+    def __init__(self, said):
+        self.said, self.asked = said, []
+
+    def transcribe(self, audio, *, language=None, **_):
+        self.asked.append(language)
+        text, logprob = self.said[language or "pl"]
+        segments = [SimpleNamespace(start=0.0, end=2.0, text=text, words=None, avg_logprob=logprob,
+                                    compression_ratio=1.2, no_speech_prob=0.1)] if text else []
+        detected = [("pl", 0.47), ("es", 0.19), ("it", 0.14), ("en", 0.01)]
+        info = SimpleNamespace(language=language or "pl", language_probability=1 if language else 0.47,
+                               all_language_probs=None if language else detected)
+        return iter(segments), info
+
+
+@pytest.mark.parametrize("said, verify, settings, likely, heard, asked", [
+    # Unsure: decoded in the rivals too (English, 47 times less probable, is not one), the likeliest kept.
+    ({"pl": (" Por favor ingrese one nowe", -0.73), "es": (" Por favor ingrese una nueva", -0.28),
+      "it": (" Per favore", -0.47)}, True, {}, "", ("es", 0.19), [None, "es", "it"]),
+    # A rival whose pass was dropped (empty, avg_logprob 0) does not take the words away.
+    ({"pl": (" Por favor ingrese one nowe", -0.73), "es": ("", 0.0), "it": (" Per favore", -0.9)},
+     True, {}, "", ("pl", 0.47), [None, "es", "it"]),
+    # Not asked (a partial), a speaker's language known, or translating: detection alone.
+    ({"pl": (" Por favor", -0.73)}, False, {}, "", ("pl", 0.47), [None]),
+    ({"pl": (" Por favor", -0.73)}, True, {}, "ru", ("pl", 0.47), [None]),
+    ({"pl": (" Please", -0.73)}, True, {"task": "translate"}, "", ("pl", 0.47), [None]),
+])
+def test_an_unsure_detection_is_checked_by_decoding_in_its_rivals(said, verify, settings, likely, heard, asked):
+    model = _UnsureModel(said)
+    decoder = WhisperDecoder(AsrConfig(language="auto", **settings), loader=lambda cfg: model)
+    decoder._model = model
+    t = decoder.decode(np.zeros(3 * 16000, np.float32), beam_size=5, words=False, verify=verify, likely=likely)
+    assert (t.language, t.language_p) == heard and model.asked == asked
+    assert t.text == said[heard[0]][0].strip()

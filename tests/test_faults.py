@@ -293,10 +293,9 @@ def own_vmic():
     """A virtual microphone of this test's own, so freezing it stops no other test's audio."""
     from vmic import VirtualMic
 
-    mic = VirtualMic().start()
-    yield mic
-    os.kill(mic._proc.pid, signal.SIGCONT)
-    mic.stop()
+    with VirtualMic() as mic:  # its folder removed after, as every other test's (two were left per run)
+        yield mic
+        os.kill(mic._proc.pid, signal.SIGCONT)  # a stopped process does not act on SIGTERM until continued
 
 
 def test_a_frozen_audio_server_is_a_lost_device_and_a_stop_is_still_bounded(own_vmic, tmp_path):

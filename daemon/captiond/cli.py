@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate the config and print the values in effect",
                    description="Read the config file (and --set overrides), validate every key, and print "
                    "the values in effect as TOML, with the socket and transcript log paths they give. "
-                   "Exits 2 naming the key when one is wrong.").set_defaults(func=cmd_check_config)
+                   "Exits 2 naming every key that is wrong.").set_defaults(func=cmd_check_config)
     return parser
 
 

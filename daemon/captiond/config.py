@@ -484,21 +484,32 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+_ERRORS_SAID = 10  # a file of junk must not make a message (and a journal line) of its size
+
+
 def from_dict(data: dict) -> Config:
-    """Build a Config from parsed TOML, rejecting unknown tables and keys by name: every error in one
-    ConfigError, so that a file with several is fixed in one go."""
+    """Build a Config from parsed TOML, rejecting unknown tables and keys by name: each unknown table,
+    unknown key and mistyped value in one ConfigError, so that a file with several is fixed in one go
+    (a table's values are checked for their range once its keys are right)."""
     sections, errors = {}, []
     for name, table in data.items():
         if (section := _section(name, table, errors)) is not None:
             sections[name] = section
     if errors:
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} errors: {'; '.join(errors)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} errors: {_some(errors, '; ')}")
     return Config(**sections)
 
 
+def _some(items: list[str], sep: str) -> str:
+    """The first _ERRORS_SAID of `items` joined, and how many more there are."""
+    more = f"{sep}and {len(items) - _ERRORS_SAID} more" if len(items) > _ERRORS_SAID else ""
+    return sep.join(items[:_ERRORS_SAID]) + more
+
+
 def _section(name: str, table: Any, errors: list[str]) -> Any:
-    """One table's dataclass, or None with what is wrong added to `errors`: each unknown or mistyped key,
-    else the first out-of-range value (the dataclass checks values together, some against one another)."""
+    """One table's dataclass, or None with what is wrong added to `errors`: its unknown keys and each
+    mistyped value, else the first out-of-range value (the dataclass checks values together, some
+    against one another)."""
     if name not in SECTIONS:
         errors.append(f"{name}: unknown table; known tables: {', '.join(SECTIONS)}")
         return None
@@ -507,13 +518,14 @@ def _section(name: str, table: Any, errors: list[str]) -> Any:
         return None
     cls = SECTIONS[name]
     defaults = {f.name: f.default for f in fields(cls)}
-    values, before = {}, len(errors)
+    values, unknown, before = {}, [f"{name}.{key}" for key in table if key not in defaults], len(errors)
+    if unknown:
+        errors.append(f"{_some(unknown, ', ')}: unknown key{'s' if len(unknown) > 1 else ''}; "
+                      f"known keys in [{name}]: {', '.join(defaults)}")
     for key, value in table.items():
-        if key not in defaults:
-            errors.append(f"{name}.{key}: unknown key; known keys in [{name}]: {', '.join(defaults)}")
-            continue
         try:
-            values[key] = _coerce(f"{name}.{key}", value, defaults[key])
+            if key in defaults:
+                values[key] = _coerce(f"{name}.{key}", value, defaults[key])
         except ConfigError as exc:
             errors.append(str(exc))
     if len(errors) > before:

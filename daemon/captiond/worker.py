@@ -335,11 +335,13 @@ class AsrWorker:
             self._gave_way(partial.stream, partial.check)
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
-                            kind: str = "final", whole: bool = False, full: bool = False) -> Transcript:
+                            kind: str = "final", whole: bool = False, full: bool = False,
+                            language: str = "") -> Transcript:
         """The final's decode: free, as the naive decoder would hear the window (the `whole` utterance
         if asked); `bound` makes it begin with the stable words, for when the free one does not (a
         prefix that already holds all that was said makes tiny.en run on past the speech: "… or 8 to
         exit. Thank you very much for watching"). `full`: the encoder hears Whisper's whole window.
+`language`: the one the utterance's first final decode chose, for a bound or retried one.
 
         Once the daemon is stopping, greedy and without the fallback: the stop waits for this final
         only service.DRAIN_TIMEOUT_S, and an utterance nobody watched partials of is decoded whole
@@ -349,7 +351,8 @@ class AsrWorker:
         decode = functools.partial(
             self._decode, name, audio, beam_size=1 if self._stopping else self._cfg.beam_size, words=True,
             prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
-            priority=self._priority, fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals)
+            priority=self._priority, fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals,
+            language=language)
         if self._priority > MIC:
             # Each decode of a session's final gives way to the microphone's at the model's next safe
             # point, once: a Wyoming session's 58 s final held the microphone's for 4-6 s, past a stop's drain.
@@ -375,7 +378,7 @@ class AsrWorker:
                 or not stream.loops(t, end, binds)):
             return t
         try:
-            again = await self._final_decode(stream, end.audio_end, bound=bound, full=True)
+            again = await self._final_decode(stream, end.audio_end, bound=bound, full=True, language=t.language)
         except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
             self._log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut",
                               stream.utt, exc)
@@ -445,28 +448,30 @@ class AsrWorker:
     async def _decode(self, kind: str, audio: np.ndarray, *, beam_size: int, words: bool, prompt: str,
                       prefix: str, priority: int, fallback: bool, window: Window | None,
                       on: FinalDecoder | None = None, preemptible: bool = False,
-                      urgent: bool | None = None) -> Transcript:
+                      urgent: bool | None = None, language: str = "") -> Transcript:
+        """One decode; `language` is the one the utterance's first final decode chose, for its bound
+        and retried decodes (under auto, so they need not detect, nor check an unsure detection again)."""
         asked = self._clock()
         seconds = len(audio) / SAMPLE_RATE
         # Under asr.language = auto, audio too short to tell a language by (a word, a name) is decoded
         # in the last one heard surely: a one-word utterance must not flip a speaker's language.
         detect = self._cfg.language == "auto" and not self._language
         turn = kind not in ("partial", "check")  # a decode of an utterance's end
-        language = self._language or (self.heard_language if detect and seconds < _DETECT_S else "")
+        language = self._language or language or (self.heard_language if detect and seconds < _DETECT_S else "")
         # An established language is kept by detection unless it names another far likelier
         # (engine.speakers_language): base called 3-8 s Spanish prompts Italian, Latin or Polish.
         t = await (on or self._engine).decode(audio, beam_size=beam_size, words=words, prompt=prompt or None,
                                               hotwords=self.hotwords or None, prefix=prefix or None,
                                               fallback=fallback, window=window, priority=priority,
                                               language=language, likely=self.heard_language if detect else "",
-                                              verify=turn,
+                                              verify=turn and not self._stopping,  # the drain waits 5 s
                                               preemptible=preemptible, urgent=urgent)
         if detect and not language:
             self._log.debug("%s decode of %.1f s: in %s (p %.2f), the speaker's language %s", kind, seconds,
                             t.language, t.language_p, self.heard_language or "not known yet")
         # Only a decode of an utterance's end (a turn) may change the speaker's language: not a partial,
         # nor a check of a window cut mid-sentence (base: Spanish -> Italian, p 0.91, at 11 s into one).
-        if detect and turn and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
+        if detect and turn and not language and seconds >= _DETECT_S and t.language_p >= _SURE_LANGUAGE \
                 and t.text:
             self.heard_language = t.language
         self.decodes[kind] += 1
@@ -547,7 +552,7 @@ class AsrWorker:
                     # for three decodes of 15-20 s. A server's final stands, flagged unbound.
                     if t.origin != "remote" and not stands and ((whole and local) or not stream.keeps_stable(t)):
                         self.finals_bound += 1
-                        t = await self._final_decode(stream, item.audio_end, bound=True)
+                        t = await self._final_decode(stream, item.audio_end, bound=True, language=t.language)
                         bound = True
                 # Now the decode that will be the final, of the window (all the utterance if uncut).
                 t = await self._retried(stream, item, t, bound=bound, binds=binds)
