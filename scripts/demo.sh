@@ -10,6 +10,7 @@ SOCK="$DEMO/captiond.sock"
 DAEMON_PID="" VMIC_PID="" PLAYER_PID=""
 
 cleanup() {
+    set +e  # under -e, a child's non-zero status from wait ended the script before its last line
     [ -n "$PLAYER_PID" ] && kill "$PLAYER_PID" 2>/dev/null
     [ -n "$DAEMON_PID" ] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null
     [ -n "$VMIC_PID" ] && kill "$VMIC_PID" 2>/dev/null && wait "$VMIC_PID" 2>/dev/null

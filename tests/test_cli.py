@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -481,3 +482,44 @@ def test_an_output_on_a_read_only_file_system_is_named_as_such(small_disk):
     with pytest.raises(OSError) as err:
         _write_whole(target, "new")
     assert err.value.strerror == "Read-only file system" and target.read_text() == "old"
+
+
+def _captioned(lines: list[str]) -> bool:
+    """A caption (a final: into a pipe, notes such as [listening] go to stderr, merged here) after the ready line."""
+    ready = next((i for i, line in enumerate(lines) if line.startswith("daemon ready")), len(lines))
+    return any(line.strip() and not line.startswith("[") for line in lines[ready + 1:])
+
+
+@pytest.mark.slow
+def test_the_demo_captions_the_sample_and_ctrl_c_stops_all_of_it_saying_where_its_logs_are():
+    """README's first command (`make demo`) where there is no microphone: the sample through a virtual one."""
+    demo = subprocess.Popen(["sh", "scripts/demo.sh"], cwd=ROOT, env={**os.environ, **NO_AUDIO_SERVER, "PY": sys.executable},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)  # extend: line by line
+    reader.start()
+    folder = None
+    try:
+        deadline = time.monotonic() + 180
+        while not _captioned(lines):
+            assert demo.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        os.killpg(demo.pid, signal.SIGINT)  # as Ctrl-C in its terminal
+        assert demo.wait(60) == 130, "".join(lines)
+        reader.join(10)
+        said = "".join(lines)
+        assert "No microphone found" in said and "Recording from" not in said
+        stopped = [line for line in lines if line.startswith("demo stopped; ")]
+        assert stopped, said  # its last line, not lost to `set -e` in the clean-up (make showed only "Interrupt")
+        folder = Path(stopped[0].split(" are in ")[1].strip())
+        assert (folder / "transcript.log").read_text().strip() and "ready in" in (folder / "daemon.log").read_text()
+        mic = (folder / "vmic.env").read_text().split("XDG_RUNTIME_DIR=")[1].split()[0]
+        gone = time.monotonic() + 15
+        while subprocess.run(["pgrep", "-f", f"{folder}|{mic}"], capture_output=True).returncode == 0:
+            assert time.monotonic() < gone, "the daemon or the virtual microphone outlived the demo"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -341,7 +341,7 @@ class AsrWorker:
         if asked); `bound` makes it begin with the stable words, for when the free one does not (a
         prefix that already holds all that was said makes tiny.en run on past the speech: "… or 8 to
         exit. Thank you very much for watching"). `full`: the encoder hears Whisper's whole window.
-`language`: the one the utterance's first final decode chose, for a bound or retried one.
+        `language`: the one the utterance's first final decode chose, for a bound or retried one.
 
         Once the daemon is stopping, greedy and without the fallback: the stop waits for this final
         only service.DRAIN_TIMEOUT_S, and an utterance nobody watched partials of is decoded whole
