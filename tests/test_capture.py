@@ -274,3 +274,19 @@ def test_the_audio_devices_signature_changes_when_the_audio_server_comes_back(tm
     assert back != gone and audio_devices() == back
     server.unlink()
     assert audio_devices() == gone
+
+
+def test_a_microphone_away_for_long_is_looked_for_by_a_child_process(vmic, monkeypatch):
+    # Each PortAudio initialisation leaks ~13 kB: the daemon's own PortAudio is not touched by the look.
+    for key in ("XDG_RUNTIME_DIR", "PULSE_SERVER"):
+        monkeypatch.setenv(key, vmic.env[key])
+
+    def no_portaudio_here():
+        raise AssertionError("PortAudio initialised in the daemon's own process")
+
+    async def look(device):
+        return await MicSource(device, 5.0, no_portaudio_here).present()
+
+    assert asyncio.run(look(""))  # the default device: the virtual microphone
+    assert asyncio.run(look("pulse"))
+    assert not asyncio.run(look("no-such-microphone"))

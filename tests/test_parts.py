@@ -378,7 +378,7 @@ def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not
     now, devices, looked = [0.0], ["no card"], []
 
     class Absent(Source):
-        live, description, runs = True, "absent mic", 0
+        live, description, runs, asked, there = True, "absent mic", 0, 0, False
 
         def check(self):
             pass
@@ -386,6 +386,10 @@ def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not
         async def run(self, capture):
             self.runs += 1
             raise CaptureError("no audio input device")
+
+        async def present(self):
+            self.asked += 1
+            return self.there
 
     def current_devices():
         looked.append(now[0])
@@ -412,7 +416,14 @@ def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not
         runs = source.runs
         await _until(lambda: len(looked) >= 30)
         assert source.runs == runs
-        now[0] = 261.0  # nothing changed for a minute: retried anyway
+        now[0] = 261.0  # nothing changed for a minute: the source is asked, and says it is not there
+        await _until(lambda: source.asked == 1)
+        now[0] = 322.0
+        await _until(lambda: source.asked == 2)
+        assert source.runs == runs, "not run again while it says it is not there"
+        assert supervisor.stuck(now[0], paused=False) is None  # waiting that way is retrying, for the watchdog
+        source.there = True
+        now[0] = 383.0  # another minute: it says it is there, and is run (once: it still fails)
         await _until(lambda: source.runs == runs + 1)
         assert supervisor.stuck(now[0], paused=False) is None
         task.cancel()

@@ -103,6 +103,11 @@ class Source(Protocol):
     def abandon(self) -> None:
         """Nothing more will be run: close what a run() left under way (at once, without waiting)."""
 
+    async def present(self) -> bool:
+        """Whether a live source away for long looks back, asked before its blind once-a-minute retry;
+        True (retry) unless the source can tell more cheaply than by a run."""
+        return True
+
 
 # --- PyAudio ---------------------------------------------------------------------------------
 
@@ -223,6 +228,13 @@ def pick_device(devices: list[InputDevice], wanted: str) -> InputDevice:
     return matches[0]
 
 
+# A child's look for a device (MicSource.present): the package found where this one was, whatever the
+# interpreter's path; the start of a Python with numpy takes a few seconds on a slow machine.
+_PROBE = "import sys; from captiond.capture import MicSource; MicSource(sys.argv[1]).find()"
+_PACKAGES = str(Path(__file__).resolve().parents[1])
+_PROBE_S = 15.0
+
+
 class MicSource(Source):
     """A PyAudio input stream; its callback hands chunks to the event loop with call_soon_threadsafe."""
 
@@ -239,14 +251,15 @@ class MicSource(Source):
         """Make sure the device exists (opening it is left to run()); an audio server that does not
         answer within audio.read_timeout_s is not a missing device: run() then retries until it does."""
         try:
-            dev = _bounded(self._find, self._timeout)
+            dev = _bounded(self.find, self._timeout)
         except TimeoutError:
             log.warning("%s: the audio server did not answer in %.0f s (hung or frozen?); starting anyway, "
                         "the device is retried until it answers", self.description, self._timeout)
             return
         self.description = f"microphone #{dev.index} {dev.name!r}"
 
-    def _find(self) -> InputDevice:
+    def find(self) -> InputDevice:
+        """The wanted device, looked up in a PortAudio initialised for it; CaptureError if it is not there."""
         with _PORTAUDIO:
             pa = self._factory()
             try:
@@ -320,6 +333,25 @@ class MicSource(Source):
         if opening.done() and not opening.cancelled() and opening.exception() is None:
             _close_later(opening.result())
         opening.cancel()  # a later result is closed by abandonable()
+
+    async def present(self) -> bool:
+        """Whether the device can be found, asked of a child process: each PortAudio initialisation leaks
+        ~13 kB here (libportaudio 19.6, libasound 1.2.8), which a daemon whose microphone stays away for
+        weeks paid once a minute (18 MB a day); the child's goes with it. False if it does not answer."""
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE, self._wanted, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PACKAGES, os.environ.get("PYTHONPATH"))))})
+        try:
+            return await asyncio.wait_for(child.wait(), _PROBE_S + self._timeout) == 0
+        except asyncio.TimeoutError:
+            log.info("%s: the look for it in a child process did not end in %.0f s (audio server hung?)",
+                     self.description, _PROBE_S + self._timeout)
+            return False
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
 
     def _open(self, loop: asyncio.AbstractEventLoop, capture: Capture) -> tuple[Any, Any]:
         """Create PyAudio, pick the device and rate, open and start the stream (all blocking calls)."""

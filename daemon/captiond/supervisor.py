@@ -16,7 +16,8 @@ _RETRY_MIN_S = 0.25
 _RETRY_MAX_S = 1.0  # a device back within a minute is picked up within about a second
 # Each retry initialises PortAudio again, which leaks ~13 kB here (libportaudio 19.6, libasound 1.2.8):
 # a gigabyte a day at one a second. A device away longer is retried when the system's audio devices
-# change (audio_devices), else once a minute.
+# change (audio_devices), else once a minute if the source says it looks back (source.present: a
+# microphone asks a child process, whose leak goes with it).
 _ABSENT_S = 60.0
 _ABSENT_RETRY_S = 60.0
 _DEVICES_POLL_S = 1.0
@@ -40,8 +41,10 @@ class CaptureSupervisor:
         # over 75 s was not yet declared lost, and systemd (WatchdogSec=60) killed the daemon.
         self._stall_s = read_timeout_s + _CAPTURE_STALL_S
         # A retry may take a look at the devices, an open that hangs for the read timeout and a first
-        # chunk that never comes, after the minute's wait for the devices to change: past that, the
-        # retrying itself is stuck (90 s flat missed retries of a long read timeout that were working).
+        # chunk that never comes, after the minute's wait for the devices to change (or, after that
+        # minute, a child's look for the device: at most 15 s past the read timeout, capture._PROBE_S):
+        # past that, the retrying itself is stuck (90 s flat missed retries of a long read timeout that
+        # were working).
         self._retry_stall_s = _CAPTURE_RETRY_STALL_S + _LOOK_S + read_timeout_s + max(read_timeout_s,
                                                                                      FIRST_AUDIO_S)
         self._devices = devices
@@ -89,7 +92,7 @@ class CaptureSupervisor:
                 if self._clock() - lost_at <= _ABSENT_S:
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, _RETRY_MAX_S)
-                elif await self._devices_change(devices, _ABSENT_RETRY_S):
+                elif await self._back(devices):
                     # A USB microphone's nodes come before the user may open them and before the audio
                     # server lists it: retried quickly again for a minute, not once.
                     delay, lost_at = _RETRY_MIN_S, self._clock()
@@ -97,6 +100,17 @@ class CaptureSupervisor:
             self.source.abandon()
             self.done = True
             self.capture.frames_ready.set()
+
+    async def _back(self, devices: Hashable | None) -> bool:
+        """Wait until a source away for long may be back: True when the audio devices changed (or audio
+        flowed), False when a minute passed without that and the source says it looks back."""
+        while True:
+            self._tick = self._clock()  # waiting here is retrying, for the watchdog (stuck)
+            if await self._devices_change(devices, _ABSENT_RETRY_S):
+                return True
+            if await self.source.present():
+                return False
+            log.debug("%s still not there", self.source.description)
 
     async def _devices_change(self, before: Hashable | None, limit: float) -> bool:
         """Wait up to `limit` seconds for the system's audio devices to differ from `before`, or for
