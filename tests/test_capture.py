@@ -1,5 +1,6 @@
 import asyncio
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -290,3 +291,6 @@ def test_a_microphone_away_for_long_is_looked_for_by_a_child_process(vmic, monke
     assert asyncio.run(look(""))  # the default device: the virtual microphone
     assert asyncio.run(look("pulse"))
     assert not asyncio.run(look("no-such-microphone"))
+    # No process to be had (here: the interpreter gone, as after an upgrade): reopened to see, not a dead capture.
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    assert asyncio.run(look("no-such-microphone"))

@@ -338,10 +338,16 @@ class MicSource(Source):
         """Whether the device can be found, asked of a child process: each PortAudio initialisation leaks
         ~13 kB here (libportaudio 19.6, libasound 1.2.8), which a daemon whose microphone stays away for
         weeks paid once a minute (18 MB a day); the child's goes with it. False if it does not answer."""
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _PROBE, self._wanted, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_PACKAGES, os.environ.get("PYTHONPATH"))))})
+        path = os.pathsep.join(filter(None, (_PACKAGES, os.environ.get("PYTHONPATH"))))
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _PROBE, self._wanted, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": path})
+        except OSError as exc:  # no process to be had (EAGAIN, ENOMEM, the interpreter replaced): a reopen tells
+            log.warning("%s: cannot start a process to look for it (%s); reopening it to see",
+                        self.description, exc)
+            return True
         try:
             return await asyncio.wait_for(child.wait(), _PROBE_S + self._timeout) == 0
         except asyncio.TimeoutError:
