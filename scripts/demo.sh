@@ -5,7 +5,7 @@
 set -eu
 PY=${PY:-.venv/bin/python}
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-DEMO=$(mktemp -d /tmp/captiond-demo.XXXXXX)
+DEMO=$(mktemp -d "${TMPDIR:-/tmp}/captiond-demo.XXXXXX")
 SOCK="$DEMO/captiond.sock"
 DAEMON_PID="" VMIC_PID="" PLAYER_PID=""
 

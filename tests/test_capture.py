@@ -291,6 +291,23 @@ def test_a_microphone_away_for_long_is_looked_for_by_a_child_process(vmic, monke
     assert asyncio.run(look(""))  # the default device: the virtual microphone
     assert asyncio.run(look("pulse"))
     assert not asyncio.run(look("no-such-microphone"))
-    # No process to be had (here: the interpreter gone, as after an upgrade): reopened to see, not a dead capture.
-    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
-    assert asyncio.run(look("no-such-microphone"))
+
+
+
+@pytest.mark.parametrize("child, looks_back", [
+    ("import sys; sys.exit(3)", False),  # the device is not there
+    ("import sys; sys.exit(1)", True),  # the look failed (a broken install, say): reopened to see, as before
+    ("import time; time.sleep(60)", True),  # no answer: killed, reopened to see
+    ("", True),  # no process to be had (here: the interpreter gone, as after an upgrade)
+])
+def test_a_look_by_a_child_that_cannot_tell_reopens_the_device_to_see(child, looks_back, monkeypatch, caplog):
+    from captiond import capture
+
+    monkeypatch.setattr(capture, "_PROBE", child)
+    monkeypatch.setattr(capture, "PROBE_S", 1.0)
+    if not child:
+        monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    mic = MicSource("no-such-microphone", 0.5)
+    assert asyncio.run(mic.present()) is looks_back and asyncio.run(mic.present()) is looks_back
+    warned = [r for r in caplog.records if "reopening it to see" in r.getMessage()]
+    assert len(warned) == (1 if looks_back else 0), warned  # once, not every minute

@@ -369,6 +369,44 @@ def test_an_audio_server_that_answers_again_after_a_minute_is_listened_to_at_onc
     assert len(server.streams) == 1
 
 
+def test_a_look_for_a_device_away_for_long_that_raises_does_not_end_the_capture(monkeypatch):
+    from captiond import supervisor as module
+
+    monkeypatch.setattr(module, "_DEVICES_POLL_S", 0.01)
+    now = [0.0]
+
+    class Absent(Source):
+        live, description, runs = True, "absent mic", 0
+
+        def check(self):
+            pass
+
+        async def run(self, capture):
+            self.runs += 1
+            raise CaptureError("no audio input device")
+
+        async def present(self):
+            raise ValueError("embedded null byte")  # as a device name with a NUL did in the child's argv
+
+    source = Absent()
+
+    async def main():
+        supervisor = CaptureSupervisor(source, Capture(FrameRing(10)), Health(lambda: None), lambda: None,
+                                       devices=lambda: "no card", clock=lambda: now[0])
+        task = asyncio.create_task(supervisor.run(), name="supervisor")
+        await _until(lambda: source.runs >= 1)
+        now[0] = 61.0
+        await asyncio.sleep(0.05)
+        runs = source.runs
+        now[0] = 122.0  # a minute without a change: the look raises, and the device is reopened to see
+        await _until(lambda: source.runs > runs)
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not_every_second(monkeypatch):
     # Each retry initialises PortAudio again, which leaks native memory (~13 kB here): retried every
     # second for ever, an absent microphone cost a gigabyte a day.

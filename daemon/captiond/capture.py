@@ -228,11 +228,14 @@ def pick_device(devices: list[InputDevice], wanted: str) -> InputDevice:
     return matches[0]
 
 
-# A child's look for a device (MicSource.present): the package found where this one was, whatever the
-# interpreter's path; the start of a Python with numpy takes a few seconds on a slow machine.
-_PROBE = "import sys; from captiond.capture import MicSource; MicSource(sys.argv[1]).find()"
-_PACKAGES = str(Path(__file__).resolve().parents[1])
-_PROBE_S = 15.0
+# A child's look for a device (MicSource.present), on this process's module path (the same captiond
+# whatever installed it); exit 3 is "not there", anything else a look that failed.
+_PROBE = ("import sys\nfrom captiond.capture import CaptureError, MicSource\ntry:\n"
+          "    MicSource(sys.argv[1]).find()\nexcept CaptureError:\n    sys.exit(3)")
+_ABSENT = 3
+PROBE_S = 15.0
+"""How long a child's look may take past audio.read_timeout_s (a Python with numpy starts in seconds
+on a slow machine)."""
 
 
 class MicSource(Source):
@@ -245,6 +248,7 @@ class MicSource(Source):
         self._timeout = read_timeout_s
         self._factory = pyaudio_factory
         self._opening: asyncio.Future[tuple[Any, Any]] | None = None  # an open still inside PortAudio
+        self._look_warned = False  # present() said why its look failed
         self.description = f"microphone {device!r}" if device else "default microphone"
 
     def check(self) -> None:
@@ -337,27 +341,36 @@ class MicSource(Source):
     async def present(self) -> bool:
         """Whether the device can be found, asked of a child process: each PortAudio initialisation leaks
         ~13 kB here (libportaudio 19.6, libasound 1.2.8), which a daemon whose microphone stays away for
-        weeks paid once a minute (18 MB a day); the child's goes with it. False if it does not answer."""
-        path = os.pathsep.join(filter(None, (_PACKAGES, os.environ.get("PYTHONPATH"))))
+        weeks paid once a minute (18 MB a day); the child's goes with it. A look that cannot be made
+        (no process, a child that fails or does not answer) says True: the reopen then tells, as before."""
+        limit = PROBE_S + self._timeout
         try:
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _PROBE, self._wanted, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path})
-        except OSError as exc:  # no process to be had (EAGAIN, ENOMEM, the interpreter replaced): a reopen tells
-            log.warning("%s: cannot start a process to look for it (%s); reopening it to see",
-                        self.description, exc)
-            return True
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        except OSError as exc:  # EAGAIN, ENOMEM, the interpreter replaced by an upgrade
+            return self._look_failed(f"cannot start a process to look for it ({exc})")
         try:
-            return await asyncio.wait_for(child.wait(), _PROBE_S + self._timeout) == 0
+            code = await asyncio.wait_for(child.wait(), limit)
         except asyncio.TimeoutError:
-            log.info("%s: the look for it in a child process did not end in %.0f s (audio server hung?)",
-                     self.description, _PROBE_S + self._timeout)
-            return False
+            return self._look_failed(f"the look for it in a child process did not end in {limit:.0f} s")
         finally:
             if child.returncode is None:
                 child.kill()
-                await child.wait()
+                # One stuck in the kernel (a USB disconnect) dies later; the child watcher reaps it then.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(child.wait(), 2.0)
+        if code not in (0, _ABSENT):
+            return self._look_failed(f"the child process that looks for it failed (exit {code})")
+        self._look_warned = False
+        return code == 0
+
+    def _look_failed(self, why: str) -> bool:
+        if not self._look_warned:  # once per run of failures, not every minute
+            log.warning("%s: %s; reopening it to see instead", self.description, why)
+            self._look_warned = True
+        return True
 
     def _open(self, loop: asyncio.AbstractEventLoop, capture: Capture) -> tuple[Any, Any]:
         """Create PyAudio, pick the device and rate, open and start the stream (all blocking calls)."""

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Callable, Hashable
 
-from .capture import FIRST_AUDIO_S, Capture, CaptureError, Source, abandonable, audio_devices
+from .capture import FIRST_AUDIO_S, PROBE_S, Capture, CaptureError, Source, abandonable, audio_devices
 from .health import Health
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,11 @@ class CaptureSupervisor:
         # over 75 s was not yet declared lost, and systemd (WatchdogSec=60) killed the daemon.
         self._stall_s = read_timeout_s + _CAPTURE_STALL_S
         # A retry may take a look at the devices, an open that hangs for the read timeout and a first
-        # chunk that never comes, after the minute's wait for the devices to change (or, after that
-        # minute, a child's look for the device: at most 15 s past the read timeout, capture._PROBE_S):
-        # past that, the retrying itself is stuck (90 s flat missed retries of a long read timeout that
-        # were working).
-        self._retry_stall_s = _CAPTURE_RETRY_STALL_S + _LOOK_S + read_timeout_s + max(read_timeout_s,
-                                                                                     FIRST_AUDIO_S)
+        # chunk that never comes, after the minute's wait for the devices to change, or that minute and
+        # a child's look for the device (source.present): past that, the retrying itself is stuck (90 s
+        # flat missed retries of a long read timeout that were working).
+        self._retry_stall_s = _CAPTURE_RETRY_STALL_S + _LOOK_S + PROBE_S + read_timeout_s + max(
+            read_timeout_s, FIRST_AUDIO_S)
         self._devices = devices
         self._clock = clock
         self.capture = capture
@@ -106,9 +105,15 @@ class CaptureSupervisor:
         flowed), False when a minute passed without that and the source says it looks back."""
         while True:
             self._tick = self._clock()  # waiting here is retrying, for the watchdog (stuck)
+            if devices is None:  # the look before the attempt did not answer: a change needs a baseline
+                devices = await self._look()
             if await self._devices_change(devices, _ABSENT_RETRY_S):
                 return True
-            if await self.source.present():
+            try:
+                if await self.source.present():
+                    return False
+            except Exception:  # a bug in the look must not end the capture: the reopen tells
+                log.exception("looking for %s failed; reopening it to see", self.source.description)
                 return False
             log.debug("%s still not there", self.source.description)
 
