@@ -214,12 +214,13 @@ def test_the_watchdog_waits_for_the_read_timeout_before_it_calls_a_quiet_capture
     assert patient.stuck(quiet_since + 100, paused=False) is None
     assert "no audio from flaky mic for 131 s" in patient.stuck(quiet_since + 131, paused=False)
     assert "no audio from flaky mic for 16 s" in default.stuck(quiet_since + 16, paused=False)
-    # Lost, its retries may each take the read timeout twice over after a minute's wait: not stuck then.
+    # Lost, its retries may each take the read timeout twice over after a minute's wait and a child's
+    # look for the device (up to PROBE_S past the read timeout): not stuck then.
     health = Health(lambda: None)
     health.device_lost("the audio server does not answer")
     retrying = CaptureSupervisor(FlakyMic(0), capture, health, lambda: None, clock=lambda: 0.0, read_timeout_s=120.0)
-    assert retrying.stuck(300.0, paused=False) is None
-    assert "has not retried its device for 340 s" in retrying.stuck(340.0, paused=False)
+    assert retrying.stuck(340.0, paused=False) is None
+    assert "has not retried its device for 360 s" in retrying.stuck(360.0, paused=False)
 
 
 def test_supervisor_lets_a_file_source_failure_through():
