@@ -370,26 +370,35 @@ def test_an_audio_server_that_answers_again_after_a_minute_is_listened_to_at_onc
     assert len(server.streams) == 1
 
 
+class AbsentMic(Source):
+    """A microphone that is not there; asked whether it looks back, it says `there` (raises it if an error)."""
+
+    live, description = True, "absent mic"
+
+    def __init__(self, there: bool | Exception = False):
+        self.runs, self.asked, self.there = 0, 0, there
+
+    def check(self):
+        pass
+
+    async def run(self, capture):
+        self.runs += 1
+        raise CaptureError("no audio input device")
+
+    async def present(self):
+        self.asked += 1
+        if isinstance(self.there, Exception):
+            raise self.there
+        return self.there
+
+
 def test_a_look_for_a_device_away_for_long_that_raises_does_not_end_the_capture(monkeypatch):
     from captiond import supervisor as module
 
     monkeypatch.setattr(module, "_DEVICES_POLL_S", 0.01)
     now = [0.0]
 
-    class Absent(Source):
-        live, description, runs = True, "absent mic", 0
-
-        def check(self):
-            pass
-
-        async def run(self, capture):
-            self.runs += 1
-            raise CaptureError("no audio input device")
-
-        async def present(self):
-            raise ValueError("embedded null byte")  # as a device name with a NUL did in the child's argv
-
-    source = Absent()
+    source = AbsentMic(ValueError("embedded null byte"))  # as a device name with a NUL did in the child's argv
 
     async def main():
         supervisor = CaptureSupervisor(source, Capture(FrameRing(10)), Health(lambda: None), lambda: None,
@@ -416,25 +425,11 @@ def test_a_device_away_for_a_minute_is_retried_when_the_audio_devices_change_not
     monkeypatch.setattr(module, "_DEVICES_POLL_S", 0.01)
     now, devices, looked = [0.0], ["no card"], []
 
-    class Absent(Source):
-        live, description, runs, asked, there = True, "absent mic", 0, 0, False
-
-        def check(self):
-            pass
-
-        async def run(self, capture):
-            self.runs += 1
-            raise CaptureError("no audio input device")
-
-        async def present(self):
-            self.asked += 1
-            return self.there
-
     def current_devices():
         looked.append(now[0])
         return devices[0]
 
-    source = Absent()
+    source = AbsentMic()
 
     async def main():
         supervisor = CaptureSupervisor(source, Capture(FrameRing(10)), Health(lambda: None), lambda: None,
