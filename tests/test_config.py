@@ -245,3 +245,18 @@ def test_every_mistake_is_named_at_once_and_a_file_of_junk_keys_makes_a_short_me
         cfgmod.from_dict({"asr": {f"k{i}": 1 for i in range(100_000)}, **{f"t{i}": {} for i in range(1000)}})
     said = str(err.value)
     assert len(said) < 2000 and "asr.k9, and 99990 more: unknown keys" in said and "; and 991 more" in said
+
+
+@pytest.mark.parametrize("data", [
+    {"audio": {"source": "x" * 1_000_000}},  # a value quoted in its error
+    {"asr": {"model": ["m"] * 100_000}},  # a mistyped value
+    {"asr": {"k" * 1_000_000: 1}},  # an unknown key
+    {"t" * 1_000_000: {}},  # an unknown table
+    {"websocket": {"origins": "x" * 1_000_000}},  # one of several checked values
+])
+def test_an_error_quotes_a_huge_name_or_value_clipped(data):
+    # The whole value was quoted: a 1 MB line in the journal and on the terminal.
+    with pytest.raises(ConfigError) as err:
+        cfgmod.from_dict(data)
+    said = str(err.value)
+    assert len(said) < 1000 and "…" in said

@@ -24,6 +24,19 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is wrong."""
 
 
+def _clip(text: str) -> str:
+    """A name or value as an error quotes it: clipped (a 1 MB string made a 1 MB error line)."""
+    return text if len(text) <= _SAID else f"{text[:_SAID - 1]}…"
+
+
+def _said(value: object) -> str:
+    """A value as an error quotes it: its repr, clipped."""
+    return _clip(repr(value))
+
+
+_SAID = 80  # characters of a name or value an error quotes
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -33,7 +46,7 @@ def _url(text: str, key: str) -> SplitResult:
     try:
         return urlsplit(text)
     except ValueError as exc:  # e.g. "tcp://[::1": an unclosed IPv6 bracket
-        raise ConfigError(f"{key}: {text!r} is not a URL ({exc})") from None
+        raise ConfigError(f"{key}: {_said(text)} is not a URL ({exc})") from None
 
 
 _HOST_NAME = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?")
@@ -51,7 +64,7 @@ def _check_host(host: str, key: str) -> None:
     except UnicodeError:
         ascii_name = ""
     _check(bool(_HOST_NAME.fullmatch(ascii_name)) and len(ascii_name.rstrip(".")) <= 253, key,
-           f"the host {host[:70]!r} is not a host name or IP address; e.g. http://gpu-box:8000/v1")
+           f"the host {_said(host)} is not a host name or IP address; e.g. http://gpu-box:8000/v1")
 
 
 def _check_path(text: str, key: str) -> None:
@@ -59,7 +72,7 @@ def _check_path(text: str, key: str) -> None:
     try:
         Path(text).expanduser()
     except RuntimeError:
-        raise ConfigError(f"{key}: {text!r} starts with ~ and a user this system does not have") from None
+        raise ConfigError(f"{key}: {_said(text)} starts with ~ and a user this system does not have") from None
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check(self.source == "mic" or self.source == "-" or self.source.startswith(("mic:", "file:")),
-               "audio.source", f"{self.source!r} is not mic, mic:NAME, file:PATH or -")
+               "audio.source", f"{_said(self.source)} is not mic, mic:NAME, file:PATH or -")
         _check(self.source != "file:", "audio.source", "file: needs a path, e.g. file:talk.wav")
         _check(0.5 <= self.ring_seconds <= 600, "audio.ring_seconds", "must be between 0.5 and 600 seconds")
         _check(0.5 <= self.read_timeout_s <= 600, "audio.read_timeout_s", "must be between 0.5 and 600 seconds")
@@ -201,12 +214,12 @@ class AsrConfig:
         _check(self.compute_type in ("int8", "int8_float16", "int8_float32", "int16", "float16", "float32", "default"),
                "asr.compute_type", "must be int8, int8_float16, int8_float32, int16, float16, float32 or default")
         _check(self.language == "auto" or self.language in WHISPER_LANGUAGES, "asr.language",
-               f"{self.language!r} is not a Whisper language code; use auto or one of en, de, fr, es, zh, "
+               f"{_said(self.language)} is not a Whisper language code; use auto or one of en, de, fr, es, zh, "
                "... (the full list: python -c 'import faster_whisper.tokenizer as t; print(t._LANGUAGE_CODES)')")
         for code in self.candidate_languages:
-            _check(code in WHISPER_LANGUAGES, "asr.languages", f"{code!r} is not a Whisper language code (en, de, fr, es, zh, ...)")
+            _check(code in WHISPER_LANGUAGES, "asr.languages", f"{_said(code)} is not a Whisper language code (en, de, fr, es, zh, ...)")
         _check(not self.languages.strip() or self.language == "auto", "asr.languages",
-               f"only applies to asr.language = auto (it is {self.language!r}); remove it or set language = auto")
+               f"only applies to asr.language = auto (it is {_said(self.language)}); remove it or set language = auto")
         _check(self.task in ("transcribe", "translate"), "asr.task", "must be transcribe or translate")
         _check(0 <= self.cpu_threads <= 256, "asr.cpu_threads", "must be between 0 and 256")
         _check(1 <= self.beam_size <= 20, "asr.beam_size", "must be between 1 and 20")
@@ -233,7 +246,7 @@ class AsrConfig:
         if self.backend == "openai" or self.remote_url:
             url = _url(self.remote_url, "asr.remote_url")
             _check(url.scheme in ("http", "https") and bool(url.hostname), "asr.remote_url",
-                   f"{self.remote_url!r} is not an http(s) base URL such as http://gpu-box:8000/v1"
+                   f"{_said(self.remote_url)} is not an http(s) base URL such as http://gpu-box:8000/v1"
                    if self.remote_url else "must be set with asr.backend = openai, e.g. http://gpu-box:8000/v1")
             _check_host(url.hostname or "", "asr.remote_url")
             _check(url.username is None and url.password is None, "asr.remote_url",
@@ -242,12 +255,12 @@ class AsrConfig:
             # The path goes into the request line as it is: a space splits that line, and characters other
             # than ASCII cannot be sent at all (the host may be a name in any script: it is sent as IDNA).
             _check(all(33 <= ord(c) < 127 for c in url.path), "asr.remote_url",
-                   f"the path {url.path[:70]!r} must be printable ASCII without spaces; %-encode other "
+                   f"the path {_said(url.path)} must be printable ASCII without spaces; %-encode other "
                    "characters (%20 for a space)")
             try:
                 url.port
             except ValueError:
-                raise ConfigError(f"asr.remote_url: {self.remote_url!r} has a bad port") from None
+                raise ConfigError(f"asr.remote_url: {_said(self.remote_url)} has a bad port") from None
         _check(0 < len(self.remote_model) <= 200 and text_problem(self.remote_model) is None
                and not any(c.isspace() for c in self.remote_model), "asr.remote_model",
                "must be a model name of 1 to 200 characters without spaces, e.g. whisper-1")
@@ -282,7 +295,7 @@ class ServerConfig:
         try:
             mode = int(self.mode, 8)
         except ValueError:
-            raise ConfigError(f"server.mode: {self.mode!r} is not an octal mode such as 0600") from None
+            raise ConfigError(f"server.mode: {_said(self.mode)} is not an octal mode such as 0600") from None
         _check(0 <= mode <= 0o777 and mode & 0o600 == 0o600, "server.mode",
                "must be an octal mode that lets the owner read and write, such as 0600 or 0660")
         _check(8 <= self.client_queue <= 100000, "server.client_queue", "must be between 8 and 100000 events")
@@ -341,12 +354,12 @@ class WebSocketConfig:
     def __post_init__(self) -> None:
         _check(bool(self.host.strip()), "websocket.host", "must not be empty (127.0.0.1 for this machine only)")
         _check(self.host in LOOPBACK or bool(self.token), "websocket.token",
-               f"must be set to listen on {self.host!r}: only loopback (127.0.0.1, ::1) is served without one")
+               f"must be set to listen on {_said(self.host)}: only loopback (127.0.0.1, ::1) is served without one")
         _check(0 <= self.port <= 65535, "websocket.port", "must be between 1 and 65535, or 0 for any free port")
         _check(self.token == "" or len(self.token) >= 16, "websocket.token", "must be at least 16 characters")
         for origin in self.allowed_origins:
             _check(origin.startswith(("http://", "https://")), "websocket.origins",
-                   f"{origin!r} is not an origin such as http://localhost:3000")
+                   f"{_said(origin)} is not an origin such as http://localhost:3000")
         _check(1 <= self.max_sessions <= 64, "websocket.max_sessions", "must be between 1 and 64")
         _check(1 <= self.idle_timeout_s <= 3600, "websocket.idle_timeout_s", "must be between 1 and 3600 seconds")
         _check(4096 <= self.max_message_bytes <= 64 << 20, "websocket.max_message_bytes",
@@ -378,7 +391,7 @@ class WyomingConfig:
     def __post_init__(self) -> None:
         url = _url(self.uri, "wyoming.uri")
         _check(url.scheme in ("tcp", "unix"), "wyoming.uri",
-               f"{self.uri!r} is not tcp://HOST:PORT or unix://PATH (e.g. tcp://127.0.0.1:10300)")
+               f"{_said(self.uri)} is not tcp://HOST:PORT or unix://PATH (e.g. tcp://127.0.0.1:10300)")
         if url.scheme == "unix":
             _check(bool(url.path), "wyoming.uri", "unix:// needs a socket path, e.g. unix:///run/captiond/wyoming.sock")
         else:
@@ -387,9 +400,9 @@ class WyomingConfig:
             except ValueError:
                 port = None
             _check(bool(url.hostname) and port is not None and 1 <= port <= 65535, "wyoming.uri",
-                   f"{self.uri!r} needs a host and a port between 1 and 65535, e.g. tcp://127.0.0.1:10300")
+                   f"{_said(self.uri)} needs a host and a port between 1 and 65535, e.g. tcp://127.0.0.1:10300")
             _check(url.hostname in LOOPBACK or self.allow_remote, "wyoming.allow_remote",
-                   f"must be true to listen on {url.hostname!r}: Wyoming has no authentication, so only "
+                   f"must be true to listen on {_said(url.hostname)}: Wyoming has no authentication, so only "
                    "loopback (127.0.0.1, ::1) is served unless you allow it")
         _check(1 <= self.max_sessions <= 64, "wyoming.max_sessions", "must be between 1 and 64")
         _check(1 <= self.idle_timeout_s <= 3600, "wyoming.idle_timeout_s", "must be between 1 and 3600 seconds")
@@ -430,7 +443,7 @@ class DictationConfig:
     """Phrase that deletes the last final typed (with BackSpace keys); empty turns it off."""
 
     def __post_init__(self) -> None:
-        _check(self.typer in TYPERS, "dictation.typer", f"{self.typer!r} is not one of {', '.join(TYPERS)}")
+        _check(self.typer in TYPERS, "dictation.typer", f"{_said(self.typer)} is not one of {', '.join(TYPERS)}")
         _check(0 <= self.key_delay_ms <= 1000, "dictation.key_delay_ms", "must be between 0 and 1000 ms")
         seen: dict[str, str] = {}
         for key in _COMMANDS:
@@ -438,8 +451,8 @@ class DictationConfig:
             if not phrase:
                 continue
             _check(re.fullmatch(r"[^\W\d_]+('[^\W\d_]+)?( [^\W\d_]+('[^\W\d_]+)?){0,3}", phrase) is not None,
-                   f"dictation.{key}", f"{getattr(self, key)!r} must be one to four words of letters, or \"\" to turn it off")
-            _check(phrase not in seen, f"dictation.{key}", f"{phrase!r} is already the phrase of dictation.{seen.get(phrase)}")
+                   f"dictation.{key}", f"{_said(getattr(self, key))} must be one to four words of letters, or \"\" to turn it off")
+            _check(phrase not in seen, f"dictation.{key}", f"{_said(phrase)} is already the phrase of dictation.{seen.get(phrase)}")
             seen[phrase] = key
 
     def phrases(self) -> dict[str, str]:
@@ -469,17 +482,17 @@ SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a TOML value against the type of the field's default."""
     if isinstance(default, bool):
-        _check(isinstance(value, bool), key, f"must be true or false, not {value!r}")
+        _check(isinstance(value, bool), key, f"must be true or false, not {_said(value)}")
     elif isinstance(default, int):
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be a whole number, not {value!r}")
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be a whole number, not {_said(value)}")
     elif isinstance(default, float):
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, not {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, not {_said(value)}")
         try:
             value = float(value)
         except OverflowError:  # TOML's integers have no bound
             raise ConfigError(f"{key}: the number is too large; docs/configuration.md gives each key's range") from None
     elif isinstance(default, str):
-        _check(isinstance(value, str), key, f"must be a string, not {value!r}")
+        _check(isinstance(value, str), key, f"must be a string, not {_said(value)}")
         _check("\x00" not in value, key, "must not hold a NUL character (\\u0000)")
     return value
 
@@ -511,14 +524,14 @@ def _section(name: str, table: Any, errors: list[str]) -> Any:
     mistyped value, else the first out-of-range value (the dataclass checks values together, some
     against one another)."""
     if name not in SECTIONS:
-        errors.append(f"{name}: unknown table; known tables: {', '.join(SECTIONS)}")
+        errors.append(f"{_clip(name)}: unknown table; known tables: {', '.join(SECTIONS)}")
         return None
     if not isinstance(table, dict):
         errors.append(f"{name}: must be a table ([{name}])")
         return None
     cls = SECTIONS[name]
     defaults = {f.name: f.default for f in fields(cls)}
-    values, unknown, before = {}, [f"{name}.{key}" for key in table if key not in defaults], len(errors)
+    values, unknown, before = {}, [_clip(f"{name}.{key}") for key in table if key not in defaults], len(errors)
     if unknown:
         errors.append(f"{_some(unknown, ', ')}: unknown key{'s' if len(unknown) > 1 else ''}; "
                       f"known keys in [{name}]: {', '.join(defaults)}")
@@ -542,7 +555,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not section or not name:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. server.socket=./test.sock")
+        raise ConfigError(f"--set {_said(text)}: expected section.key=value, e.g. server.socket=./test.sock")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):

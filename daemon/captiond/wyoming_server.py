@@ -58,7 +58,7 @@ class BadEvent(ValueError):
 def _length(header: dict, key: str, most: int) -> int:
     value = header.get(key) or 0
     if type(value) is not int or not 0 <= value <= most:
-        raise BadEvent(f"{key} {value!r} is not a length of 0-{most} bytes")
+        raise BadEvent(f"{key} {value!r:.40} is not a length of 0-{most} bytes")
     return value
 
 
@@ -566,7 +566,7 @@ class WyomingServer:
         wanted = wanted_language(transcribe)
         if wanted and wanted not in languages:
             served = repr(languages[0]) if len(languages) == 1 else "Whisper's language codes"
-            return "unsupported_language", (f"language {transcribe.language!r} is not served: the model is "
+            return "unsupported_language", (f"language {transcribe.language!r:.40} is not served: the model is "
                                             f"set to {served} (asr.language, asr.model)")
         # What goes to the decoder is checked as the socket's context command checks it.
         texts = [("context prompt", (transcribe.context or {}).get("prompt"))]
