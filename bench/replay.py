@@ -11,6 +11,11 @@ streamed and naive differ, then the WER of each and their ratios, and the CPU ti
 tiny.en answers the same speech cut 5 samples later with other words, so --phases N replays every
 recording at N alignments of the gate's 30 ms frames and pools the words.
 
+The worker spaces partials by what the last decode took (streaming._PARTIAL_DUTY), so with measured
+times a replay's decodes, and its WER, changed with the machine's load (0.027 and 0.029 for the same
+code). Unless --measured, each decode is taken to have cost what COST says it costs on this 2-core
+machine idle: the same decodes, and words, on any machine, busy or not.
+
     .venv/bin/python bench/replay.py [--corpus continuous --part tune] [--phases N] [--only ID] [--texts FILE]
                                      [--set section.KEY=VALUE ...] [--quiet]
 """
@@ -39,12 +44,41 @@ from conftest import silence  # noqa: E402
 from wer import corpus_wer, normalize, wer  # noqa: E402
 
 from captiond.config import AsrConfig, Config, load  # noqa: E402
-from captiond.engine import Engine, WhisperDecoder  # noqa: E402
+from captiond.engine import Engine, Transcript, WhisperDecoder  # noqa: E402
 from captiond.models import resolve_model  # noqa: E402
 from captiond.events import Final  # noqa: E402
-from captiond.frames import FRAME_SAMPLES, FrameAssembler  # noqa: E402
+from captiond.frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler  # noqa: E402
 from captiond.gatedriver import GateStage  # noqa: E402
 from captiond.worker import AsrWorker, gate_queue  # noqa: E402
+
+COST = {1: (0.07, 0.044), 5: (0.0, 0.07)}
+"""Seconds a decode of tiny.en took here idle (2 cores, int8, word times), by beam: (fixed, per audio
+second); greedy 2-15 s windows 0.17-0.72 s, beam 5 a 5 s final 0.30 s, 22-25 s 1.35-1.83 s
+(docs/benchmarks.md, twenty-third and twenty-fifth rounds). Other beams take the nearer one's."""
+
+SLOWER = {"base": 0.107 / 0.062}
+"""A model's decode time over tiny.en's here (`make bench-models`' real-time factors)."""
+
+
+class PacedDecoder:
+    """The decoder, each Transcript's decode_seconds replaced by COST's (`measured` keeps the real ones)."""
+
+    def __init__(self, decoder: WhisperDecoder, scale: float) -> None:
+        self._decoder = decoder
+        self._scale = scale
+        self.measured = 0.0
+        """Seconds the decodes really took."""
+
+    def __getattr__(self, name: str):
+        return getattr(self._decoder, name)
+
+    def decode(self, audio: np.ndarray, **kwargs) -> Transcript:
+        """WhisperDecoder.decode, taken to cost what COST says."""
+        t = self._decoder.decode(audio, **kwargs)
+        self.measured += t.decode_seconds
+        fixed, per_s = COST[1 if kwargs["beam_size"] < 3 else 5]
+        return dataclasses.replace(t, decode_seconds=self._scale * (fixed + per_s * len(audio) / SAMPLE_RATE))
+
 
 NAIVE = dict(partials=False, early_final=False, carry_over_s=0.0)
 """The naive baseline: the same worker decoding each utterance only once it has ended, with no context."""
@@ -95,11 +129,15 @@ async def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     parser.add_argument("--texts", type=Path, help="also write every recording's texts, a JSON line each, to this file")
+    parser.add_argument("--measured", action="store_true",
+                        help="space partials by the decodes' measured times, as the daemon does (then the "
+                             "words depend on the machine's load), not by COST's model of them")
     args = parser.parse_args()
     config = load(None, args.set)[0]
     texts_out = args.texts.open("w", buffering=1) if args.texts else None  # a bad path fails now, not minutes in
     modes = {"streamed": config.asr, "naive": dataclasses.replace(config.asr, **NAIVE)}
-    engine = Engine(WhisperDecoder(config.asr))
+    decoder = WhisperDecoder(config.asr)
+    engine = Engine(decoder if args.measured else PacedDecoder(decoder, SLOWER.get(config.asr.model, 1.0)))
     await engine.load()
     whole = WholeReference(resolve_model(config.asr.model).load_target(), config.asr.compute_type, config.asr.cpu_threads)
     recs: list[Recording] = [r for r in recordings(args.corpus, args.part) if (args.only or "") in r.id]
@@ -148,6 +186,9 @@ async def main() -> None:
         d = decodes[m]
         print(f"| {m} | " + " | ".join(f"{d[k]} ({d[k + ' s'] / audio:.3f} s/s)" for k in kinds)
               + f" | {d['speculations_wasted']} | {d['finals']} ({d['unbound']}) |")
+    if isinstance(engine.decoder, PacedDecoder):
+        print(f"\nDecode seconds above are COST's model of them (the CPU column is measured); the decodes "
+              f"took {engine.decoder.measured:.0f} s here. --measured spaces partials by the measured times.")
 
 
 if __name__ == "__main__":

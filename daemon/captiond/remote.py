@@ -305,14 +305,16 @@ class TranscriptionClient:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         # The event loop owns the deadline; the socket's own timeout is a backstop past it, so a busy loop
-        # and a socket timing out at the same moment report one cause.
-        backstop = self._timeout + _BACKSTOP_S
-        conn = (http.client.HTTPSConnection(self._host, self._port, timeout=backstop,
+        # and a socket timing out at the same moment report one cause. Not while connecting: an abort
+        # has no socket to shut then, and a server that drops the connection attempt held its request
+        # slot for the backstop's 2 s past the deadline.
+        conn = (http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
                                             context=ssl.create_default_context())
-                if self._https else http.client.HTTPConnection(self._host, self._port, timeout=backstop))
+                if self._https else http.client.HTTPConnection(self._host, self._port, timeout=self._timeout))
         try:
             call.attach(conn)
             conn.connect()
+            conn.sock.settimeout(self._timeout + _BACKSTOP_S)
             call.check()
             conn.request("POST", self._path, body=body, headers=headers)
             response = conn.getresponse()
