@@ -49,6 +49,16 @@ def test_defaults_are_valid_and_loaded_without_a_file(tmp_path, monkeypatch):
     ("[asr]\nremote_url = 'http://gpu-box/modèles/v1'\n", "asr.remote_url"),  # a traceback on every request
     ("[gate]\nmax_utterance_s = 1" + "0" * 400 + "\n", "gate.max_utterance_s"),  # float() overflowed: a traceback
     ("[log]\npath = '~no-such-user-here/t.log'\n", "log.path"),  # expanduser's RuntimeError, where used
+    # check-config said "config OK" to these; run refused them.
+    ("[server]\nsocket = '/tmp/" + "s" * 120 + ".sock'\n", "server.socket"),
+    ("[wyoming]\nuri = 'unix:///tmp/" + "s" * 120 + ".sock'\n", "wyoming.uri"),
+    # int(mode, 8) took spaces, underscores, a 0o prefix and other scripts' digits.
+    ("[server]\nmode = ' 0600 '\n", "server.mode"),
+    ("[server]\nmode = '0_600'\n", "server.mode"),
+    ("[server]\nmode = '0o660'\n", "server.mode"),
+    ("[server]\nmode = '\u0660\u0666\u0660\u0660'\n", "server.mode"),
+    # A hexadecimal number too long to quote: repr() of it raised ValueError, a traceback.
+    ("[audio]\nring_seconds = 0x" + "f" * 5000 + "\n", "audio.ring_seconds"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
@@ -64,6 +74,12 @@ def test_toml_nested_too_deeply_is_invalid_toml_not_a_traceback(tmp_path):
 def test_invalid_toml_and_missing_file_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(write(tmp_path, "[gate\n"))
+    # tomllib's own ValueError for a number of more than 4300 digits was a traceback (exit 1; a
+    # SIGHUP logged one), where every other config problem is one line.
+    with pytest.raises(ConfigError, match="a number has thousands of digits"):
+        load(write(tmp_path, "[audio]\nring_seconds = " + "9" * 5000 + "\n"))
+    with pytest.raises(ConfigError, match="audio.ring_seconds: must be a number"):  # --set reads it as text
+        load(None, ["audio.ring_seconds=" + "9" * 5000])
     with pytest.raises(ConfigError, match="no such file"):
         load(tmp_path / "absent.toml")
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from urllib.parse import SplitResult, urlsplit
 
 from .events import MAX_CONTEXT, text_problem
-from .sockets import shared_tmp_folder
+from .sockets import SUN_PATH_MAX, shared_tmp_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +31,10 @@ def _clip(text: str) -> str:
 
 def _said(value: object) -> str:
     """A value as an error quotes it: its repr, clipped."""
-    return _clip(repr(value))
+    try:
+        return _clip(repr(value))
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits has no repr
+        return "a number of thousands of digits"
 
 
 _SAID = 80  # characters of a name or value an error quotes
@@ -67,12 +70,16 @@ def _check_host(host: str, key: str) -> None:
            f"the host {_said(host)} is not a host name or IP address; e.g. http://gpu-box:8000/v1")
 
 
-def _check_path(text: str, key: str) -> None:
-    """A path whose ~user names no user would fail where it is used; say so at load."""
+def _check_path(text: str, key: str, socket: bool = False) -> None:
+    """A path whose ~user names no user, or a `socket` path too long for one, would fail where it is
+    used; say so at load (check-config said "config OK" to a path `run` refused)."""
     try:
-        Path(text).expanduser()
+        path = Path(text).expanduser()
     except RuntimeError:
         raise ConfigError(f"{key}: {_said(text)} starts with ~ and a user this system does not have") from None
+    _check(not socket or len(os.fsencode(path)) <= SUN_PATH_MAX, key,
+           f"the path is {len(os.fsencode(path))} bytes long, and a Unix socket's may have at most {SUN_PATH_MAX}; "
+           "give a shorter one")
 
 
 @dataclass(frozen=True)
@@ -291,11 +298,11 @@ class ServerConfig:
     """Subscribers connected at once over the Unix socket, and as many over WebSocket /events; more are sent too_many_clients and closed."""
 
     def __post_init__(self) -> None:
-        _check_path(self.socket, "server.socket")
-        try:
-            mode = int(self.mode, 8)
-        except ValueError:
-            raise ConfigError(f"server.mode: {_said(self.mode)} is not an octal mode such as 0600") from None
+        _check_path(self.socket, "server.socket", socket=True)
+        # Only digits 0-7: int() also took " 0600 ", "0_600", "0o777" and Arabic-Indic digits.
+        _check(re.fullmatch(r"[0-7]{3,4}", self.mode) is not None, "server.mode",
+               f"{_said(self.mode)} is not an octal mode such as 0600")
+        mode = int(self.mode, 8)
         _check(0 <= mode <= 0o777 and mode & 0o600 == 0o600, "server.mode",
                "must be an octal mode that lets the owner read and write, such as 0600 or 0660")
         _check(8 <= self.client_queue <= 100000, "server.client_queue", "must be between 8 and 100000 events")
@@ -394,6 +401,7 @@ class WyomingConfig:
                f"{_said(self.uri)} is not tcp://HOST:PORT or unix://PATH (e.g. tcp://127.0.0.1:10300)")
         if url.scheme == "unix":
             _check(bool(url.path), "wyoming.uri", "unix:// needs a socket path, e.g. unix:///run/captiond/wyoming.sock")
+            _check_path(url.path, "wyoming.uri", socket=True)
         else:
             try:
                 port = url.port
@@ -558,7 +566,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {_said(text)}: expected section.key=value, e.g. server.socket=./test.sock")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except (tomllib.TOMLDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # TOMLDecodeError is one; so is a number of thousands of digits
         value = raw.strip()
     return section, name, value
 
@@ -610,19 +618,23 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
         try:
             with open(chosen, "rb") as fh:
                 raw = fh.read(MAX_CONFIG_BYTES + 1)
-            if len(raw) > MAX_CONFIG_BYTES:
-                raise ConfigError(f"{chosen}: more than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few "
-                                  "kilobytes (is this the right file?)")
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{chosen}: more than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few "
+                              "kilobytes (is this the right file?)")
+        try:
             data = tomllib.loads(raw.decode("utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
         except RecursionError:  # tomllib nests by recursion
             raise ConfigError(f"{chosen}: not valid TOML: arrays or tables nested too deeply") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{chosen}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
                               "save it as UTF-8") from None
-        except OSError as exc:
-            raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except ValueError:  # tomllib's int() of a number of thousands of digits
+            raise ConfigError(f"{chosen}: a number has thousands of digits; docs/configuration.md gives each "
+                              "key's range") from None
     for text in overrides:
         section, name, value = parse_override(text)
         table = data.setdefault(section, {})
