@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from captiond.events import Command, Final, Hello, Partial, Pong, SpeechStart, Status
-from captiond.server import Server, ServerError, quiet_accept_failures
+from captiond.server import Occasional, Server, ServerError, quiet_accept_failures
 
 
 def make_server(path, **kw):
@@ -546,6 +546,19 @@ def test_clients_beyond_max_clients_get_an_error_line_and_are_closed_and_a_slot_
     assert refused["type"] == "error" and refused["code"] == "too_many_clients"
     assert "server.max_clients" in refused["message"] and closed == b""
     assert again["type"] == "hello"
+
+
+def test_refusals_are_said_the_first_time_then_once_in_five_minutes_by_kind():
+    # A client reconnecting in a loop was refused ~4000 times a second: every 100th refusal logged
+    # made 40 warning lines a second.
+    now = [0.0]
+    worth = Occasional(clock=lambda: now[0])
+    said = []
+    for second in range(601):
+        now[0] = float(second)
+        said += [(second, kind) for kind in ("unix", "unix", "websocket") if worth(kind)]
+    assert said == [(0, "unix"), (0, "websocket"), (300, "unix"), (300, "websocket"), (600, "unix"),
+                    (600, "websocket")]
 
 
 def test_a_client_flooding_commands_is_paced_and_others_are_answered_meanwhile(tmp_path):

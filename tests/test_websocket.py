@@ -383,9 +383,9 @@ def test_refusals_are_logged_now_and_then_not_each(harness, caplog):
         connect(f"ws://evil.example:{h.service.web.port}/events",
                 sock=socket.create_connection(("127.0.0.1", h.service.web.port)))
     said = [r.getMessage() for r in caplog.records if "websocket: refused" in r.getMessage()]
-    assert len(said) == 3, said
-    assert "(1 refused for this so far)" in said[0] and "(10 refused for this so far)" in said[1], said
-    assert "'evil.example:" in said[2] and "(1 refused for this so far)" in said[2], said
+    assert len(said) == 2, said  # the next origin refusal is said five minutes on (test_server)
+    assert "(1 refused for this so far)" in said[0], said
+    assert "'evil.example:" in said[1] and "(1 refused for this so far)" in said[1], said
     assert h.service.web.refused == {"origin": 30, "host": 1}
 
 

@@ -193,10 +193,23 @@ def _unlock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
-def worth_a_line(count: int) -> bool:
-    """True for the 1st, 10th and every 100th of a repeated refusal: clients retry every second or two,
-    and a line each would fill the journal."""
-    return count in (1, 10) or count % 100 == 0
+class Occasional:
+    """Whether a repeated refusal is worth a log line: the first of each kind, then at most one every
+    `every_s` (saying the count so far). Clients retry every second or two, and one reconnecting in a
+    loop was refused ~4000 times a second: every 100th refusal made 40 lines a second."""
+
+    def __init__(self, every_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every_s
+        self._clock = clock
+        self._next: dict[str, float] = {}  # by kind: a few fixed names
+
+    def __call__(self, kind: str = "") -> bool:
+        """True when a refusal of this kind now should be logged."""
+        now = self._clock()
+        if now < self._next.get(kind, -math.inf):
+            return False
+        self._next[kind] = now + self._every
+        return True
 
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"
@@ -234,6 +247,7 @@ class Hub:
         self._max_clients = max_clients
         self.refused = 0
         """Connections refused because server.max_clients were connected."""
+        self._worth_a_line = Occasional()
         self.hello = hello
         """Makes the first event of each connection; the Service sets it when not given."""
         self.on_command = on_command
@@ -277,7 +291,7 @@ class Hub:
         if connected < self._max_clients:
             return None
         self.refused += 1
-        if worth_a_line(self.refused):
+        if self._worth_a_line(transport):
             log.warning("%d client connection(s) refused so far: %d connected over %s (server.max_clients)",
                         self.refused, connected, transport)
         return encode(Error("too_many_clients", f"{self._max_clients} clients are connected over {transport} "

@@ -26,7 +26,7 @@ from websockets.http11 import Request, Response
 from .config import WebSocketConfig
 from .events import Error
 from .frames import SAMPLE_RATE
-from .server import Client, Hub, ServerError, worth_a_line
+from .server import Client, Hub, Occasional, ServerError
 from .session import AudioError, LiveSession
 from .tasks import spawn, within
 
@@ -120,6 +120,7 @@ class WebServer:
         self._closing: set[asyncio.Task] = set()  # connections being closed by the Hub (a slow client)
         self.refused: Counter[str] = Counter()
         """Handshakes refused since the start, by kind: host, token, origin; connections: dropped before one."""
+        self._worth_a_line = Occasional()
         self.gate_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-ws-gate")
         """The gate of every live session runs here, off the event loop and off the microphone's gate thread."""
 
@@ -155,7 +156,7 @@ class WebServer:
 
     def _dropped(self, most: int) -> None:
         self.refused["connections"] += 1
-        if worth_a_line(self.refused["connections"]):
+        if self._worth_a_line("connections"):
             log.warning("%d connection(s) to the WebSocket port dropped so far: %d were open, the most it takes",
                         self.refused["connections"], most)
 
@@ -209,7 +210,7 @@ class WebServer:
             self.refused[kind] += 1
             # The captions page retries every 2 s, refused or not: a line now and then for each kind,
             # so that a stale tab's token does not hide a first foreign origin.
-            if worth_a_line(self.refused[kind]):
+            if self._worth_a_line(kind):
                 log.warning("websocket: refused %r from %s: %s (%d refused for this so far)", url.path,
                             connection.remote_address, problem, self.refused[kind])
             return connection.respond(http.HTTPStatus.FORBIDDEN, problem + "\n")
