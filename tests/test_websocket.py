@@ -26,6 +26,7 @@ from captiond.engine import Engine
 from captiond.events import Error, Final, Pong, SpeechStart
 from captiond.server import Hub
 from captiond.websocket import WebError, WebServer
+from captiond.worker import MIC
 from conftest import SPEECH, EventLog, FakeDecoder, Harness, HeldDecoder, silence
 
 TOKEN = "s3cret-token-0123456789"
@@ -598,8 +599,9 @@ def test_a_feed_waiting_for_room_returns_when_the_session_is_cancelled():
         engine.close()
 
 
-def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float) -> list:
-    """What a linear16 session sends when `utterances` clips arrive at once and the stream then ends."""
+def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float, others: int = 0) -> list:
+    """What a linear16 session sends when `utterances` clips arrive at once and the stream then ends
+    while `others` decodes of someone else's, ahead of the session's in the model's queue, come first."""
     from concurrent.futures import ThreadPoolExecutor
 
     from captiond.gate import features
@@ -612,12 +614,18 @@ def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float) -> li
     session = LiveSession(engine, load(None, ["asr.partials=false"])[0], sent.append, encoding="linear16",
                           sample_rate=16000, gate_thread=gate_thread)
 
+    async def neighbour():  # the microphone's finals go first; two at once, so one always waits
+        for _ in range(others // 2):
+            await engine.decode(np.zeros(1600, np.float32), beam_size=1, words=False, priority=MIC)
+
     async def main():
         session.start()
         speech = np.tile(SPEECH, utterances).astype("<i2").tobytes()
         for at in range(0, len(speech), 32000):
             await asyncio.wait_for(session.feed(speech[at:at + 32000]), 60)
+        ahead = [asyncio.create_task(neighbour()) for _ in range(2)]
         await asyncio.wait_for(session.close(timeout), 120)
+        await asyncio.gather(*ahead)
 
     try:
         asyncio.run(main())
@@ -633,6 +641,16 @@ def test_a_closing_session_decodes_everything_it_took_in_while_it_makes_progress
     sent = _closed_session(FakeDecoder(delay=0.3), 8, timeout=1.5)
     finals = [e for e in sent if isinstance(e, Final)]
     assert len(finals) == 8 and all(f.text.startswith("heard") for f in finals)
+    assert not [e for e in sent if isinstance(e, Error)]
+
+
+def test_a_closing_session_waits_while_the_model_decodes_for_someone_else():
+    # Two Wyoming clients streaming 8 minutes each at once: one's decodes waited behind the other's
+    # for the close bound, and it was abandoned and its finals lost while the model decoded all along.
+    # Here twelve decodes of the microphone's, each well within the bound, all of them together past it.
+    sent = _closed_session(FakeDecoder(delay=0.3), 4, timeout=1.0, others=12)
+    finals = [e for e in sent if isinstance(e, Final)]
+    assert len(finals) == 4 and all(f.text.startswith("heard") for f in finals)
     assert not [e for e in sent if isinstance(e, Error)]
 
 

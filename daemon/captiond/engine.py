@@ -494,6 +494,9 @@ class Engine:
         self._running: _Running | None = None
         self.preempted = 0
         """Decodes given up for a more urgent one."""
+        self.ended = 0
+        """Decodes the thread has finished or given up since the start (a session waiting behind another's
+        sees the model go on)."""
         self.busy_since: float | None = None
         """monotonic time the running decode began, None while no decode runs (the watchdog reads it)."""
         self.loaded = asyncio.Event()
@@ -566,6 +569,7 @@ class Engine:
             running.exception()  # retrieved: an abandoned decode's error was its caller's to see
         self.busy_since = None
         self._running = None
+        self.ended += 1
         self._pass_turn()
 
     async def _turn(self, priority: int, urgent: bool) -> None:

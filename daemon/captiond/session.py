@@ -124,6 +124,7 @@ class LiveSession:
         if encoding == "linear16" and not MIN_RATE <= sample_rate <= MAX_RATE:
             raise AudioError(f"sample_rate={sample_rate} is out of range {MIN_RATE}..{MAX_RATE}")
         self._send = send
+        self._engine = engine
         self._gate_thread = gate_thread
         self._encoding = encoding
         self._linear = Linear16Decoder(sample_rate) if encoding == "linear16" else None
@@ -191,8 +192,9 @@ class LiveSession:
 
     async def close(self, timeout: float) -> None:
         """End the stream: every utterance the session took in gets its final. The wait lasts while
-        the session makes progress (a client may send minutes of audio faster than it is decoded);
-        after `timeout` seconds without any, the rest is abandoned and the client told."""
+        the session or the model makes progress (a client may send minutes of audio faster than it is
+        decoded, and another's decodes may go first); after `timeout` seconds without any, the rest is
+        abandoned and the client told."""
         if self._cancelled.is_set():  # the client is gone or the daemon stops: nothing is waited for
             return
         ending = spawn(self._end_stream(), "session-end")
@@ -220,9 +222,11 @@ class LiveSession:
             await self._put(self._linear.finish())
             await self._audio.put(None)
 
-    def _progress(self) -> tuple[int, int]:
-        """Changes whenever the session takes audio in or finishes a decode."""
-        return self.samples, sum(self.worker.decodes.values())
+    def _progress(self) -> tuple[int, int, int]:
+        """Changes whenever the session takes audio in or finishes a decode, or the model ends one: two
+        Wyoming clients streaming 8 minutes each at once, one's decodes waited behind the other's for
+        10 s and it was abandoned, its finals lost, while the model decoded all along."""
+        return self.samples, sum(self.worker.decodes.values()), self._engine.ended
 
     def cancel(self) -> None:
         """Stop at once (the client is gone); the WebM thread ends within half a second."""
