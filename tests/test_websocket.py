@@ -599,7 +599,8 @@ def test_a_feed_waiting_for_room_returns_when_the_session_is_cancelled():
         engine.close()
 
 
-def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float, others: int = 0) -> list:
+def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float, others: int = 0,
+                    stall_s: float = 60.0) -> list:
     """What a linear16 session sends when `utterances` clips arrive at once and the stream then ends
     while `others` decodes of someone else's, ahead of the session's in the model's queue, come first."""
     from concurrent.futures import ThreadPoolExecutor
@@ -610,7 +611,7 @@ def _closed_session(decoder: FakeDecoder, utterances: int, timeout: float, other
     # The gate's filterbank is designed once per process, in a child (a second or two): not inside the
     # close bound, or a test run alone abandons the session before its first utterance.
     features(np.zeros(1600, np.int16))
-    engine, sent, gate_thread = Engine(decoder), [], ThreadPoolExecutor(max_workers=1)
+    engine, sent, gate_thread = Engine(decoder, stall_s), [], ThreadPoolExecutor(max_workers=1)
     session = LiveSession(engine, load(None, ["asr.partials=false"])[0], sent.append, encoding="linear16",
                           sample_rate=16000, gate_thread=gate_thread)
 
@@ -654,14 +655,24 @@ def test_a_closing_session_waits_while_the_model_decodes_for_someone_else():
     assert not [e for e in sent if isinstance(e, Error)]
 
 
+def test_a_closing_session_waits_for_a_decode_slower_than_its_bound_that_is_not_stuck():
+    # The daemon under `nice` beside busy processes: one decode took longer than the close bound, and
+    # the session was abandoned while its decode ran.
+    sent = _closed_session(FakeDecoder(delay=1.5), 3, timeout=0.5, stall_s=60.0)
+    finals = [e for e in sent if isinstance(e, Final)]
+    assert len(finals) == 3 and all(f.text.startswith("heard") for f in finals)
+    assert not [e for e in sent if isinstance(e, Error)]
+
+
 def test_a_closing_session_that_decodes_nothing_for_its_bound_is_abandoned_and_says_so():
     class Stuck(FakeDecoder):
         def decode(self, audio, **kw):
             if len(self.calls) >= 2:  # a decoder thread that hangs from the third decode on
-                time.sleep(3.0)
+                time.sleep(6.0)
             return super().decode(audio, **kw)
 
-    sent = _closed_session(Stuck(), 4, timeout=1.0)
+    # Stuck: a decode under way for longer than the model's stall bound (the watchdog's 60 s, here 1 s).
+    sent = _closed_session(Stuck(), 4, timeout=1.0, stall_s=1.0)
     errors = [e for e in sent if isinstance(e, Error)]
     assert [e.code for e in errors][-1] == "audio_dropped" and "not transcribed" in errors[-1].message
     assert {e.code for e in errors[:-1]} <= {"decode_failed"}

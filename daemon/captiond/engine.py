@@ -475,6 +475,11 @@ class _Running:
     stop: threading.Event
 
 
+STALL_S = 60.0
+"""Seconds no decode takes on a working machine, temperature fallbacks included: one running longer is
+stuck (the watchdog says so); one running less is progress."""
+
+
 class Engine:
     """Owns the one inference thread; every model call goes through it, never the event loop.
 
@@ -485,8 +490,9 @@ class Engine:
     caller stops waiting gives it up too.
     """
 
-    def __init__(self, decoder: WhisperDecoder) -> None:
+    def __init__(self, decoder: WhisperDecoder, stall_s: float = STALL_S) -> None:
         self.decoder = decoder
+        self._stall_s = stall_s
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="captiond-asr")
         self._waiting: list[tuple[int, int, bool, asyncio.Future[None]]] = []  # a heap; bool: urgent
         self._arrivals = itertools.count()
@@ -501,6 +507,11 @@ class Engine:
         """monotonic time the running decode began, None while no decode runs (the watchdog reads it)."""
         self.loaded = asyncio.Event()
         """Set once load() is done: what the model hears (multilingual) is known from then on."""
+
+    def working(self, now: float) -> bool:
+        """True while a decode runs that began less than stall_s before `now` (time.monotonic()): the
+        model is slow, not stuck."""
+        return self.busy_since is not None and now - self.busy_since <= self._stall_s
 
     @property
     def name(self) -> str:

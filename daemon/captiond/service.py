@@ -51,7 +51,6 @@ _STOP_TASKS_S = 1.0
 _AUDIO_CLOSE_S = 2.5
 _FLUSH_SUBSCRIBERS_S = 1.0
 _HEALTH_S = 1.0  # how often the lag is looked at for the overloaded state when no stats are sent
-_WORKER_STALL_S = 60.0  # no decode, fallbacks included, takes this long on a working machine
 
 
 def _watchdog_usec() -> int:
@@ -218,7 +217,7 @@ class Service:
 
     def _decoder_stuck(self, now: float) -> str | None:
         busy = self.engine.busy_since
-        if busy is not None and now - busy > _WORKER_STALL_S:
+        if busy is not None and not self.engine.working(now):
             return f"the decoder has been busy with one decode for {now - busy:.0f} s"
         return None
 

@@ -193,8 +193,9 @@ class LiveSession:
     async def close(self, timeout: float) -> None:
         """End the stream: every utterance the session took in gets its final. The wait lasts while
         the session or the model makes progress (a client may send minutes of audio faster than it is
-        decoded, and another's decodes may go first); after `timeout` seconds without any, the rest is
-        abandoned and the client told."""
+        decoded, another's decodes may go first, and on a busy machine one decode may take longer than
+        `timeout`); after `timeout` seconds without any, and no decode under way that is not stuck
+        (Engine.working), the rest is abandoned and the client told."""
         if self._cancelled.is_set():  # the client is gone or the daemon stops: nothing is waited for
             return
         ending = spawn(self._end_stream(), "session-end")
@@ -204,7 +205,7 @@ class LiveSession:
             _, busy = await asyncio.wait(self._tasks, timeout=timeout)
             if not busy or self._cancelled.is_set():
                 return
-            if self._progress() == progress:
+            if self._progress() == progress and not self._engine.working(time.monotonic()):
                 break
             progress = self._progress()
         left = (self._received - self.samples) / SAMPLE_RATE + self.worker.lag
