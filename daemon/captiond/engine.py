@@ -405,12 +405,13 @@ class WhisperDecoder:
                                  hotwords=hotwords, prefix=prefix, fallback=fallback)
         t, probs = once(language or (None if self._cfg.language == "auto" else self._cfg.language))
         if verify and probs and not likely and self._cfg.task == "transcribe":
+            p = dict(probs)
             for rival in rivals(t.language, t.language_p, probs):
                 other, _ = once(rival)
                 # An empty decode's avg_logprob is 0: faster-whisper drops a pass it takes for no speech
                 # (its no-speech probability is the same in every language), and nothing beats it.
                 if t.segments and other.segments and other.avg_logprob > t.avg_logprob:
-                    t = dataclasses.replace(other, language_p=dict(probs)[rival])
+                    t = dataclasses.replace(other, language_p=p[rival])
         return dataclasses.replace(t, decode_seconds=time.monotonic() - started)
 
     def _once(self, audio: np.ndarray, language: str | None, *, beam_size: int, words: bool, prompt: str | None,
