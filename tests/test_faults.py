@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import socket
+import sys
 import threading
 import time
 
@@ -284,6 +285,36 @@ def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(
         final = events.wait_for(lambda e: e["type"] == "final", timeout=120)
         assert final["text"] and not final["flags"]
         assert daemon.proc.wait(60) == 0
+    finally:
+        daemon.kill()
+
+
+_STORM = """
+import os, signal, sys, time
+pid, sent, began = int(sys.argv[1]), 0, time.monotonic()
+while time.monotonic() - began < 3:
+    os.kill(pid, signal.SIGHUP)
+    sent += 1
+print(sent)
+"""
+
+
+def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_path):
+    # An attack run: a process sending SIGHUP as fast as it could filled asyncio's wakeup socket; every
+    # full write then logged a five-line traceback, and a signal arriving while Python queued that
+    # warning deadlocked the daemon (2 of 5 storms: no answers, SIGTERM ignored, only SIGKILL).
+    daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    try:
+        daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
+        daemon.proc.stdin.flush()
+        events = daemon.connect()
+        storm = subprocess.run([sys.executable, "-c", _STORM, str(daemon.proc.pid)], capture_output=True,
+                               text=True, timeout=120)
+        assert int(storm.stdout) > 10_000, storm  # far more than the socket holds (a few hundred)
+        events.client.send({"cmd": "ping"})
+        events.wait_for(lambda e: e["type"] == "pong", timeout=60)
+        assert daemon.stop(60) == 0
+        assert "signal wakeup fd" not in daemon.stderr and "Traceback" not in daemon.stderr, daemon.stderr[-2000:]
     finally:
         daemon.kill()
 

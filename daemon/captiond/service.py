@@ -250,6 +250,11 @@ class Service:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if signals:
+            # asyncio's wakeup socket warns when it is full, and Python queues that warning from inside
+            # the signal handler: under a storm of SIGHUPs a signal arriving there deadlocked the
+            # daemon (SIGTERM ignored, only SIGKILL ended it), and each full write logged a traceback.
+            signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         try:
             if self.server is not None:
                 await self.server.start()
