@@ -506,6 +506,40 @@ def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_se
     assert final.text == "something else entirely" and "unbound" in final.flags
 
 
+def test_a_server_that_hears_nothing_where_the_partials_heard_words_costs_no_final():
+    # An attack run's server answered {"text": ""}: 3.3 s of clear speech gave an empty final, with no
+    # fallback and the server counted healthy.
+    class Deaf:
+        def __init__(self):
+            self.asked = 0
+
+        async def decode(self, audio, **_):
+            self.asked += 1
+            return Transcript("", (), "en", 0.0, 0.0, 0.0, 1.0, 0.1, origin="remote")
+
+    deaf = Deaf()
+    local = scripted(["one two three four five six seven eight"])
+
+    async def main():
+        published = []
+        queue = asyncio.Queue(maxsize=10000)
+        engine = Engine(local)
+        worker = AsrWorker(engine, AsrConfig(partial_interval_s=0.4, early_final=False), queue, published.append,
+                           finals=deaf)
+        task = asyncio.create_task(worker.run())
+        for item in utterance(1, 0, 6.0):
+            await worker.put(item)
+            await caught_up(worker)
+        await queue.put(None)
+        await asyncio.wait_for(task, 60)
+        engine.close()
+        return published
+
+    final = [e for e in asyncio.run(main()) if e.type == "final"][0]
+    assert deaf.asked == 1 and "fallback" in final.flags
+    assert final.text == "one two three four five six seven eight"
+
+
 def test_a_decode_s_own_language_goes_to_the_server_and_to_a_fallback_and_a_server_never_sets_the_speaker_s():
     client = TranscriptionClient(AsrConfig(backend="openai", remote_url="http://gpu:8000/v1", language="auto"), "")
     assert ("language", "fr") in client.fields("", "fr")

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -353,15 +353,25 @@ class AsrWorker:
             prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
             priority=self._priority, fallback=self._cfg.temperature_fallback and not self._stopping, on=self._finals,
             language=language)
+        t = None
         if self._priority > MIC:
             # Each decode of a session's final gives way to the microphone's at the model's next safe
             # point, once: a Wyoming session's 58 s final held the microphone's for 4-6 s, past a stop's drain.
             try:
-                return await decode(preemptible=True, urgent=True)
+                t = await decode(preemptible=True, urgent=True)
             except Preempted:
                 self._log.debug("utterance %d: its %s decode gave way to the microphone's final; begun again",
                                 stream.utt, name)
-        return await decode()
+        if t is None:
+            t = await decode()
+        if t.origin == "remote" and not t.text and (stream.stable or stream.words.pending):
+            # A server that hears nothing where the partials heard words is wrong (or lying): an attack
+            # run's answered {"text": ""} and blanked every final. It stays up (no backoff): one empty
+            # answer may be right, and the next final asks it again.
+            self._log.info("utterance %d: the server heard no words where the partials did; this final "
+                           "is decoded here", stream.utt)
+            t = replace(await decode(on=self._engine), origin="fallback")
+        return t
 
     async def _retried(self, stream: UtteranceStream, end: UtteranceEnd, t: Transcript, *, bound: bool,
                        binds: bool) -> Transcript:
