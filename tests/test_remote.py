@@ -435,6 +435,7 @@ def test_a_stop_hurries_a_slow_request_into_a_local_final():
     client.release.set()
     engine.close()
     assert t.origin == "fallback"
+    assert finals.problem == "" and not changes  # cut short by the stop: the server is not called unreachable
 
 
 def test_a_stop_before_the_first_request_hurries_that_request_too():

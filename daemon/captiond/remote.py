@@ -66,7 +66,8 @@ class RemoteError(Exception):
 
 
 class _Busy(RemoteError):
-    """Every request slot stayed taken: not the server's failure, so no backoff."""
+    """Every request slot stayed taken, or a stop cut the request short: not the server's failure, so no
+    backoff (a stop logged "no answer within 5 s … next try in 1 s" for a request cut after 1 s)."""
 
 
 _KEY_MAX = 4096  # bytes of a key file; API keys are under 200
@@ -482,7 +483,8 @@ class RemoteFinals:
         while self._running >= self._max_in_flight:
             self._freed.clear()
             if not await self._until(spawn(self._freed.wait(), "remote-slot"), deadline):
-                log.info("no request to %s free within %.1f s; this final is decoded here", self.url, self._timeout)
+                if not self._hurry.is_set():
+                    log.info("no request to %s free within %.1f s; this final is decoded here", self.url, self._timeout)
                 raise _Busy("busy")
         result: asyncio.Future[Transcript] = loop.create_future()
         call = Call()
@@ -504,7 +506,8 @@ class RemoteFinals:
             if not await self._until(asyncio.shield(result), deadline):
                 call.abort()
                 _abandon(result)
-                raise RemoteError(f"no answer within {self._timeout:g} s")
+                # Cut short by a stop (HURRY_S): not the server's failure, and no next try to announce.
+                raise _Busy("stopping") if self._hurry.is_set() else RemoteError(f"no answer within {self._timeout:g} s")
         except asyncio.CancelledError:  # a speculative final thrown away, or shutdown: not the server's fault
             call.abort()
             _abandon(result)
