@@ -486,7 +486,8 @@ class _Handler(AsyncEventHandler):
         """The connection ends: an open transcription is abandoned."""
         current, self._current = self._current, None
         if current is not None:
-            self.logger.info("the connection ended in the middle of a transcription; abandoned it")
+            if not current.failed:  # a failed one already ended (too_long gave its transcript)
+                self.logger.info("the connection ended in the middle of a transcription; abandoned it")
             current.cancel()
             self._server.release(current)
 
