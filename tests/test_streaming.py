@@ -870,6 +870,30 @@ def test_a_final_that_loops_in_the_short_window_is_decoded_again_hearing_the_who
     assert decoder.windows[-2:] == [SHORT, None] and worker.decodes["retry"] == 1
 
 
+def test_a_final_that_loops_heard_whole_too_is_decoded_once_more_without_its_prompt():
+    # Base, a 31 s utterance's window after a cut: "to a polite to a polite …" through the short window
+    # and through the whole one, both with the words cut off as the prompt; cutting the loop lost the 25
+    # words after it. Without the prompt it said them. Only when there is a prompt to leave out.
+    class PromptLoops(ShortWindowLoops):
+        def decode(self, audio, *, prompt=None, window=None, **kw):
+            self.full = "more " * 6 if prompt or self.always else "to a polite, don't call menu."
+            return super().decode(audio, prompt=prompt, window=None, **kw)
+
+    async def feed(queue, worker):
+        for item in utterance(1, 0, 2.0):
+            await queue.put(item)
+
+    for prompt, always, text, prompts in (("Dial 4, to send this caller", False, "to a polite, don't call menu.",
+                                           ["Dial 4, to send this caller"] * 2 + [None]),
+                                          ("", True, "more", [None, None])):  # no prompt: no third decode
+        decoder = PromptLoops("")
+        decoder.always = always
+        worker, events = run_worker(decoder, feed,
+                                    cfg=AsrConfig(partials=False, early_final=False, initial_prompt=prompt))
+        final = next(e for e in events if isinstance(e, Final))
+        assert final.text == text and [c[3] for c in decoder.calls] == prompts, (prompt, final, decoder.calls)
+
+
 def test_a_retry_under_bind_finals_begins_with_the_stable_words_or_is_not_taken(monkeypatch):
     # "word," made stable by a check; the first decode keeps it and loops. A free retry that does not
     # begin with it would have the final say the stable word and then the whole retry.

@@ -336,18 +336,20 @@ class AsrWorker:
 
     async def _final_decode(self, stream: UtteranceStream, audio_end: int, bound: bool = False,
                             kind: str = "final", whole: bool = False, full: bool = False,
-                            language: str = "") -> Transcript:
+                            language: str = "", prompted: bool = True) -> Transcript:
         """The final's decode: free, as the naive decoder would hear the window (the `whole` utterance
         if asked); `bound` makes it begin with the stable words, for when the free one does not (a
         prefix that already holds all that was said makes tiny.en run on past the speech: "… or 8 to
-        exit. Thank you very much for watching"). `full`: the encoder hears Whisper's whole window.
-        `language`: the one the utterance's first final decode chose, for a bound or retried one.
+        exit. Thank you very much for watching"). `full`: the encoder hears Whisper's whole window; not
+        `prompted`: the decoder is told nothing came before (a retry's). `language`: the one the
+        utterance's first final decode chose, for a bound or retried one.
 
         Once the daemon is stopping, greedy and without the fallback: the stop waits for this final
         only service.DRAIN_TIMEOUT_S, and an utterance nobody watched partials of is decoded whole
         (60 s of it took 2.3-2.5 s at beam 5 on two threads here, more on one or under load)."""
         audio, prompt = stream.whole(audio_end) if whole else (stream.audio(until=audio_end), stream.prompt)
-        name = "retry" if full else "bound" if bound else f"whole {kind}" if whole else kind
+        prompt = prompt if prompted else ""
+        name = "retry" if full or not prompted else "bound" if bound else f"whole {kind}" if whole else kind
         decode = functools.partial(
             self._decode, name, audio, beam_size=1 if self._stopping else self._cfg.beam_size, words=True,
             prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
@@ -377,7 +379,8 @@ class AsrWorker:
                        binds: bool) -> Transcript:
         """t, the decode of the window that is to be the final, or the same decode again with the
         encoder hearing Whisper's whole 30 s window when t, heard through the short one, loops and
-        that one is trusted (has text Whisper does not doubt, and no loop to cut).
+        that one is trusted (has text Whisper does not doubt, and no loop to cut); if it loops too, once
+        more without the prompt.
 
         The short window is not what Whisper was trained on, and loops came with it: "word word word
         word word" came out "word," seven times and was cut to one, "five five" seven times; heard
@@ -398,7 +401,23 @@ class AsrWorker:
                  and (bound or not binds or stream.keeps_stable(again)))
         self._log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt,
                         again.text, "" if taken else ", not taken")
-        return again if taken else t
+        if taken or not stream.prompt:
+            return again if taken else t
+        # Looping again: once more without the prompt (the words cut off the window, the earlier finals),
+        # which a loop may be carried on from. Base looped both ways in a 31 s utterance's window ("to a
+        # polite to a polite …"), and cutting the loop lost the 25 words after it.
+        try:
+            bare = await self._final_decode(stream, end.audio_end, bound=bound, full=True, language=t.language,
+                                            prompted=False)
+        except Exception as exc:
+            self._log.warning("utterance %d: the unprompted retry of a looping final failed (%r); its loop is cut",
+                              stream.utt, exc)
+            return t
+        taken = (stream.trusted(bare, looped=stream.loops(bare, end, binds))
+                 and (bound or not binds or stream.keeps_stable(bare)))
+        self._log.debug("utterance %d: a looping final decoded without its prompt: %r%s", stream.utt,
+                        bare.text, "" if taken else ", not taken")
+        return bare if taken else t
 
     def stop(self) -> None:
         """The daemon is stopping: finish what was heard without second decodes."""
