@@ -293,9 +293,11 @@ class Service:
         finally:
             await self._shutdown()
             for sig in signals:
-                loop.remove_signal_handler(sig)  # puts back the default action: for SIGHUP, death
-            if signals:  # a reload racing the stop (systemctl reload) must not kill a daemon that stopped cleanly
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                loop.remove_signal_handler(sig)  # puts back the default action: death
+                # A reload or a stop racing the end (systemctl reload; a SIGTERM as a file source ended,
+                # which under load killed the stopped daemon with -15) must not kill a daemon that
+                # stopped cleanly; its exit is bounded (_arm_exit_bound).
+                signal.signal(sig, signal.SIG_IGN)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:
