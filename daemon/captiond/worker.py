@@ -390,34 +390,26 @@ class AsrWorker:
         if (self._stopping or t.origin != "local" or window is None or not window.cuts(t.audio_seconds)
                 or not stream.loops(t, end, binds)):
             return t
-        try:
-            again = await self._final_decode(stream, end.audio_end, bound=bound, full=True, language=t.language)
-        except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
-            self._log.warning("utterance %d: the retry of a looping final failed (%r); its loop is cut",
-                              stream.utt, exc)
-            return t
-        # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
-        taken = (stream.trusted(again, looped=stream.loops(again, end, binds))
-                 and (bound or not binds or stream.keeps_stable(again)))
-        self._log.debug("utterance %d: a looping final decoded with the full window: %r%s", stream.utt,
-                        again.text, "" if taken else ", not taken")
-        if taken or not stream.prompt:
-            return again if taken else t
-        # Looping again: once more without the prompt (the words cut off the window, the earlier finals),
-        # which a loop may be carried on from. Base looped both ways in a 31 s utterance's window ("to a
-        # polite to a polite …"), and cutting the loop lost the 25 words after it.
-        try:
-            bare = await self._final_decode(stream, end.audio_end, bound=bound, full=True, language=t.language,
-                                            prompted=False)
-        except Exception as exc:
-            self._log.warning("utterance %d: the unprompted retry of a looping final failed (%r); its loop is cut",
-                              stream.utt, exc)
-            return t
-        taken = (stream.trusted(bare, looped=stream.loops(bare, end, binds))
-                 and (bound or not binds or stream.keeps_stable(bare)))
-        self._log.debug("utterance %d: a looping final decoded without its prompt: %r%s", stream.utt,
-                        bare.text, "" if taken else ", not taken")
-        return bare if taken else t
+        # If it loops again: once more without the prompt (the words cut off the window, the earlier
+        # finals), which a loop may be carried on from. Base looped both ways in a 31 s utterance's
+        # window ("to a polite to a polite …"), and cutting the loop lost the 25 words after it.
+        for prompted in (True, False) if stream.prompt else (True,):
+            heard = "with the full window" if prompted else "without its prompt"
+            try:
+                again = await self._final_decode(stream, end.audio_end, bound=bound, full=True, language=t.language,
+                                                 prompted=prompted)
+            except Exception as exc:  # the looping decode is still a final: cut, it loses no utterance
+                self._log.warning("utterance %d: the retry %s of a looping final failed (%r); its loop is cut",
+                                  stream.utt, heard, exc)
+                return t
+            # Made to begin with the stable words, as t was (bound, or kept them under asr.bind_finals).
+            taken = (stream.trusted(again, looped=stream.loops(again, end, binds))
+                     and (bound or not binds or stream.keeps_stable(again)))
+            self._log.debug("utterance %d: a looping final decoded %s: %r%s", stream.utt, heard, again.text,
+                            "" if taken else ", not taken")
+            if taken:
+                return again
+        return t
 
     def stop(self) -> None:
         """The daemon is stopping: finish what was heard without second decodes."""
