@@ -268,14 +268,21 @@ def test_a_stop_that_cannot_wait_for_a_final_still_gives_its_utterance_one(tmp_p
         h.decoder.go.set()
 
 
-def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(tmp_path):
-    import subprocess
-
+def _stdin_daemon(tmp_path) -> tuple[Daemon, EventLog]:
+    """A daemon reading stdin, listening (it has had a little silence), and a subscriber to it."""
     daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
+    daemon.proc.stdin.flush()
     try:
-        daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
-        daemon.proc.stdin.flush()
-        events = daemon.connect()
+        return daemon, daemon.connect()
+    except BaseException:
+        daemon.kill()
+        raise
+
+
+def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(tmp_path):
+    daemon, events = _stdin_daemon(tmp_path)
+    try:
         for key in ("hotwords", "prompt"):
             events.client.send({"cmd": "context", key: "\udc80"})  # valid JSON: "\\udc80"
             error = events.wait_for(lambda e: e["type"] == "error" and key in e["message"])
@@ -303,11 +310,8 @@ def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_pat
     # An attack run: a process sending SIGHUP as fast as it could filled asyncio's wakeup socket; every
     # full write then logged a five-line traceback, and a signal arriving while Python queued that
     # warning deadlocked the daemon (2 of 5 storms: no answers, SIGTERM ignored, only SIGKILL).
-    daemon = Daemon(tmp_path, "--source", "-", stdin=subprocess.PIPE)
+    daemon, events = _stdin_daemon(tmp_path)
     try:
-        daemon.proc.stdin.write(silence(0.3).tobytes())  # "listening" means audio is flowing
-        daemon.proc.stdin.flush()
-        events = daemon.connect()
         storm = subprocess.run([sys.executable, "-c", _STORM, str(daemon.proc.pid)], capture_output=True,
                                text=True, timeout=120)
         assert int(storm.stdout) > 10_000, storm  # far more than the socket holds (a few hundred)
