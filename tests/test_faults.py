@@ -323,6 +323,39 @@ def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_pat
         daemon.kill()
 
 
+_STORM_WITH_STOP = """
+import os, signal, sys, time
+pid, sent, began, stopped = int(sys.argv[1]), 0, time.monotonic(), False
+while time.monotonic() - began < 3:
+    try:
+        os.kill(pid, signal.SIGHUP)
+        if not stopped and time.monotonic() - began > 1:
+            os.kill(pid, signal.SIGTERM)
+            stopped = True
+    except ProcessLookupError:
+        break  # it stopped
+    sent += 1
+print(sent)
+"""
+
+
+def test_one_sigterm_sent_during_a_storm_of_sighups_stops_the_daemon(tmp_path):
+    # The wakeup socket is full during a storm, and a stop signal whose byte was dropped there was lost:
+    # the daemon went on running until a second SIGTERM or systemd's SIGKILL.
+    daemon, _ = _stdin_daemon(tmp_path)
+    try:
+        storm = subprocess.run([sys.executable, "-c", _STORM_WITH_STOP, str(daemon.proc.pid)],
+                               capture_output=True, text=True, timeout=120)
+        assert int(storm.stdout) > 1_000, storm
+        try:
+            code = daemon.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"one SIGTERM during a storm of SIGHUPs did not stop the daemon:\n{daemon.stderr}")
+        assert code == 0, daemon.stderr[-2000:]  # not killed by a SIGHUP arriving as it stopped
+    finally:
+        daemon.kill()
+
+
 @pytest.fixture
 def own_vmic():
     """A virtual microphone of this test's own, so freezing it stops no other test's audio."""

@@ -27,6 +27,7 @@ from .outbox import Outbox
 from .remote import RemoteFinals
 from .server import Server, ServerError, quiet_accept_failures
 from .session import LiveSession
+from .signals import SignalRelay
 from .worker import AsrWorker, gate_queue
 from .supervisor import CaptureSupervisor
 from .tasks import spawn
@@ -247,14 +248,7 @@ class Service:
             self.outbox.log.start()
         # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
         main = threading.current_thread() is threading.main_thread()
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if main else ()
-        for sig in signals:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        if signals:
-            # asyncio's wakeup socket warns when it is full, and Python queues that warning from inside
-            # the signal handler: under a storm of SIGHUPs a signal arriving there deadlocked the
-            # daemon (SIGTERM ignored, only SIGKILL ended it), and each full write logged a traceback.
-            signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
+        signals = SignalRelay(loop, self._on_signal, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) if main else None
         try:
             if self.server is not None:
                 await self.server.start()
@@ -292,12 +286,11 @@ class Service:
             return self.exit_code
         finally:
             await self._shutdown()
-            for sig in signals:
-                loop.remove_signal_handler(sig)  # puts back the default action: death
+            if signals is not None:
                 # A reload or a stop racing the end (systemctl reload; a SIGTERM as a file source ended,
                 # which under load killed the stopped daemon with -15) must not kill a daemon that
                 # stopped cleanly; its exit is bounded (_arm_exit_bound).
-                signal.signal(sig, signal.SIG_IGN)
+                signals.close()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if sig == signal.SIGHUP:
