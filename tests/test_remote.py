@@ -222,6 +222,11 @@ def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_ou
                  segments=[{"start": 0, "end": 0.4, "text": "a b."}, {"start": 0.5, "end": 1.0, "text": "Hmm."},
                            {"start": 2.5, "end": 2.6, "text": "c"}])
     assert parse_transcript(hmm, 2.0, 0.3, "en").text == "a b. Hmm."
+    # OpenAI's words carry no punctuation; a segment cut short keeps its own text's (it was joined words).
+    said = answer(text="Well, yes. No, thanks.", words=[{"word": w, "start": a, "end": a + 0.3} for w, a in
+                                                        (("Well", 0.0), ("yes", 0.4), ("No", 0.8), ("thanks", 2.5))],
+                  segments=[{"start": 0, "end": 2.8, "text": " Well, yes. No, thanks."}])
+    assert parse_transcript(said, 2.0, 0.3, "en").text == "Well, yes. No,"
     # Segments that say nothing (no text key): the answer's text stands.
     bare = parse_transcript(b'{"text": "hello world", "segments": [{"start": 0, "end": 1}]}', 2.0, 0.3, "en")
     assert bare.text == "hello world"

@@ -336,9 +336,24 @@ def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
             out.append(seg)
         else:
             mine = seg.words[:n]
-            out.append(dataclasses.replace(seg, end=mine[-1].end, text=" ".join(w.word for w in mine), words=mine))
+            out.append(dataclasses.replace(seg, end=mine[-1].end, text=_said_through(seg.text, mine), words=mine))
         n -= len(seg.words)
     return out
+
+
+def _said_through(text: str, words: Sequence[Word]) -> str:
+    """The start of `text` through `words` (found in it in order) and the punctuation on the last of
+    them; the words joined where one is not found. An inference server's words carry no punctuation
+    (OpenAI's), so joining them dropped every comma and full stop of a cut segment."""
+    at = 0
+    for w in words:
+        found = text.find(w.word, at)
+        if found < 0:
+            return " ".join(w.word for w in words)
+        at = found + len(w.word)
+    while at < len(text) and not text[at].isspace() and not text[at].isalnum():
+        at += 1
+    return text[:at].strip()
 
 
 def _words(words: list[Any]) -> tuple[Word, ...]:

@@ -242,7 +242,7 @@ def parse_transcript(body: bytes, audio_seconds: float, decode_seconds: float, l
 
 def _before(segments: list[Segment], heard: int, end: float) -> list[Segment]:
     """The segments holding the first `heard` of their words, and those without words begun before `end`.
-    A segment cut short says only its words (OpenAI's carry no punctuation)."""
+    A segment cut short says its own text through its last word kept (engine.kept)."""
     out = []
     for seg in segments:
         if not seg.words:
