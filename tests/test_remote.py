@@ -227,6 +227,12 @@ def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_ou
                                                         (("Well", 0.0), ("yes", 0.4), ("No", 0.8), ("thanks", 2.5))],
                   segments=[{"start": 0, "end": 2.8, "text": " Well, yes. No, thanks."}])
     assert parse_transcript(said, 2.0, 0.3, "en").text == "Well, yes. No,"
+    # and a loop cut from the middle of one keeps the punctuation around it
+    loop = answer(text="Thank you, thank you, thank you. Bye.",
+                  words=[{"word": w, "start": i * 0.3, "end": i * 0.3 + 0.3}
+                         for i, w in enumerate(("Thank", "you", "thank", "you", "thank", "you", "Bye"))],
+                  segments=[{"start": 0, "end": 2.1, "text": " Thank you, thank you, thank you. Bye."}])
+    assert parse_transcript(loop, 2.8, 0.3, "en").without(2, 6).text == "Thank you, Bye."
     # Segments that say nothing (no text key): the answer's text stands.
     bare = parse_transcript(b'{"text": "hello world", "segments": [{"start": 0, "end": 1}]}', 2.0, 0.3, "en")
     assert bare.text == "hello world"

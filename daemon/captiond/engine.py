@@ -97,7 +97,7 @@ class Transcript:
             elif left := seg.words[:lo] + seg.words[hi:]:
                 segments.append(dataclasses.replace(seg, start=seg.start if lo else left[0].start,
                                                     end=left[-1].end if hi == len(seg.words) else seg.end,
-                                                    text=" ".join(w.word for w in left), words=left))
+                                                    text=_said_without(seg.text, seg.words, lo, hi), words=left))
         dropped = tuple(w.word for w in self.words[first:end])
         return dataclasses.replace(self, text=joined(seg.text for seg in segments), segments=tuple(segments),
                                    unheard=self.unheard + dropped)
@@ -327,7 +327,7 @@ def _heard(segments: list[Any], seconds: float, rules: TextRules) -> tuple[list[
 
 
 def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
-    """The segments holding the first n of their words; a segment cut short says only its words."""
+    """The segments holding the first n of their words; a segment cut short says its own text through them."""
     out = []
     for seg in segments:
         if n <= 0:
@@ -336,24 +336,31 @@ def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
             out.append(seg)
         else:
             mine = seg.words[:n]
-            out.append(dataclasses.replace(seg, end=mine[-1].end, text=_said_through(seg.text, mine), words=mine))
+            text = _said_without(seg.text, seg.words, n, len(seg.words))
+            out.append(dataclasses.replace(seg, end=mine[-1].end, text=text, words=mine))
         n -= len(seg.words)
     return out
 
 
-def _said_through(text: str, words: Sequence[Word]) -> str:
-    """The start of `text` through `words` (found in it in order) and the punctuation on the last of
-    them; the words joined where one is not found. An inference server's words carry no punctuation
-    (OpenAI's), so joining them dropped every comma and full stop of a cut segment."""
-    at = 0
+def _said_without(text: str, words: Sequence[Word], lo: int, hi: int) -> str:
+    """`text` less what it says of words[lo:hi], the punctuation on words[lo - 1] kept; the words left
+    joined where one of them is not found in it, in order. An inference server's words carry no
+    punctuation (OpenAI's), so a segment rebuilt from them lost every comma and full stop."""
+    spans, at = [], 0
     for w in words:
         found = text.find(w.word, at)
         if found < 0:
-            return " ".join(w.word for w in words)
+            return " ".join(w.word for w in (*words[:lo], *words[hi:]))
         at = found + len(w.word)
-    while at < len(text) and not text[at].isspace() and not text[at].isalnum():
-        at += 1
-    return text[:at].strip()
+        spans.append((found, at))
+    before = ""
+    if lo:
+        end = spans[lo - 1][1]
+        while end < len(text) and not text[end].isspace() and not text[end].isalnum():
+            end += 1
+        before = text[:end].strip()
+    after = text[spans[hi][0]:].strip() if hi < len(words) else ""
+    return f"{before} {after}".strip()
 
 
 def _words(words: list[Any]) -> tuple[Word, ...]:
