@@ -298,12 +298,26 @@ def test_a_context_text_the_decoder_cannot_take_is_refused_and_the_daemon_lives(
 
 _STORM = """
 import os, signal, sys, time
-pid, sent, began = int(sys.argv[1]), 0, time.monotonic()
+pid, stop_at = int(sys.argv[1]), float(sys.argv[2])  # stop_at: when to send one SIGTERM (s; inf: none)
+sent, began = 0, time.monotonic()
 while time.monotonic() - began < 3:
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+        if time.monotonic() - began > stop_at:
+            os.kill(pid, signal.SIGTERM)
+            stop_at = float("inf")
+    except ProcessLookupError:
+        break  # it stopped
     sent += 1
 print(sent)
 """
+
+
+def _storm(daemon: Daemon, stop_at: float = float("inf")) -> int:
+    """SIGHUPs at the daemon as fast as a process can send them for 3 s (one SIGTERM at `stop_at`); how many."""
+    storm = subprocess.run([sys.executable, "-c", _STORM, str(daemon.proc.pid), str(stop_at)], capture_output=True,
+                           text=True, timeout=120)
+    return int(storm.stdout)
 
 
 def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_path):
@@ -312,9 +326,7 @@ def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_pat
     # warning deadlocked the daemon (2 of 5 storms: no answers, SIGTERM ignored, only SIGKILL).
     daemon, events = _stdin_daemon(tmp_path)
     try:
-        storm = subprocess.run([sys.executable, "-c", _STORM, str(daemon.proc.pid)], capture_output=True,
-                               text=True, timeout=120)
-        assert int(storm.stdout) > 10_000, storm  # far more than the socket holds (a few hundred)
+        assert _storm(daemon) > 10_000  # far more than the socket holds (a few hundred)
         events.client.send({"cmd": "ping"})
         events.wait_for(lambda e: e["type"] == "pong", timeout=60)
         assert daemon.stop(60) == 0
@@ -323,30 +335,12 @@ def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_pat
         daemon.kill()
 
 
-_STORM_WITH_STOP = """
-import os, signal, sys, time
-pid, sent, began, stopped = int(sys.argv[1]), 0, time.monotonic(), False
-while time.monotonic() - began < 3:
-    try:
-        os.kill(pid, signal.SIGHUP)
-        if not stopped and time.monotonic() - began > 1:
-            os.kill(pid, signal.SIGTERM)
-            stopped = True
-    except ProcessLookupError:
-        break  # it stopped
-    sent += 1
-print(sent)
-"""
-
-
 def test_one_sigterm_sent_during_a_storm_of_sighups_stops_the_daemon(tmp_path):
     # The wakeup socket is full during a storm, and a stop signal whose byte was dropped there was lost:
     # the daemon went on running until a second SIGTERM or systemd's SIGKILL.
     daemon, _ = _stdin_daemon(tmp_path)
     try:
-        storm = subprocess.run([sys.executable, "-c", _STORM_WITH_STOP, str(daemon.proc.pid)],
-                               capture_output=True, text=True, timeout=120)
-        assert int(storm.stdout) > 1_000, storm
+        assert _storm(daemon, stop_at=1) > 1_000
         try:
             code = daemon.proc.wait(60)
         except subprocess.TimeoutExpired:

@@ -349,7 +349,7 @@ class AsrWorker:
         (60 s of it took 2.3-2.5 s at beam 5 on two threads here, more on one or under load)."""
         audio, prompt = stream.whole(audio_end) if whole else (stream.audio(until=audio_end), stream.prompt)
         prompt = prompt if prompted else ""
-        name = "retry" if full or not prompted else "bound" if bound else f"whole {kind}" if whole else kind
+        name = "retry" if full else "bound" if bound else f"whole {kind}" if whole else kind
         decode = functools.partial(
             self._decode, name, audio, beam_size=1 if self._stopping else self._cfg.beam_size, words=True,
             prompt=prompt, prefix=stream.prefix if bound else "", window=None if full else self._final_window,
