@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transcribe files with the daemon's gate and model. Any format PyAV (FFmpeg) decodes. "
         "Several files as json print one JSON object per line; several as srt or vtt need --output-dir. "
         "A file that cannot be decoded is reported and skipped; the exit status is then 1.")
-    transcribe.add_argument("files", nargs="+", metavar="FILE")
+    transcribe.add_argument("files", nargs="+", metavar="FILE", help="an audio or video file (several may be given)")
     transcribe.add_argument("--format", choices=("txt", "srt", "vtt", "json"), default="txt",
                             help="output format (default: txt)")
     transcribe.add_argument("--output-dir", metavar="DIR", help="write FILE-stem.FORMAT files here instead of stdout")

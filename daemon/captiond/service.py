@@ -25,7 +25,7 @@ from .health import Health, State, Watchdog, sd_notify
 from .models import ModelError, check_asr
 from .outbox import Outbox
 from .remote import RemoteFinals
-from .server import Server, ServerError, quiet_accept_failures
+from .server import Occasional, Server, ServerError, quiet_accept_failures
 from .session import LiveSession
 from .signals import SignalRelay
 from .worker import AsrWorker, gate_queue
@@ -77,6 +77,8 @@ class Service:
         self._reload = reload
         self._reloading: asyncio.Task | None = None
         self._reload_again = False  # a SIGHUP came while the config was being read
+        # A storm of SIGHUPs re-read an unchanged file ~350 times a second, each saying so in the log.
+        self._say_unchanged = Occasional(every_s=1.0)
         self.source = source
         self.engine = engine
         self.server = server
@@ -359,7 +361,7 @@ class Service:
         if change.later:
             log.warning("SIGHUP: %s changed but take(s) effect only after a restart (systemctl restart captiond)",
                         ", ".join(change.later))
-        if not change.applied and not change.later:
+        if not change.applied and not change.later and self._say_unchanged():
             log.info("SIGHUP: config re-read, nothing changed")
 
     def _reopen_log(self, config: Config) -> None:
