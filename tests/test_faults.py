@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,6 +334,35 @@ def test_a_storm_of_sighups_neither_wedges_the_daemon_nor_floods_its_log(tmp_pat
         assert "signal wakeup fd" not in daemon.stderr and "Traceback" not in daemon.stderr, daemon.stderr[-2000:]
         # Re-reads of the unchanged file are said at most once a second (they were ~350 lines a second).
         assert 1 <= daemon.stderr.count("nothing changed") <= 10, daemon.stderr[-2000:]
+    finally:
+        daemon.kill()
+
+
+def _open_to(pid: int, signals: tuple[int, ...]) -> list[str]:
+    """The threads of a process that do not block every one of `signals`."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        if any(not blocked >> (s - 1) & 1 for s in signals):
+            found.append(f"{task.name} ({(task / 'comm').read_text().strip()})")
+    return found
+
+
+def test_stop_and_reload_signals_reach_one_thread_of_the_daemon_and_not_its_model_or_audio_threads(tmp_path):
+    # An attack run: a storm of SIGHUPs while speech was decoded crashed the daemon (glibc "corrupted size
+    # vs. prev_size", SIGSEGV) in 8 of 18 storms: the handler ran on whichever thread the kernel picked,
+    # the model's and the audio's native threads too. Now they are blocked in all of them.
+    daemon, events = _stdin_daemon(tmp_path)
+    try:
+        daemon.proc.stdin.write(SPEECH.tobytes())
+        daemon.proc.stdin.flush()
+        final = events.wait_for(lambda e: e["type"] == "final", timeout=120)  # the decoder's threads ran
+        assert final["text"]
+        threads = len(list(Path(f"/proc/{daemon.proc.pid}/task").iterdir()))
+        open_to = _open_to(daemon.proc.pid, (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
+        assert len(open_to) == 1 and threads > 4, (threads, open_to)  # the one taking them (sigwait)
+        assert daemon.stop(60) == 0
     finally:
         daemon.kill()
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .events import one_line
 from .frames import FRAME_SAMPLES, SAMPLE_RATE, FrameAssembler, FrameRing
+from .signals import UNHOLD
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def pick_device(devices: list[InputDevice], wanted: str) -> InputDevice:
 
 # A child's look for a device (MicSource.present), on this process's module path (the same captiond
 # whatever installed it); exit 3 is "not there", anything else a look that failed.
-_PROBE = ("import sys\nfrom captiond.capture import CaptureError, MicSource\ntry:\n"
+_PROBE = (UNHOLD + "import sys\nfrom captiond.capture import CaptureError, MicSource\ntry:\n"
           "    MicSource(sys.argv[1]).find()\nexcept CaptureError:\n    sys.exit(3)")
 _ABSENT = 3
 PROBE_S = 15.0

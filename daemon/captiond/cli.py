@@ -129,9 +129,11 @@ def raise_open_files_limit() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT (or the end of a file/stdin source)."""
-    # A reload (SIGHUP) before the service's handler is in place would kill the daemon it asks to
-    # re-read its config: `systemctl reload` just after a start.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from .signals import hold
+
+    # A reload (SIGHUP) before the service's relay is in place killed the daemon it asked to re-read
+    # its config (`systemctl reload` just after a start), and a stop then ended it with -15.
+    hold()
     import asyncio  # here: `captiond ptt`, run on a key press, starts faster without it
 
     from .capture import CaptureError, make_source, portaudio_idle

@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import GateConfig
 from .frames import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, Frame, int16_to_float
+from .signals import UNHOLD
 
 # webrtcvad says "voiced" to anything periodic or broadband (hum, fans, tones, click trains).
 # Speech differs in two ways a log-mel spectrogram shows cheaply: its band energies move
@@ -43,7 +44,7 @@ class Features:
     """Longest run of hops whose energy is within 12 dB of the stretch's peak, ms."""
 
 
-_MEL_PROGRAM = f"""
+_MEL_PROGRAM = UNHOLD + f"""
 import sys, librosa, numpy as np
 basis = librosa.filters.mel(sr={SAMPLE_RATE}, n_fft={_N_FFT}, n_mels={_N_MELS}, fmin=80, fmax=7600)
 lpad = ({_N_FFT} - {_WIN}) // 2  # centred in the FFT frame, as librosa's stft does

@@ -244,13 +244,14 @@ class Service:
     async def run(self) -> int:
         """Start everything, run until the source ends or a signal arrives, shut down; return the exit code."""
         loop = self._loop = asyncio.get_running_loop()
+        # Before any thread of ours starts: each inherits the relay's blocked signals. A service embedded
+        # elsewhere (not in the main thread) is stopped with stop().
+        main = threading.current_thread() is threading.main_thread()
+        signals = SignalRelay(loop, self._on_signal) if main else None
         quiet_accept_failures(loop)
         sd_notify(f"STATUS={self.health.state.value}")  # systemctl status says it while the model loads
         if self.outbox.log is not None:
             self.outbox.log.start()
-        # Signals reach only the main thread; a service embedded elsewhere is stopped with stop().
-        main = threading.current_thread() is threading.main_thread()
-        signals = SignalRelay(loop, self._on_signal, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) if main else None
         try:
             if self.server is not None:
                 await self.server.start()

@@ -3,59 +3,76 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-import socket
+import threading
 from typing import Callable
+
+STOP_AND_RELOAD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+UNHOLD = "import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))\n"
+"""The first line of a Python child's program: it inherits the daemon's held signals, and a child that
+ignored SIGTERM would hold up a stop."""
+
+
+def hold() -> None:
+    """Keep the stop and reload signals pending, in this thread and every thread it starts, until a
+    SignalRelay takes them: one sent while the daemon starts neither kills it nor is lost."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD)
 
 
 class SignalRelay:
-    """Calls `on_signal(sig)` on the event loop for each of `signals`; from close() on they are ignored.
+    """Calls `on_signal(sig)` on the event loop for each stop or reload signal; from close() on they are
+    ignored. Made in the main thread before it starts any other (or after hold()).
 
-    Not asyncio's add_signal_handler: it learns which signal came from the byte the signal wrote to its
-    wakeup socket, so a SIGTERM whose byte found the socket full (a storm of SIGHUPs) was lost, and
-    removing a handler put back the default action (death) until the daemon could ignore it. Here
-    Python's handler notes the signal and the byte only wakes the loop, which any byte does. The
-    handler does no more than that: Python runs a handler again inside itself when a signal arrives
-    there, and one that scheduled a callback overflowed the stack in a storm.
+    The signals are blocked in every thread, and a thread of the relay's own takes them with sigwait.
+    A handler runs on whichever thread the kernel picks: a storm of SIGHUPs during speech, landing on
+    the model's and the audio's native threads, crashed the daemon (glibc "corrupted size vs.
+    prev_size", SIGSEGV: 8 of 18 storms; none of 13 with the signals blocked outside the main thread).
+    asyncio's add_signal_handler, before that, learnt which signal came from a byte that a full wakeup
+    socket dropped (a SIGTERM lost in a storm). A blocked signal is pending once however often it is
+    sent, so a storm reaches the loop as a callback now and then, and a SIGTERM in it as its own.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[signal.Signals], None],
-                 signals: tuple[signal.Signals, ...]) -> None:
-        self._on_signal, self._signals = on_signal, signals
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[signal.Signals], None]) -> None:
+        self._loop, self._on_signal = loop, on_signal
+        self._lock = threading.Lock()
         self._tripped: set[int] = set()
-        self._loop = loop
-        self._wake, self._waker = socket.socketpair()
-        for end in (self._wake, self._waker):
-            end.setblocking(False)
-        loop.add_reader(self._wake.fileno(), self._drain)
-        # A full socket must not warn: Python queued that warning from inside the signal handler, and a
-        # signal arriving there deadlocked the daemon (SIGTERM ignored, only SIGKILL ended it).
-        self._before = signal.set_wakeup_fd(self._waker.fileno(), warn_on_full_buffer=False)
-        for sig in signals:
-            signal.signal(sig, self._handle)
-            signal.siginterrupt(sig, False)  # the audio and model threads' system calls go on
+        self._closed = False
+        self._before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_AND_RELOAD)
+        self._thread = threading.Thread(target=self._take, name="signals", daemon=True)
+        self._thread.start()
 
-    def _handle(self, signum: int, _frame: object) -> None:
-        self._tripped.add(signum)
+    def _take(self) -> None:
+        while True:
+            sig = signal.sigwait(STOP_AND_RELOAD)
+            with self._lock:
+                if self._closed:
+                    return
+                first = not self._tripped
+                self._tripped.add(sig)
+            if first:
+                try:
+                    self._loop.call_soon_threadsafe(self._relay)
+                except RuntimeError:  # the loop is closed: nobody to tell
+                    return
 
-    def _drain(self) -> None:
-        # A signal whose byte was dropped came while the socket was full, so before the first read
-        # here: its handler has run by the time the reads are done.
-        try:
-            while self._wake.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        for sig in self._signals:
-            if sig in self._tripped:
-                self._tripped.discard(sig)
+    def _relay(self) -> None:
+        with self._lock:
+            tripped, self._tripped = self._tripped, set()
+            if self._closed:
+                return
+        for sig in STOP_AND_RELOAD:  # a stop before a reload that came with it
+            if sig in tripped:
                 self._on_signal(sig)
 
     def close(self) -> None:
         """Ignore the signals from now on: one racing a clean stop must not kill the stopped daemon."""
-        for sig in self._signals:
+        with self._lock:
+            self._closed = True
+        for sig in STOP_AND_RELOAD:
             signal.signal(sig, signal.SIG_IGN)
-        signal.set_wakeup_fd(self._before)
-        self._loop.remove_reader(self._wake.fileno())
-        self._wake.close()
-        self._waker.close()
+        if self._thread.is_alive():
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                signal.pthread_kill(self._thread.ident, signal.SIGHUP)  # ends its sigwait
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._before)
