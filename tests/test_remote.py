@@ -518,9 +518,11 @@ def test_the_worker_takes_its_finals_from_the_final_decoder_and_never_binds_a_se
     assert final.text == "something else entirely" and "unbound" in final.flags
 
 
-def test_a_server_that_hears_nothing_where_the_partials_heard_words_costs_no_final():
+@pytest.mark.parametrize("partials", [True, False])
+def test_a_server_that_hears_nothing_where_the_partials_heard_words_or_none_ran_costs_no_final(partials):
     # An attack run's server answered {"text": ""}: 3.3 s of clear speech gave an empty final, with no
-    # fallback and the server counted healthy.
+    # fallback and the server counted healthy; the next attack found it again where no partial was
+    # decoded (every subscriber wanting finals only, as `captiond type` does).
     class Deaf:
         def __init__(self):
             self.asked = 0
@@ -536,8 +538,8 @@ def test_a_server_that_hears_nothing_where_the_partials_heard_words_costs_no_fin
         published = []
         queue = asyncio.Queue(maxsize=10000)
         engine = Engine(local)
-        worker = AsrWorker(engine, AsrConfig(partial_interval_s=0.4, early_final=False), queue, published.append,
-                           finals=deaf)
+        worker = AsrWorker(engine, AsrConfig(partial_interval_s=0.4, early_final=False, partials=partials), queue,
+                           published.append, finals=deaf)
         task = asyncio.create_task(worker.run())
         for item in utterance(1, 0, 6.0):
             await worker.put(item)
@@ -547,7 +549,9 @@ def test_a_server_that_hears_nothing_where_the_partials_heard_words_costs_no_fin
         engine.close()
         return published
 
-    final = [e for e in asyncio.run(main()) if e.type == "final"][0]
+    published = asyncio.run(main())
+    final = [e for e in published if e.type == "final"][0]
+    assert any(e.type == "partial" for e in published) == partials
     assert deaf.asked == 1 and "fallback" in final.flags
     assert final.text == "one two three four five six seven eight"
 

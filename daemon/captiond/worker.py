@@ -366,12 +366,13 @@ class AsrWorker:
                                 stream.utt, name)
         if t is None:
             t = await decode()
-        if t.origin == "remote" and not t.text and (stream.stable or stream.words.pending):
-            # A server that hears nothing where the partials heard words is wrong (or lying): an attack
-            # run's answered {"text": ""} and blanked every final. It stays up (no backoff): one empty
-            # answer may be right, and the next final asks it again.
-            self._log.info("utterance %d: the server heard no words where the partials did; this final "
-                           "is decoded here", stream.utt)
+        if t.origin == "remote" and not t.text and (stream.stable or stream.words.pending or not stream.rev):
+            # A server that hears nothing where the partials heard words, or where none was decoded (nobody
+            # watched them, or the worker was behind), is checked here: an attack run's answered
+            # {"text": ""} and blanked every final. It stays up (no backoff): one empty answer may be
+            # right, and the next final asks it again.
+            self._log.info("utterance %d: the server heard no words where the partials did or none was "
+                           "decoded; this final is decoded here", stream.utt)
             t = replace(await decode(on=self._engine), origin="fallback")
         return t
 
