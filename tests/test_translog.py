@@ -26,9 +26,24 @@ def test_rotation_keeps_the_configured_number_of_backups(tmp_path):
         assert log.write(final(i, "x" * 40), 1_700_000_000.0)
     assert path.with_name("t.log.1").exists() and path.with_name("t.log.2").exists()
     assert not path.with_name("t.log.3").exists()
-    assert path.with_name("t.log.1").stat().st_size >= 1024
-    last = path.read_text().splitlines() or path.with_name("t.log.1").read_text().splitlines()
-    assert last[-1].split("\t")[1] == "199"
+    line = len(TranscriptLog.format(final(199, "x" * 40), 1_700_000_000.0))
+    assert 1024 - line < path.with_name("t.log.1").stat().st_size <= 1024  # full: the next line did not fit
+    assert path.read_text().splitlines()[-1].split("\t")[1] == "199"
+
+
+def test_with_no_backups_the_final_just_written_stays_in_the_log(tmp_path):
+    # An attack run: the final that took the file past log.max_bytes was written, then the file deleted
+    # (rotating with no backups), so 6 of 100 finals clients were sent were in no log.
+    path = tmp_path / "t.log"
+    log = TranscriptLog(path, 300, 0)
+    for i in range(100):
+        assert log.write(final(i, "x" * 40), 1_700_000_000.0)
+        assert path.read_text().splitlines()[-1].split("\t")[1] == str(i)
+        assert path.stat().st_size <= 300
+    assert not path.with_name("t.log.1").exists()
+    big = "y" * 400  # longer than the whole file may be: alone in it, not lost
+    assert log.write(final(100, big), 1_700_000_000.0)
+    assert path.read_text().splitlines() == [TranscriptLog.format(final(100, big), 1_700_000_000.0).rstrip("\n")]
 
 
 def test_a_new_log_and_each_rotated_one_are_the_owners_alone_whatever_the_umask(tmp_path):

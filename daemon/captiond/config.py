@@ -325,7 +325,7 @@ class LogConfig:
     path: str = ""
     """Transcript log file; empty picks $LOGS_DIRECTORY/transcript.log under systemd, else /var/log/captiond/transcript.log for root without $XDG_RUNTIME_DIR, else $XDG_STATE_HOME/captiond/transcript.log."""
     max_bytes: int = 10_000_000
-    """Size at which the log is rotated, in bytes."""
+    """Most a log file holds, in bytes: it is rotated before a line that would take it past this."""
     backups: int = 5
     """Rotated logs kept (transcript.log.1 … .N)."""
 

@@ -111,26 +111,33 @@ class TranscriptLog:
         is not written stays, `error` says why)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            while self._append() >= self._max_bytes:
+            while not self._append():
                 if not self._rotate():
                     return False
-                if not self._backlog:
-                    break
         except OSError as exc:
             self.error = f"cannot write transcript log {self.path}: {exc.strerror or exc}"
             return False
         self.error = None
         return True
 
-    def _append(self) -> int:
-        """Append backlog lines while the file is under max_bytes; its size after."""
+    def _append(self) -> bool:
+        """Append the backlog's lines that fit in max_bytes (one longer than that goes alone into an
+        empty file); True when all did.
+
+        The file is rotated before a line that does not fit, not after the line that filled it: with
+        log.backups = 0 rotating deletes the file, and that took the final just written (and sent to
+        clients) with it. A file that could not be rotated takes no more: its lines wait in the
+        bounded backlog."""
         fd = _open_append(self.path)
         try:
-            # A file that could not be rotated takes no more: its lines wait in the bounded backlog.
-            while self._backlog and os.fstat(fd).st_size < self._max_bytes:
-                _append_whole(fd, self._backlog[0].encode("utf-8"))
+            while self._backlog:
+                line = self._backlog[0].encode("utf-8")
+                size = os.fstat(fd).st_size
+                if size and size + len(line) > self._max_bytes:
+                    return False
+                _append_whole(fd, line)
                 self._backlog.popleft()
-            return os.fstat(fd).st_size
+            return True
         finally:
             os.close(fd)
 
