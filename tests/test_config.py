@@ -276,3 +276,21 @@ def test_an_error_quotes_a_huge_name_or_value_clipped(data):
         cfgmod.from_dict(data)
     said = str(err.value)
     assert len(said) < 1000 and "…" in said
+
+
+def test_a_reload_reads_the_file_once_it_has_settled_and_refuses_an_empty_one(tmp_path, monkeypatch):
+    # An attack run: a SIGHUP that caught an editor's in-place save half done read an empty file, valid
+    # TOML with every key at its default: a transcript log the user had turned off was written again.
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    assert load(path)[0] == Config()  # at start, an empty file is the defaults, as ever
+    with pytest.raises(ConfigError, match="empty"):
+        load(path, settle_s=0.01)
+    path.write_text("[log]\n")  # the save under way when the reload reads it ...
+    saves = iter(["[log]\nenabled = false\n"])  # ... and done by the next read
+    monkeypatch.setattr(cfgmod.time, "sleep", lambda s: path.write_text(next(saves, path.read_text())))
+    assert load(path, settle_s=0.01)[0].log.enabled is False
+    edits = iter(range(1000))  # one that never stays the same is refused, not read half written
+    monkeypatch.setattr(cfgmod.time, "sleep", lambda s: path.write_text(f"# edit {next(edits)}\n[log]\n"))
+    with pytest.raises(ConfigError, match="changed each time"):
+        load(path, settle_s=0.01)

@@ -103,13 +103,14 @@ def _write_whole(target: Path, text: str) -> None:
         raise
 
 
-def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    return load(args.config, args.set or [])
+def _config(args: argparse.Namespace, settle_s: float = 0.0) -> tuple[Config, Path | None]:
+    return load(args.config, args.set or [], settle_s)
 
 
 # --- run ---------------------------------------------------------------------------------------
 
 _OPEN_FILES = 1 << 16
+_RELOAD_SETTLE_S = 0.1  # a config file read on SIGHUP must stay the same this long
 
 
 def raise_open_files_limit() -> None:
@@ -168,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
                         keep_finals=cfg.keep_finals, max_clients=cfg.max_clients)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
-                          reload=lambda: _config(args)[0], stop_bound_s=STOP_BOUND_S)
+                          reload=lambda: _config(args, settle_s=_RELOAD_SETTLE_S)[0], stop_bound_s=STOP_BOUND_S)
         return await service.run()
 
     try:

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -595,11 +596,30 @@ def default_config_paths() -> list[Path]:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+_SETTLE_TRIES = 20
 """The longest config file read: a 200 MB one (all comments) took seconds and half a gigabyte to parse."""
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tuple[Config, Path | None]:
-    """Load the config from `path` (or the default places) and apply --set overrides."""
+def _read_settled(path: Path, settle_s: float) -> bytes:
+    """The file's bytes once two reads `settle_s` apart agree: a SIGHUP caught an editor's in-place save
+    half done, and a file cut short there (empty, or whole tables missing) is valid TOML whose missing
+    keys are defaults (a transcript log the user had turned off was written again)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    for _ in range(_SETTLE_TRIES):
+        time.sleep(settle_s)
+        with open(path, "rb") as fh:
+            again = fh.read(MAX_CONFIG_BYTES + 1)
+        if again == raw:
+            return raw
+        raw = again
+    raise ConfigError(f"{path}: changed each time it was read; send SIGHUP again once it is saved")
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] = (),
+         settle_s: float = 0.0) -> tuple[Config, Path | None]:
+    """Load the config from `path` (or the default places) and apply --set overrides; with `settle_s`
+    (a reload), only a file that stays the same that long and is not empty."""
     if path is not None:
         chosen: Path | None = Path(path)
         if chosen.is_dir():
@@ -616,10 +636,16 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> tu
     data: dict = {}
     if chosen is not None:
         try:
-            with open(chosen, "rb") as fh:
-                raw = fh.read(MAX_CONFIG_BYTES + 1)
+            if settle_s:
+                raw = _read_settled(chosen, settle_s)
+            else:
+                with open(chosen, "rb") as fh:
+                    raw = fh.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
+        if settle_s and not raw.strip():
+            raise ConfigError(f"{chosen}: empty (read while it was being saved?); to reload the defaults, "
+                              "leave a comment in it")
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{chosen}: more than {MAX_CONFIG_BYTES >> 20} MiB; a config file is a few "
                               "kilobytes (is this the right file?)")
