@@ -233,6 +233,20 @@ def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_ou
                          for i, w in enumerate(("Thank", "you", "thank", "you", "thank", "you", "Bye"))],
                   segments=[{"start": 0, "end": 2.1, "text": " Thank you, thank you, thank you. Bye."}])
     assert parse_transcript(loop, 2.8, 0.3, "en").without(2, 6).text == "Thank you, Bye."
+    # A server's words may not be its text's (an attack run's answers): a curly apostrophe, numbers
+    # written out, a word left out, one said twice, a word inside a longer one. The text stands, cut
+    # after the last word kept; it was rebuilt from the bare words ("I don't know really").
+    for text, listed in (("I don\u2019t know, really. Thanks.", "I don't know really Thanks"),
+                         ("It costs $5, I think. Thanks.", "It costs five dollars I think Thanks"),
+                         ("One, two, three, four. Thanks.", "One two four Thanks"),
+                         ("The cat sat on it. Thanks.", "The cat cat sat on it Thanks"),
+                         ("Hello, cathedral cat, it. Thanks.", "Hello cat it Thanks"),
+                         ("\u4eca\u65e5\u306f\u3001\u6674\u308c\u3002 Thanks.", "\u4eca\u65e5 \u306f \u6674\u308c Thanks")):
+        late = [{"word": w, "start": i * 0.2, "end": i * 0.2 + 0.2} for i, w in enumerate(listed.split()[:-1])]
+        late.append({"word": "Thanks", "start": 2.5, "end": 2.7})  # after the audio: cut
+        cut = parse_transcript(answer(text=text, words=late, segments=[{"start": 0, "end": 2.7, "text": text}]),
+                               2.0, 0.3, "en")
+        assert cut.text == text.removesuffix(" Thanks."), (text, cut.text)
     # Segments that say nothing (no text key): the answer's text stands.
     bare = parse_transcript(b'{"text": "hello world", "segments": [{"start": 0, "end": 1}]}', 2.0, 0.3, "en")
     assert bare.text == "hello world"

@@ -342,24 +342,56 @@ def kept(segments: Iterable[Segment], n: int) -> list[Segment]:
     return out
 
 
+_FOLD = str.maketrans("\u2018\u2019\u02bc\u201c\u201d", "\'\'\'\"\"")
+
+
+def _fold(text: str) -> str:
+    """The text as words are looked for in it: curly quotes straight, lower case (where that keeps its length)."""
+    text = text.translate(_FOLD)
+    lower = text.lower()
+    return lower if len(lower) == len(text) else text
+
+
+def _find_word(text: str, word: str, at: int) -> int:
+    """Where `word` first stands alone in `text` from `at` on (not inside a longer word), else where it
+    first is at all (Chinese and Japanese put no space between words), or -1."""
+    first = found = text.find(word, at)
+    while found >= 0:
+        end = found + len(word)
+        if (found == 0 or not text[found - 1].isalnum() or not word[0].isalnum()) and \
+                (end == len(text) or not text[end].isalnum() or not word[-1].isalnum()):
+            return found
+        found = text.find(word, found + 1)
+    return first
+
+
 def _said_without(text: str, words: Sequence[Word], lo: int, hi: int) -> str:
     """`text` less what it says of words[lo:hi], the punctuation on words[lo - 1] kept; the words left
-    joined where one of them is not found in it, in order. An inference server's words carry no
-    punctuation (OpenAI's), so a segment rebuilt from them lost every comma and full stop."""
-    spans, at = [], 0
+    joined where the two words around the cut are not found in it, in order. An inference server's
+    words carry no punctuation (OpenAI's), so a segment rebuilt from them lost every comma and full
+    stop; and its words may differ from its text ("don't" for "don’t", "five dollars" for "$5", one
+    left out or said twice), so a word not found is passed over."""
+    folded = _fold(text)
+    spans: list[tuple[int, int] | None] = []
+    at = 0
     for w in words:
-        found = text.find(w.word, at)
+        word = _fold(w.word)
+        found = _find_word(folded, word, at) if word else -1
         if found < 0:
-            return " ".join(w.word for w in (*words[:lo], *words[hi:]))
-        at = found + len(w.word)
+            spans.append(None)
+            continue
+        at = found + len(word)
         spans.append((found, at))
+    first, last = (spans[lo - 1] if lo else (0, 0)), (spans[hi] if hi < len(words) else (len(text), len(text)))
+    if first is None or last is None:
+        return " ".join(w.word for w in (*words[:lo], *words[hi:]))
     before = ""
     if lo:
-        end = spans[lo - 1][1]
+        end = first[1]
         while end < len(text) and not text[end].isspace() and not text[end].isalnum():
             end += 1
         before = text[:end].strip()
-    after = text[spans[hi][0]:].strip() if hi < len(words) else ""
+    after = text[last[0]:].strip()
     return f"{before} {after}".strip()
 
 
