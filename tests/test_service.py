@@ -1,6 +1,7 @@
 """The service wired for real (socket, gate, worker, log) with a fake decoder and a pipe as the source."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -471,3 +472,30 @@ def test_a_stop_while_the_model_loads_never_says_ready(tmp_path, caplog):
     decoder.release.set()
     h.end()
     assert not any("ready in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stop_before_the_capture_began_ends_the_run_with_no_audio(tmp_path):
+    # A SIGTERM held while the daemon started (signals.hold) reaches the loop at its first turn, before the
+    # capture exists: the run then waited for a first audio that never came (to the stop bound: exit 1).
+    import asyncio
+
+    from captiond.capture import StdinSource
+    from captiond.engine import Engine
+    from captiond.server import Server
+    from captiond.service import Service
+
+    read_fd, write_fd = os.pipe()  # nothing is ever written: no first audio
+    codes = []
+
+    async def main():
+        service = Service(load(None, ["server.stats_interval_s=0"])[0], source=StdinSource(os.fdopen(read_fd, "rb")),
+                          engine=Engine(FakeDecoder()), server=Server(tmp_path / "s.sock"),
+                          translog=TranscriptLog(tmp_path / "t.log", 100_000, 1))
+        service.stop()
+        codes.append(await service.run())
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)  # not the main thread: no relay
+    thread.start()
+    thread.join(120)
+    os.close(write_fd)
+    assert codes == [0], "the run did not end"

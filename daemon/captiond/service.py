@@ -264,6 +264,8 @@ class Service:
             # start-up loses no audio. The gate takes frames only after its warm-up: a frame fed first
             # met a broken librosa as a traceback in the gate task, not as the one-line error.
             capture = self._spawn(self.supervisor.run(), "capture")
+            if self._stopping.is_set():  # a stop held while the daemon started (signals.hold) came first:
+                loop.call_soon(capture.cancel)  # once it has begun, so that its end ends the gate's feed
             asr = self._spawn(self.worker.run(), "asr-worker")
             self._spawn(self._stats_loop(self.config.server.stats_interval_s), "stats")
             log.info("loading model %s and warming up", self.config.asr.model)
