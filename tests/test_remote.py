@@ -241,7 +241,10 @@ def test_the_text_is_what_its_segments_say_and_words_after_the_audio_are_left_ou
                          ("One, two, three, four. Thanks.", "One two four Thanks"),
                          ("The cat sat on it. Thanks.", "The cat cat sat on it Thanks"),
                          ("Hello, cathedral cat, it. Thanks.", "Hello cat it Thanks"),
-                         ("\u4eca\u65e5\u306f\u3001\u6674\u308c\u3002 Thanks.", "\u4eca\u65e5 \u306f \u6674\u308c Thanks")):
+                         ("\u4eca\u65e5\u306f\u3001\u6674\u308c\u3002 Thanks.", "\u4eca\u65e5 \u306f \u6674\u308c Thanks"),
+                         # a word said twice: its first place, though only the second stands between punctuation
+                         ("\u6211\u4eec\u53bb\u5317\u4eac\u3002\u5317\u4eac\uff01 Thanks.",
+                          "\u6211\u4eec \u53bb \u5317\u4eac \u5317\u4eac Thanks")):
         late = [{"word": w, "start": i * 0.2, "end": i * 0.2 + 0.2} for i, w in enumerate(listed.split()[:-1])]
         late.append({"word": "Thanks", "start": 2.5, "end": 2.7})  # after the audio: cut
         cut = parse_transcript(answer(text=text, words=late, segments=[{"start": 0, "end": 2.7, "text": text}]),

@@ -103,8 +103,8 @@ def _write_whole(target: Path, text: str) -> None:
         raise
 
 
-def _config(args: argparse.Namespace, settle_s: float = 0.0) -> tuple[Config, Path | None]:
-    return load(args.config, args.set or [], settle_s)
+def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    return load(args.config, args.set or [])
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     setup_logging(args.debug)
     raise_open_files_limit()
-    config, _ = _config(args)
+    config, chosen = _config(args)
     try:
         source = make_source(args.source or config.audio.source, args.realtime or config.audio.realtime,
                              config.audio.read_timeout_s)
@@ -169,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         server = Server(socket_path(cfg), mode=cfg.file_mode, group=cfg.group, client_queue=cfg.client_queue,
                         keep_finals=cfg.keep_finals, max_clients=cfg.max_clients)
         service = Service(config, source=source, engine=engine, server=server, translog=translog,
-                          reload=lambda: _config(args, settle_s=_RELOAD_SETTLE_S)[0], stop_bound_s=STOP_BOUND_S)
+                          reload=lambda: load(chosen or args.config, args.set or [], _RELOAD_SETTLE_S)[0], stop_bound_s=STOP_BOUND_S)
         return await service.run()
 
     try:

@@ -596,8 +596,8 @@ def default_config_paths() -> list[Path]:
 
 
 MAX_CONFIG_BYTES = 1 << 20
-_SETTLE_TRIES = 20
 """The longest config file read: a 200 MB one (all comments) took seconds and half a gigabyte to parse."""
+_SETTLE_TRIES = 20  # a reload's reads of a file that keeps changing: 2 s at 0.1 s apart, then refused
 
 
 def _read_settled(path: Path, settle_s: float) -> bytes:

@@ -352,14 +352,21 @@ def _fold(text: str) -> str:
     return lower if len(lower) == len(text) else text
 
 
+def _spaced(c: str) -> bool:
+    """True for a letter or digit of a script that puts spaces between words (not CJK, kana, hangul)."""
+    return c.isalnum() and ord(c) < 0x2E80
+
+
 def _find_word(text: str, word: str, at: int) -> int:
     """Where `word` first stands alone in `text` from `at` on (not inside a longer word), else where it
-    first is at all (Chinese and Japanese put no space between words), or -1."""
+    first is at all, or -1. Chinese and Japanese put no space between words: there every place stands alone."""
+    if not word:
+        return -1
     first = found = text.find(word, at)
     while found >= 0:
         end = found + len(word)
-        if (found == 0 or not text[found - 1].isalnum() or not word[0].isalnum()) and \
-                (end == len(text) or not text[end].isalnum() or not word[-1].isalnum()):
+        if (found == 0 or not _spaced(text[found - 1]) or not _spaced(word[0])) and \
+                (end == len(text) or not _spaced(text[end]) or not _spaced(word[-1])):
             return found
         found = text.find(word, found + 1)
     return first
@@ -376,7 +383,7 @@ def _said_without(text: str, words: Sequence[Word], lo: int, hi: int) -> str:
     at = 0
     for w in words:
         word = _fold(w.word)
-        found = _find_word(folded, word, at) if word else -1
+        found = _find_word(folded, word, at)
         if found < 0:
             spans.append(None)
             continue

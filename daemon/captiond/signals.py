@@ -10,9 +10,10 @@ from typing import Callable
 
 STOP_AND_RELOAD = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-UNHOLD = "import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))\n"
-"""The first line of a Python child's program: it inherits the daemon's held signals, and a child that
-ignored SIGTERM would hold up a stop."""
+UNHOLD = f"import signal; signal.pthread_sigmask(signal.SIG_UNBLOCK, {tuple(map(int, STOP_AND_RELOAD))})\n"
+"""The first line of a Python child's program: the signals blocked in the daemon stay blocked across exec,
+and a child that kept SIGTERM blocked would hold up a stop. (Short-lived tools that libraries start, such
+as ctypes' ldconfig, keep them blocked.)"""
 
 
 def hold() -> None:
