@@ -600,16 +600,20 @@ MAX_CONFIG_BYTES = 1 << 20
 _SETTLE_TRIES = 20  # a reload's reads of a file that keeps changing: 2 s at 0.1 s apart, then refused
 
 
+def _read(path: Path) -> bytes:
+    """The file's bytes, one more than MAX_CONFIG_BYTES at most (so that a longer one is told)."""
+    with open(path, "rb") as fh:
+        return fh.read(MAX_CONFIG_BYTES + 1)
+
+
 def _read_settled(path: Path, settle_s: float) -> bytes:
     """The file's bytes once two reads `settle_s` apart agree: a SIGHUP caught an editor's in-place save
     half done, and a file cut short there (empty, or whole tables missing) is valid TOML whose missing
     keys are defaults (a transcript log the user had turned off was written again)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    raw = _read(path)
     for _ in range(_SETTLE_TRIES):
         time.sleep(settle_s)
-        with open(path, "rb") as fh:
-            again = fh.read(MAX_CONFIG_BYTES + 1)
+        again = _read(path)
         if again == raw:
             return raw
         raw = again
@@ -636,11 +640,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] = (),
     data: dict = {}
     if chosen is not None:
         try:
-            if settle_s:
-                raw = _read_settled(chosen, settle_s)
-            else:
-                with open(chosen, "rb") as fh:
-                    raw = fh.read(MAX_CONFIG_BYTES + 1)
+            raw = _read_settled(chosen, settle_s) if settle_s else _read(chosen)
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from None
         if settle_s and not raw.strip():
